@@ -1,0 +1,163 @@
+//! The crate's error type.
+
+use std::fmt;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An error from building a reservation or from a [`Store`](crate::Store).
+///
+/// Opaque on purpose: match on [`Error::kind`] or ask the `is_*` predicates; the underlying cause
+/// (a Redis error, say) is behind [`std::error::Error::source`].
+///
+/// ```
+/// use tower_reserve::{Budget, Claim, Reservation};
+/// use std::time::Duration;
+///
+/// // An amount of zero is refused before anything reaches a store.
+/// let err = Reservation::builder()
+///     .lease(Duration::from_secs(30))
+///     .claim(Claim::spend(Budget::new("customer-1", 50_000), 0))
+///     .build()
+///     .unwrap_err();
+/// assert!(err.is_invalid_input());
+/// ```
+pub struct Error {
+    inner: Box<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    message: String,
+    source: Option<BoxError>,
+}
+
+/// What went wrong, for callers that branch on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The input was refused before anything was written: an amount of zero, an amount or limit
+    /// above 2^53 - 1, an empty or over-long key, an empty reservation, two claims on one key.
+    InvalidInput,
+    /// A reservation was retried with the same id but other claims.
+    Conflict,
+    /// No hold with this id is known (never reserved, or its record has expired).
+    UnknownHold,
+    /// The hold's lease ran out before it was committed or extended: its capacity is back.
+    Expired,
+    /// The hold was already committed, so it cannot be released or reserved again.
+    Committed,
+    /// The hold was already released (or released before it was reserved).
+    Released,
+    /// The store could not be reached or did not answer in time. Nothing can be assumed about
+    /// the call, but whatever it may have held is bounded by its lease.
+    Unavailable,
+    /// The store answered something this crate does not understand.
+    Protocol,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            inner: Box::new(Inner {
+                kind,
+                message: message.into(),
+                source: None,
+            }),
+        }
+    }
+
+    pub(crate) fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.inner.source = Some(source.into());
+        self
+    }
+
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidInput, message)
+    }
+
+    /// What kind of error this is.
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
+    /// The input was refused and nothing was written.
+    pub fn is_invalid_input(&self) -> bool {
+        self.kind() == ErrorKind::InvalidInput
+    }
+
+    /// The same reservation id was used with other claims.
+    pub fn is_conflict(&self) -> bool {
+        self.kind() == ErrorKind::Conflict
+    }
+
+    /// No hold with this id is known.
+    pub fn is_unknown_hold(&self) -> bool {
+        self.kind() == ErrorKind::UnknownHold
+    }
+
+    /// The hold's lease ran out.
+    pub fn is_expired(&self) -> bool {
+        self.kind() == ErrorKind::Expired
+    }
+
+    /// The hold was already committed.
+    pub fn is_committed(&self) -> bool {
+        self.kind() == ErrorKind::Committed
+    }
+
+    /// The hold was already released.
+    pub fn is_released(&self) -> bool {
+        self.kind() == ErrorKind::Released
+    }
+
+    /// The store could not be reached or timed out.
+    pub fn is_unavailable(&self) -> bool {
+        self.kind() == ErrorKind::Unavailable
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("tower_reserve::Error");
+        d.field("kind", &self.inner.kind)
+            .field("message", &self.inner.message);
+        if let Some(source) = &self.inner.source {
+            d.field("source", source);
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.inner.message)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner
+            .source
+            .as_ref()
+            .map(|e| &**e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(err: redis::RedisError) -> Self {
+        // A connection that failed or dropped leaves the call's fate unknown; only the lease
+        // bounds what it may have held. Anything else (a script error, a reply of the wrong
+        // type) is a fault on one side or the other, not an outage.
+        let kind = if err.is_io_error()
+            || err.is_timeout()
+            || err.is_connection_dropped()
+            || err.is_connection_refusal()
+            || err.is_unrecoverable_error()
+        {
+            ErrorKind::Unavailable
+        } else {
+            ErrorKind::Protocol
+        };
+        Error::new(kind, format!("redis: {err}")).with_source(err)
+    }
+}

@@ -1,0 +1,355 @@
+//! Reservations: all the claims of one command, and what a store answers about them.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use crate::Error;
+use crate::claim::{Claim, hex};
+
+/// The longest lease a hold may have: one day.
+pub const MAX_LEASE: Duration = Duration::from_secs(86_400);
+
+/// The id of a reservation, and so of its hold: the reservation's idempotency key.
+///
+/// 1 to 128 characters of `[A-Za-z0-9_.:-]`. [`HoldId::random`] makes a fresh one;
+/// [`HoldId::derive`] turns any client-supplied key (an `Idempotency-Key` header, say) into one.
+///
+/// ```
+/// use tower_reserve::HoldId;
+///
+/// let id = HoldId::new("order-2024-0001").unwrap();
+/// assert_eq!(id.as_str(), "order-2024-0001");
+/// assert!(HoldId::new("has space").is_err());
+/// assert_eq!(HoldId::derive(["POST /orders", "key 1"]), HoldId::derive(["POST /orders", "key 1"]));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HoldId(String);
+
+impl HoldId {
+    /// Checks and wraps an id.
+    pub fn new(id: impl Into<String>) -> Result<Self, Error> {
+        let id = id.into();
+        let ok = !id.is_empty()
+            && id.len() <= 128
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+        if ok {
+            Ok(Self(id))
+        } else {
+            Err(Error::invalid(
+                "a hold id must be 1 to 128 characters of [A-Za-z0-9_.:-]",
+            ))
+        }
+    }
+
+    /// A fresh random id (128 bits).
+    pub fn random() -> Self {
+        Self(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    /// A stable id digested from `parts`, e.g. a route and a client's idempotency key.
+    pub fn derive<I, P>(parts: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: AsRef<[u8]>,
+    {
+        let mut hasher = Sha256::new();
+        for part in parts {
+            let part = part.as_ref();
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part);
+        }
+        Self(hex(&hasher.finalize()[..16]))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for HoldId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for HoldId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Self::new(s)
+    }
+}
+
+/// All the claims of one command, with an id and a lease. Built and checked by
+/// [`Reservation::builder`]; a `Reservation` that exists is valid.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_reserve::{Budget, Claim, Reservation, Unique};
+///
+/// let reservation = Reservation::builder()
+///     .lease(Duration::from_secs(10))
+///     .claim(Claim::spend(Budget::new("customer-42", 50_000), 2_000))
+///     .claim(Claim::own(Unique::email("accounts", "ann@example.com"), "account-7"))
+///     .build()
+///     .unwrap();
+/// assert_eq!(reservation.claims().len(), 2);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    id: HoldId,
+    lease: Duration,
+    claims: Vec<Claim>,
+    fingerprint: String,
+}
+
+impl Reservation {
+    /// Starts a reservation with a random id and a 30 second lease.
+    pub fn builder() -> ReservationBuilder {
+        ReservationBuilder {
+            id: None,
+            lease: Duration::from_secs(30),
+            claims: Vec::new(),
+        }
+    }
+
+    /// The reservation's id.
+    pub fn id(&self) -> &HoldId {
+        &self.id
+    }
+
+    /// How long the hold lives unless it is committed, released or extended.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// The claims, in the order given.
+    pub fn claims(&self) -> &[Claim] {
+        &self.claims
+    }
+
+    /// A digest of the claims: a retry with the same id must carry the same one.
+    pub(crate) fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+}
+
+/// Builds a [`Reservation`]; see there.
+#[derive(Debug, Clone)]
+pub struct ReservationBuilder {
+    id: Option<HoldId>,
+    lease: Duration,
+    claims: Vec<Claim>,
+}
+
+impl ReservationBuilder {
+    /// Sets the id (the idempotency key). Without one a random id is used.
+    pub fn id(mut self, id: HoldId) -> Self {
+        self.id = Some(id);
+        self
+    }
+
+    /// Sets the lease: 1 ms to [`MAX_LEASE`].
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Adds a claim.
+    pub fn claim(mut self, claim: Claim) -> Self {
+        self.claims.push(claim);
+        self
+    }
+
+    /// Adds claims.
+    pub fn claims(mut self, claims: impl IntoIterator<Item = Claim>) -> Self {
+        self.claims.extend(claims);
+        self
+    }
+
+    /// Checks everything and builds the reservation.
+    ///
+    /// Refused with [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput): no claims, more
+    /// than 64, a lease out of range, an invalid claim, or two claims on one budget window or
+    /// one unique value.
+    pub fn build(self) -> Result<Reservation, Error> {
+        if self.claims.is_empty() {
+            return Err(Error::invalid("a reservation needs at least one claim"));
+        }
+        if self.claims.len() > MAX_CLAIMS {
+            return Err(Error::invalid(format!(
+                "a reservation may hold at most {MAX_CLAIMS} claims"
+            )));
+        }
+        if self.lease < Duration::from_millis(1) || self.lease > MAX_LEASE {
+            return Err(Error::invalid("a lease must be 1 ms to 1 day"));
+        }
+        for (i, claim) in self.claims.iter().enumerate() {
+            claim
+                .validate()
+                .map_err(|e| Error::invalid(format!("claim {i}: {e}")))?;
+            for earlier in &self.claims[..i] {
+                if same_target(earlier, claim) {
+                    return Err(Error::invalid(format!(
+                        "claim {i} targets the same key as an earlier claim; merge them"
+                    )));
+                }
+            }
+        }
+        let fingerprint = fingerprint(&self.claims);
+        Ok(Reservation {
+            id: self.id.unwrap_or_else(HoldId::random),
+            lease: self.lease,
+            claims: self.claims,
+            fingerprint,
+        })
+    }
+}
+
+/// The most claims one reservation may carry, so that one script call stays short.
+pub const MAX_CLAIMS: usize = 64;
+
+fn same_target(a: &Claim, b: &Claim) -> bool {
+    match (a, b) {
+        (Claim::Spend { budget: x, .. }, Claim::Spend { budget: y, .. }) => {
+            x.key() == y.key() && x.window() == y.window()
+        }
+        (
+            Claim::Own { value: x, .. } | Claim::ReleaseOnCommit { value: x, .. },
+            Claim::Own { value: y, .. } | Claim::ReleaseOnCommit { value: y, .. },
+        ) => x == y,
+        _ => false,
+    }
+}
+
+fn fingerprint(claims: &[Claim]) -> String {
+    let mut h = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
+    for claim in claims {
+        match claim {
+            Claim::Spend { budget, amount } => {
+                field(b"spend");
+                field(budget.key().as_bytes());
+                field(&budget.limit().to_be_bytes());
+                field(budget.window().spec().as_bytes());
+                field(&amount.to_be_bytes());
+            }
+            Claim::Own { value, owner } => {
+                field(b"own");
+                field(value.namespace().as_bytes());
+                field(value.digest_hex().as_bytes());
+                field(owner.as_bytes());
+            }
+            Claim::ReleaseOnCommit { value, owner } => {
+                field(b"release-on-commit");
+                field(value.namespace().as_bytes());
+                field(value.digest_hex().as_bytes());
+                field(owner.as_bytes());
+            }
+        }
+    }
+    hex(&h.finalize()[..16])
+}
+
+/// What [`Store::reserve`](crate::Store::reserve) answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reserved {
+    /// Every claim is held.
+    Granted(Grant),
+    /// No claim is held; the first claim that failed says why.
+    Denied(Denial),
+}
+
+/// A hold: every claim of a reservation, held until its lease ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Grant {
+    /// The hold's id (the reservation's).
+    pub id: HoldId,
+    /// When the lease ends, in Unix milliseconds by the store's clock.
+    pub expires_at_ms: u64,
+    /// For each claim in order: the budget left after this hold, for spend claims; `None` for
+    /// the others.
+    pub remaining: Vec<Option<u64>>,
+    /// `true` when this answers a retry of a reservation that was already held.
+    pub replayed: bool,
+}
+
+impl Grant {
+    /// When the lease ends.
+    pub fn expires_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.expires_at_ms)
+    }
+}
+
+/// Why a reservation was not granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Denial {
+    /// The index of the first claim that failed.
+    pub claim: usize,
+    /// Why it failed.
+    pub reason: DenialReason,
+}
+
+/// Why a claim failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DenialReason {
+    /// Spent plus held plus the amount would pass the limit.
+    OverBudget {
+        /// The amount asked for.
+        requested: u64,
+        /// What is left: limit minus spent minus held (never below zero).
+        remaining: u64,
+    },
+    /// The value is owned, or held by another command in flight, on behalf of someone else.
+    Taken,
+    /// A release-on-commit claim names a value its owner does not own.
+    NotOwner,
+}
+
+/// What commit and release answer when they succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// The hold was settled by this call.
+    Applied,
+    /// The hold had already been settled the same way; nothing changed.
+    Replayed,
+    /// Release only: no hold with this id existed, so a tombstone now refuses a late reserve.
+    Tombstoned,
+}
+
+/// A budget as seen now: limit, spent, held (by unexpired holds) and what is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BudgetStatus {
+    /// The limit asked about.
+    pub limit: u64,
+    /// Spent by committed holds (or set by [`Store::set_spent`](crate::Store::set_spent)).
+    pub spent: u64,
+    /// Held by holds whose lease has not ended.
+    pub held: u64,
+    /// `limit - spent - held`, never below zero.
+    pub remaining: u64,
+    /// When the current window ends, in Unix milliseconds; `None` for a lifetime budget.
+    pub resets_at_ms: Option<u64>,
+}
+
+impl BudgetStatus {
+    pub(crate) fn new(limit: u64, spent: u64, held: u64, resets_at_ms: Option<u64>) -> Self {
+        Self {
+            limit,
+            spent,
+            held,
+            remaining: limit.saturating_sub(spent).saturating_sub(held),
+            resets_at_ms,
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! Stores: where holds live.
+//!
+//! A [`Store`] checks and holds every claim of a [`Reservation`] in one atomic step, then
+//! commits or releases the hold by id. Two stores share one semantics, held together by one
+//! behaviour suite:
+//!
+//! - [`MemoryStore`]: embedded, for one process; the default where no Redis is configured.
+//! - [`RedisStore`]: Redis, for many processes; one Lua script call per reservation.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::{Budget, BudgetStatus, Error, HoldId, Reservation, Reserved, Settled, Unique};
+
+mod memory;
+mod redis;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::{RedisStore, RedisStoreBuilder};
+
+/// How long a settled record (or a tombstone) is kept by default, so that a retried commit,
+/// release or reserve still gets the right answer.
+pub const DEFAULT_RETAIN: Duration = Duration::from_secs(600);
+
+/// How many expired holds of one budget a call clears at most. Work per call stays bounded; a
+/// budget with more expired holds than this is cleared over the next calls, and until then
+/// counts too much as held, never too little.
+pub(crate) const MAX_EXPIRED_PER_CALL: usize = 256;
+
+/// A place that holds reservations. See the [crate docs](crate#semantics) for the semantics every
+/// store implements.
+///
+/// Stores are cheap handles: clones share one state.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// Checks every claim and holds them all, or none.
+    ///
+    /// A retry with the same id and claims answers the same hold (`replayed`); with other claims
+    /// it is [`ErrorKind::Conflict`](crate::ErrorKind::Conflict). After the hold was committed,
+    /// released or expired, a retry is [`Committed`](crate::ErrorKind::Committed),
+    /// [`Released`](crate::ErrorKind::Released) or [`Expired`](crate::ErrorKind::Expired).
+    fn reserve(
+        &self,
+        reservation: &Reservation,
+    ) -> impl Future<Output = Result<Reserved, Error>> + Send;
+
+    /// Makes a hold permanent: held becomes spent, values become owned, release-on-commit values
+    /// are freed. Idempotent. Refused once the lease has run out.
+    fn commit(&self, id: &HoldId) -> impl Future<Output = Result<Settled, Error>> + Send;
+
+    /// Gives a hold back. Idempotent; before the reserve arrives it leaves a tombstone that
+    /// refuses it.
+    fn release(&self, id: &HoldId) -> impl Future<Output = Result<Settled, Error>> + Send;
+
+    /// Renews a live hold's lease to `lease` from now; answers the new end in Unix milliseconds.
+    fn extend(
+        &self,
+        id: &HoldId,
+        lease: Duration,
+    ) -> impl Future<Output = Result<u64, Error>> + Send;
+
+    /// The budget's current window as it stands now.
+    fn budget(&self, budget: &Budget) -> impl Future<Output = Result<BudgetStatus, Error>> + Send;
+
+    /// Sets the spent amount of the budget's current window, e.g. from the system of record.
+    fn set_spent(
+        &self,
+        budget: &Budget,
+        spent: u64,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Who owns `value`, if anyone (holds in flight are not ownership).
+    fn owner(&self, value: &Unique) -> impl Future<Output = Result<Option<String>, Error>> + Send;
+
+    /// Frees an owned value at once, whoever owns it; answers whether it was owned.
+    fn remove(&self, value: &Unique) -> impl Future<Output = Result<bool, Error>> + Send;
+}
+
+pub(crate) fn check_set_spent(budget: &Budget, spent: u64) -> Result<(), Error> {
+    budget.validate()?;
+    if spent > crate::MAX_AMOUNT {
+        return Err(Error::invalid(format!(
+            "spent {spent} is above {}",
+            crate::MAX_AMOUNT
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_lease(lease: Duration) -> Result<(), Error> {
+    if lease < Duration::from_millis(1) || lease > crate::MAX_LEASE {
+        return Err(Error::invalid("a lease must be 1 ms to 1 day"));
+    }
+    Ok(())
+}

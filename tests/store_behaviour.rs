@@ -1,0 +1,595 @@
+//! One behaviour suite, run against every store: the embedded one and real Redis.
+
+mod support;
+
+use std::time::Duration;
+
+use rand::Rng;
+use support::{denied, fresh, granted, kind, spend, status};
+use tower_reserve::{
+    Budget, Claim, DenialReason, ErrorKind, HoldId, MAX_AMOUNT, Reservation, Reserved, Settled,
+    Store, Unique, Window,
+};
+
+const LONG: Duration = Duration::from_secs(60);
+
+macro_rules! store_suite {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(&tower_reserve::MemoryStore::new()).await;
+                }
+            )*
+        }
+        mod redis {
+            use super::support::redis_server::RedisServer;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let server = RedisServer::start();
+                    let store = tower_reserve::RedisStore::connect(&server.url()).await.unwrap();
+                    super::$case(&store).await;
+                }
+            )*
+        }
+    };
+}
+
+store_suite!(
+    exact_limit_is_granted_and_one_more_is_denied,
+    concurrent_reservations_never_exceed_the_limit,
+    one_of_many_concurrent_claims_on_a_value_wins,
+    reserve_is_idempotent_by_id,
+    commit_and_release_are_idempotent,
+    release_before_reserve_leaves_a_tombstone,
+    an_expired_lease_gives_capacity_back,
+    commit_after_expiry_is_refused,
+    extend_keeps_a_hold_alive,
+    windows_roll_over,
+    unique_values_are_owned_and_freed,
+    an_email_change_swaps_addresses_in_one_commit,
+    a_denial_holds_nothing,
+    bad_input_is_refused_and_writes_nothing,
+    spent_can_be_seeded,
+    the_largest_amounts_are_exact,
+);
+
+async fn exact_limit_is_granted_and_one_more_is_denied<S: Store>(store: &S) {
+    let budget = Budget::new(fresh("customer"), 100);
+    let a = granted(store, &spend(&budget, 60, LONG)).await;
+    assert_eq!(a.remaining, vec![Some(40)]);
+    let b = granted(store, &spend(&budget, 40, LONG)).await;
+    assert_eq!(b.remaining, vec![Some(0)]);
+    let d = denied(store, &spend(&budget, 1, LONG)).await;
+    assert_eq!(d.claim, 0);
+    assert_eq!(
+        d.reason,
+        DenialReason::OverBudget {
+            requested: 1,
+            remaining: 0
+        }
+    );
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.held, s.remaining), (0, 100, 0));
+    store.commit(&a.id).await.unwrap();
+    store.commit(&b.id).await.unwrap();
+    let s = status(store, &budget).await;
+    assert_eq!((s.limit, s.spent, s.held, s.remaining), (100, 100, 0, 0));
+}
+
+async fn concurrent_reservations_never_exceed_the_limit<S: Store>(store: &S) {
+    let limit = 50_000;
+    let budget = Budget::new(fresh("customer"), limit);
+    let amounts: Vec<u64> = (0..1000)
+        .map(|_| rand::rng().random_range(1..=500))
+        .collect();
+    let tasks: Vec<_> = amounts
+        .iter()
+        .map(|&amount| {
+            let store = store.clone();
+            let r = spend(&budget, amount, LONG);
+            tokio::spawn(async move {
+                match store.reserve(&r).await.unwrap() {
+                    Reserved::Granted(g) => Some((g.id, amount)),
+                    Reserved::Denied(_) => None,
+                }
+            })
+        })
+        .collect();
+    let mut grants = Vec::new();
+    for task in tasks {
+        grants.extend(task.await.unwrap());
+    }
+    let granted_sum: u64 = grants.iter().map(|(_, a)| a).sum();
+    let total: u64 = amounts.iter().sum();
+    assert!(granted_sum <= limit, "granted {granted_sum} above {limit}");
+    assert!(total > limit, "the test must ask for more than the limit");
+    // Every denial happened because the rest did not fit: at least one amount was too big.
+    assert!(limit - granted_sum < 500);
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.held), (0, granted_sum));
+
+    let commits: Vec<_> = grants
+        .iter()
+        .map(|(id, _)| {
+            let (store, id) = (store.clone(), id.clone());
+            tokio::spawn(async move { store.commit(&id).await.unwrap() })
+        })
+        .collect();
+    for c in commits {
+        assert_eq!(c.await.unwrap(), Settled::Applied);
+    }
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.held), (granted_sum, 0));
+}
+
+async fn one_of_many_concurrent_claims_on_a_value_wins<S: Store>(store: &S) {
+    let value = Unique::email(fresh("accounts"), "ann@example.com");
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let store = store.clone();
+            let r = Reservation::builder()
+                .lease(LONG)
+                .claim(Claim::own(value.clone(), format!("account-{i}")))
+                .build()
+                .unwrap();
+            tokio::spawn(async move {
+                match store.reserve(&r).await.unwrap() {
+                    Reserved::Granted(g) => {
+                        store.commit(&g.id).await.unwrap();
+                        Some(i)
+                    }
+                    Reserved::Denied(d) => {
+                        assert_eq!(d.reason, DenialReason::Taken);
+                        None
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        winners.extend(task.await.unwrap());
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let owner = store.owner(&value).await.unwrap();
+    assert_eq!(owner, Some(format!("account-{}", winners[0])));
+}
+
+async fn reserve_is_idempotent_by_id<S: Store>(store: &S) {
+    let budget = Budget::new(fresh("customer"), 100);
+    let id = HoldId::new(fresh("order")).unwrap();
+    let r = Reservation::builder()
+        .id(id.clone())
+        .lease(LONG)
+        .claim(Claim::spend(budget.clone(), 30))
+        .build()
+        .unwrap();
+    let first = granted(store, &r).await;
+    assert!(!first.replayed);
+    let again = granted(store, &r).await;
+    assert!(again.replayed);
+    assert_eq!(again.expires_at_ms, first.expires_at_ms);
+    assert_eq!(again.remaining, vec![Some(70)]);
+    assert_eq!(
+        status(store, &budget).await.held,
+        30,
+        "a retry holds nothing more"
+    );
+
+    let other = Reservation::builder()
+        .id(id.clone())
+        .lease(LONG)
+        .claim(Claim::spend(budget.clone(), 31))
+        .build()
+        .unwrap();
+    assert_eq!(kind(store.reserve(&other).await), ErrorKind::Conflict);
+
+    store.commit(&id).await.unwrap();
+    assert_eq!(kind(store.reserve(&r).await), ErrorKind::Committed);
+    assert_eq!(kind(store.reserve(&other).await), ErrorKind::Conflict);
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.held), (30, 0));
+}
+
+async fn commit_and_release_are_idempotent<S: Store>(store: &S) {
+    let budget = Budget::new(fresh("customer"), 100);
+    let a = granted(store, &spend(&budget, 10, LONG)).await;
+    assert_eq!(store.commit(&a.id).await.unwrap(), Settled::Applied);
+    assert_eq!(store.commit(&a.id).await.unwrap(), Settled::Replayed);
+    assert_eq!(kind(store.release(&a.id).await), ErrorKind::Committed);
+    assert_eq!(kind(store.extend(&a.id, LONG).await), ErrorKind::Committed);
+
+    let b = granted(store, &spend(&budget, 20, LONG)).await;
+    assert_eq!(store.release(&b.id).await.unwrap(), Settled::Applied);
+    assert_eq!(store.release(&b.id).await.unwrap(), Settled::Replayed);
+    assert_eq!(kind(store.commit(&b.id).await), ErrorKind::Released);
+    assert_eq!(kind(store.extend(&b.id, LONG).await), ErrorKind::Released);
+
+    let unknown = HoldId::new(fresh("never")).unwrap();
+    assert_eq!(kind(store.commit(&unknown).await), ErrorKind::UnknownHold);
+    assert_eq!(
+        kind(store.extend(&unknown, LONG).await),
+        ErrorKind::UnknownHold
+    );
+
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.held, s.remaining), (10, 0, 90));
+}
+
+async fn release_before_reserve_leaves_a_tombstone<S: Store>(store: &S) {
+    let budget = Budget::new(fresh("customer"), 100);
+    let id = HoldId::new(fresh("late")).unwrap();
+    assert_eq!(store.release(&id).await.unwrap(), Settled::Tombstoned);
+    assert_eq!(store.release(&id).await.unwrap(), Settled::Replayed);
+    let late = Reservation::builder()
+        .id(id.clone())
+        .claim(Claim::spend(budget.clone(), 50))
+        .build()
+        .unwrap();
+    assert_eq!(kind(store.reserve(&late).await), ErrorKind::Released);
+    assert_eq!(kind(store.commit(&id).await), ErrorKind::Released);
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.held), (0, 0));
+}
+
+async fn an_expired_lease_gives_capacity_back<S: Store>(store: &S) {
+    let budget = Budget::new(fresh("customer"), 100);
+    let value = Unique::new(fresh("names"), "ann");
+    let short = Reservation::builder()
+        .lease(Duration::from_millis(150))
+        .claim(Claim::spend(budget.clone(), 100))
+        .claim(Claim::own(value.clone(), "first"))
+        .build()
+        .unwrap();
+    granted(store, &short).await;
+    assert!(matches!(
+        denied(store, &spend(&budget, 1, LONG)).await.reason,
+        DenialReason::OverBudget { remaining: 0, .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No process ran in between: the capacity comes back because the lease ended.
+    assert_eq!(status(store, &budget).await.held, 0);
+    let next = Reservation::builder()
+        .lease(LONG)
+        .claim(Claim::spend(budget.clone(), 100))
+        .claim(Claim::own(value.clone(), "second"))
+        .build()
+        .unwrap();
+    let g = granted(store, &next).await;
+    store.commit(&g.id).await.unwrap();
+    assert_eq!(
+        store.owner(&value).await.unwrap().as_deref(),
+        Some("second")
+    );
+    assert_eq!(status(store, &budget).await.spent, 100);
+}
+
+async fn commit_after_expiry_is_refused<S: Store>(store: &S) {
+    let budget = Budget::new(fresh("customer"), 100);
+    let g = granted(store, &spend(&budget, 70, Duration::from_millis(100))).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(kind(store.commit(&g.id).await), ErrorKind::Expired);
+    assert_eq!(kind(store.commit(&g.id).await), ErrorKind::Expired);
+    assert_eq!(kind(store.extend(&g.id, LONG).await), ErrorKind::Expired);
+    // Releasing an expired hold is fine: it is already given back.
+    assert!(store.release(&g.id).await.is_ok());
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.held, s.remaining), (0, 0, 100));
+}
+
+async fn extend_keeps_a_hold_alive<S: Store>(store: &S) {
+    let budget = Budget::new(fresh("customer"), 100);
+    let value = Unique::new(fresh("names"), "bob");
+    let r = Reservation::builder()
+        .lease(Duration::from_millis(200))
+        .claim(Claim::spend(budget.clone(), 40))
+        .claim(Claim::own(value.clone(), "bob"))
+        .build()
+        .unwrap();
+    let g = granted(store, &r).await;
+    let until = store.extend(&g.id, Duration::from_secs(30)).await.unwrap();
+    assert!(until > g.expires_at_ms + 20_000);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        status(store, &budget).await.held,
+        40,
+        "still held after the first lease"
+    );
+    let rival = Reservation::builder()
+        .claim(Claim::own(value.clone(), "eve"))
+        .build()
+        .unwrap();
+    assert_eq!(denied(store, &rival).await.reason, DenialReason::Taken);
+    assert_eq!(store.commit(&g.id).await.unwrap(), Settled::Applied);
+    assert_eq!(status(store, &budget).await.spent, 40);
+    assert_eq!(
+        kind(store.extend(&g.id, Duration::ZERO).await),
+        ErrorKind::InvalidInput
+    );
+}
+
+async fn windows_roll_over<S: Store>(store: &S) {
+    let budget = Budget::new(fresh("customer"), 100).per(Window::Every(Duration::from_secs(1)));
+    // Start right after a boundary so the first steps sit in one window.
+    let s = status(store, &budget).await;
+    let ends = s.resets_at_ms.expect("a windowed budget resets");
+    wait_until(ends + 20).await;
+    let g = granted(store, &spend(&budget, 100, LONG)).await;
+    store.commit(&g.id).await.unwrap();
+    denied(store, &spend(&budget, 1, LONG)).await;
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.remaining), (100, 0));
+    wait_until(s.resets_at_ms.unwrap() + 20).await;
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.held, s.remaining), (0, 0, 100));
+    granted(store, &spend(&budget, 100, LONG)).await;
+
+    let lifetime = Budget::new(budget.key(), 100);
+    assert_eq!(
+        status(store, &lifetime).await.spent,
+        0,
+        "windows do not touch the lifetime budget"
+    );
+    assert_eq!(status(store, &lifetime).await.resets_at_ms, None);
+}
+
+async fn wait_until(unix_ms: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    if unix_ms > now {
+        tokio::time::sleep(Duration::from_millis(unix_ms - now)).await;
+    }
+}
+
+async fn unique_values_are_owned_and_freed<S: Store>(store: &S) {
+    let ns = fresh("accounts");
+    let value = Unique::email(ns.clone(), " Ann@Example.COM ");
+    let same = Unique::email(ns.clone(), "ann@example.com");
+    let own = |owner: &str, v: &Unique| {
+        Reservation::builder()
+            .lease(LONG)
+            .claim(Claim::own(v.clone(), owner))
+            .build()
+            .unwrap()
+    };
+    let a = granted(store, &own("acct-1", &value)).await;
+    // In flight: nobody else, not even the same owner through another command, gets it.
+    assert_eq!(
+        denied(store, &own("acct-2", &same)).await.reason,
+        DenialReason::Taken
+    );
+    assert_eq!(
+        store.owner(&value).await.unwrap(),
+        None,
+        "a hold is not ownership"
+    );
+    store.commit(&a.id).await.unwrap();
+    assert_eq!(store.owner(&same).await.unwrap().as_deref(), Some("acct-1"));
+    assert_eq!(
+        denied(store, &own("acct-2", &same)).await.reason,
+        DenialReason::Taken
+    );
+    // The owner claiming its own value again succeeds and changes nothing.
+    let again = granted(store, &own("acct-1", &same)).await;
+    store.release(&again.id).await.unwrap();
+    assert_eq!(store.owner(&same).await.unwrap().as_deref(), Some("acct-1"));
+
+    // A released claim frees the value for others.
+    let other = Unique::new(ns.clone(), "someone@example.com");
+    let b = granted(store, &own("acct-2", &other)).await;
+    store.release(&b.id).await.unwrap();
+    let c = granted(store, &own("acct-3", &other)).await;
+    store.commit(&c.id).await.unwrap();
+    assert_eq!(
+        store.owner(&other).await.unwrap().as_deref(),
+        Some("acct-3")
+    );
+
+    assert!(store.remove(&other).await.unwrap());
+    assert!(!store.remove(&other).await.unwrap());
+    assert_eq!(store.owner(&other).await.unwrap(), None);
+}
+
+async fn an_email_change_swaps_addresses_in_one_commit<S: Store>(store: &S) {
+    let ns = fresh("accounts");
+    let old = Unique::email(ns.clone(), "old@example.com");
+    let new = Unique::email(ns.clone(), "new@example.com");
+    let sign_up = Reservation::builder()
+        .claim(Claim::own(old.clone(), "acct-1"))
+        .build()
+        .unwrap();
+    let g = granted(store, &sign_up).await;
+    store.commit(&g.id).await.unwrap();
+
+    let change = Reservation::builder()
+        .claim(Claim::own(new.clone(), "acct-1"))
+        .claim(Claim::release_on_commit(old.clone(), "acct-1"))
+        .build()
+        .unwrap();
+    let g = granted(store, &change).await;
+    assert_eq!(
+        store.owner(&old).await.unwrap().as_deref(),
+        Some("acct-1"),
+        "freed only on commit"
+    );
+    store.commit(&g.id).await.unwrap();
+    assert_eq!(store.owner(&old).await.unwrap(), None);
+    assert_eq!(store.owner(&new).await.unwrap().as_deref(), Some("acct-1"));
+
+    // A failed change keeps the old address.
+    let back = Reservation::builder()
+        .claim(Claim::own(old.clone(), "acct-1"))
+        .claim(Claim::release_on_commit(new.clone(), "acct-1"))
+        .build()
+        .unwrap();
+    let g = granted(store, &back).await;
+    store.release(&g.id).await.unwrap();
+    assert_eq!(store.owner(&new).await.unwrap().as_deref(), Some("acct-1"));
+    assert_eq!(store.owner(&old).await.unwrap(), None);
+
+    // Only the owner can give a value up.
+    let theft = Reservation::builder()
+        .claim(Claim::release_on_commit(new.clone(), "acct-2"))
+        .build()
+        .unwrap();
+    assert_eq!(denied(store, &theft).await.reason, DenialReason::NotOwner);
+}
+
+async fn a_denial_holds_nothing<S: Store>(store: &S) {
+    let roomy = Budget::new(fresh("customer"), 1_000);
+    let tight = Budget::new(fresh("customer"), 10);
+    let value = Unique::new(fresh("names"), "carol");
+    let r = Reservation::builder()
+        .claim(Claim::spend(roomy.clone(), 500))
+        .claim(Claim::own(value.clone(), "carol"))
+        .claim(Claim::spend(tight.clone(), 11))
+        .build()
+        .unwrap();
+    let d = denied(store, &r).await;
+    assert_eq!(d.claim, 2);
+    assert_eq!(
+        d.reason,
+        DenialReason::OverBudget {
+            requested: 11,
+            remaining: 10
+        }
+    );
+    assert_eq!(status(store, &roomy).await.held, 0);
+    let other = Reservation::builder()
+        .claim(Claim::own(value.clone(), "dave"))
+        .build()
+        .unwrap();
+    granted(store, &other).await;
+}
+
+async fn bad_input_is_refused_and_writes_nothing<S: Store>(store: &S) {
+    let budget = Budget::new(fresh("customer"), 100);
+    let invalid = |b: tower_reserve::ReservationBuilder| b.build().unwrap_err().kind();
+    let base = || Reservation::builder();
+    assert_eq!(
+        invalid(base()),
+        ErrorKind::InvalidInput,
+        "empty reservation"
+    );
+    assert_eq!(
+        invalid(base().claim(Claim::spend(budget.clone(), 0))),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        invalid(base().claim(Claim::spend(budget.clone(), MAX_AMOUNT + 1))),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        invalid(base().claim(Claim::spend(Budget::new("k", MAX_AMOUNT + 1), 1))),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        invalid(base().claim(Claim::spend(Budget::new("", 10), 1))),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        invalid(base().claim(Claim::spend(Budget::new("k".repeat(513), 10), 1))),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        invalid(
+            base()
+                .claim(Claim::spend(budget.clone(), 1))
+                .claim(Claim::spend(budget.clone(), 2))
+        ),
+        ErrorKind::InvalidInput,
+        "two claims on one budget"
+    );
+    let v = Unique::new("ns", "x");
+    assert_eq!(
+        invalid(
+            base()
+                .claim(Claim::own(v.clone(), "a"))
+                .claim(Claim::release_on_commit(v, "a"))
+        ),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        invalid(base().claim(Claim::own(Unique::email("ns", "   "), "a"))),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        invalid(base().claim(Claim::own(Unique::new("ns", "x"), ""))),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        invalid(
+            base()
+                .lease(Duration::ZERO)
+                .claim(Claim::spend(budget.clone(), 1))
+        ),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        invalid(base().claims((0..65).map(|i| Claim::spend(Budget::new(format!("k{i}"), 9), 1)))),
+        ErrorKind::InvalidInput
+    );
+    assert!(HoldId::new("").is_err());
+    assert!(HoldId::new("x".repeat(129)).is_err());
+    assert!(HoldId::new("a{b}").is_err());
+
+    assert_eq!(
+        kind(store.set_spent(&budget, MAX_AMOUNT + 1).await),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        kind(store.budget(&Budget::new("", 1)).await),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        kind(store.owner(&Unique::new("ns", "")).await),
+        ErrorKind::InvalidInput
+    );
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.held), (0, 0), "nothing was written");
+}
+
+async fn spent_can_be_seeded<S: Store>(store: &S) {
+    let budget = Budget::new(fresh("customer"), 50_000);
+    store.set_spent(&budget, 48_000).await.unwrap();
+    let d = denied(store, &spend(&budget, 2_001, LONG)).await;
+    assert_eq!(
+        d.reason,
+        DenialReason::OverBudget {
+            requested: 2_001,
+            remaining: 2_000
+        }
+    );
+    let g = granted(store, &spend(&budget, 2_000, LONG)).await;
+    store.commit(&g.id).await.unwrap();
+    assert_eq!(status(store, &budget).await.spent, 50_000);
+    // Seeding above the limit (the limit was lowered, say) denies everything, never underflows.
+    store.set_spent(&budget, 60_000).await.unwrap();
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.remaining), (60_000, 0));
+    denied(store, &spend(&budget, 1, LONG)).await;
+}
+
+async fn the_largest_amounts_are_exact<S: Store>(store: &S) {
+    let budget = Budget::new(fresh("customer"), MAX_AMOUNT);
+    let a = granted(store, &spend(&budget, MAX_AMOUNT - 1, LONG)).await;
+    assert_eq!(a.remaining, vec![Some(1)]);
+    let d = denied(store, &spend(&budget, 2, LONG)).await;
+    assert_eq!(
+        d.reason,
+        DenialReason::OverBudget {
+            requested: 2,
+            remaining: 1
+        }
+    );
+    let b = granted(store, &spend(&budget, 1, LONG)).await;
+    store.commit(&a.id).await.unwrap();
+    store.commit(&b.id).await.unwrap();
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.held, s.remaining), (MAX_AMOUNT, 0, 0));
+}
