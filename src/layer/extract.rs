@@ -1,0 +1,279 @@
+//! Request → claims: the strategy that works out what a request needs, and building blocks for it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, header};
+use serde::de::DeserializeOwned;
+
+use super::Rejection;
+use crate::Claim;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What [`ExtractClaims`] answers: the request (handed on to the handler, extensions and all)
+/// and its claims. No claims means the request is passed on without a reservation.
+pub type Extracted = Result<(Request<Bytes>, Vec<Claim>), Rejection>;
+
+/// Works out the claims of a request, asynchronously: a price lookup, a read-model query, a
+/// per-customer limit may all take a call to another service.
+///
+/// The request comes with its body already read (within the layer's body limit); the extractor
+/// gives the request back, so it can add extensions for the handler (a freshly minted account
+/// id, say). Any closure `Fn(Request<Bytes>) -> impl Future<Output = Extracted>` is one:
+///
+/// ```
+/// use tower_reserve::{Budget, Claim, Extracted, ReserveLayer, MemoryStore, extract};
+/// use http::Request;
+/// use bytes::Bytes;
+///
+/// let layer = ReserveLayer::new(MemoryStore::new(), |req: Request<Bytes>| async move {
+///     let customer = extract::header(&req, "x-customer-id")?.to_owned();
+///     let amount: u64 = extract::json_pointer(&req, "/amount_cents")?;
+///     let claims = vec![Claim::spend(Budget::new(customer, 50_000), amount)];
+///     Extracted::Ok((req, claims))
+/// });
+/// # let _ = layer;
+/// ```
+pub trait ExtractClaims: Send + Sync + 'static {
+    /// The future that answers the claims.
+    type Future: Future<Output = Extracted> + Send + 'static;
+
+    /// Works out the claims of `request`.
+    fn extract(&self, request: Request<Bytes>) -> Self::Future;
+}
+
+impl<F, Fut> ExtractClaims for F
+where
+    F: Fn(Request<Bytes>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Extracted> + Send + 'static,
+{
+    type Future = Fut;
+
+    fn extract(&self, request: Request<Bytes>) -> Fut {
+        self(request)
+    }
+}
+
+/// The route pattern a request matched, e.g. `/customers/{customer_id}/purchases`, as
+/// [`Routes`] records it for [`path_param`]. Under axum, axum's `MatchedPath` serves instead.
+#[derive(Debug, Clone)]
+pub struct RoutePattern(pub Arc<str>);
+
+/// A table of claim extractors keyed by method and route pattern, for one layer in front of a
+/// plain hyper service. A request that matches no route passes through unreserved.
+///
+/// Patterns are `/`-separated; a segment `{name}` matches any one segment and is read back
+/// with [`path_param`].
+///
+/// ```
+/// use http::{Method, Request};
+/// use bytes::Bytes;
+/// use tower_reserve::{Budget, Claim, Extracted, Routes, extract};
+///
+/// let routes = Routes::new().route(
+///     Method::POST,
+///     "/customers/{customer_id}/purchases",
+///     |req: Request<Bytes>| async move {
+///         let customer = extract::path_param(&req, "customer_id")?.to_owned();
+///         let amount: u64 = extract::json_pointer(&req, "/amount_cents")?;
+///         Extracted::Ok((req, vec![Claim::spend(Budget::new(customer, 50_000), amount)]))
+///     },
+/// );
+/// # let _ = routes;
+/// ```
+#[derive(Clone, Default)]
+pub struct Routes {
+    routes: Vec<Route>,
+}
+
+#[derive(Clone)]
+struct Route {
+    method: Method,
+    pattern: Arc<str>,
+    extract: Arc<dyn Fn(Request<Bytes>) -> BoxFuture<Extracted> + Send + Sync>,
+}
+
+impl std::fmt::Debug for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.routes.iter().map(|r| (&r.method, &*r.pattern)))
+            .finish()
+    }
+}
+
+impl Routes {
+    /// An empty table: every request passes through.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a route. The first route that matches a request is used.
+    pub fn route(mut self, method: Method, pattern: &str, extract: impl ExtractClaims) -> Self {
+        let extract = Arc::new(extract);
+        self.routes.push(Route {
+            method,
+            pattern: Arc::from(pattern),
+            extract: Arc::new(move |req| Box::pin(extract.extract(req))),
+        });
+        self
+    }
+}
+
+impl ExtractClaims for Routes {
+    type Future = BoxFuture<Extracted>;
+
+    fn extract(&self, mut request: Request<Bytes>) -> Self::Future {
+        let path = request.uri().path();
+        let route = self
+            .routes
+            .iter()
+            .find(|r| r.method == request.method() && pattern_matches(&r.pattern, path));
+        match route {
+            Some(route) => {
+                request
+                    .extensions_mut()
+                    .insert(RoutePattern(route.pattern.clone()));
+                (route.extract)(request)
+            }
+            None => Box::pin(std::future::ready(Ok((request, Vec::new())))),
+        }
+    }
+}
+
+fn pattern_matches(pattern: &str, path: &str) -> bool {
+    let mut p = pattern.split('/');
+    let mut s = path.split('/');
+    loop {
+        match (p.next(), s.next()) {
+            (None, None) => return true,
+            (Some(ps), Some(ss)) if is_param(ps) => {
+                if ss.is_empty() {
+                    return false;
+                }
+            }
+            (Some(ps), Some(ss)) if ps == ss => {}
+            _ => return false,
+        }
+    }
+}
+
+fn is_param(segment: &str) -> bool {
+    segment.len() > 2 && segment.starts_with('{') && segment.ends_with('}')
+}
+
+fn route_pattern<B>(request: &Request<B>) -> Option<&str> {
+    if let Some(RoutePattern(p)) = request.extensions().get::<RoutePattern>() {
+        return Some(p);
+    }
+    #[cfg(feature = "axum")]
+    if let Some(p) = request.extensions().get::<axum::extract::MatchedPath>() {
+        return Some(p.as_str());
+    }
+    None
+}
+
+/// The path segment named `{name}` in the route pattern the request matched (from [`Routes`] or
+/// axum's `MatchedPath`).
+///
+/// ```
+/// use http::Request;
+/// use tower_reserve::extract::{path_param, RoutePattern};
+///
+/// let mut req = Request::post("/customers/c-42/purchases").body(()).unwrap();
+/// req.extensions_mut().insert(RoutePattern("/customers/{id}/purchases".into()));
+/// assert_eq!(path_param(&req, "id").unwrap(), "c-42");
+/// ```
+pub fn path_param<'a, B>(request: &'a Request<B>, name: &str) -> Result<&'a str, Rejection> {
+    let pattern = route_pattern(request).ok_or_else(|| {
+        Rejection::bad_request(format!(
+            "no route pattern is known to read the path parameter {name:?}"
+        ))
+    })?;
+    let wanted = format!("{{{name}}}");
+    let index = pattern
+        .split('/')
+        .position(|segment| segment == wanted)
+        .ok_or_else(|| {
+            Rejection::bad_request(format!("the route has no path parameter {name:?}"))
+        })?;
+    request
+        .uri()
+        .path()
+        .split('/')
+        .nth(index)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| Rejection::bad_request(format!("the path parameter {name:?} is missing")))
+}
+
+/// A header's value as text; `400` when it is missing or not visible ASCII.
+pub fn header<'a, B>(request: &'a Request<B>, name: &str) -> Result<&'a str, Rejection> {
+    request
+        .headers()
+        .get(name)
+        .ok_or_else(|| Rejection::bad_request(format!("the header {name} is missing")))?
+        .to_str()
+        .map_err(|_| Rejection::bad_request(format!("the header {name} is not visible ASCII")))
+}
+
+/// A query parameter, percent-decoded; `400` when it is missing.
+pub fn query<B>(request: &Request<B>, name: &str) -> Result<String, Rejection> {
+    let query = request.uri().query().unwrap_or("");
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+        .ok_or_else(|| Rejection::bad_request(format!("the query parameter {name} is missing")))
+}
+
+/// The body as JSON of type `T`: `415` when the request does not say it is JSON, `400` when
+/// the body is not JSON, `422` when it is JSON of the wrong shape.
+pub fn json<T: DeserializeOwned>(request: &Request<Bytes>) -> Result<T, Rejection> {
+    let is_json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<mime::Mime>().ok())
+        .is_some_and(|m| {
+            m.type_() == mime::APPLICATION
+                && (m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON))
+        });
+    if !is_json {
+        return Err(Rejection::unsupported_media_type(
+            "expected a body with content-type application/json",
+        ));
+    }
+    serde_json::from_slice(request.body()).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => Rejection::unprocessable(e.to_string()),
+        _ => Rejection::bad_request(format!("the body is not valid JSON: {e}")),
+    })
+}
+
+/// The value at a JSON pointer (RFC 6901) in the body, as type `T`; errors as [`json`], and `422`
+/// when the pointer finds nothing or a value of another type.
+pub fn json_pointer<T: DeserializeOwned>(
+    request: &Request<Bytes>,
+    pointer: &str,
+) -> Result<T, Rejection> {
+    let body: serde_json::Value = json(request)?;
+    let value = body
+        .pointer(pointer)
+        .ok_or_else(|| Rejection::unprocessable(format!("the body has nothing at {pointer}")))?;
+    T::deserialize(value)
+        .map_err(|e| Rejection::unprocessable(format!("the value at {pointer}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_by_segment() {
+        assert!(pattern_matches("/a/{id}/b", "/a/42/b"));
+        assert!(!pattern_matches("/a/{id}/b", "/a//b"));
+        assert!(!pattern_matches("/a/{id}/b", "/a/42/b/c"));
+        assert!(!pattern_matches("/a/{id}", "/b/42"));
+        assert!(pattern_matches("/healthz", "/healthz"));
+    }
+}

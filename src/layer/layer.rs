@@ -1,0 +1,249 @@
+//! The layer and its configuration.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, Request, Response, StatusCode};
+use http_body_util::Full;
+use tower_layer::Layer;
+
+use super::Rejection;
+use super::extract::ExtractClaims;
+use super::service::Reserve;
+use super::settle::SettleStore;
+use crate::Store;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A check of the user's own that runs before anything is reserved: a schema check, a read-model
+/// look-up. A request it refuses reserves nothing. Any closure
+/// `Fn(Request<Bytes>) -> impl Future<Output = Result<Request<Bytes>, Rejection>>` is one, so
+/// both synchronous (wrap the answer in `std::future::ready`) and asynchronous checks fit.
+pub trait Validate: Send + Sync + 'static {
+    /// The future that answers the check.
+    type Future: Future<Output = Result<Request<Bytes>, Rejection>> + Send + 'static;
+
+    /// Checks `request`, handing it back when it passes.
+    fn validate(&self, request: Request<Bytes>) -> Self::Future;
+}
+
+impl<F, Fut> Validate for F
+where
+    F: Fn(Request<Bytes>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Request<Bytes>, Rejection>> + Send + 'static,
+{
+    type Future = Fut;
+
+    fn validate(&self, request: Request<Bytes>) -> Fut {
+        self(request)
+    }
+}
+
+pub(crate) type Validator =
+    Arc<dyn Fn(Request<Bytes>) -> BoxFuture<Result<Request<Bytes>, Rejection>> + Send + Sync>;
+
+/// Renders a [`Rejection`] as the response the client sees.
+pub(crate) type ErrorHandler = Arc<dyn Fn(Rejection) -> Response<Full<Bytes>> + Send + Sync>;
+
+/// The layer's knobs, shared by every request.
+#[derive(Clone)]
+pub(crate) struct Options {
+    pub(crate) lease: Duration,
+    pub(crate) margin: Option<Duration>,
+    pub(crate) body_limit: usize,
+    pub(crate) commit_if: Arc<dyn Fn(StatusCode) -> bool + Send + Sync>,
+    pub(crate) error_handler: ErrorHandler,
+    pub(crate) commit_in_background: bool,
+    pub(crate) fail_open: bool,
+    pub(crate) retry_after_secs: u64,
+    pub(crate) idempotency_header: Option<HeaderName>,
+}
+
+impl Options {
+    /// How long the handler may run: the lease less a margin for the commit's round trip.
+    pub(crate) fn handler_time(&self) -> Duration {
+        let margin = self
+            .margin
+            .unwrap_or_else(|| (self.lease / 10).min(Duration::from_secs(1)));
+        self.lease.saturating_sub(margin)
+    }
+
+    pub(crate) fn reject(&self, rejection: Rejection) -> Response<Full<Bytes>> {
+        (self.error_handler)(rejection)
+    }
+}
+
+/// What every request of one layer shares.
+pub(crate) struct Shared<St, E> {
+    pub(crate) store: St,
+    pub(crate) settle_store: Arc<dyn SettleStore>,
+    pub(crate) extract: Arc<E>,
+    pub(crate) validators: Vec<Validator>,
+    pub(crate) options: Arc<Options>,
+}
+
+/// The tower [`Layer`]: reserves a request's claims before the inner service runs, then commits
+/// or releases by its outcome. See the [crate docs](crate) for the flow and the semantics.
+///
+/// ```
+/// use std::time::Duration;
+/// use bytes::Bytes;
+/// use http::Request;
+/// use tower_reserve::{Budget, Claim, Extracted, MemoryStore, ReserveLayer, extract};
+///
+/// let layer = ReserveLayer::new(MemoryStore::new(), |req: Request<Bytes>| async move {
+///     let customer = extract::header(&req, "x-customer")?.to_owned();
+///     let amount: u64 = extract::json_pointer(&req, "/amount")?;
+///     Extracted::Ok((req, vec![Claim::spend(Budget::new(customer, 50_000), amount)]))
+/// })
+/// .lease(Duration::from_secs(10))
+/// .body_limit(16 * 1024);
+/// # let _ = layer;
+/// ```
+pub struct ReserveLayer<St, E> {
+    store: St,
+    extract: Arc<E>,
+    validators: Vec<Validator>,
+    options: Options,
+}
+
+impl<St: Clone, E> Clone for ReserveLayer<St, E> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            extract: self.extract.clone(),
+            validators: self.validators.clone(),
+            options: self.options.clone(),
+        }
+    }
+}
+
+impl<St, E> std::fmt::Debug for ReserveLayer<St, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReserveLayer")
+            .field("lease", &self.options.lease)
+            .field("body_limit", &self.options.body_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The default body limit: 64 KiB.
+pub const DEFAULT_BODY_LIMIT: usize = 64 * 1024;
+
+impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
+    /// A layer that reserves on `store` the claims `extract` works out.
+    ///
+    /// Defaults: a 30 s lease, the handler bounded by the lease less a tenth (at most 1 s), a 64
+    /// KiB body limit, `2xx` commits and anything else releases, the commit awaited before the
+    /// response, fail closed with `503` and `Retry-After: 1`, rejections as problem+json.
+    pub fn new(store: St, extract: E) -> Self {
+        Self {
+            store,
+            extract: Arc::new(extract),
+            validators: Vec::new(),
+            options: Options {
+                lease: Duration::from_secs(30),
+                margin: None,
+                body_limit: DEFAULT_BODY_LIMIT,
+                commit_if: Arc::new(|status: StatusCode| status.is_success()),
+                error_handler: Arc::new(Rejection::into_response),
+                commit_in_background: false,
+                fail_open: false,
+                retry_after_secs: 1,
+                idempotency_header: None,
+            },
+        }
+    }
+
+    /// The lease of every hold (default 30 s).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.options.lease = lease;
+        self
+    }
+
+    /// How much earlier than the lease's end the handler is cancelled (default a tenth of the
+    /// lease, at most 1 s), leaving time to commit.
+    pub fn lease_margin(mut self, margin: Duration) -> Self {
+        self.options.margin = Some(margin);
+        self
+    }
+
+    /// The most body bytes read to work out claims (default 64 KiB); a larger body gets `413`.
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.options.body_limit = bytes;
+        self
+    }
+
+    /// Which responses commit; the others release (default: `2xx` commits).
+    pub fn commit_if(mut self, f: impl Fn(StatusCode) -> bool + Send + Sync + 'static) -> Self {
+        self.options.commit_if = Arc::new(f);
+        self
+    }
+
+    /// Shapes every rejection into the response the client sees (default: problem+json). A
+    /// failed commit reaches it too, as [`RejectionKind::CommitFailed`](super::RejectionKind).
+    pub fn error_handler(
+        mut self,
+        f: impl Fn(Rejection) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    ) -> Self {
+        self.options.error_handler = Arc::new(f);
+        self
+    }
+
+    /// Commits in a background task and answers at once (default: the commit finishes before
+    /// the response leaves). Faster, but a commit that fails (the lease ran out, the store went
+    /// away) can no longer change the response: it is only logged.
+    pub fn commit_in_background(mut self, yes: bool) -> Self {
+        self.options.commit_in_background = yes;
+        self
+    }
+
+    /// When the store is unavailable, lets requests whose claims are all budgets through
+    /// unreserved (default: fail closed). Unique claims always fail closed.
+    pub fn fail_open(mut self, yes: bool) -> Self {
+        self.options.fail_open = yes;
+        self
+    }
+
+    /// The `Retry-After` seconds of a `503` (default 1).
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.options.retry_after_secs = secs;
+        self
+    }
+
+    /// Takes the hold id from this request header (e.g. `Idempotency-Key`), digested with the
+    /// method and path: a retry finds its first attempt's hold (`409` while in flight or
+    /// already settled, `422` with another payload).
+    pub fn idempotency_header(mut self, name: HeaderName) -> Self {
+        self.options.idempotency_header = Some(name);
+        self
+    }
+
+    /// Adds a check that runs before claims are worked out; see [`Validate`].
+    pub fn validate(mut self, check: impl Validate) -> Self {
+        let check = Arc::new(check);
+        self.validators
+            .push(Arc::new(move |req| Box::pin(check.validate(req))));
+        self
+    }
+}
+
+impl<S, St: Store, E: ExtractClaims> Layer<S> for ReserveLayer<St, E> {
+    type Service = Reserve<S, St, E>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Reserve::new(
+            inner,
+            Arc::new(Shared {
+                store: self.store.clone(),
+                settle_store: Arc::new(self.store.clone()),
+                extract: self.extract.clone(),
+                validators: self.validators.clone(),
+                options: Arc::new(self.options.clone()),
+            }),
+        )
+    }
+}

@@ -1,0 +1,23 @@
+//! The tower layer: request → claims → store → handler → settle.
+//!
+//! - [`extract`]: the strategy that turns a request into claims, and building blocks for it.
+//! - [`ReserveLayer`] (`layer.rs`): configuration; [`Reserve`] (`service.rs`): reads the body
+//!   within a limit, runs the checks and the extractor, reserves.
+//! - [`ResponseFuture`] (`future.rs`): runs the handler under the hold's lease, then settles.
+//! - [`Hold`] (`settle.rs`): what the handler sees and steers; the drop guard that releases.
+//! - [`Rejection`] (`rejection.rs`): every refusal, as `application/problem+json`.
+
+pub mod extract;
+mod future;
+#[allow(clippy::module_inception)]
+mod layer;
+mod rejection;
+mod service;
+mod settle;
+
+pub use self::extract::{ExtractClaims, Extracted, Routes};
+pub use self::future::{ResponseBody, ResponseFuture};
+pub use self::layer::{DEFAULT_BODY_LIMIT, ReserveLayer, Validate};
+pub use self::rejection::{Rejection, RejectionKind};
+pub use self::service::Reserve;
+pub use self::settle::Hold;

@@ -1,0 +1,309 @@
+//! Rejections: how the layer answers a request it will not pass on, as RFC 9457 problems.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+use serde_json::{Map, Value, json};
+
+use crate::{DenialReason, Error};
+
+/// Why the layer refused a request, with everything needed to explain it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RejectionKind {
+    /// A budget would be exceeded (`403`, the RFC 9457 "out of credit" case).
+    OverBudget {
+        /// The budget's key.
+        key: String,
+        /// The amount asked for.
+        requested: u64,
+        /// What is left in the budget.
+        remaining: u64,
+    },
+    /// A unique value is owned or held by someone else (`409`).
+    Taken {
+        /// The value's namespace.
+        namespace: String,
+    },
+    /// A release-on-commit names a value its owner does not own (`409`).
+    NotOwner {
+        /// The value's namespace.
+        namespace: String,
+    },
+    /// The claims could not be worked out from the request (`400`, `415` or `422`).
+    BadRequest,
+    /// The body is larger than the layer reads (`413`).
+    BodyTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// The store could not be reached or timed out (`503` with `Retry-After`).
+    Unavailable,
+    /// The handler outlived its hold's lease and was cancelled (`503`).
+    LeaseRanOut,
+    /// The handler succeeded but its hold could not be committed (`500`).
+    CommitFailed,
+    /// A check of the user's own refused the request.
+    Custom,
+}
+
+/// A refused request, rendered as `application/problem+json` (RFC 9457) by default.
+///
+/// Build your own in a validator or claim extractor; reshape all of them with
+/// [`ReserveLayer::error_handler`](crate::ReserveLayer::error_handler).
+///
+/// ```
+/// use http::StatusCode;
+/// use tower_reserve::Rejection;
+///
+/// let r = Rejection::new(StatusCode::UNPROCESSABLE_ENTITY, "Unknown product", "product 0 does not exist")
+///     .with("product_id", 0);
+/// let response = r.into_response();
+/// assert_eq!(response.status(), 422);
+/// assert_eq!(response.headers()["content-type"], "application/problem+json");
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    kind: RejectionKind,
+    status: StatusCode,
+    title: String,
+    detail: String,
+    type_uri: String,
+    extra: Map<String, Value>,
+    retry_after: Option<u64>,
+}
+
+impl Rejection {
+    /// A rejection of the user's own.
+    pub fn new(status: StatusCode, title: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            kind: RejectionKind::Custom,
+            status,
+            title: title.into(),
+            detail: detail.into(),
+            type_uri: "about:blank".to_owned(),
+            extra: Map::new(),
+            retry_after: None,
+        }
+    }
+
+    fn of(kind: RejectionKind, status: StatusCode, title: &str, detail: String) -> Self {
+        Self {
+            kind,
+            ..Self::new(status, title, detail)
+        }
+    }
+
+    /// `400 Bad Request`: a claim could not be read from the request.
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::of(
+            RejectionKind::BadRequest,
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            detail.into(),
+        )
+    }
+
+    /// `422 Unprocessable Content`: the request is well-formed but its claims are not valid.
+    pub fn unprocessable(detail: impl Into<String>) -> Self {
+        Self::of(
+            RejectionKind::BadRequest,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Unprocessable content",
+            detail.into(),
+        )
+    }
+
+    /// `415 Unsupported Media Type`.
+    pub fn unsupported_media_type(detail: impl Into<String>) -> Self {
+        Self::of(
+            RejectionKind::BadRequest,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported media type",
+            detail.into(),
+        )
+    }
+
+    pub(crate) fn body_too_large(limit: usize) -> Self {
+        Self::of(
+            RejectionKind::BodyTooLarge { limit },
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Payload too large",
+            format!("the body is larger than {limit} bytes"),
+        )
+    }
+
+    pub(crate) fn unavailable(err: &Error, retry_after_secs: u64) -> Self {
+        let mut r = Self::of(
+            RejectionKind::Unavailable,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Reservation store unavailable",
+            format!("the request could not be checked: {err}"),
+        );
+        r.retry_after = Some(retry_after_secs);
+        r
+    }
+
+    pub(crate) fn lease_ran_out() -> Self {
+        let mut r = Self::of(
+            RejectionKind::LeaseRanOut,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Handler ran out of time",
+            "the handler outlived its reservation's lease and was cancelled; nothing was kept"
+                .to_owned(),
+        );
+        r.retry_after = Some(1);
+        r
+    }
+
+    pub(crate) fn commit_failed(err: &Error) -> Self {
+        Self::of(
+            RejectionKind::CommitFailed,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Commit failed",
+            format!("the handler succeeded but its reservation could not be committed: {err}"),
+        )
+    }
+
+    pub(crate) fn invalid_claims(err: &Error) -> Self {
+        Self::unprocessable(err.to_string())
+    }
+
+    pub(crate) fn denied(key: String, namespace: String, reason: &DenialReason) -> Self {
+        match *reason {
+            DenialReason::OverBudget {
+                requested,
+                remaining,
+            } => Self::of(
+                RejectionKind::OverBudget {
+                    key,
+                    requested,
+                    remaining,
+                },
+                StatusCode::FORBIDDEN,
+                "Over budget",
+                format!("{requested} requested, {remaining} remaining"),
+            )
+            .with("requested", requested)
+            .with("remaining", remaining),
+            DenialReason::Taken => Self::of(
+                RejectionKind::Taken { namespace },
+                StatusCode::CONFLICT,
+                "Already taken",
+                "the value is already taken".to_owned(),
+            ),
+            DenialReason::NotOwner => Self::of(
+                RejectionKind::NotOwner { namespace },
+                StatusCode::CONFLICT,
+                "Not the owner",
+                "the value is not owned by the one giving it up".to_owned(),
+            ),
+        }
+    }
+
+    /// Adds a member to the problem body.
+    pub fn with(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.extra.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets the problem's `type` URI (default `about:blank`).
+    pub fn with_type(mut self, uri: impl Into<String>) -> Self {
+        self.type_uri = uri.into();
+        self
+    }
+
+    /// Sets the `title`.
+    pub fn with_title(mut self, title: impl Into<String>) -> Self {
+        self.title = title.into();
+        self
+    }
+
+    /// Sets the `detail`.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+
+    /// Sets the `status`.
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// Why the request was refused.
+    pub fn kind(&self) -> &RejectionKind {
+        &self.kind
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The `title`.
+    pub fn title(&self) -> &str {
+        &self.title
+    }
+
+    /// The `detail`.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// The extra members of the problem body.
+    pub fn extra(&self) -> &Map<String, Value> {
+        &self.extra
+    }
+
+    /// Seconds for `Retry-After`, when the client may retry.
+    pub fn retry_after(&self) -> Option<u64> {
+        self.retry_after
+    }
+
+    /// The problem document as JSON.
+    pub fn to_json(&self) -> Value {
+        let mut body = json!({
+            "type": self.type_uri,
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        let members = body.as_object_mut().expect("an object");
+        for (k, v) in &self.extra {
+            members.insert(k.clone(), v.clone());
+        }
+        body
+    }
+
+    /// Renders the rejection as an `application/problem+json` response.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let body = serde_json::to_vec(&self.to_json()).expect("JSON values serialize");
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = self.status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.title,
+            self.detail
+        )
+    }
+}
+
+impl std::error::Error for Rejection {}

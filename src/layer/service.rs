@@ -1,0 +1,216 @@
+//! The service: request → claims → store, then the handler.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use tower_service::Service;
+
+use super::Rejection;
+use super::extract::ExtractClaims;
+use super::future::{ResponseBody, ResponseFuture};
+use super::layer::Shared;
+use super::settle::Hold;
+use crate::{Claim, HoldId, Reservation, Reserved, Store};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The service [`ReserveLayer`](super::ReserveLayer) wraps around an inner service.
+pub struct Reserve<S, St, E> {
+    inner: S,
+    shared: Arc<Shared<St, E>>,
+}
+
+impl<S: Clone, St, E> Clone for Reserve<S, St, E> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, St, E> std::fmt::Debug for Reserve<S, St, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reserve")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, St, E> Reserve<S, St, E> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<St, E>>) -> Self {
+        Self { inner, shared }
+    }
+}
+
+impl<S, St, E, ReqBody, ResBody> Service<Request<ReqBody>> for Reserve<S, St, E>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    St: Store,
+    E: ExtractClaims,
+    ReqBody: Body + From<Bytes> + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes>,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // The inner service was driven to readiness: take that one, leave a clone behind.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        let options = shared.options.clone();
+        ResponseFuture::new(Box::pin(prepare(shared, request)), inner, options)
+    }
+}
+
+/// What the layer decided before the handler runs.
+pub(crate) enum Prepared<B> {
+    /// Refused: this response goes back, the handler never runs.
+    Reject(Response<Full<Bytes>>),
+    /// No claims (or failing open): the handler runs with nothing held.
+    Pass(Request<B>),
+    /// Everything held: the handler runs under this hold.
+    Held(Request<B>, Hold),
+}
+
+async fn prepare<St, E, B>(shared: Arc<Shared<St, E>>, request: Request<B>) -> Prepared<B>
+where
+    St: Store,
+    E: ExtractClaims,
+    B: Body + From<Bytes> + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let options = &shared.options;
+    let reject = |rejection: Rejection| Prepared::Reject(options.reject(rejection));
+
+    // The body is read only up to the limit, whatever Content-Length claims.
+    let (parts, body) = request.into_parts();
+    let limit = options.body_limit;
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return reject(Rejection::body_too_large(limit));
+    }
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+            return reject(Rejection::body_too_large(limit));
+        }
+        Err(err) => {
+            return reject(Rejection::bad_request(format!(
+                "could not read the body: {err}"
+            )));
+        }
+    };
+    let mut request = Request::from_parts(parts, bytes);
+
+    for check in &shared.validators {
+        request = match check(request).await {
+            Ok(request) => request,
+            Err(rejection) => return reject(rejection),
+        };
+    }
+    let (request, claims) = match shared.extract.extract(request).await {
+        Ok(extracted) => extracted,
+        Err(rejection) => return reject(rejection),
+    };
+    let (parts, bytes) = request.into_parts();
+    let mut request = Request::from_parts(parts, B::from(bytes));
+    if claims.is_empty() {
+        return Prepared::Pass(request);
+    }
+
+    let mut builder = Reservation::builder().lease(options.lease);
+    if let Some(name) = &options.idempotency_header {
+        if let Some(key) = request.headers().get(name) {
+            builder = builder.id(HoldId::derive([
+                request.method().as_str().as_bytes(),
+                request.uri().path().as_bytes(),
+                key.as_bytes(),
+            ]));
+        }
+    }
+    let reservation = match builder.claims(claims).build() {
+        Ok(reservation) => reservation,
+        Err(err) => return reject(Rejection::invalid_claims(&err)),
+    };
+
+    let started = std::time::Instant::now();
+    match shared.store.reserve(&reservation).await {
+        Ok(Reserved::Granted(grant)) if grant.replayed => reject(Rejection::new(
+            http::StatusCode::CONFLICT,
+            "Request in flight",
+            "a request with this idempotency key is still being processed",
+        )),
+        Ok(Reserved::Granted(grant)) => {
+            tracing::debug!(
+                hold = %grant.id,
+                claims = reservation.claims().len(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "reserved"
+            );
+            let hold = Hold::new(
+                grant,
+                reservation.claims().to_vec(),
+                shared.settle_store.clone(),
+            );
+            request.extensions_mut().insert(hold.clone());
+            Prepared::Held(request, hold)
+        }
+        Ok(Reserved::Denied(denial)) => {
+            let (key, namespace) = match reservation.claims().get(denial.claim) {
+                Some(Claim::Spend { budget, .. }) => (budget.key().to_owned(), String::new()),
+                Some(Claim::Own { value, .. } | Claim::ReleaseOnCommit { value, .. }) => {
+                    (String::new(), value.namespace().to_owned())
+                }
+                _ => Default::default(),
+            };
+            tracing::debug!(hold = %reservation.id(), claim = denial.claim, reason = ?denial.reason, "denied");
+            reject(Rejection::denied(key, namespace, &denial.reason))
+        }
+        Err(err) if err.is_unavailable() || err.kind() == crate::ErrorKind::Protocol => {
+            let budgets_only = reservation
+                .claims()
+                .iter()
+                .all(|c| matches!(c, Claim::Spend { .. }));
+            if options.fail_open && budgets_only {
+                tracing::warn!(hold = %reservation.id(), error = %err, "store unavailable; failing open");
+                return Prepared::Pass(request);
+            }
+            tracing::warn!(hold = %reservation.id(), error = %err, "store unavailable; failing closed");
+            reject(Rejection::unavailable(&err, options.retry_after_secs))
+        }
+        Err(err) if err.is_conflict() => reject(Rejection::unprocessable(
+            "this idempotency key was used with another request",
+        )),
+        Err(err) => reject(Rejection::new(
+            http::StatusCode::CONFLICT,
+            "Already settled",
+            format!("a request with this idempotency key has already ended: {err}"),
+        )),
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn problem(body: Full<Bytes>) -> Self {
+        ResponseBody::Problem { body }
+    }
+}
