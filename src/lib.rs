@@ -1,5 +1,110 @@
 //! Reserve what a command needs, atomically, before its handler runs; commit or release it by
 //! the handler's outcome.
+//!
+//! Validation against an eventually consistent read model races: two $20 purchases that both
+//! read "$480 of $500 spent" both pass, and two sign-ups that both read "address free" both take
+//! it. `tower-reserve` makes the check and the claim one atomic step. A tower layer works out a
+//! request's *claims* (spend an amount against a budget; own a value in a set), reserves them
+//! all in one step (one Lua script on Redis), and only then runs the handler. A `2xx` commits the
+//! *hold*; anything else releases it: an error, a panic, a client that went away, a timeout. A
+//! process that dies leaves holds that end with their lease.
+//!
+//! # With axum
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use bytes::Bytes;
+//! use http::Request;
+//! use tower_reserve::{Budget, Claim, Extracted, MemoryStore, ReserveLayer, extract};
+//!
+//! let spend = ReserveLayer::new(MemoryStore::new(), |req: Request<Bytes>| async move {
+//!     let customer = extract::path_param(&req, "customer")?.to_owned();
+//!     let cents: u64 = extract::json_pointer(&req, "/amount_cents")?;
+//!     Extracted::Ok((req, vec![Claim::spend(Budget::new(customer, 50_000), cents)]))
+//! });
+//! let app: Router = Router::new()
+//!     .route("/customers/{customer}/purchases", post(|| async { "bought" }))
+//!     .route_layer(spend);
+//! ```
+//!
+//! # With a plain hyper service
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Method, Request, Response};
+//! use http_body_util::Full;
+//! use tower::{ServiceBuilder, service_fn};
+//! use tower_reserve::{Claim, Extracted, MemoryStore, ReserveLayer, Routes, Unique, extract};
+//!
+//! let routes = Routes::new().route(Method::POST, "/accounts", |req: Request<Bytes>| async move {
+//!     let email: String = extract::json_pointer(&req, "/email")?;
+//!     let id = extract::header(&req, "x-account-id")?.to_owned();
+//!     Extracted::Ok((req, vec![Claim::own(Unique::email("accounts", &email), id)]))
+//! });
+//! let service = ServiceBuilder::new()
+//!     .layer(ReserveLayer::new(MemoryStore::new(), routes))
+//!     .service(service_fn(|_req: Request<Full<Bytes>>| async {
+//!         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("created"))))
+//!     }));
+//! // Serve it with hyper-util's `TowerToHyperService`: see examples/hyper_service.rs.
+//! # let _ = service;
+//! ```
+//!
+//! # Layout
+//!
+//! The folders follow a request: request → claims → store → handler → settle.
+//!
+//! - [`claim`](Claim), [`reservation`](Reservation): what a command needs ([`Budget`],
+//!   [`Unique`], [`Claim`]) and how they are grouped ([`Reservation`]) and answered ([`Reserved`],
+//!   [`Grant`], [`Denial`], [`Settled`]). All input is checked here, before any store sees it.
+//! - [`store`]: the [`Store`] trait and its two implementations, [`MemoryStore`] (embedded, the
+//!   default without Redis) and [`RedisStore`] (Lua scripts in `src/store/lua/`).
+//! - `layer/`: [`extract`] (request → claims, [`ExtractClaims`], [`Routes`]), [`ReserveLayer`] and
+//!   [`Reserve`] (body within a limit, checks, reserve), [`ResponseFuture`] (the handler under
+//!   its lease, then settle), [`Hold`] (what the handler sees; the guard that releases on drop),
+//!   [`Rejection`] (every refusal as `application/problem+json`).
+//! - [`Error`]: one opaque error type with [`ErrorKind`] and `is_*` predicates.
+//!
+//! # Semantics
+//!
+//! A **claim** is one thing a command needs: *spend* `amount` against a [`Budget`] (a limit on a
+//! key, for all time or per [`Window`] by the store's clock), *own* a [`Unique`] value on behalf
+//! of an owner (only a digest of the normalized value is stored), or *release on commit* a value
+//! its owner holds. A **reservation** is all the claims of one command with an id and a lease. A
+//! **hold** is a granted reservation.
+//!
+//! - **Reserve** checks every claim and holds them all, or none: a budget grants when
+//!   `spent + held + amount <= limit`; a value grants when nobody else owns it and no other hold
+//!   has it in flight (the owner claiming its own value again succeeds). A denial names the first
+//!   claim that failed and why. The same id with the same claims answers the same hold
+//!   (`replayed`); with other claims, [`ErrorKind::Conflict`].
+//! - **Commit** makes the hold permanent: held becomes spent, held values become owned,
+//!   release-on-commit values are freed (an e-mail change swaps two addresses in one step).
+//!   **Release** gives everything back. **Extend** renews the lease. All three are idempotent.
+//! - **The lease** bounds every hold. When it ends the hold's capacity is back, with no
+//!   background process and no caller: the next call on that budget clears it (at most a bounded
+//!   number per call, so every call's work is bounded; until cleared, capacity is counted as held,
+//!   never as free), and a held value's marker expires by itself. A commit after the lease is
+//!   refused with [`ErrorKind::Expired`] instead of spending what may since have been granted to
+//!   another. The layer cancels a handler that outlives its lease (less a margin).
+//! - **Release before reserve** succeeds and leaves a tombstone that refuses the late reserve.
+//!   Settled records and tombstones expire after a retention period (10 minutes by default), so
+//!   memory follows what is in flight, not history.
+//! - **Input** is checked before anything is written: amounts and limits are integer minor units,
+//!   1 to 2^53 - 1 (exact in Lua's doubles); keys 1 to 512 bytes; at most 64 claims, two of which
+//!   may not target one key.
+//!
+//! What the layer does on each path, once the claims are held:
+//!
+//! | the handler | the hold |
+//! | --- | --- |
+//! | answers `2xx` (or what [`ReserveLayer::commit_if`] accepts) | committed before the response leaves (or in the background, by option); a failed commit becomes a `500` |
+//! | answers anything else, or returns `Err` | released before the response leaves |
+//! | panics | released: by the response of tower-http's `CatchPanic` placed inside this layer, or by the drop guard when the panic unwinds through it |
+//! | is dropped (client gone, outer timeout) | released by the drop guard, in a spawned task |
+//! | outlives its lease | cancelled, released, `503` |
+//! | calls [`Hold::defer`] | left alone: commit or release later by id |
+//! | its process dies | nothing runs; the lease ends and the capacity is back |
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -1,0 +1,66 @@
+//! A plain hyper 1 `service_fn`, wrapped with the layer and served with hyper-util.
+//!
+//! ```text
+//! cargo run --example hyper_service
+//! curl -i -X POST localhost:3001/wallets/w1/spend -H 'content-type: application/json' -d '{"cents": 400}'
+//! ```
+//!
+//! Each wallet may spend 1000 cents in total; one `Routes` table holds the policy per route.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tower::ServiceBuilder;
+use tower_reserve::{Budget, Claim, Extracted, Hold, MemoryStore, ReserveLayer, Routes, extract};
+
+async fn handle(req: Request<axum::body::Body>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let left = req
+        .extensions()
+        .get::<Hold>()
+        .and_then(|hold| hold.remaining()[0]);
+    let body = match left {
+        Some(left) => format!("{{\"remaining_cents\":{left}}}"),
+        None => "{\"ok\":true}".to_owned(),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = StatusCode::OK;
+    Ok(response)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let routes = Routes::new().route(
+        Method::POST,
+        "/wallets/{wallet}/spend",
+        |req: Request<Bytes>| async move {
+            let wallet = extract::path_param(&req, "wallet")?.to_owned();
+            let cents: u64 = extract::json_pointer(&req, "/cents")?;
+            Extracted::Ok((req, vec![Claim::spend(Budget::new(wallet, 1_000), cents)]))
+        },
+    );
+    let service = ServiceBuilder::new()
+        // The layer hands the inner service a body rebuilt from the bytes it read: any body
+        // type that can be built from `Bytes` will do.
+        .map_request(|req: Request<Incoming>| req.map(|b| axum::body::Body::new(b.boxed())))
+        .layer(ReserveLayer::new(MemoryStore::new(), routes))
+        .service_fn(handle);
+
+    let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3001".to_owned());
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let service = TowerToHyperService::new(service.clone());
+        tokio::spawn(async move {
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
