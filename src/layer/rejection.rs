@@ -63,7 +63,11 @@ pub enum RejectionKind {
 /// assert_eq!(response.headers()["content-type"], "application/problem+json");
 /// ```
 #[derive(Debug, Clone, PartialEq)]
-pub struct Rejection {
+pub struct Rejection(Box<Problem>);
+
+// Boxed so that `Result<T, Rejection>` stays small on the happy path.
+#[derive(Debug, Clone, PartialEq)]
+struct Problem {
     kind: RejectionKind,
     status: StatusCode,
     title: String,
@@ -76,7 +80,7 @@ pub struct Rejection {
 impl Rejection {
     /// A rejection of the user's own.
     pub fn new(status: StatusCode, title: impl Into<String>, detail: impl Into<String>) -> Self {
-        Self {
+        Self(Box::new(Problem {
             kind: RejectionKind::Custom,
             status,
             title: title.into(),
@@ -84,14 +88,13 @@ impl Rejection {
             type_uri: "about:blank".to_owned(),
             extra: Map::new(),
             retry_after: None,
-        }
+        }))
     }
 
     fn of(kind: RejectionKind, status: StatusCode, title: &str, detail: String) -> Self {
-        Self {
-            kind,
-            ..Self::new(status, title, detail)
-        }
+        let mut r = Self::new(status, title, detail);
+        r.0.kind = kind;
+        r
     }
 
     /// `400 Bad Request`: a claim could not be read from the request.
@@ -140,7 +143,7 @@ impl Rejection {
             "Reservation store unavailable",
             format!("the request could not be checked: {err}"),
         );
-        r.retry_after = Some(retry_after_secs);
+        r.0.retry_after = Some(retry_after_secs);
         r
     }
 
@@ -152,7 +155,7 @@ impl Rejection {
             "the handler outlived its reservation's lease and was cancelled; nothing was kept"
                 .to_owned(),
         );
-        r.retry_after = Some(1);
+        r.0.retry_after = Some(1);
         r
     }
 
@@ -203,74 +206,74 @@ impl Rejection {
 
     /// Adds a member to the problem body.
     pub fn with(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
-        self.extra.insert(name.into(), value.into());
+        self.0.extra.insert(name.into(), value.into());
         self
     }
 
     /// Sets the problem's `type` URI (default `about:blank`).
     pub fn with_type(mut self, uri: impl Into<String>) -> Self {
-        self.type_uri = uri.into();
+        self.0.type_uri = uri.into();
         self
     }
 
     /// Sets the `title`.
     pub fn with_title(mut self, title: impl Into<String>) -> Self {
-        self.title = title.into();
+        self.0.title = title.into();
         self
     }
 
     /// Sets the `detail`.
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
-        self.detail = detail.into();
+        self.0.detail = detail.into();
         self
     }
 
     /// Sets the `status`.
     pub fn with_status(mut self, status: StatusCode) -> Self {
-        self.status = status;
+        self.0.status = status;
         self
     }
 
     /// Why the request was refused.
     pub fn kind(&self) -> &RejectionKind {
-        &self.kind
+        &self.0.kind
     }
 
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
-        self.status
+        self.0.status
     }
 
     /// The `title`.
     pub fn title(&self) -> &str {
-        &self.title
+        &self.0.title
     }
 
     /// The `detail`.
     pub fn detail(&self) -> &str {
-        &self.detail
+        &self.0.detail
     }
 
     /// The extra members of the problem body.
     pub fn extra(&self) -> &Map<String, Value> {
-        &self.extra
+        &self.0.extra
     }
 
     /// Seconds for `Retry-After`, when the client may retry.
     pub fn retry_after(&self) -> Option<u64> {
-        self.retry_after
+        self.0.retry_after
     }
 
     /// The problem document as JSON.
     pub fn to_json(&self) -> Value {
         let mut body = json!({
-            "type": self.type_uri,
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
+            "type": self.0.type_uri,
+            "title": self.0.title,
+            "status": self.0.status.as_u16(),
+            "detail": self.0.detail,
         });
         let members = body.as_object_mut().expect("an object");
-        for (k, v) in &self.extra {
+        for (k, v) in &self.0.extra {
             members.insert(k.clone(), v.clone());
         }
         body
@@ -280,12 +283,12 @@ impl Rejection {
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let body = serde_json::to_vec(&self.to_json()).expect("JSON values serialize");
         let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = self.status;
+        *response.status_mut() = self.0.status;
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if let Some(secs) = self.retry_after {
+        if let Some(secs) = self.0.retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -299,9 +302,9 @@ impl std::fmt::Display for Rejection {
         write!(
             f,
             "{} {}: {}",
-            self.status.as_u16(),
-            self.title,
-            self.detail
+            self.0.status.as_u16(),
+            self.0.title,
+            self.0.detail
         )
     }
 }

@@ -139,14 +139,14 @@ where
     }
 
     let mut builder = Reservation::builder().lease(options.lease);
-    if let Some(name) = &options.idempotency_header {
-        if let Some(key) = request.headers().get(name) {
-            builder = builder.id(HoldId::derive([
-                request.method().as_str().as_bytes(),
-                request.uri().path().as_bytes(),
-                key.as_bytes(),
-            ]));
-        }
+    if let Some(name) = &options.idempotency_header
+        && let Some(key) = request.headers().get(name)
+    {
+        builder = builder.id(HoldId::derive([
+            request.method().as_str().as_bytes(),
+            request.uri().path().as_bytes(),
+            key.as_bytes(),
+        ]));
     }
     let reservation = match builder.claims(claims).build() {
         Ok(reservation) => reservation,
