@@ -1,0 +1,1090 @@
+//! The layer end to end, against every store: settle paths, disconnects, concurrency, body
+//! limits, rejections, per-route policies and idempotency keys.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Full};
+use rand::Rng;
+use support::fresh;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower_reserve::{
+    Budget, Claim, ExtractClaims, Extracted, Hold, HoldId, Rejection, RejectionKind, ReserveLayer,
+    Routes, Store, Unique, extract,
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+macro_rules! layer_suite {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(tower_reserve::MemoryStore::new()).await;
+                }
+            )*
+        }
+        mod redis {
+            use super::support::redis_server::RedisServer;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let server = RedisServer::start();
+                    let store = tower_reserve::RedisStore::connect(&server.url()).await.unwrap();
+                    super::$case(store).await;
+                    drop(server);
+                }
+            )*
+        }
+    };
+}
+
+layer_suite!(
+    success_commits,
+    client_error_releases,
+    server_error_releases,
+    inner_error_releases,
+    caught_panic_releases,
+    uncaught_panic_releases,
+    dropped_future_releases,
+    outer_timeout_releases,
+    lease_bounds_the_handler,
+    extend_keeps_a_long_handler_alive,
+    deferred_hold_is_committed_later,
+    client_disconnect_releases,
+    concurrent_requests_never_overspend,
+    body_limit_is_enforced,
+    over_budget_is_a_403_problem,
+    taken_unique_is_a_409_problem,
+    json_extraction_errors,
+    custom_validator_reserves_nothing,
+    custom_error_handler_reshapes,
+    axum_routes_keep_their_own_policies,
+    routes_table_keeps_its_own_policies,
+    idempotency_keys,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+const LIMIT: u64 = 1_000;
+
+#[derive(Clone, Default)]
+struct Ctl {
+    started: Arc<Notify>,
+    go: Arc<Notify>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Ctl {
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+fn reply(
+    status: u16,
+    held: bool,
+    body: impl Into<Bytes>,
+) -> Result<Response<Full<Bytes>>, BoxError> {
+    Ok(Response::builder()
+        .status(status)
+        .header("x-held", if held { "yes" } else { "no" })
+        .body(Full::new(body.into()))
+        .unwrap())
+}
+
+/// The inner service: what it does is steered by the `x-mode` header.
+async fn handle(ctl: Ctl, req: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, BoxError> {
+    ctl.calls.fetch_add(1, Ordering::SeqCst);
+    let hold = req.extensions().get::<Hold>().cloned();
+    let held = hold.is_some();
+    let mode = req
+        .headers()
+        .get("x-mode")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("ok")
+        .to_owned();
+    match mode.as_str() {
+        "ok" => reply(200, held, "ok"),
+        "bad" => reply(400, held, "bad"),
+        "fail" => reply(500, held, "fail"),
+        "err" => Err("the inner service failed".into()),
+        "panic" => panic!("the handler panicked (on purpose)"),
+        "hang" => {
+            ctl.started.notify_one();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            reply(200, held, "late")
+        }
+        "wait" => {
+            ctl.started.notify_one();
+            ctl.go.notified().await;
+            reply(200, held, "waited")
+        }
+        "extend" => {
+            let hold = hold.expect("a hold");
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                hold.extend(Duration::from_millis(300)).await?;
+            }
+            reply(200, held, "extended")
+        }
+        "defer" => {
+            let hold = hold.expect("a hold").defer();
+            reply(202, held, hold.id().as_str().to_owned())
+        }
+        "echo" => {
+            let body = req.into_body().collect().await?.to_bytes();
+            reply(200, held, body)
+        }
+        other => panic!("unknown mode {other}"),
+    }
+}
+
+fn handler(
+    ctl: Ctl,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = BoxError,
+    Future: Send + 'static,
+> + Clone
++ Send
++ Sync
++ 'static {
+    tower::service_fn(move |req| handle(ctl.clone(), req))
+}
+
+fn bad(detail: &str) -> Rejection {
+    Rejection::bad_request(detail.to_owned())
+}
+
+/// Spends `x-amount` (a header) on `budget`; no header, no claims.
+fn spend_claims(budget: Budget) -> impl ExtractClaims + Clone {
+    move |req: Request<Bytes>| {
+        let budget = budget.clone();
+        async move {
+            let Some(amount) = req.headers().get("x-amount") else {
+                return Extracted::Ok((req, Vec::new()));
+            };
+            let amount: u64 = amount
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| bad("x-amount is not a number"))?;
+            Extracted::Ok((req, vec![Claim::spend(budget, amount)]))
+        }
+    }
+}
+
+fn request(mode: &str, amount: u64) -> Request<Full<Bytes>> {
+    Request::post("/")
+        .header("x-mode", mode)
+        .header("x-amount", amount.to_string())
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// Checks the problem document's shape and answers it.
+    fn problem(&self, status: u16, title: &str) -> serde_json::Value {
+        assert_eq!(self.status.as_u16(), status, "body: {:?}", self.body);
+        assert_eq!(
+            self.headers[http::header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let json = self.json();
+        assert_eq!(json["type"], "about:blank", "{json}");
+        assert_eq!(json["title"], title, "{json}");
+        assert_eq!(json["status"], status, "{json}");
+        assert!(
+            json["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{json}"
+        );
+        json
+    }
+
+    fn held(&self) -> bool {
+        self.headers.get("x-held").is_some_and(|v| v == "yes")
+    }
+}
+
+async fn answer<B>(response: Response<B>) -> Answer
+where
+    B: Body,
+    B::Error: std::fmt::Debug,
+{
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.expect("the body").to_bytes(),
+    }
+}
+
+async fn call<S, ReqB, B>(svc: S, req: Request<ReqB>) -> Answer
+where
+    S: Service<Request<ReqB>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: Body,
+    B::Error: std::fmt::Debug,
+{
+    answer(svc.oneshot(req).await.expect("a response")).await
+}
+
+async fn assert_budget<St: Store>(store: &St, budget: &Budget, spent: u64, held: u64) {
+    let s = store.budget(budget).await.expect("budget");
+    assert_eq!((s.spent, s.held), (spent, held), "spent, held of {s:?}");
+}
+
+/// Waits (at most 3 s) until nothing is held on `budget`, then checks what was spent.
+async fn settles_to<St: Store>(store: &St, budget: &Budget, spent: u64) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let s = store.budget(budget).await.expect("budget");
+        if s.held == 0 {
+            assert_eq!(s.spent, spent, "{s:?}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hold was not released in time: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn new_budget(limit: u64) -> Budget {
+    Budget::new(fresh("budget"), limit)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Settle paths
+
+async fn success_commits<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let ctl = Ctl::default();
+    let svc =
+        ReserveLayer::new(store.clone(), spend_claims(budget.clone())).layer(handler(ctl.clone()));
+    let a = call(svc.clone(), request("ok", 300)).await;
+    assert_eq!(a.status, 200);
+    assert!(a.held(), "the handler saw its hold");
+    assert_budget(&store, &budget, 300, 0).await;
+    let a = call(svc, request("ok", 700)).await;
+    assert_eq!(a.status, 200);
+    assert_budget(&store, &budget, 1000, 0).await;
+}
+
+async fn client_error_releases<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .layer(handler(Ctl::default()));
+    let a = call(svc, request("bad", 300)).await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.body, "bad");
+    assert_budget(&store, &budget, 0, 0).await;
+}
+
+async fn server_error_releases<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .layer(handler(Ctl::default()));
+    let a = call(svc, request("fail", 300)).await;
+    assert_eq!(a.status, 500);
+    assert_eq!(a.body, "fail");
+    assert_budget(&store, &budget, 0, 0).await;
+}
+
+async fn inner_error_releases<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .layer(handler(Ctl::default()));
+    let err = svc
+        .oneshot(request("err", 300))
+        .await
+        .err()
+        .expect("the inner error comes through");
+    assert_eq!(err.to_string(), "the inner service failed");
+    assert_budget(&store, &budget, 0, 0).await;
+}
+
+async fn caught_panic_releases<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let svc = ServiceBuilder::new()
+        .layer(ReserveLayer::new(
+            store.clone(),
+            spend_claims(budget.clone()),
+        ))
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
+        .service(handler(Ctl::default()));
+    let a = call(svc.clone(), request("panic", 300)).await;
+    assert_eq!(a.status, 500);
+    assert_budget(&store, &budget, 0, 0).await;
+    // The service still works afterwards.
+    assert_eq!(call(svc, request("ok", 5)).await.status, 200);
+    assert_budget(&store, &budget, 5, 0).await;
+}
+
+async fn uncaught_panic_releases<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .layer(handler(Ctl::default()));
+    let task = tokio::spawn(svc.oneshot(request("panic", 300)));
+    let join = task.await.err().expect("the task panicked");
+    assert!(join.is_panic());
+    settles_to(&store, &budget, 0).await;
+}
+
+async fn dropped_future_releases<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let ctl = Ctl::default();
+    let svc =
+        ReserveLayer::new(store.clone(), spend_claims(budget.clone())).layer(handler(ctl.clone()));
+    let mut future = Box::pin(svc.oneshot(request("hang", 300)));
+    tokio::select! {
+        _ = &mut future => panic!("the handler hangs"),
+        _ = ctl.started.notified() => {}
+    }
+    assert_budget(&store, &budget, 0, 300).await;
+    drop(future);
+    settles_to(&store, &budget, 0).await;
+}
+
+async fn outer_timeout_releases<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let ctl = Ctl::default();
+    let svc = ServiceBuilder::new()
+        .timeout(Duration::from_millis(300))
+        .layer(ReserveLayer::new(
+            store.clone(),
+            spend_claims(budget.clone()),
+        ))
+        .service(handler(ctl.clone()));
+    let started = Instant::now();
+    let err = svc
+        .oneshot(request("hang", 300))
+        .await
+        .err()
+        .expect("timed out");
+    assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    settles_to(&store, &budget, 0).await;
+
+    // And tokio's timeout around a call.
+    let svc =
+        ReserveLayer::new(store.clone(), spend_claims(budget.clone())).layer(handler(ctl.clone()));
+    let r = tokio::time::timeout(
+        Duration::from_millis(300),
+        svc.oneshot(request("hang", 200)),
+    )
+    .await;
+    assert!(r.is_err());
+    settles_to(&store, &budget, 0).await;
+}
+
+async fn lease_bounds_the_handler<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .lease(Duration::from_millis(200))
+        .layer(handler(Ctl::default()));
+    let started = Instant::now();
+    let a = call(svc, request("hang", 300)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    a.problem(503, "Handler ran out of time");
+    assert_eq!(a.headers[http::header::RETRY_AFTER], "1");
+    assert_budget(&store, &budget, 0, 0).await;
+}
+
+async fn extend_keeps_a_long_handler_alive<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .lease(Duration::from_millis(300))
+        .layer(handler(Ctl::default()));
+    let started = Instant::now();
+    let a = call(svc, request("extend", 250)).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body, "extended");
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    assert_budget(&store, &budget, 250, 0).await;
+}
+
+async fn deferred_hold_is_committed_later<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .layer(handler(Ctl::default()));
+    let a = call(svc, request("defer", 400)).await;
+    assert_eq!(a.status, 202);
+    // Neither committed nor released by the layer.
+    assert_budget(&store, &budget, 0, 400).await;
+    let id = HoldId::new(String::from_utf8(a.body.to_vec()).unwrap()).unwrap();
+    store.commit(&id).await.expect("commit by id");
+    assert_budget(&store, &budget, 400, 0).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A client that goes away
+
+async fn client_disconnect_releases<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let started = Arc::new(Notify::new());
+    let entered = started.clone();
+    let app = axum::Router::new()
+        .route(
+            "/slow",
+            axum::routing::post(move |hold: Hold| {
+                let entered = entered.clone();
+                async move {
+                    let _ = hold;
+                    entered.notify_one();
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    "done"
+                }
+            }),
+        )
+        .route_layer(ReserveLayer::new(
+            store.clone(),
+            spend_claims(budget.clone()),
+        ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /slow HTTP/1.1\r\nhost: localhost\r\nx-amount: 123\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), started.notified())
+        .await
+        .expect("the handler runs");
+    assert_budget(&store, &budget, 0, 123).await;
+    drop(stream);
+    settles_to(&store, &budget, 0).await;
+
+    // The server still answers.
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /missing HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.starts_with(b"HTTP/1.1 404"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    server.abort();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Concurrency
+
+async fn concurrent_requests_never_overspend<St: Store>(store: St) {
+    let limit = 10_000;
+    let budget = new_budget(limit);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .layer(handler(Ctl::default()));
+    let mut rng = rand::rng();
+    let mut tasks = Vec::new();
+    for _ in 0..500 {
+        let amount: u64 = rng.random_range(1..=100);
+        // Every seventh amount gets a 4xx from the handler, which releases.
+        let mode = if amount % 7 == 0 { "bad" } else { "ok" };
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            let a = call(svc, request(mode, amount)).await;
+            (amount, a.status)
+        }));
+    }
+    let mut committed = 0;
+    let (mut ok, mut denied, mut released) = (0, 0, 0);
+    for task in tasks {
+        let (amount, status) = task.await.unwrap();
+        match status.as_u16() {
+            200 => {
+                committed += amount;
+                ok += 1;
+            }
+            400 => released += 1,
+            403 => denied += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(committed <= limit, "{committed} > {limit}");
+    assert!(
+        ok > 0 && denied > 0,
+        "ok {ok}, denied {denied}, released {released}"
+    );
+    assert_budget(&store, &budget, committed, 0).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Body limit
+
+async fn body_limit_is_enforced<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let ctl = Ctl::default();
+    let svc =
+        ReserveLayer::new(store.clone(), spend_claims(budget.clone())).layer(handler(ctl.clone()));
+    let limit = tower_reserve::DEFAULT_BODY_LIMIT;
+    assert_eq!(limit, 64 * 1024);
+
+    let big = Bytes::from(vec![b'x'; limit + 1]);
+    // Declared by Content-Length.
+    let req = Request::post("/")
+        .header("x-mode", "echo")
+        .header("x-amount", "10")
+        .header(http::header::CONTENT_LENGTH, big.len())
+        .body(Full::new(big.clone()))
+        .unwrap();
+    let a = call(svc.clone(), req).await;
+    let json = a.problem(413, "Payload too large");
+    assert!(json["detail"].as_str().unwrap().contains("65536"), "{json}");
+    // Not declared: found while reading.
+    let req = Request::post("/")
+        .header("x-mode", "echo")
+        .header("x-amount", "10")
+        .body(Full::new(big))
+        .unwrap();
+    call(svc.clone(), req)
+        .await
+        .problem(413, "Payload too large");
+    assert_eq!(ctl.calls(), 0, "the handler never ran");
+    assert_budget(&store, &budget, 0, 0).await;
+
+    // At and under the limit, the body arrives byte for byte.
+    let mut rng = rand::rng();
+    for len in [limit, limit - 1, 1000, 0] {
+        let mut body = vec![0u8; len];
+        rng.fill(&mut body[..]);
+        let body = Bytes::from(body);
+        let req = Request::post("/")
+            .header("x-mode", "echo")
+            .header("x-amount", "1")
+            .body(Full::new(body.clone()))
+            .unwrap();
+        let a = call(svc.clone(), req).await;
+        assert_eq!(a.status, 200);
+        assert!(a.body == body, "the body of {len} bytes changed");
+    }
+    assert_budget(&store, &budget, 4, 0).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Rejections
+
+async fn over_budget_is_a_403_problem<St: Store>(store: St) {
+    let budget = new_budget(100);
+    let ctl = Ctl::default();
+    let svc =
+        ReserveLayer::new(store.clone(), spend_claims(budget.clone())).layer(handler(ctl.clone()));
+    assert_eq!(call(svc.clone(), request("ok", 30)).await.status, 200);
+    let a = call(svc, request("ok", 150)).await;
+    let json = a.problem(403, "Over budget");
+    assert_eq!(json["requested"], 150);
+    assert_eq!(json["remaining"], 70);
+    assert_eq!(ctl.calls(), 1);
+    assert_budget(&store, &budget, 30, 0).await;
+}
+
+fn name_claims() -> impl ExtractClaims + Clone {
+    |req: Request<Bytes>| async move {
+        let name = extract::header(&req, "x-name")?.to_owned();
+        let owner = extract::header(&req, "x-owner")?.to_owned();
+        let mut claims = vec![Claim::own(Unique::new("names", &name), owner)];
+        if let Some(amount) = req.headers().get("x-amount") {
+            let amount: u64 = amount.to_str().unwrap().parse().unwrap();
+            let key = extract::header(&req, "x-budget")?.to_owned();
+            claims.push(Claim::spend(Budget::new(key, LIMIT), amount));
+        }
+        Extracted::Ok((req, claims))
+    }
+}
+
+fn name_request(name: &str, owner: &str) -> Request<Full<Bytes>> {
+    Request::post("/")
+        .header("x-name", name)
+        .header("x-owner", owner)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+async fn taken_unique_is_a_409_problem<St: Store>(store: St) {
+    let name = fresh("name");
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), name_claims()).layer(handler(Ctl::default()));
+    assert_eq!(
+        call(svc.clone(), name_request(&name, "alice")).await.status,
+        200
+    );
+    assert_eq!(
+        store
+            .owner(&Unique::new("names", &name))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("alice")
+    );
+    let mut req = name_request(&name, "bob");
+    req.headers_mut().insert("x-amount", "10".parse().unwrap());
+    req.headers_mut()
+        .insert("x-budget", budget.key().parse().unwrap());
+    let a = call(svc, req).await;
+    a.problem(409, "Already taken");
+    // A denial holds none of the request's claims.
+    assert_budget(&store, &budget, 0, 0).await;
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct Order {
+    amount: u64,
+    sku: String,
+}
+
+async fn json_extraction_errors<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let ctl = Ctl::default();
+    let b = budget.clone();
+    let svc = ReserveLayer::new(store.clone(), move |req: Request<Bytes>| {
+        let budget = b.clone();
+        async move {
+            let amount: u64 = if req.uri().path() == "/typed" {
+                extract::json::<Order>(&req)?.amount
+            } else {
+                extract::json_pointer(&req, "/order/amount")?
+            };
+            Extracted::Ok((req, vec![Claim::spend(budget, amount)]))
+        }
+    })
+    .layer(handler(ctl.clone()));
+    let json_req = |path: &str, content_type: Option<&str>, body: &'static str| {
+        let mut b = Request::post(path).header("x-mode", "ok");
+        if let Some(ct) = content_type {
+            b = b.header(http::header::CONTENT_TYPE, ct);
+        }
+        b.body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    let ct = Some("application/json");
+    let cases: Vec<(Request<Full<Bytes>>, u16, &str)> = vec![
+        (
+            json_req("/", None, r#"{"order":{"amount":1}}"#),
+            415,
+            "Unsupported media type",
+        ),
+        (
+            json_req("/", Some("text/plain"), r#"{"order":{"amount":1}}"#),
+            415,
+            "Unsupported media type",
+        ),
+        (json_req("/", ct, r#"{"order":"#), 400, "Bad request"),
+        (json_req("/", ct, "not json"), 400, "Bad request"),
+        (
+            json_req("/", ct, r#"{"order":{}}"#),
+            422,
+            "Unprocessable content",
+        ),
+        (
+            json_req("/", ct, r#"{"order":{"amount":"7"}}"#),
+            422,
+            "Unprocessable content",
+        ),
+        (
+            json_req("/", ct, r#"{"order":{"amount":0}}"#),
+            422,
+            "Unprocessable content",
+        ),
+        (
+            json_req("/typed", ct, r#"{"amount":5}"#),
+            422,
+            "Unprocessable content",
+        ),
+        (json_req("/typed", ct, r#"{"amount":"#), 400, "Bad request"),
+        (
+            json_req("/typed", None, r#"{"amount":5,"sku":"a"}"#),
+            415,
+            "Unsupported media type",
+        ),
+    ];
+    for (req, status, title) in cases {
+        call(svc.clone(), req).await.problem(status, title);
+    }
+    assert_eq!(ctl.calls(), 0);
+    assert_budget(&store, &budget, 0, 0).await;
+    // The happy paths, including a +json media type.
+    let a = call(
+        svc.clone(),
+        json_req(
+            "/",
+            Some("application/vnd.api+json; charset=utf-8"),
+            r#"{"order":{"amount":9}}"#,
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let a = call(svc, json_req("/typed", ct, r#"{"amount":11,"sku":"a"}"#)).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_budget(&store, &budget, 20, 0).await;
+}
+
+async fn custom_validator_reserves_nothing<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let ctl = Ctl::default();
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .validate(|req: Request<Bytes>| async move {
+            if req.headers().contains_key("x-deny") {
+                Err(
+                    Rejection::new(StatusCode::FORBIDDEN, "Not allowed", "the policy says no")
+                        .with("policy", "deny-header"),
+                )
+            } else {
+                Ok(req)
+            }
+        })
+        .layer(handler(ctl.clone()));
+    let mut req = request("ok", 50);
+    req.headers_mut().insert("x-deny", "1".parse().unwrap());
+    let json = call(svc.clone(), req).await.problem(403, "Not allowed");
+    assert_eq!(json["policy"], "deny-header");
+    assert_eq!(json["detail"], "the policy says no");
+    assert_eq!(ctl.calls(), 0);
+    assert_budget(&store, &budget, 0, 0).await;
+    assert_eq!(call(svc, request("ok", 50)).await.status, 200);
+    assert_budget(&store, &budget, 50, 0).await;
+}
+
+async fn custom_error_handler_reshapes<St: Store>(store: St) {
+    let budget = new_budget(100);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<RejectionKind>::new()));
+    let record = seen.clone();
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .error_handler(move |r: Rejection| {
+            record.lock().unwrap().push(r.kind().clone());
+            Response::builder()
+                .status(if r.status() == 403 {
+                    402
+                } else {
+                    r.status().as_u16()
+                })
+                .header("content-type", "text/plain")
+                .body(Full::new(Bytes::from(format!("nope: {}", r.title()))))
+                .unwrap()
+        })
+        .layer(handler(Ctl::default()));
+    let a = call(svc.clone(), request("ok", 101)).await;
+    assert_eq!(a.status, 402);
+    assert_eq!(a.headers["content-type"], "text/plain");
+    assert_eq!(a.body, "nope: Over budget");
+    let mut req = request("ok", 1);
+    req.headers_mut()
+        .insert("x-amount", "lots".parse().unwrap());
+    let a = call(svc, req).await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.body, "nope: Bad request");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            RejectionKind::OverBudget {
+                key: budget.key().to_owned(),
+                requested: 101,
+                remaining: 100
+            },
+            RejectionKind::BadRequest,
+        ]
+    );
+    assert_budget(&store, &budget, 0, 0).await;
+}
+
+/// Redis only: a store that cannot be reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_store_is_a_503_and_fail_open_lets_budgets_through() {
+    let mut server = support::redis_server::RedisServer::start();
+    let store = tower_reserve::RedisStore::builder()
+        .timeout(Duration::from_millis(300))
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let budget = new_budget(LIMIT);
+    let ctl = Ctl::default();
+    let closed = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .retry_after(7)
+        .layer(handler(ctl.clone()));
+    let open = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .fail_open(true)
+        .layer(handler(ctl.clone()));
+    let open_names = ReserveLayer::new(store.clone(), name_claims())
+        .fail_open(true)
+        .layer(handler(ctl.clone()));
+    assert_eq!(call(closed.clone(), request("ok", 1)).await.status, 200);
+    server.stop();
+
+    let started = Instant::now();
+    let a = call(closed, request("ok", 1)).await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    a.problem(503, "Reservation store unavailable");
+    assert_eq!(a.headers[http::header::RETRY_AFTER], "7");
+    assert_eq!(ctl.calls(), 1);
+
+    let a = call(open, request("ok", 1)).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert!(!a.held(), "failing open runs the handler without a hold");
+    assert_eq!(ctl.calls(), 2);
+
+    let a = call(open_names, name_request("carol", "carol")).await;
+    a.problem(503, "Reservation store unavailable");
+    assert_eq!(a.headers[http::header::RETRY_AFTER], "1");
+    assert_eq!(ctl.calls(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Per-route policies
+
+async fn hold_echo(req: axum::extract::Request) -> Response<axum::body::Body> {
+    let held = match req.extensions().get::<Hold>() {
+        Some(hold) => format!("held {}", hold.claims().len()),
+        None => "unheld".to_owned(),
+    };
+    Response::new(axum::body::Body::from(held))
+}
+
+async fn axum_routes_keep_their_own_policies<St: Store>(store: St) {
+    let a_budget = new_budget(100);
+    let b_budget = new_budget(50);
+    let prefix = fresh("acct");
+    let p = prefix.clone();
+    let per_account = ReserveLayer::new(store.clone(), move |req: Request<Bytes>| {
+        let prefix = p.clone();
+        async move {
+            let id = extract::path_param(&req, "id")?;
+            let budget = Budget::new(format!("{prefix}-{id}"), 30);
+            Extracted::Ok((req, vec![Claim::spend(budget, 20)]))
+        }
+    });
+    let b_router = axum::Router::new()
+        .route("/b", axum::routing::post(hold_echo))
+        .route_layer(ReserveLayer::new(
+            store.clone(),
+            spend_claims(b_budget.clone()),
+        ));
+    let app = axum::Router::new()
+        .route(
+            "/a",
+            axum::routing::post(hold_echo).layer(ReserveLayer::new(
+                store.clone(),
+                spend_claims(a_budget.clone()),
+            )),
+        )
+        .route(
+            "/acct/{id}/spend",
+            axum::routing::post(hold_echo).layer(per_account),
+        )
+        .route("/free", axum::routing::post(hold_echo))
+        .merge(b_router);
+    let req = |path: &str, amount: u64| {
+        Request::post(path)
+            .header("x-amount", amount.to_string())
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+
+    let a = call(app.clone(), req("/a", 80)).await;
+    assert_eq!((a.status.as_u16(), &a.body[..]), (200, &b"held 1"[..]));
+    let a = call(app.clone(), req("/b", 80)).await;
+    assert_eq!(a.problem(403, "Over budget")["remaining"], 50);
+    let a = call(app.clone(), req("/b", 40)).await;
+    assert_eq!((a.status.as_u16(), &a.body[..]), (200, &b"held 1"[..]));
+    let a = call(app.clone(), req("/a", 30)).await;
+    assert_eq!(a.problem(403, "Over budget")["remaining"], 20);
+    let a = call(app.clone(), req("/free", 1_000_000)).await;
+    assert_eq!((a.status.as_u16(), &a.body[..]), (200, &b"unheld"[..]));
+    // A path parameter from axum's matched path.
+    for (account, expect) in [("x", 200), ("x", 403), ("y", 200)] {
+        let a = call(app.clone(), req(&format!("/acct/{account}/spend"), 0)).await;
+        assert_eq!(a.status.as_u16(), expect, "{account}: {:?}", a.body);
+    }
+    assert_budget(&store, &a_budget, 80, 0).await;
+    assert_budget(&store, &b_budget, 40, 0).await;
+    for (account, spent) in [("x", 20), ("y", 20)] {
+        let budget = Budget::new(format!("{prefix}-{account}"), 30);
+        assert_budget(&store, &budget, spent, 0).await;
+    }
+}
+
+async fn routes_table_keeps_its_own_policies<St: Store>(store: St) {
+    let prefix = fresh("cust");
+    let other = new_budget(10);
+    let p = prefix.clone();
+    let routes = Routes::new()
+        .route(
+            Method::POST,
+            "/customers/{customer_id}/purchases",
+            move |req: Request<Bytes>| {
+                let prefix = p.clone();
+                async move {
+                    let id = extract::path_param(&req, "customer_id")?;
+                    let amount: u64 = extract::query(&req, "amount")?
+                        .parse()
+                        .map_err(|_| bad("amount"))?;
+                    let budget = Budget::new(format!("{prefix}-{id}"), 100);
+                    Extracted::Ok((req, vec![Claim::spend(budget, amount)]))
+                }
+            },
+        )
+        .route(Method::POST, "/other", spend_claims(other.clone()));
+    let ctl = Ctl::default();
+    let svc = ReserveLayer::new(store.clone(), routes).layer(handler(ctl.clone()));
+    let req = |method: Method, uri: &str| {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("x-amount", "10")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let a = call(
+        svc.clone(),
+        req(Method::POST, "/customers/c1/purchases?amount=60"),
+    )
+    .await;
+    assert!(a.status == 200 && a.held());
+    let a = call(
+        svc.clone(),
+        req(Method::POST, "/customers/c1/purchases?amount=60"),
+    )
+    .await;
+    a.problem(403, "Over budget");
+    let a = call(
+        svc.clone(),
+        req(Method::POST, "/customers/c2/purchases?amount=60"),
+    )
+    .await;
+    assert!(a.status == 200 && a.held());
+    let a = call(svc.clone(), req(Method::POST, "/customers/c2/purchases")).await;
+    a.problem(400, "Bad request");
+    let a = call(svc.clone(), req(Method::POST, "/other")).await;
+    assert!(a.status == 200 && a.held());
+    let a = call(svc.clone(), req(Method::POST, "/other")).await;
+    a.problem(403, "Over budget");
+    // No route: unreserved, even with claims-looking headers.
+    for (method, uri) in [
+        (Method::GET, "/customers/c1/purchases?amount=60"),
+        (Method::POST, "/customers//purchases?amount=60"),
+        (Method::POST, "/healthz"),
+        (Method::POST, "/other/more"),
+    ] {
+        let a = call(svc.clone(), req(method.clone(), uri)).await;
+        assert!(a.status == 200 && !a.held(), "{method} {uri}");
+    }
+    for (c, spent) in [("c1", 60), ("c2", 60)] {
+        let budget = Budget::new(format!("{prefix}-{c}"), 100);
+        assert_budget(&store, &budget, spent, 0).await;
+    }
+    assert_budget(&store, &other, 10, 0).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Idempotency keys
+
+async fn idempotency_keys<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let ctl = Ctl::default();
+    let b = budget.clone();
+    let svc = ReserveLayer::new(store.clone(), move |req: Request<Bytes>| {
+        let budget = b.clone();
+        async move {
+            let amount: u64 = extract::json_pointer(&req, "/amount")?;
+            Extracted::Ok((req, vec![Claim::spend(budget, amount)]))
+        }
+    })
+    .idempotency_header(HeaderName::from_static("idempotency-key"))
+    .layer(handler(ctl.clone()));
+    let key = fresh("key");
+    let req = |key: &str, mode: &str, amount: u64| {
+        Request::post("/pay")
+            .header("idempotency-key", key)
+            .header("x-mode", mode)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(format!(r#"{{"amount":{amount}}}"#))))
+            .unwrap()
+    };
+
+    let first = tokio::spawn(call(svc.clone(), req(&key, "wait", 100)));
+    tokio::time::timeout(Duration::from_secs(5), ctl.started.notified())
+        .await
+        .expect("the first request runs");
+    // In flight: the same request is refused, another payload is a conflict.
+    call(svc.clone(), req(&key, "ok", 100))
+        .await
+        .problem(409, "Request in flight");
+    call(svc.clone(), req(&key, "ok", 55))
+        .await
+        .problem(422, "Unprocessable content");
+    assert_budget(&store, &budget, 0, 100).await;
+    ctl.go.notify_one();
+    let a = first.await.unwrap();
+    assert_eq!(a.status, 200);
+    assert_budget(&store, &budget, 100, 0).await;
+
+    // Done: the same request is refused, another payload is still a conflict.
+    call(svc.clone(), req(&key, "ok", 100))
+        .await
+        .problem(409, "Already settled");
+    call(svc.clone(), req(&key, "ok", 55))
+        .await
+        .problem(422, "Unprocessable content");
+    assert_eq!(ctl.calls(), 1);
+    assert_budget(&store, &budget, 100, 0).await;
+
+    // Another key, or none, is another request.
+    assert_eq!(
+        call(svc.clone(), req(&fresh("key"), "ok", 100))
+            .await
+            .status,
+        200
+    );
+    let no_key = Request::post("/pay")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"amount":1}"#)))
+        .unwrap();
+    assert_eq!(call(svc.clone(), no_key).await.status, 200);
+    // A released attempt cannot be replayed either: the key is spent.
+    let released = fresh("key");
+    assert_eq!(
+        call(svc.clone(), req(&released, "bad", 5)).await.status,
+        400
+    );
+    let a = call(svc, req(&released, "ok", 5)).await;
+    assert_eq!(a.status, 409, "{:?}", a.body);
+    assert_budget(&store, &budget, 201, 0).await;
+}
