@@ -519,7 +519,11 @@ async fn concurrent_requests_never_overspend<St: Store>(store: St) {
     for _ in 0..500 {
         let amount: u64 = rng.random_range(1..=100);
         // Every seventh amount gets a 4xx from the handler, which releases.
-        let mode = if amount % 7 == 0 { "bad" } else { "ok" };
+        let mode = if amount.is_multiple_of(7) {
+            "bad"
+        } else {
+            "ok"
+        };
         let svc = svc.clone();
         tasks.push(tokio::spawn(async move {
             let a = call(svc, request(mode, amount)).await;
