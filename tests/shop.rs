@@ -1,0 +1,772 @@
+//! End to end: the compiled `shop` example as a child process, over real HTTP, on a real
+//! `redis-server` (and once on the embedded store). The contract is `shared/shop-api.md`.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{Value, json};
+use support::redis_server::RedisServer;
+
+// ---------------------------------------------------------------------------------------------
+// The shop process
+
+/// The example binary, built once per test run (cheap when it is up to date).
+fn shop_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            // target/<profile>/deps/shop-<hash> → target/<profile>/examples/shop
+            let exe = std::env::current_exe().expect("the test binary's path");
+            let profile_dir = exe
+                .parent()
+                .and_then(|deps| deps.parent())
+                .expect("target/<profile>/deps");
+            let release = profile_dir.file_name().is_some_and(|n| n == "release");
+            let mut build = Command::new(env!("CARGO"));
+            build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+                "build",
+                "--quiet",
+                "--example",
+                "shop",
+            ]);
+            if release {
+                build.arg("--release");
+            }
+            let status = build.status().expect("run cargo build --example shop");
+            assert!(status.success(), "cargo build --example shop failed");
+            let binary = profile_dir
+                .join("examples")
+                .join(format!("shop{}", std::env::consts::EXE_SUFFIX));
+            assert!(binary.exists(), "no example binary at {}", binary.display());
+            binary
+        })
+        .clone()
+}
+
+/// One running shop; killed when dropped.
+struct Shop {
+    child: Child,
+    base: String,
+    first_line: String,
+}
+
+impl Shop {
+    /// Starts the shop with `SHOP_FAULTS=1` on a free port, with these extra variables, and
+    /// waits (bounded) until it accepts connections.
+    async fn start(env: &[(&str, &str)]) -> Shop {
+        let mut command = Command::new(shop_binary());
+        command
+            .env_remove("REDIS_URL")
+            .env_remove("REDIS_CLUSTER_URLS")
+            .env("SHOP_ADDR", "127.0.0.1:0")
+            .env("SHOP_FAULTS", "1")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start the shop example");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            // Keeps draining stdout for the process's whole life.
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut first_line = None;
+        let base = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    first_line.get_or_insert_with(|| line.clone());
+                    if let Some(addr) = line.strip_prefix("listening on ") {
+                        break addr.trim().to_owned();
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the shop did not say it was listening within 30 s");
+                }
+            }
+        };
+        let shop = Shop {
+            child,
+            base,
+            first_line: first_line.unwrap_or_default(),
+        };
+        // It said it listens; check that it answers.
+        let client = client();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(r) = client.get(shop.url("/healthz")).send().await {
+                if r.status() == StatusCode::OK {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "/healthz did not answer 200");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        shop
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn purchase(&self, client: &Client, customer: &str, products: &[u64]) -> Response {
+        client
+            .post(self.url(&format!("/customers/{customer}/purchases")))
+            .json(&json!({ "product_ids": products }))
+            .send()
+            .await
+            .expect("send a purchase")
+    }
+
+    async fn purchase_simulating(
+        &self,
+        client: &Client,
+        customer: &str,
+        products: &[u64],
+        fault: &str,
+    ) -> Response {
+        client
+            .post(self.url(&format!("/customers/{customer}/purchases")))
+            .header("x-simulate", fault)
+            .json(&json!({ "product_ids": products }))
+            .send()
+            .await
+            .expect("send a purchase")
+    }
+
+    async fn budget(&self, client: &Client, customer: &str) -> Value {
+        let r = client
+            .get(self.url(&format!("/customers/{customer}/budget")))
+            .send()
+            .await
+            .expect("read a budget");
+        assert_eq!(r.status(), StatusCode::OK, "budget of {customer}");
+        r.json().await.expect("a budget body")
+    }
+
+    /// Polls the budget (bounded, 5 s) until nothing is held, and answers it.
+    async fn settled_budget(&self, client: &Client, customer: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let b = self.budget(client, customer).await;
+            if b["held_cents"] == 0 || Instant::now() > deadline {
+                return b;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn sign_up(&self, client: &Client, email: &str, name: &str) -> Response {
+        client
+            .post(self.url("/accounts"))
+            .json(&json!({ "email": email, "name": name }))
+            .send()
+            .await
+            .expect("send a sign-up")
+    }
+
+    async fn change_email(&self, client: &Client, account: &str, email: &str) -> Response {
+        client
+            .put(self.url(&format!("/accounts/{account}/email")))
+            .json(&json!({ "email": email }))
+            .send()
+            .await
+            .expect("send an e-mail change")
+    }
+
+    async fn account(&self, client: &Client, account: &str) -> Response {
+        client
+            .get(self.url(&format!("/accounts/{account}")))
+            .send()
+            .await
+            .expect("read an account")
+    }
+}
+
+impl Drop for Shop {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .expect("a reqwest client")
+}
+
+/// A customer id of its own for each case.
+fn customer(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Asserts the response is an RFC 9457 problem with this status, and answers its body.
+async fn problem(r: Response, status: StatusCode) -> Value {
+    assert_eq!(r.status(), status);
+    let content_type = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        content_type.starts_with("application/problem+json"),
+        "{status}: content-type {content_type:?}"
+    );
+    let body: Value = r.json().await.expect("a problem body");
+    for member in ["type", "title", "detail"] {
+        assert!(body[member].is_string(), "{status}: no {member} in {body}");
+    }
+    assert_eq!(body["status"], status.as_u16(), "{body}");
+    body
+}
+
+/// Runs `n` copies of a request at once and answers their statuses.
+async fn concurrently<F, Fut>(n: usize, f: F) -> Vec<(StatusCode, Value)>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Response> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let fut = f(i);
+            tokio::spawn(async move {
+                let r = fut.await;
+                let status = r.status();
+                let body = r.json::<Value>().await.unwrap_or(Value::Null);
+                (status, body)
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.expect("a request task"));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Budgets
+
+async fn three_hundred_buyers(shop: &Shop) {
+    let client = client();
+    let who = customer("crowd");
+    let shop_url = shop.url(&format!("/customers/{who}/purchases"));
+    let results = concurrently(300, |_| {
+        client
+            .post(&shop_url)
+            .json(&json!({ "product_ids": [20] }))
+            .send()
+            .map_ok_or_panic()
+    })
+    .await;
+    let created: Vec<_> = results
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .collect();
+    let refused: Vec<_> = results
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::FORBIDDEN)
+        .collect();
+    assert_eq!(created.len(), 25, "exactly $500 / $20 purchases succeed");
+    assert_eq!(refused.len(), 275, "every other one is over budget");
+    for (_, body) in &created {
+        assert_eq!(body["amount_cents"], 2000);
+        assert_eq!(body["customer_id"], who.as_str());
+        assert!(body["purchase_id"].is_string());
+        assert!(body["remaining_cents"].as_u64().unwrap() <= 48_000);
+    }
+    let mut remaining: Vec<u64> = created
+        .iter()
+        .map(|(_, b)| b["remaining_cents"].as_u64().unwrap())
+        .collect();
+    remaining.sort_unstable();
+    let expected: Vec<u64> = (0..25).map(|i| i * 2000).collect();
+    assert_eq!(remaining, expected, "each success saw its own remainder");
+    for (_, body) in &refused {
+        assert_eq!(body["status"], 403);
+        assert_eq!(body["requested_cents"], 2000);
+        assert!(body["remaining_cents"].as_u64().unwrap() < 2000);
+    }
+    let b = shop.settled_budget(&client, &who).await;
+    assert_eq!(
+        b,
+        json!({"limit_cents": 50000, "spent_cents": 50000, "held_cents": 0, "remaining_cents": 0})
+    );
+}
+
+trait SendExt {
+    fn map_ok_or_panic(self) -> impl std::future::Future<Output = Response> + Send + 'static;
+}
+
+impl<F> SendExt for F
+where
+    F: std::future::Future<Output = reqwest::Result<Response>> + Send + 'static,
+{
+    fn map_ok_or_panic(self) -> impl std::future::Future<Output = Response> + Send + 'static {
+        async move { self.await.expect("send a request") }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_300_concurrent_purchases_make_exactly_25() {
+    let redis = RedisServer::start();
+    let shop = Shop::start(&[("REDIS_URL", &redis.url())]).await;
+    assert!(
+        shop.first_line.to_lowercase().contains("redis"),
+        "first log line names the store: {:?}",
+        shop.first_line
+    );
+    three_hundred_buyers(&shop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_300_concurrent_purchases_make_exactly_25() {
+    let shop = Shop::start(&[]).await;
+    assert!(
+        shop.first_line.to_lowercase().contains("in-memory"),
+        "first log line names the store: {:?}",
+        shop.first_line
+    );
+    three_hundred_buyers(&shop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn faults_release_the_hold_and_spend_nothing() {
+    let redis = RedisServer::start();
+    let shop = Shop::start(&[("REDIS_URL", &redis.url())]).await;
+    let client = client();
+    let who = customer("faults");
+
+    let r = shop.purchase(&client, &who, &[10, 10]).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["amount_cents"], 2000);
+    assert_eq!(body["remaining_cents"], 48_000);
+    let before = shop.settled_budget(&client, &who).await;
+    assert_eq!(before["spent_cents"], 2000);
+    assert_eq!(before["held_cents"], 0);
+
+    let r = shop
+        .purchase_simulating(&client, &who, &[30], "decline")
+        .await;
+    problem(r, StatusCode::PAYMENT_REQUIRED).await;
+    assert_eq!(shop.settled_budget(&client, &who).await, before);
+
+    let r = shop
+        .purchase_simulating(&client, &who, &[30], "panic")
+        .await;
+    problem(r, StatusCode::INTERNAL_SERVER_ERROR).await;
+    assert_eq!(shop.settled_budget(&client, &who).await, before);
+
+    // The shop survived the panic and still serves.
+    let r = shop
+        .purchase_simulating(&client, &who, &[30], "sleep=50")
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["remaining_cents"], 45_000);
+    let after = shop.settled_budget(&client, &who).await;
+    assert_eq!(after["spent_cents"], 5000);
+    assert_eq!(after["held_cents"], 0);
+    assert_eq!(after["remaining_cents"], 45_000);
+
+    // Sign-ups: a declined or panicking sign-up leaves the address free.
+    let email = format!("{}@faults.example", customer("f"));
+    let r = client
+        .post(shop.url("/accounts"))
+        .header("x-simulate", "decline")
+        .json(&json!({ "email": email, "name": "F" }))
+        .send()
+        .await
+        .unwrap();
+    problem(r, StatusCode::PAYMENT_REQUIRED).await;
+    let r = client
+        .post(shop.url("/accounts"))
+        .header("x-simulate", "panic")
+        .json(&json!({ "email": email, "name": "F" }))
+        .send()
+        .await
+        .unwrap();
+    problem(r, StatusCode::INTERNAL_SERVER_ERROR).await;
+    // The panic's release may still be on its way: retry, bounded, while the address is held.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = shop.sign_up(&client, &email, "F").await;
+        if r.status() == StatusCode::CREATED {
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::CONFLICT);
+        assert!(
+            Instant::now() < deadline,
+            "the address stayed taken after failed sign-ups"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// E-mail addresses
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn email_addresses_belong_to_one_account() {
+    let redis = RedisServer::start();
+    let shop = Shop::start(&[("REDIS_URL", &redis.url())]).await;
+    let client = client();
+    let local = customer("ann");
+    let forms = [
+        format!("{local}@example.com"),
+        format!(" {}@Example.COM", local.to_uppercase()),
+        format!("{local}@EXAMPLE.com  "),
+        format!("\t{}@example.com", local.to_uppercase()),
+        format!("  {local}@Example.Com"),
+    ];
+    let normalized = format!("{local}@example.com");
+
+    let url = shop.url("/accounts");
+    let results = concurrently(50, |i| {
+        client
+            .post(&url)
+            .json(&json!({ "email": forms[i % forms.len()], "name": format!("Ann {i}") }))
+            .send()
+            .map_ok_or_panic()
+    })
+    .await;
+    let created: Vec<_> = results
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .collect();
+    assert_eq!(created.len(), 1, "exactly one sign-up gets the address");
+    assert_eq!(
+        results
+            .iter()
+            .filter(|(s, _)| *s == StatusCode::CONFLICT)
+            .count(),
+        49,
+        "every other one finds it taken"
+    );
+    for (s, body) in &results {
+        if *s == StatusCode::CONFLICT {
+            assert_eq!(body["status"], 409);
+        }
+    }
+    let ann = created[0].1.clone();
+    assert_eq!(ann["email"], normalized.as_str());
+    let ann_id = ann["account_id"].as_str().unwrap().to_owned();
+
+    let r = shop.account(&client, &ann_id).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap(), ann);
+
+    // Bob takes another address; Ann cannot take Bob's, and keeps her own.
+    let bob_email = format!("{}@example.com", customer("bob"));
+    let r = shop.sign_up(&client, &bob_email, "Bob").await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let bob: Value = r.json().await.unwrap();
+    let bob_id = bob["account_id"].as_str().unwrap().to_owned();
+
+    let r = shop
+        .change_email(&client, &ann_id, &format!(" {}", bob_email.to_uppercase()))
+        .await;
+    problem(r, StatusCode::CONFLICT).await;
+    let r = shop.account(&client, &ann_id).await;
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["email"],
+        normalized.as_str()
+    );
+    let r = shop.sign_up(&client, &normalized, "Eve").await;
+    problem(r, StatusCode::CONFLICT).await;
+
+    // Re-claiming her own address (another form of it) is fine.
+    let r = shop
+        .change_email(&client, &ann_id, &normalized.to_uppercase())
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["email"],
+        normalized.as_str()
+    );
+
+    // A successful change frees the old address.
+    let new_email = format!("{}@example.org", customer("ann-new"));
+    let r = shop.change_email(&client, &ann_id, &new_email).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let changed: Value = r.json().await.unwrap();
+    assert_eq!(changed["email"], new_email.as_str());
+    assert_eq!(changed["account_id"], ann_id.as_str());
+    let r = shop.sign_up(&client, &normalized, "Eve").await;
+    assert_eq!(r.status(), StatusCode::CREATED, "the old address is free");
+
+    // Bad addresses and unknown accounts.
+    let r = shop.change_email(&client, &ann_id, "not an address").await;
+    problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let r = shop
+        .change_email(&client, "no-such-account", "x@example.com")
+        .await;
+    problem(r, StatusCode::NOT_FOUND).await;
+    let r = shop.account(&client, "no-such-account").await;
+    problem(r, StatusCode::NOT_FOUND).await;
+
+    // Deleting frees the address.
+    let r = client
+        .delete(shop.url(&format!("/accounts/{bob_id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = shop.account(&client, &bob_id).await;
+    problem(r, StatusCode::NOT_FOUND).await;
+    let r = client
+        .delete(shop.url(&format!("/accounts/{bob_id}")))
+        .send()
+        .await
+        .unwrap();
+    problem(r, StatusCode::NOT_FOUND).await;
+    let r = shop.sign_up(&client, &bob_email, "Bob again").await;
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "a deleted account's address is free"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_is_a_problem_and_changes_nothing() {
+    let redis = RedisServer::start();
+    let shop = Shop::start(&[("REDIS_URL", &redis.url())]).await;
+    let client = client();
+    let who = customer("bad");
+    let purchases = shop.url(&format!("/customers/{who}/purchases"));
+
+    let r = client
+        .post(&purchases)
+        .header("content-type", "application/json")
+        .body("{\"product_ids\": [1,")
+        .send()
+        .await
+        .unwrap();
+    problem(r, StatusCode::BAD_REQUEST).await;
+
+    let r = client
+        .post(&purchases)
+        .header("content-type", "text/plain")
+        .body("{\"product_ids\": [1]}")
+        .send()
+        .await
+        .unwrap();
+    problem(r, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
+
+    let big = format!(
+        "{{\"product_ids\": [1], \"padding\": \"{}\"}}",
+        "x".repeat(70 * 1024)
+    );
+    let r = client
+        .post(&purchases)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    problem(r, StatusCode::PAYLOAD_TOO_LARGE).await;
+
+    for products in [vec![0], vec![10_001], vec![1, 2, 99_999], vec![]] {
+        let r = shop.purchase(&client, &who, &products).await;
+        problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+    }
+    let r = shop.purchase(&client, &who, &[1; 101]).await;
+    problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let r = client
+        .post(&purchases)
+        .json(&json!({ "product_ids": "seven" }))
+        .send()
+        .await
+        .unwrap();
+    problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+
+    let long = "a".repeat(65);
+    for bad in ["bad!id", "b%20d", long.as_str()] {
+        let r = shop.purchase(&client, bad, &[1]).await;
+        problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+        let r = client
+            .get(shop.url(&format!("/customers/{bad}/budget")))
+            .send()
+            .await
+            .unwrap();
+        problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+    }
+    // 64 characters is still a customer id; 100 ids (repeats allowed) is still a purchase.
+    let edge = "a".repeat(63) + "_";
+    let r = shop.budget(&client, &edge).await;
+    assert_eq!(r["spent_cents"], 0);
+
+    for bad in [
+        "",
+        "   ",
+        "ann",
+        "ann@",
+        "@example.com",
+        "ann@example",
+        "a b@example.com",
+        "a@b@example.com",
+    ] {
+        let r = shop.sign_up(&client, bad, "X").await;
+        problem(r, StatusCode::UNPROCESSABLE_ENTITY).await;
+    }
+    let r = client
+        .post(shop.url("/accounts"))
+        .header("content-type", "application/json")
+        .body("{\"email\":")
+        .send()
+        .await
+        .unwrap();
+    problem(r, StatusCode::BAD_REQUEST).await;
+    let r = client
+        .post(shop.url("/accounts"))
+        .body("email=x@example.com")
+        .send()
+        .await
+        .unwrap();
+    problem(r, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
+
+    // axum's own answers are problems too.
+    let r = client.get(shop.url("/no/such/route")).send().await.unwrap();
+    problem(r, StatusCode::NOT_FOUND).await;
+    let r = client.delete(shop.url("/healthz")).send().await.unwrap();
+    problem(r, StatusCode::METHOD_NOT_ALLOWED).await;
+
+    // Nothing was reserved or spent.
+    let b = shop.settled_budget(&client, &who).await;
+    assert_eq!(
+        b,
+        json!({"limit_cents": 50000, "spent_cents": 0, "held_cents": 0, "remaining_cents": 50000})
+    );
+    let r = shop.purchase(&client, &who, &[1; 100]).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.json::<Value>().await.unwrap()["amount_cents"], 10_000);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis going away
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_outage_is_503_and_the_shop_recovers() {
+    let mut redis = RedisServer::start();
+    let shop = Shop::start(&[("REDIS_URL", &redis.url())]).await;
+    let client = client();
+    let who = customer("outage");
+
+    let r = shop.purchase(&client, &who, &[5]).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    redis.stop();
+    let r = shop.purchase(&client, &who, &[5]).await;
+    let retry_after = r.headers().get("retry-after").cloned();
+    problem(r, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(retry_after.is_some(), "a 503 says when to retry");
+    let r = client
+        .get(shop.url(&format!("/customers/{who}/budget")))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("retry-after").is_some());
+    problem(r, StatusCode::SERVICE_UNAVAILABLE).await;
+    let r = shop.sign_up(&client, "outage@example.com", "O").await;
+    problem(r, StatusCode::SERVICE_UNAVAILABLE).await;
+
+    // Redis comes back empty (no data, no scripts); the same shop process serves again.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = shop.purchase(&client, &who, &[7]).await;
+        if r.status() == StatusCode::CREATED {
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["remaining_cents"], 49_300, "Redis came back empty");
+            break;
+        }
+        problem(r, StatusCode::SERVICE_UNAVAILABLE).await;
+        assert!(
+            Instant::now() < deadline,
+            "the shop did not recover after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let b = shop.settled_budget(&client, &who).await;
+    assert_eq!(b["spent_cents"], 700);
+    assert_eq!(b["held_cents"], 0);
+    let r = shop.sign_up(&client, "outage@example.com", "O").await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start-up
+
+fn run_to_exit(env: &[(&str, &str)]) -> (bool, String) {
+    let mut command = Command::new(shop_binary());
+    command
+        .env_remove("REDIS_URL")
+        .env_remove("REDIS_CLUSTER_URLS")
+        .env("SHOP_ADDR", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("start the shop example");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if child.try_wait().expect("poll the shop").is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the shop did not exit within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("the shop's output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn unreachable_redis_fails_fast() {
+    let port = support::redis_server::free_port();
+    let (ok, output) = run_to_exit(&[("REDIS_URL", &format!("redis://127.0.0.1:{port}/"))]);
+    assert!(!ok, "the shop must exit non-zero: {output}");
+    assert!(output.contains("Redis"), "a clear message: {output}");
+}
+
+#[test]
+fn redis_cluster_is_not_supported_yet() {
+    let (ok, output) = run_to_exit(&[("REDIS_CLUSTER_URLS", "redis://127.0.0.1:7000/")]);
+    assert!(!ok, "the shop must exit non-zero: {output}");
+    assert!(output.contains("Cluster"), "a clear message: {output}");
+}
