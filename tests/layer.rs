@@ -60,6 +60,8 @@ layer_suite!(
     lease_bounds_the_handler,
     extend_keeps_a_long_handler_alive,
     deferred_hold_is_committed_later,
+    settling_by_the_handler_itself,
+    commit_in_background_answers_first,
     client_disconnect_releases,
     concurrent_requests_never_overspend,
     body_limit_is_enforced,
@@ -141,6 +143,14 @@ async fn handle(ctl: Ctl, req: Request<Full<Bytes>>) -> Result<Response<Full<Byt
         "defer" => {
             let hold = hold.expect("a hold").defer();
             reply(202, held, hold.id().as_str().to_owned())
+        }
+        "release-self" => {
+            hold.expect("a hold").release().await?;
+            reply(200, held, "released myself")
+        }
+        "commit-self" => {
+            hold.expect("a hold").commit().await?;
+            reply(200, held, "committed myself")
         }
         "echo" => {
             let body = req.into_body().collect().await?.to_bytes();
@@ -443,6 +453,41 @@ async fn deferred_hold_is_committed_later<St: Store>(store: St) {
     let id = HoldId::new(String::from_utf8(a.body.to_vec()).unwrap()).unwrap();
     store.commit(&id).await.expect("commit by id");
     assert_budget(&store, &budget, 400, 0).await;
+}
+
+async fn settling_by_the_handler_itself<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .layer(handler(Ctl::default()));
+    // Committed by the handler: the layer's commit is a replay, spent once.
+    let a = call(svc.clone(), request("commit-self", 70)).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_budget(&store, &budget, 70, 0).await;
+    // Released by the handler, then a 2xx: the layer's commit fails, and says so.
+    let a = call(svc, request("release-self", 30)).await;
+    let json = a.problem(500, "Commit failed");
+    assert!(
+        json["detail"]
+            .as_str()
+            .unwrap()
+            .contains("could not be committed")
+    );
+    assert_budget(&store, &budget, 70, 0).await;
+}
+
+async fn commit_in_background_answers_first<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .commit_in_background(true)
+        .layer(handler(Ctl::default()));
+    for amount in [10, 20, 30] {
+        assert_eq!(call(svc.clone(), request("ok", amount)).await.status, 200);
+    }
+    // A 4xx still releases, and a failed background commit cannot change the 200.
+    assert_eq!(call(svc.clone(), request("bad", 500)).await.status, 400);
+    let a = call(svc, request("release-self", 40)).await;
+    assert_eq!(a.status, 200);
+    settles_to(&store, &budget, 60).await;
 }
 
 // ---------------------------------------------------------------------------------------------
