@@ -111,10 +111,10 @@ impl Shop {
         let client = client();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(r) = client.get(shop.url("/healthz")).send().await {
-                if r.status() == StatusCode::OK {
-                    break;
-                }
+            if let Ok(r) = client.get(shop.url("/healthz")).send().await
+                && r.status() == StatusCode::OK
+            {
+                break;
             }
             assert!(Instant::now() < deadline, "/healthz did not answer 200");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -272,11 +272,12 @@ async fn three_hundred_buyers(shop: &Shop) {
     let who = customer("crowd");
     let shop_url = shop.url(&format!("/customers/{who}/purchases"));
     let results = concurrently(300, |_| {
-        client
-            .post(&shop_url)
-            .json(&json!({ "product_ids": [20] }))
-            .send()
-            .map_ok_or_panic()
+        sent(
+            client
+                .post(&shop_url)
+                .json(&json!({ "product_ids": [20] }))
+                .send(),
+        )
     })
     .await;
     let created: Vec<_> = results
@@ -314,17 +315,12 @@ async fn three_hundred_buyers(shop: &Shop) {
     );
 }
 
-trait SendExt {
-    fn map_ok_or_panic(self) -> impl std::future::Future<Output = Response> + Send + 'static;
-}
-
-impl<F> SendExt for F
+/// Awaits a sent request, panicking when it could not be sent.
+async fn sent<F>(request: F) -> Response
 where
-    F: std::future::Future<Output = reqwest::Result<Response>> + Send + 'static,
+    F: std::future::Future<Output = reqwest::Result<Response>>,
 {
-    fn map_ok_or_panic(self) -> impl std::future::Future<Output = Response> + Send + 'static {
-        async move { self.await.expect("send a request") }
-    }
+    request.await.expect("send a request")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -444,11 +440,12 @@ async fn email_addresses_belong_to_one_account() {
 
     let url = shop.url("/accounts");
     let results = concurrently(50, |i| {
-        client
-            .post(&url)
-            .json(&json!({ "email": forms[i % forms.len()], "name": format!("Ann {i}") }))
-            .send()
-            .map_ok_or_panic()
+        sent(
+            client
+                .post(&url)
+                .json(&json!({ "email": forms[i % forms.len()], "name": format!("Ann {i}") }))
+                .send(),
+        )
     })
     .await;
     let created: Vec<_> = results
