@@ -420,6 +420,123 @@ async fn faults_release_the_hold_and_spend_nothing() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn held_while_the_handler_runs_released_when_the_client_goes_away() {
+    let redis = RedisServer::start();
+    let shop = Shop::start(&[("REDIS_URL", &redis.url())]).await;
+    let client = client();
+    let who = customer("inflight");
+
+    // While a slow purchase runs, its amount is held; then it is spent.
+    let slow = {
+        let url = shop.url(&format!("/customers/{who}/purchases"));
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .header("x-simulate", "sleep=700")
+                .json(&json!({ "product_ids": [40] }))
+                .send()
+                .await
+                .expect("send a slow purchase")
+                .status()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let b = shop.budget(&client, &who).await;
+        if b["held_cents"] == 4000 {
+            assert_eq!(b["spent_cents"], 0);
+            assert_eq!(b["remaining_cents"], 46_000);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the hold never showed: {b}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(slow.await.unwrap(), StatusCode::CREATED);
+    let b = shop.settled_budget(&client, &who).await;
+    assert_eq!(b["spent_cents"], 4000);
+    assert_eq!(b["held_cents"], 0);
+
+    // A client that gives up mid-handler: the hold is released, nothing spent.
+    let impatient = Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let gave_up = impatient
+        .post(shop.url(&format!("/customers/{who}/purchases")))
+        .header("x-simulate", "sleep=3000")
+        .json(&json!({ "product_ids": [40] }))
+        .send()
+        .await;
+    assert!(
+        gave_up.as_ref().is_err_and(|e| e.is_timeout()),
+        "the client should have timed out: {gave_up:?}"
+    );
+    let b = shop.settled_budget(&client, &who).await;
+    assert_eq!(
+        b,
+        json!({"limit_cents": 50000, "spent_cents": 4000, "held_cents": 0, "remaining_cents": 46000})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_shops_holds_run_out_with_their_lease() {
+    let redis = RedisServer::start();
+    let lease = [
+        ("REDIS_URL", redis.url()),
+        ("SHOP_LEASE_MS", "1500".to_owned()),
+    ];
+    let lease: Vec<(&str, &str)> = lease.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut doomed = Shop::start(&lease).await;
+    let client = client();
+    let who = customer("dead");
+
+    let url = doomed.url(&format!("/customers/{who}/purchases"));
+    let in_flight = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .header("x-simulate", "sleep=1200")
+                .json(&json!({ "product_ids": [50] }))
+                .send()
+                .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let b = doomed.budget(&client, &who).await;
+        if b["held_cents"] == 5000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the hold never showed: {b}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The server dies (SIGKILL) with the hold in flight.
+    let _ = doomed.child.kill();
+    let _ = doomed.child.wait();
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "the request died with the shop"
+    );
+
+    // Another shop on the same Redis sees the hold until its lease runs out, then nothing.
+    let shop = Shop::start(&lease).await;
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let b = shop.budget(&client, &who).await;
+        if b["held_cents"] == 0 {
+            assert_eq!(b["spent_cents"], 0);
+            assert_eq!(b["remaining_cents"], 50_000);
+            break;
+        }
+        assert_eq!(b["held_cents"], 5000);
+        assert!(Instant::now() < deadline, "the lease never ran out: {b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // E-mail addresses
 
