@@ -638,11 +638,45 @@ async fn serve(router: Router, addr: &str) {
         .unwrap_or_else(|e| fail(&format!("cannot read the listening address: {e}")));
     println!("listening on http://{local}");
     axum::serve(listener, router)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(shutdown_signal())
         .await
         .unwrap_or_else(|e| fail(&format!("server error: {e}")));
+    println!("shut down");
+}
+
+/// Ctrl-C or SIGTERM: stop accepting, let requests in flight finish (and settle their holds).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    println!("shutting down: finishing the requests in flight");
+}
+
+/// The URL with any password or user name masked, for logs.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
 }
 
 #[tokio::main]
@@ -664,8 +698,9 @@ async fn main() {
     }
     match redis_url {
         Some(url) => {
+            let shown = redact(&url);
             println!(
-                "store: Redis at {url} (budget {} cents per customer, lease {} ms, faults {})",
+                "store: Redis at {shown} (budget {} cents per customer, lease {} ms, faults {})",
                 cfg.budget_cents,
                 cfg.lease.as_millis(),
                 if cfg.faults { "on" } else { "off" }
@@ -674,7 +709,7 @@ async fn main() {
                 .prefix("shop")
                 .connect(&url)
                 .await
-                .unwrap_or_else(|e| fail(&format!("cannot reach Redis at {url}: {e}")));
+                .unwrap_or_else(|e| fail(&format!("cannot reach Redis at {shown}: {e}")));
             serve(app(store, cfg), &addr).await;
         }
         None => {
