@@ -73,7 +73,7 @@ impl Budget {
     }
 
     pub(crate) fn validate(&self) -> Result<(), Error> {
-        check_key("budget key", &self.key)?;
+        check_tag("budget key", &self.key)?;
         if self.limit > MAX_AMOUNT {
             return Err(Error::invalid(format!(
                 "budget limit {} is above {MAX_AMOUNT}",
@@ -251,7 +251,7 @@ impl Unique {
     }
 
     pub(crate) fn validate(&self) -> Result<(), Error> {
-        check_key("unique namespace", &self.namespace)?;
+        check_tag("unique namespace", &self.namespace)?;
         if self.empty {
             return Err(Error::invalid(format!(
                 "a unique value must be 1 to {MAX_KEY_LEN} bytes once normalized"
@@ -366,6 +366,18 @@ pub(crate) fn check_key(what: &str, key: &str) -> Result<(), Error> {
         return Err(Error::invalid(format!(
             "a {what} must be 1 to {MAX_KEY_LEN} bytes, not {}",
             key.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A key that becomes a Redis Cluster hash tag must not carry braces of its own, or its keys
+/// could land on different slots.
+pub(crate) fn check_tag(what: &str, key: &str) -> Result<(), Error> {
+    check_key(what, key)?;
+    if key.contains(['{', '}']) {
+        return Err(Error::invalid(format!(
+            "a {what} must not contain braces: they choose the Redis Cluster slot"
         )));
     }
     Ok(())

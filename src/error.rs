@@ -71,6 +71,19 @@ impl Error {
         self
     }
 
+    /// A store's refusal of an operation on hold `id`.
+    pub(crate) fn refused(kind: ErrorKind, id: &crate::HoldId) -> Self {
+        let what = match kind {
+            ErrorKind::Conflict => "was reserved with other claims",
+            ErrorKind::UnknownHold => "is not known",
+            ErrorKind::Expired => "has expired",
+            ErrorKind::Committed => "is already committed",
+            ErrorKind::Released => "is already released",
+            _ => "was refused",
+        };
+        Self::new(kind, format!("hold {id} {what}"))
+    }
+
     pub(crate) fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidInput, message)
     }

@@ -105,6 +105,31 @@
 //! | outlives its lease | cancelled, released, `503` |
 //! | calls [`Hold::defer`] | left alone: commit or release later by id |
 //! | its process dies | nothing runs; the lease ends and the capacity is back |
+//!
+//! # Redis Cluster
+//!
+//! Every key of one budget or one unique value carries one hash tag, so it lives on one slot
+//! (budget keys and namespaces may not contain braces for that reason). A reservation whose
+//! claims all share a slot would fit one script, but its hold must also be found by id alone, so
+//! on a Cluster each reservation writes a small *manifest* in its id's own slot, listing its
+//! *slot groups*; each group is reserved by the same script as on one node, with a hold record
+//! of its own.
+//!
+//! - **Reserve** opens the manifest, then reserves the groups in order. When a later group is
+//!   denied (or fails), the groups already held are given back and the manifest removed, so the
+//!   caller sees all or nothing and may retry the same id. In between, another reader may see an
+//!   earlier group's amounts as held for the time of a few round trips; it never sees them as
+//!   spent. If the process dies between groups, their leases give everything back.
+//! - **Commit** and **release** read the manifest and fan out to every group, each idempotent,
+//!   then record the outcome on the manifest; a retry after a crash finishes the job. A reader
+//!   may see one group committed before the next. The manifest's lease ends first (it is written
+//!   first), so a commit that starts within it commits every group unless a group's lease ends
+//!   during the fan-out itself; those groups are refused and released, and the commit answers
+//!   [`ErrorKind::Expired`].
+//! - **Failover and restarts**: a script missing on a node (a restart, a promoted replica,
+//!   `SCRIPT FLUSH`) costs one `SCRIPT LOAD` and a retry. Redis replicates asynchronously: a
+//!   commit acknowledged by a primary that dies before replicating it is lost with it;
+//!   [`RedisStoreBuilder::wait_for_replicas`] narrows that window at the price of a round trip.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -34,6 +34,20 @@ macro_rules! store_suite {
                 }
             )*
         }
+        mod cluster {
+            use super::support::redis_server::RedisCluster;
+            // One three-primary cluster for every case: starting one takes seconds. The cases
+            // use fresh keys, so they do not see each other.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn every_case_on_a_three_primary_cluster() {
+                let cluster = RedisCluster::start(3, 0);
+                let store = tower_reserve::RedisStore::connect_cluster(cluster.urls()).await.unwrap();
+                $(
+                    eprintln!("cluster: {}", stringify!($case));
+                    super::$case(&store).await;
+                )*
+            }
+        }
     };
 }
 
@@ -54,7 +68,88 @@ store_suite!(
     bad_input_is_refused_and_writes_nothing,
     spent_can_be_seeded,
     the_largest_amounts_are_exact,
+    claims_on_many_keys_are_all_or_nothing,
 );
+
+async fn claims_on_many_keys_are_all_or_nothing<S: Store>(store: &S) {
+    // On a Cluster these keys fall on different slots: the store reserves them group by group
+    // and must still answer all or nothing.
+    let budgets: Vec<Budget> = (0..4)
+        .map(|_| Budget::new(fresh("customer"), 1_000))
+        .collect();
+    let tight = Budget::new(fresh("customer"), 10);
+    let value = Unique::email(fresh("accounts"), "multi@example.com");
+    store.set_spent(&tight, 5).await.unwrap();
+    let id = HoldId::new(fresh("multi")).unwrap();
+    let r = Reservation::builder()
+        .id(id.clone())
+        .lease(LONG)
+        .claims(budgets.iter().map(|b| Claim::spend(b.clone(), 100)))
+        .claim(Claim::own(value.clone(), "acct-1"))
+        .claim(Claim::spend(tight.clone(), 6))
+        .build()
+        .unwrap();
+    let d = denied(store, &r).await;
+    assert_eq!(d.claim, 5);
+    assert_eq!(
+        d.reason,
+        DenialReason::OverBudget {
+            requested: 6,
+            remaining: 5
+        }
+    );
+    for b in &budgets {
+        assert_eq!(
+            status(store, b).await.held,
+            0,
+            "a denied reservation holds nothing"
+        );
+    }
+    let rival = Reservation::builder()
+        .claim(Claim::own(value.clone(), "acct-2"))
+        .build()
+        .unwrap();
+    let g = granted(store, &rival).await;
+    store.release(&g.id).await.unwrap();
+
+    // A denial leaves no trace: the same id may be retried once the claims fit.
+    store.set_spent(&tight, 0).await.unwrap();
+    let g = granted(store, &r).await;
+    assert!(!g.replayed);
+    assert_eq!(g.remaining[0], Some(900));
+    assert_eq!(g.remaining[4], None);
+    assert_eq!(g.remaining[5], Some(4));
+    let again = granted(store, &r).await;
+    assert!(again.replayed);
+    let until = store.extend(&id, LONG).await.unwrap();
+    assert!(until >= g.expires_at_ms);
+    assert_eq!(store.commit(&id).await.unwrap(), Settled::Applied);
+    assert_eq!(store.commit(&id).await.unwrap(), Settled::Replayed);
+    assert_eq!(kind(store.release(&id).await), ErrorKind::Committed);
+    for b in &budgets {
+        let s = status(store, b).await;
+        assert_eq!((s.spent, s.held), (100, 0));
+    }
+    assert_eq!(status(store, &tight).await.spent, 6);
+    assert_eq!(
+        store.owner(&value).await.unwrap().as_deref(),
+        Some("acct-1")
+    );
+
+    // Released across every key, and idempotently.
+    let r2 = Reservation::builder()
+        .lease(LONG)
+        .claims(budgets.iter().map(|b| Claim::spend(b.clone(), 50)))
+        .build()
+        .unwrap();
+    let g2 = granted(store, &r2).await;
+    assert_eq!(store.release(&g2.id).await.unwrap(), Settled::Applied);
+    assert_eq!(store.release(&g2.id).await.unwrap(), Settled::Replayed);
+    for b in &budgets {
+        let s = status(store, b).await;
+        assert_eq!((s.spent, s.held), (100, 0));
+    }
+}
 
 async fn exact_limit_is_granted_and_one_more_is_denied<S: Store>(store: &S) {
     let budget = Budget::new(fresh("customer"), 100);
@@ -537,6 +632,11 @@ async fn bad_input_is_refused_and_writes_nothing<S: Store>(store: &S) {
     assert!(HoldId::new("").is_err());
     assert!(HoldId::new("x".repeat(129)).is_err());
     assert!(HoldId::new("a{b}").is_err());
+    assert_eq!(
+        invalid(base().claim(Claim::spend(Budget::new("a{b}", 10), 1))),
+        ErrorKind::InvalidInput,
+        "braces would pick another Cluster slot"
+    );
 
     assert_eq!(
         kind(store.set_spent(&budget, MAX_AMOUNT + 1).await),

@@ -324,18 +324,6 @@ impl State {
     }
 }
 
-fn refused(kind: ErrorKind, id: &HoldId) -> Error {
-    let what = match kind {
-        ErrorKind::Conflict => "was reserved with other claims",
-        ErrorKind::UnknownHold => "is not known",
-        ErrorKind::Expired => "has expired",
-        ErrorKind::Committed => "is already committed",
-        ErrorKind::Released => "is already released",
-        _ => "was refused",
-    };
-    Error::new(kind, format!("hold {id} {what}"))
-}
-
 impl MemoryStore {
     fn reserve_sync(&self, reservation: &Reservation) -> Result<Reserved, Error> {
         let (mut state, now) = self.lock();
@@ -350,7 +338,7 @@ impl MemoryStore {
                 Phase::Released | Phase::Tombstone => ErrorKind::Released,
                 Phase::Expired => ErrorKind::Expired,
             };
-            return Err(refused(refuse, id));
+            return Err(Error::refused(refuse, id));
         }
 
         // Check every claim before writing anything.
@@ -469,18 +457,20 @@ impl MemoryStore {
     fn commit_sync(&self, id: &HoldId) -> Result<Settled, Error> {
         let (mut state, now) = self.lock();
         let Some(record) = state.records.get(id) else {
-            return Err(refused(ErrorKind::UnknownHold, id));
+            return Err(Error::refused(ErrorKind::UnknownHold, id));
         };
         match record.phase {
             Phase::Committed => return Ok(Settled::Replayed),
-            Phase::Released | Phase::Tombstone => return Err(refused(ErrorKind::Released, id)),
-            Phase::Expired => return Err(refused(ErrorKind::Expired, id)),
+            Phase::Released | Phase::Tombstone => {
+                return Err(Error::refused(ErrorKind::Released, id));
+            }
+            Phase::Expired => return Err(Error::refused(ErrorKind::Expired, id)),
             Phase::Held => {}
         }
         if now >= record.expires_at {
             state.undo(id);
             state.settle_record(id, Phase::Expired, now, self.retain_ms);
-            return Err(refused(ErrorKind::Expired, id));
+            return Err(Error::refused(ErrorKind::Expired, id));
         }
         state.apply_commit(id);
         state.settle_record(id, Phase::Committed, now, self.retain_ms);
@@ -503,7 +493,7 @@ impl MemoryStore {
             return Ok(Settled::Tombstoned);
         };
         match record.phase {
-            Phase::Committed => Err(refused(ErrorKind::Committed, id)),
+            Phase::Committed => Err(Error::refused(ErrorKind::Committed, id)),
             Phase::Released | Phase::Tombstone | Phase::Expired => Ok(Settled::Replayed),
             Phase::Held => {
                 state.undo(id);
@@ -517,14 +507,16 @@ impl MemoryStore {
         check_lease(lease)?;
         let (mut state, now) = self.lock();
         let Some(record) = state.records.get_mut(id) else {
-            return Err(refused(ErrorKind::UnknownHold, id));
+            return Err(Error::refused(ErrorKind::UnknownHold, id));
         };
         match record.phase {
-            Phase::Committed => return Err(refused(ErrorKind::Committed, id)),
-            Phase::Released | Phase::Tombstone => return Err(refused(ErrorKind::Released, id)),
-            Phase::Expired => return Err(refused(ErrorKind::Expired, id)),
+            Phase::Committed => return Err(Error::refused(ErrorKind::Committed, id)),
+            Phase::Released | Phase::Tombstone => {
+                return Err(Error::refused(ErrorKind::Released, id));
+            }
+            Phase::Expired => return Err(Error::refused(ErrorKind::Expired, id)),
             Phase::Held if now >= record.expires_at => {
-                return Err(refused(ErrorKind::Expired, id));
+                return Err(Error::refused(ErrorKind::Expired, id));
             }
             Phase::Held => {}
         }

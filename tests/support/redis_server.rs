@@ -32,9 +32,13 @@ impl RedisServer {
 
     /// Starts a server with extra `redis-server` arguments (e.g. `--cluster-enabled yes`).
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_on_ports(extra, free_port)
+    }
+
+    fn start_on_ports(extra: &[&str], mut pick: impl FnMut() -> u16) -> Self {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         for _ in 0..10 {
-            let port = free_port();
+            let port = pick();
             let dir = std::env::temp_dir()
                 .join(format!("tower-reserve-redis-{port}-{}", std::process::id()));
             std::fs::create_dir_all(&dir).expect("create a data directory");
@@ -105,6 +109,11 @@ impl RedisServer {
         stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 
+    /// Whether the process is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// The server's port.
     pub fn port(&self) -> u16 {
         self.port
@@ -148,5 +157,98 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A port `p` such that `p` and `p + 10000` (the cluster bus) were both free a moment ago.
+pub fn free_cluster_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let seed = (std::process::id() % 4000) as u16;
+    for _ in 0..2000 {
+        let offset = NEXT.fetch_add(7, Ordering::Relaxed);
+        let port = 20_000 + (seed + offset) % 9_000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port pair for a cluster node");
+}
+
+/// A Redis Cluster on loopback: `masters` primaries, each with `replicas` replicas, every node
+/// its own `redis-server` process. Stopped when dropped.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize, replicas: usize) -> Self {
+        let count = masters * (1 + replicas);
+        let nodes: Vec<RedisServer> = (0..count)
+            .map(|_| {
+                RedisServer::start_on_ports(
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-node-timeout",
+                        "1500",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                    ],
+                    free_cluster_port,
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_until_ok(Duration::from_secs(30));
+        cluster
+    }
+
+    /// Waits until every running node says `cluster_state:ok` and agrees on the slot owners.
+    pub fn wait_until_ok(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let ok = self
+                .nodes
+                .iter()
+                .filter(|n| n.is_running())
+                .all(|n| n.cli(&["cluster", "info"]).contains("cluster_state:ok"));
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the cluster did not become ready in {limit:?}");
+    }
+
+    /// Seed URLs of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The indices of the nodes that are primaries now.
+    pub fn primaries(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| {
+                self.nodes[i].is_running() && self.nodes[i].cli(&["role"]).starts_with("master")
+            })
+            .collect()
     }
 }

@@ -1,7 +1,13 @@
--- Gives a hold back. KEYS[1] = hold record; ARGV = id, retain ms
+-- Gives a hold back. KEYS[1] = hold record; ARGV = id, retain ms, and optionally 'forget'
+-- (undo a group of a denied multi-slot reservation and leave no record, so that it may be retried)
 -- Answers {'OK', 'applied' | 'replayed' | 'tombstoned'} | {'E', 'committed'}
-local id, retain = ARGV[1], tonumber(ARGV[2])
+local id, retain, forget = ARGV[1], tonumber(ARGV[2]), ARGV[3] == 'forget'
 local rec = load_record(KEYS[1])
+if forget then
+  if rec and rec.s == 'H' then undo(rec, id) end
+  if rec and rec.s ~= 'C' then redis.call('DEL', KEYS[1]) end
+  return { 'OK', 'applied' }
+end
 if not rec then
   -- Released before reserved: the tombstone refuses the late reserve.
   save_record(KEYS[1], { s = 'T', c = {} }, retain)
