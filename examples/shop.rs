@@ -10,7 +10,7 @@
 //! | --- | --- | --- |
 //! | `SHOP_ADDR` | address to listen on | `127.0.0.1:3000` |
 //! | `REDIS_URL` | one Redis node | unset: the embedded in-memory store |
-//! | `REDIS_CLUSTER_URLS` | Redis Cluster seed nodes (not supported yet) | unset |
+//! | `REDIS_CLUSTER_URLS` | comma-separated Redis Cluster seed nodes | unset |
 //! | `SHOP_BUDGET_CENTS` | every customer's lifetime spend limit | `50000` |
 //! | `SHOP_LEASE_MS` | how long a hold lives if nobody settles it | `30000` |
 //! | `SHOP_FAULTS` | `1` turns on the `X-Simulate` request header | off |
@@ -690,11 +690,36 @@ async fn main() {
         .ok()
         .filter(|v| !v.trim().is_empty());
 
-    if cluster.is_some() {
-        fail(
-            "REDIS_CLUSTER_URLS is set, but Redis Cluster support is not available yet; \
-             use REDIS_URL with a single Redis node, or neither for the embedded in-memory store",
+    if cluster.is_some() && redis_url.is_some() {
+        fail("set REDIS_URL (one node) or REDIS_CLUSTER_URLS (a Cluster), not both");
+    }
+    if let Some(urls) = cluster {
+        let seeds: Vec<String> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let shown: Vec<String> = seeds.iter().map(|u| redact(u)).collect();
+        println!(
+            "store: Redis Cluster via {} (budget {} cents per customer, lease {} ms, faults {})",
+            shown.join(","),
+            cfg.budget_cents,
+            cfg.lease.as_millis(),
+            if cfg.faults { "on" } else { "off" }
         );
+        let store = RedisStore::builder()
+            .prefix("shop")
+            .connect_cluster(&seeds)
+            .await
+            .unwrap_or_else(|e| {
+                fail(&format!(
+                    "cannot reach the Redis Cluster at {}: {e}",
+                    shown.join(",")
+                ))
+            });
+        serve(app(store, cfg), &addr).await;
+        return;
     }
     match redis_url {
         Some(url) => {

@@ -879,8 +879,23 @@ fn unreachable_redis_fails_fast() {
 }
 
 #[test]
-fn redis_cluster_is_not_supported_yet() {
-    let (ok, output) = run_to_exit(&[("REDIS_CLUSTER_URLS", "redis://127.0.0.1:7000/")]);
+fn unreachable_cluster_fails_fast() {
+    let port = support::redis_server::free_port();
+    let (ok, output) =
+        run_to_exit(&[("REDIS_CLUSTER_URLS", &format!("redis://127.0.0.1:{port}/"))]);
     assert!(!ok, "the shop must exit non-zero: {output}");
     assert!(output.contains("Cluster"), "a clear message: {output}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_300_concurrent_purchases_make_exactly_25() {
+    let cluster = support::redis_server::RedisCluster::start(3, 0);
+    let seeds = cluster.urls().join(",");
+    let shop = Shop::start(&[("REDIS_CLUSTER_URLS", &seeds)]).await;
+    assert!(
+        shop.first_line.contains("Redis Cluster"),
+        "first log line names the store: {:?}",
+        shop.first_line
+    );
+    three_hundred_buyers(&shop).await;
 }
