@@ -211,15 +211,9 @@ fn valid_customer_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// The `index`th `/`-separated segment of the request path (`0` is the empty one before the
-/// first slash).
-fn segment<B>(req: &Request<B>, index: usize) -> String {
-    req.uri()
-        .path()
-        .split('/')
-        .nth(index)
-        .unwrap_or("")
-        .to_owned()
+/// A path parameter of the matched route (`{customer_id}`, `{account_id}`), as text.
+fn param<B>(req: &Request<B>, name: &str) -> String {
+    extract::path_param(req, name).unwrap_or("").to_owned()
 }
 
 fn customer_budget(customer_id: &str, cfg: &Config) -> Budget {
@@ -302,7 +296,7 @@ pub fn app<St: Store>(store: St, cfg: Config) -> Router {
         ReserveLayer::new(store.clone(), move |mut req: Request<Bytes>| {
             let cfg = shared.clone();
             async move {
-                let customer_id = segment(&req, 2);
+                let customer_id = param(&req, "customer_id");
                 if !valid_customer_id(&customer_id) {
                     return Err(Rejection::unprocessable(
                         "a customer id is 1 to 64 characters of [A-Za-z0-9_-]",
@@ -360,7 +354,7 @@ pub fn app<St: Store>(store: St, cfg: Config) -> Router {
         ReserveLayer::new(store.clone(), move |mut req: Request<Bytes>| {
             let accounts = accounts.clone();
             async move {
-                let account_id = segment(&req, 2);
+                let account_id = param(&req, "account_id");
                 let old = accounts
                     .lock()
                     .expect("accounts lock")
@@ -393,7 +387,7 @@ pub fn app<St: Store>(store: St, cfg: Config) -> Router {
         ReserveLayer::new(store.clone(), move |req: Request<Bytes>| {
             let accounts = accounts.clone();
             async move {
-                let account_id = segment(&req, 2);
+                let account_id = param(&req, "account_id");
                 let old = accounts
                     .lock()
                     .expect("accounts lock")
@@ -508,7 +502,7 @@ async fn purchase<St: Store>(
 }
 
 async fn budget<St: Store>(State(state): State<AppState<St>>, req: Request<Body>) -> Response {
-    let customer_id = segment(&req, 2);
+    let customer_id = param(&req, "customer_id");
     if !valid_customer_id(&customer_id) {
         return unprocessable("a customer id is 1 to 64 characters of [A-Za-z0-9_-]");
     }
@@ -588,7 +582,7 @@ async fn delete_account<St: Store>(
     State(state): State<AppState<St>>,
     req: Request<Body>,
 ) -> Response {
-    let account_id = segment(&req, 2);
+    let account_id = param(&req, "account_id");
     match state
         .accounts
         .lock()

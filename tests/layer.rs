@@ -332,8 +332,7 @@ async fn inner_error_releases<St: Store>(store: St) {
     let err = svc
         .oneshot(request("err", 300))
         .await
-        .err()
-        .expect("the inner error comes through");
+        .expect_err("the inner error comes through");
     assert_eq!(err.to_string(), "the inner service failed");
     assert_budget(&store, &budget, 0, 0).await;
 }
@@ -360,7 +359,7 @@ async fn uncaught_panic_releases<St: Store>(store: St) {
     let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
         .layer(handler(Ctl::default()));
     let task = tokio::spawn(svc.oneshot(request("panic", 300)));
-    let join = task.await.err().expect("the task panicked");
+    let join = task.await.expect_err("the task panicked");
     assert!(join.is_panic());
     settles_to(&store, &budget, 0).await;
 }
@@ -394,8 +393,7 @@ async fn outer_timeout_releases<St: Store>(store: St) {
     let err = svc
         .oneshot(request("hang", 300))
         .await
-        .err()
-        .expect("timed out");
+        .expect_err("timed out");
     assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
     assert!(started.elapsed() < Duration::from_secs(2));
     settles_to(&store, &budget, 0).await;

@@ -224,6 +224,15 @@ mod body {
     }
 }
 
+impl<B: std::fmt::Debug> std::fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResponseBody::Inner { body } => f.debug_tuple("Inner").field(body).finish(),
+            ResponseBody::Problem { body } => f.debug_tuple("Problem").field(body).finish(),
+        }
+    }
+}
+
 impl<B> ResponseBody<B> {
     pub(crate) fn inner(body: B) -> Self {
         ResponseBody::Inner { body }
