@@ -172,6 +172,18 @@ fn budget_key(budget: &Budget, suffix: String) -> BudgetKey {
     (budget.key().to_owned(), suffix)
 }
 
+/// Removes a hold from its budget, answering the budget when the hold was still there: a hold
+/// that expired (or was settled) is not given back twice.
+fn take_hold<'a>(
+    budgets: &'a mut HashMap<BudgetKey, BudgetCell>,
+    key: &BudgetKey,
+    expires_at: u64,
+    id: &HoldId,
+) -> Option<&'a mut BudgetCell> {
+    let cell = budgets.get_mut(key)?;
+    cell.holds.remove(&(expires_at, id.clone())).map(|_| cell)
+}
+
 impl State {
     fn drop_expired(&mut self, now: u64) {
         for _ in 0..MAX_EXPIRED_PER_CALL {
@@ -240,12 +252,7 @@ impl State {
         for claim in &record.claims {
             match claim {
                 Resolved::Spend { key, amount, .. } => {
-                    if let Some(cell) = self.budgets.get_mut(key)
-                        && cell
-                            .holds
-                            .remove(&(record.expires_at, id.clone()))
-                            .is_some()
-                    {
+                    if let Some(cell) = take_hold(&mut self.budgets, key, record.expires_at, id) {
                         cell.held -= amount;
                     }
                 }
@@ -270,12 +277,7 @@ impl State {
         for claim in &record.claims {
             match claim {
                 Resolved::Spend { key, amount, .. } => {
-                    if let Some(cell) = self.budgets.get_mut(key)
-                        && cell
-                            .holds
-                            .remove(&(record.expires_at, id.clone()))
-                            .is_some()
-                    {
+                    if let Some(cell) = take_hold(&mut self.budgets, key, record.expires_at, id) {
                         cell.held -= amount;
                         cell.spent = cell.spent.saturating_add(*amount);
                     }

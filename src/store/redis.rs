@@ -217,15 +217,7 @@ impl RedisStoreBuilder {
             })?;
         let conn =
             with_timeout(timeout, async { Ok(client.get_async_connection().await?) }).await?;
-        let conn = Conn::Cluster(conn);
-        with_timeout(timeout, async {
-            Ok(conn.query::<String>(&redis::cmd("PING")).await?)
-        })
-        .await?;
-        Ok(RedisStore {
-            conn,
-            config: Arc::new(self.config),
-        })
+        self.ready(Conn::Cluster(conn)).await
     }
 
     /// Connects to one Redis node and checks that it answers, failing fast when it does not.
@@ -243,8 +235,13 @@ impl RedisStoreBuilder {
             Ok(ConnectionManager::new_with_config(client, manager).await?)
         })
         .await?;
-        let conn = Conn::Node(conn);
-        with_timeout(timeout, async {
+        self.ready(Conn::Node(conn)).await
+    }
+
+    /// Checks that the store answers before handing it out, so that a misconfigured service
+    /// fails at start-up rather than on its first request.
+    async fn ready(self, conn: Conn) -> Result<RedisStore, Error> {
+        with_timeout(self.config.timeout, async {
             Ok(conn.query::<String>(&redis::cmd("PING")).await?)
         })
         .await?;
