@@ -158,15 +158,17 @@ impl std::error::Error for Error {
 
 impl From<redis::RedisError> for Error {
     fn from(err: redis::RedisError) -> Self {
-        // A connection that failed or dropped leaves the call's fate unknown; only the lease
-        // bounds what it may have held. Anything else (a script error, a reply of the wrong
-        // type) is a fault on one side or the other, not an outage.
-        let kind = if err.is_io_error()
+        // A connection that failed or dropped, or a server that is loading, busy, failing over
+        // or re-sharding, leaves the call's fate unknown; only the lease bounds what it may
+        // have held. Anything else (a script error, a reply of the wrong type) is a fault on
+        // one side or the other, not an outage.
+        let transient = err.is_io_error()
             || err.is_timeout()
             || err.is_connection_dropped()
             || err.is_connection_refusal()
-            || err.is_unrecoverable_error()
-        {
+            || err.is_cluster_error()
+            || !matches!(err.retry_method(), redis::RetryMethod::NoRetry);
+        let kind = if transient {
             ErrorKind::Unavailable
         } else {
             ErrorKind::Protocol

@@ -8,6 +8,7 @@ use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower_service::Service;
+use tracing::Instrument;
 
 use super::Rejection;
 use super::extract::ExtractClaims;
@@ -73,7 +74,14 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         let options = shared.options.clone();
-        ResponseFuture::new(Box::pin(prepare(shared, request)), inner, options)
+        let span = tracing::debug_span!(
+            "reserve",
+            method = %request.method(),
+            path = request.uri().path(),
+            hold = tracing::field::Empty,
+        );
+        let prepare = prepare(shared, request).instrument(span);
+        ResponseFuture::new(Box::pin(prepare), inner, options)
     }
 }
 
@@ -161,6 +169,7 @@ where
             "a request with this idempotency key is still being processed",
         )),
         Ok(Reserved::Granted(grant)) => {
+            tracing::Span::current().record("hold", grant.id.as_str());
             tracing::debug!(
                 hold = %grant.id,
                 claims = reservation.claims().len(),

@@ -180,10 +180,14 @@ pub(crate) fn spawn_settle(
     };
     let id = hold.id().clone();
     tokio::spawn(async move {
+        let started = std::time::Instant::now();
         let result = task.await;
+        let elapsed_us = started.elapsed().as_micros() as u64;
         match &result {
-            Ok(settled) => tracing::debug!(hold = %id, commit, ?settled, "settled"),
-            Err(err) => tracing::error!(hold = %id, commit, error = %err, "settling failed"),
+            Ok(settled) => tracing::debug!(hold = %id, commit, ?settled, elapsed_us, "settled"),
+            Err(err) => {
+                tracing::error!(hold = %id, commit, error = %err, elapsed_us, "settling failed")
+            }
         }
         result
     })
