@@ -7,6 +7,10 @@ use serde_json::{Map, Value, json};
 
 use crate::{DenialReason, Error};
 
+/// Where the `type` URIs of the layer's own problems point: this enum's documentation.
+pub const PROBLEM_TYPES: &str =
+    "https://docs.rs/tower-reserve/latest/tower_reserve/enum.RejectionKind.html";
+
 /// Why the layer refused a request, with everything needed to explain it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -92,8 +96,24 @@ impl Rejection {
     }
 
     fn of(kind: RejectionKind, status: StatusCode, title: &str, detail: String) -> Self {
+        // Problems of the layer's own point at the documentation of their kind; a plain bad
+        // request stays `about:blank`, its title the status's own phrase (RFC 9457, 4.2.1).
+        let variant = match kind {
+            RejectionKind::OverBudget { .. } => Some("OverBudget"),
+            RejectionKind::Taken { .. } => Some("Taken"),
+            RejectionKind::NotOwner { .. } => Some("NotOwner"),
+            RejectionKind::Unavailable => Some("Unavailable"),
+            RejectionKind::LeaseRanOut => Some("LeaseRanOut"),
+            RejectionKind::CommitFailed => Some("CommitFailed"),
+            RejectionKind::BadRequest
+            | RejectionKind::BodyTooLarge { .. }
+            | RejectionKind::Custom => None,
+        };
         let mut r = Self::new(status, title, detail);
         r.0.kind = kind;
+        if let Some(variant) = variant {
+            r.0.type_uri = format!("{PROBLEM_TYPES}#variant.{variant}");
+        }
         r
     }
 
