@@ -157,6 +157,7 @@ where
 }
 
 /// The crate: reserve, then commit what was granted (or only reserve, leaving the hold in flight).
+#[allow(clippy::too_many_arguments)]
 async fn run_crate(
     store: &RedisStore,
     tag: &str,
@@ -218,6 +219,7 @@ enum Hand {
 
 const MAX_RETRIES: u64 = 100;
 
+#[allow(clippy::too_many_arguments)]
 async fn run_hand(
     client: &redis::Client,
     way: Hand,
