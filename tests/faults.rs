@@ -455,6 +455,26 @@ fn keyslot(node: &RedisServer, key: &str) -> u16 {
         .expect("a slot")
 }
 
+/// Waits (bounded) until every replica has finished its first sync. Until then a replica
+/// whose primary dies is never promoted (its data counts as too old), and the diskless sync
+/// starts 5 s after the replica asks by default: made immediate here.
+fn replicas_in_sync(cluster: &RedisCluster) {
+    for node in &cluster.nodes {
+        node.cli(&["config", "set", "repl-diskless-sync-delay", "0"]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for node in &cluster.nodes {
+        while node.cli(&["role"]).starts_with("slave")
+            && !node
+                .cli(&["info", "replication"])
+                .contains("master_link_status:up")
+        {
+            assert!(Instant::now() < deadline, "a replica never synced");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Failover {
     /// SIGKILL a primary; its replica takes over after the node timeout.
@@ -466,7 +486,11 @@ enum Failover {
 /// Load on many budgets across every slot; one failover in the middle. Answers the commits
 /// acknowledged and then missing, per budget.
 async fn cluster_failover_under_load(how: Failover, wait: bool) -> u64 {
-    let cluster = tokio::task::block_in_place(|| RedisCluster::start(3, 1));
+    let cluster = tokio::task::block_in_place(|| {
+        let cluster = RedisCluster::start(3, 1);
+        replicas_in_sync(&cluster);
+        cluster
+    });
     let mut builder = RedisStore::builder()
         .prefix(fresh("failover"))
         .timeout(Duration::from_millis(800));
@@ -569,7 +593,12 @@ async fn cluster_failover_under_load(how: Failover, wait: bool) -> u64 {
     let promoted_after = {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !cluster.nodes[replica].cli(&["role"]).starts_with("master") {
-            assert!(Instant::now() < deadline, "the replica was never promoted");
+            assert!(
+                Instant::now() < deadline,
+                "the replica was never promoted: {}\n{}",
+                cluster.nodes[replica].cli(&["cluster", "nodes"]),
+                cluster.nodes[replica].cli(&["cluster", "info"])
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         fault_at.elapsed()
@@ -794,4 +823,52 @@ async fn two_shops_on_one_redis_share_one_budget() {
             json!({"limit_cents": 50000, "spent_cents": 50000, "held_cents": 0, "remaining_cents": 0})
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What `wait_for_replicas` promises when no replica acknowledges
+
+/// Pins the documented behaviour: a `WAIT` that no replica answers is logged, and the commit
+/// still answers `Ok(Applied)`. So an `Ok` with `wait_for_replicas` does not mean "replicated":
+/// a primary that dies during the `WAIT` leaves an acknowledged commit that may be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_replicas_without_replicas_still_answers_ok() {
+    let _serial = SERIAL.lock().await;
+    let primary = RedisServer::start();
+    primary.cli(&["config", "set", "repl-diskless-sync-delay", "0"]);
+    let port = primary.port().to_string();
+    let mut replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !replica
+        .cli(&["info", "replication"])
+        .contains("master_link_status:up")
+    {
+        assert!(Instant::now() < deadline, "the replica never synced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let store = RedisStore::builder()
+        .prefix(fresh("wait"))
+        .timeout(Duration::from_millis(500))
+        .wait_for_replicas(1, Duration::from_millis(300))
+        .connect(&primary.url())
+        .await
+        .expect("connect");
+    let budget = Budget::new("waited", 10_000);
+    let lease = Duration::from_secs(5);
+    let mut tally = Tally::default();
+    let started = Instant::now();
+    assert!(reserve_and_commit(&store, &budget, 100, lease, &mut tally).await);
+    let with_replica = started.elapsed();
+
+    replica.stop();
+    let started = Instant::now();
+    assert!(reserve_and_commit(&store, &budget, 100, lease, &mut tally).await);
+    let without = started.elapsed();
+    eprintln!("wait_for_replicas: commit with a replica {with_replica:?}, without one {without:?}");
+    assert!(
+        without >= Duration::from_millis(300),
+        "the commit waited for its WAIT: {without:?}"
+    );
+    assert!(tally.errors.is_empty(), "{:?}", tally.errors);
+    assert_eq!(store.budget(&budget).await.unwrap().spent, 200);
 }
