@@ -128,8 +128,12 @@
 //!   [`ErrorKind::Expired`].
 //! - **Failover and restarts**: a script missing on a node (a restart, a promoted replica,
 //!   `SCRIPT FLUSH`) costs one `SCRIPT LOAD` and a retry. Redis replicates asynchronously: a
-//!   commit acknowledged by a primary that dies before replicating it is lost with it;
-//!   [`RedisStoreBuilder::wait_for_replicas`] narrows that window at the price of a round trip.
+//!   commit acknowledged by a primary that dies before replicating it is lost with it, and the
+//!   budget grants that amount again. [`RedisStoreBuilder::wait_for_replicas`] makes each commit
+//!   wait (Redis `WAIT`) until replicas acknowledge it: a commit answered after they did survives
+//!   the primary's death. A `WAIT` that times out is logged, not turned into an error (the
+//!   primary has applied the commit and cannot take it back), so under that option an `Ok`
+//!   without a warning means replicated; an `Ok` with one means applied on the primary only.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
