@@ -455,26 +455,6 @@ fn keyslot(node: &RedisServer, key: &str) -> u16 {
         .expect("a slot")
 }
 
-/// Waits (bounded) until every replica has finished its first sync. Until then a replica
-/// whose primary dies is never promoted (its data counts as too old), and the diskless sync
-/// starts 5 s after the replica asks by default: made immediate here.
-fn replicas_in_sync(cluster: &RedisCluster) {
-    for node in &cluster.nodes {
-        node.cli(&["config", "set", "repl-diskless-sync-delay", "0"]);
-    }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    for node in &cluster.nodes {
-        while node.cli(&["role"]).starts_with("slave")
-            && !node
-                .cli(&["info", "replication"])
-                .contains("master_link_status:up")
-        {
-            assert!(Instant::now() < deadline, "a replica never synced");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Failover {
     /// SIGKILL a primary; its replica takes over after the node timeout.
@@ -486,11 +466,7 @@ enum Failover {
 /// Load on many budgets across every slot; one failover in the middle. Answers the commits
 /// acknowledged and then missing, per budget.
 async fn cluster_failover_under_load(how: Failover, wait: bool) -> u64 {
-    let cluster = tokio::task::block_in_place(|| {
-        let cluster = RedisCluster::start(3, 1);
-        replicas_in_sync(&cluster);
-        cluster
-    });
+    let cluster = tokio::task::block_in_place(|| RedisCluster::start(3, 1));
     let mut builder = RedisStore::builder()
         .prefix(fresh("failover"))
         .timeout(Duration::from_millis(800));

@@ -196,6 +196,10 @@ impl RedisCluster {
                         "1500",
                         "--cluster-config-file",
                         "nodes.conf",
+                        // A replica is promoted only once it has synced; start syncing at once
+                        // rather than after Redis's default five-second delay.
+                        "--repl-diskless-sync-delay",
+                        "0",
                     ],
                     free_cluster_port,
                 )
@@ -218,7 +222,23 @@ impl RedisCluster {
         );
         let cluster = RedisCluster { nodes };
         cluster.wait_until_ok(Duration::from_secs(30));
+        cluster.wait_for_replicas(Duration::from_secs(15));
         cluster
+    }
+
+    /// Waits until every replica's link to its primary is up, so that a failover can promote it.
+    pub fn wait_for_replicas(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            while node.cli(&["role"]).starts_with("slave")
+                && !node
+                    .cli(&["info", "replication"])
+                    .contains("master_link_status:up")
+            {
+                assert!(Instant::now() < deadline, "a replica never synced");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 
     /// Waits until every running node says `cluster_state:ok` and agrees on the slot owners.
