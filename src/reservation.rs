@@ -103,7 +103,7 @@ pub struct Reservation {
     id: HoldId,
     lease: Duration,
     claims: Vec<Claim>,
-    fingerprint: String,
+    fingerprint: Fingerprint,
 }
 
 impl Reservation {
@@ -132,8 +132,13 @@ impl Reservation {
     }
 
     /// A digest of the claims: a retry with the same id must carry the same one.
-    pub(crate) fn fingerprint(&self) -> &str {
+    pub(crate) fn fingerprint(&self) -> &Fingerprint {
         &self.fingerprint
+    }
+
+    /// The claims, taken out.
+    pub(crate) fn into_claims(self) -> Vec<Claim> {
+        self.claims
     }
 }
 
@@ -225,7 +230,11 @@ fn same_target(a: &Claim, b: &Claim) -> bool {
     }
 }
 
-fn fingerprint(claims: &[Claim]) -> String {
+/// A digest of a reservation's claims: 128 bits of SHA-256, kept as raw bytes (Redis strings
+/// are binary-safe, and every hold record carries one).
+pub(crate) type Fingerprint = [u8; 16];
+
+fn fingerprint(claims: &[Claim]) -> Fingerprint {
     let mut h = Sha256::new();
     let mut field = |bytes: &[u8]| {
         h.update((bytes.len() as u64).to_be_bytes());
@@ -254,7 +263,9 @@ fn fingerprint(claims: &[Claim]) -> String {
             }
         }
     }
-    hex(&h.finalize()[..16])
+    let mut digest = [0; 16];
+    digest.copy_from_slice(&h.finalize()[..16]);
+    digest
 }
 
 /// What [`Store::reserve`](crate::Store::reserve) answers.

@@ -11,15 +11,13 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use pin_project_lite::pin_project;
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::Rejection;
 use super::layer::Options;
 use super::service::Prepared;
-use super::settle::{Hold, SettleGuard, spawn_settle};
-use crate::{Error, ErrorKind, Settled};
+use super::settle::{Hold, Settle, SettleGuard};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -52,8 +50,8 @@ pin_project! {
             deadline: Option<Sleep>,
             deadline_base: Option<(Instant, u64)>,
         },
-        // Commit or release, in a task of its own so a client that goes away cannot cut it short.
-        Settling { task: JoinHandle<Result<Settled, Error>>, commit: bool },
+        // Commit or release; if this future is dropped first, it finishes in a task of its own.
+        Settling { settle: Settle },
         Done,
     }
 }
@@ -139,13 +137,14 @@ where
                         }
                         let commit =
                             matches!(&result, Ok(r) if (this.options.commit_if)(r.status()));
-                        let task = spawn_settle(&hold, commit);
+                        let settle = Settle::new(&hold, commit);
                         if commit && this.options.commit_in_background {
+                            settle.detach();
                             this.state.set(State::Done);
                             return Poll::Ready(result.map(|r| r.map(ResponseBody::inner)));
                         }
                         *this.outcome = Some(result);
-                        this.state.set(State::Settling { task, commit });
+                        this.state.set(State::Settling { settle });
                         continue;
                     }
                     let (Some(mut sleep), Some(base)) =
@@ -166,23 +165,14 @@ where
                     }
                     let hold = guard.disarm().expect("checked above");
                     tracing::warn!(hold = %hold.id(), "the handler outlived its lease; cancelling and releasing");
-                    let task = spawn_settle(&hold, false);
+                    let settle = Settle::new(&hold, false);
                     *this.outcome = None;
                     // Setting the state drops the handler's future: it is cancelled here.
-                    this.state.set(State::Settling {
-                        task,
-                        commit: false,
-                    });
+                    this.state.set(State::Settling { settle });
                 }
-                StateProj::Settling { task, commit } => {
-                    let settled = match ready!(Pin::new(task).poll(cx)) {
-                        Ok(result) => result,
-                        Err(join) => Err(Error::new(
-                            ErrorKind::Protocol,
-                            format!("settle task: {join}"),
-                        )),
-                    };
-                    let commit = *commit;
+                StateProj::Settling { settle } => {
+                    let settled = ready!(Pin::new(&mut *settle).poll(cx));
+                    let commit = settle.commits();
                     this.state.set(State::Done);
                     let response = match this.outcome.take() {
                         None => this.options.reject(Rejection::lease_ran_out()),

@@ -1,15 +1,26 @@
 //! Rejections: how the layer answers a request it will not pass on, as RFC 9457 problems.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::{DenialReason, Error};
 
 /// Where the `type` URIs of the layer's own problems point: this enum's documentation.
-pub const PROBLEM_TYPES: &str =
-    "https://docs.rs/tower-reserve/latest/tower_reserve/enum.RejectionKind.html";
+pub const PROBLEM_TYPES: &str = problem_type!("");
+
+macro_rules! problem_type {
+    ($variant:literal) => {
+        concat!(
+            "https://docs.rs/tower-reserve/latest/tower_reserve/enum.RejectionKind.html",
+            $variant
+        )
+    };
+}
+use problem_type;
 
 /// Why the layer refused a request, with everything needed to explain it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +87,7 @@ struct Problem {
     status: StatusCode,
     title: String,
     detail: String,
-    type_uri: String,
+    type_uri: Cow<'static, str>,
     extra: Map<String, Value>,
     retry_after: Option<u64>,
 }
@@ -89,7 +100,7 @@ impl Rejection {
             status,
             title: title.into(),
             detail: detail.into(),
-            type_uri: "about:blank".to_owned(),
+            type_uri: Cow::Borrowed("about:blank"),
             extra: Map::new(),
             retry_after: None,
         }))
@@ -99,12 +110,12 @@ impl Rejection {
         // Problems of the layer's own point at the documentation of their kind; a plain bad
         // request stays `about:blank`, its title the status's own phrase (RFC 9457, 4.2.1).
         let variant = match kind {
-            RejectionKind::OverBudget { .. } => Some("OverBudget"),
-            RejectionKind::Taken { .. } => Some("Taken"),
-            RejectionKind::NotOwner { .. } => Some("NotOwner"),
-            RejectionKind::Unavailable => Some("Unavailable"),
-            RejectionKind::LeaseRanOut => Some("LeaseRanOut"),
-            RejectionKind::CommitFailed => Some("CommitFailed"),
+            RejectionKind::OverBudget { .. } => Some(problem_type!("#variant.OverBudget")),
+            RejectionKind::Taken { .. } => Some(problem_type!("#variant.Taken")),
+            RejectionKind::NotOwner { .. } => Some(problem_type!("#variant.NotOwner")),
+            RejectionKind::Unavailable => Some(problem_type!("#variant.Unavailable")),
+            RejectionKind::LeaseRanOut => Some(problem_type!("#variant.LeaseRanOut")),
+            RejectionKind::CommitFailed => Some(problem_type!("#variant.CommitFailed")),
             RejectionKind::BadRequest
             | RejectionKind::BodyTooLarge { .. }
             | RejectionKind::Custom => None,
@@ -112,7 +123,7 @@ impl Rejection {
         let mut r = Self::new(status, title, detail);
         r.0.kind = kind;
         if let Some(variant) = variant {
-            r.0.type_uri = format!("{PROBLEM_TYPES}#variant.{variant}");
+            r.0.type_uri = Cow::Borrowed(variant);
         }
         r
     }
@@ -224,15 +235,19 @@ impl Rejection {
         }
     }
 
-    /// Adds a member to the problem body.
+    /// Adds an extension member to the problem body. The standard members (`type`, `title`,
+    /// `status`, `detail`) have setters of their own; a name of theirs is ignored here.
     pub fn with(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
-        self.0.extra.insert(name.into(), value.into());
+        let name = name.into();
+        if !matches!(name.as_str(), "type" | "title" | "status" | "detail") {
+            self.0.extra.insert(name, value.into());
+        }
         self
     }
 
     /// Sets the problem's `type` URI (default `about:blank`).
     pub fn with_type(mut self, uri: impl Into<String>) -> Self {
-        self.0.type_uri = uri.into();
+        self.0.type_uri = Cow::Owned(uri.into());
         self
     }
 
@@ -286,22 +301,22 @@ impl Rejection {
 
     /// The problem document as JSON.
     pub fn to_json(&self) -> Value {
-        let mut body = json!({
-            "type": self.0.type_uri,
-            "title": self.0.title,
-            "status": self.0.status.as_u16(),
-            "detail": self.0.detail,
-        });
-        let members = body.as_object_mut().expect("an object");
-        for (k, v) in &self.0.extra {
-            members.insert(k.clone(), v.clone());
+        serde_json::to_value(self.document()).expect("a problem document serializes")
+    }
+
+    fn document(&self) -> Document<'_> {
+        Document {
+            type_uri: &self.0.type_uri,
+            title: &self.0.title,
+            status: self.0.status.as_u16(),
+            detail: &self.0.detail,
+            extra: &self.0.extra,
         }
-        body
     }
 
     /// Renders the rejection as an `application/problem+json` response.
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        let body = serde_json::to_vec(&self.to_json()).expect("JSON values serialize");
+        let body = serde_json::to_vec(&self.document()).expect("a problem document serializes");
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = self.0.status;
         response.headers_mut().insert(
@@ -330,3 +345,15 @@ impl std::fmt::Display for Rejection {
 }
 
 impl std::error::Error for Rejection {}
+
+/// RFC 9457's members, then the extension members, written straight to JSON.
+#[derive(serde::Serialize)]
+struct Document<'a> {
+    #[serde(rename = "type")]
+    type_uri: &'a str,
+    title: &'a str,
+    status: u16,
+    detail: &'a str,
+    #[serde(flatten)]
+    extra: &'a Map<String, Value>,
+}

@@ -178,7 +178,7 @@ where
             );
             let hold = Hold::new(
                 grant,
-                reservation.claims().to_vec(),
+                reservation.into_claims(),
                 shared.settle_store.clone(),
             );
             request.extensions_mut().insert(hold.clone());

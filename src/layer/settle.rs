@@ -167,30 +167,78 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Hold {
     }
 }
 
-/// Runs a settlement to completion whatever happens to the request: a spawned task is not
-/// cancelled when the client goes away mid-commit.
-pub(crate) fn spawn_settle(
-    hold: &Hold,
+/// A commit or release of a hold. Polled in place by the response future, so the response
+/// waits for it without a task switch; if the response future is dropped first (the client
+/// went away mid-commit), the rest runs to completion in a task of its own.
+pub(crate) struct Settle {
+    task: Option<BoxFuture<Result<Settled, Error>>>,
+    id: HoldId,
     commit: bool,
-) -> tokio::task::JoinHandle<Result<Settled, Error>> {
-    let task = if commit {
-        hold.commit_task()
-    } else {
-        hold.release_task()
-    };
-    let id = hold.id().clone();
-    tokio::spawn(async move {
-        let started = std::time::Instant::now();
-        let result = task.await;
-        let elapsed_us = started.elapsed().as_micros() as u64;
-        match &result {
-            Ok(settled) => tracing::debug!(hold = %id, commit, ?settled, elapsed_us, "settled"),
-            Err(err) => {
-                tracing::error!(hold = %id, commit, error = %err, elapsed_us, "settling failed")
+    started: std::time::Instant,
+}
+
+impl Settle {
+    pub(crate) fn new(hold: &Hold, commit: bool) -> Self {
+        let task = if commit {
+            hold.commit_task()
+        } else {
+            hold.release_task()
+        };
+        Self {
+            task: Some(task),
+            id: hold.id().clone(),
+            commit,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether this settles by committing.
+    pub(crate) fn commits(&self) -> bool {
+        self.commit
+    }
+
+    /// Runs the settlement in a task of its own, for when nobody waits for its answer.
+    pub(crate) fn detach(self) {
+        drop(self);
+    }
+}
+
+fn log(id: &HoldId, commit: bool, started: std::time::Instant, result: &Result<Settled, Error>) {
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    match result {
+        Ok(settled) => tracing::debug!(hold = %id, commit, ?settled, elapsed_us, "settled"),
+        Err(err) => {
+            tracing::error!(hold = %id, commit, error = %err, elapsed_us, "settling failed")
+        }
+    }
+}
+
+impl Future for Settle {
+    type Output = Result<Settled, Error>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let task = self.task.as_mut().expect("Settle polled after completion");
+        let result = std::task::ready!(task.as_mut().poll(cx));
+        self.task = None;
+        log(&self.id, self.commit, self.started, &result);
+        std::task::Poll::Ready(result)
+    }
+}
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                let (id, commit, started) = (self.id.clone(), self.commit, self.started);
+                tokio::spawn(async move { log(&id, commit, started, &task.await) });
+            } else {
+                tracing::warn!(hold = %self.id, "no tokio runtime to settle on; the hold ends with its lease");
             }
         }
-        result
-    })
+    }
 }
 
 /// Releases the hold when dropped, unless [`SettleGuard::disarm`] was called: the path of a
@@ -226,12 +274,7 @@ impl Drop for SettleGuard {
             return;
         }
         tracing::debug!(hold = %hold.id(), "request dropped before it settled; releasing");
-        match tokio::runtime::Handle::try_current() {
-            Ok(_) => drop(spawn_settle(&hold, false)),
-            Err(_) => tracing::warn!(
-                hold = %hold.id(),
-                "no tokio runtime to release on; the hold ends with its lease"
-            ),
-        }
+        // Dropping an unfinished settlement hands it to a task of its own.
+        drop(Settle::new(&hold, false));
     }
 }

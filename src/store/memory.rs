@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{DEFAULT_RETAIN, MAX_EXPIRED_PER_CALL, Store, check_lease, check_set_spent};
-use crate::reservation::{Denial, DenialReason, Grant};
+use crate::reservation::{Denial, DenialReason, Fingerprint, Grant};
 use crate::{
     Budget, BudgetStatus, Claim, Error, ErrorKind, HoldId, Reservation, Reserved, Settled, Unique,
 };
@@ -140,7 +140,7 @@ enum Phase {
 struct Record {
     phase: Phase,
     expires_at: u64,
-    fingerprint: String,
+    fingerprint: Fingerprint,
     claims: Vec<Resolved>,
     drop_at: u64,
 }
@@ -331,7 +331,7 @@ impl MemoryStore {
         let (mut state, now) = self.lock();
         let id = reservation.id();
         if let Some(record) = state.records.get(id) {
-            let same = record.fingerprint == reservation.fingerprint();
+            let same = &record.fingerprint == reservation.fingerprint();
             let refuse = match record.phase {
                 _ if record.phase != Phase::Tombstone && !same => ErrorKind::Conflict,
                 Phase::Held if now >= record.expires_at => ErrorKind::Expired,
@@ -443,7 +443,7 @@ impl MemoryStore {
             Record {
                 phase: Phase::Held,
                 expires_at,
-                fingerprint: reservation.fingerprint().to_owned(),
+                fingerprint: *reservation.fingerprint(),
                 claims: resolved,
                 drop_at: expires_at + self.retain_ms,
             },
@@ -487,7 +487,7 @@ impl MemoryStore {
                 Record {
                     phase: Phase::Tombstone,
                     expires_at: now,
-                    fingerprint: String::new(),
+                    fingerprint: Fingerprint::default(),
                     claims: Vec::new(),
                     drop_at: now + self.retain_ms,
                 },

@@ -326,7 +326,7 @@ impl RedisStore {
             .arg(id.as_str())
             .arg(reservation.lease().as_millis() as u64)
             .arg(self.config.retain_ms)
-            .arg(reservation.fingerprint())
+            .arg(&reservation.fingerprint()[..])
             .arg(MAX_EXPIRED_PER_CALL);
         for &i in indices {
             match &reservation.claims()[i] {
@@ -445,11 +445,11 @@ impl RedisStore {
         }
     }
 
-    async fn manifest(&self, id: &HoldId, args: &[&str]) -> Result<Vec<Value>, Error> {
+    async fn manifest<A: AsRef<[u8]>>(&self, id: &HoldId, args: &[A]) -> Result<Vec<Value>, Error> {
         let mut invocation = SCRIPTS.manifest.prepare_invoke();
         invocation.key(self.record_key(id));
         for arg in args {
-            invocation.arg(*arg);
+            invocation.arg(arg.as_ref());
         }
         self.invoke(invocation).await
     }
@@ -502,8 +502,13 @@ impl RedisStore {
         let groups = self.groups(reservation);
         let lease = (reservation.lease().as_millis() as u64).to_string();
         let retain = self.config.retain_ms.to_string();
-        let mut args = vec!["open", reservation.fingerprint(), &lease, &retain];
-        args.extend(groups.iter().map(|(record, _)| record.as_str()));
+        let mut args: Vec<&[u8]> = vec![
+            b"open",
+            &reservation.fingerprint()[..],
+            lease.as_bytes(),
+            retain.as_bytes(),
+        ];
+        args.extend(groups.iter().map(|(record, _)| record.as_bytes()));
         let opened = self.manifest(id, &args).await?;
         let mut expires_at_ms = match word(&opened, 0)? {
             "new" => int(&opened, 1)? as u64,
