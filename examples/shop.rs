@@ -68,8 +68,8 @@ const MAX_PRODUCT: u64 = 10_000;
 // ---------------------------------------------------------------------------------------------
 // Problems (RFC 9457)
 
-fn problem(status: StatusCode, title: &str, detail: impl Into<String>) -> Response {
-    Rejection::new(status, title, detail)
+fn problem(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Response {
+    Rejection::new(status, title, detail.into())
         .into_response()
         .into_response()
 }

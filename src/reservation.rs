@@ -103,7 +103,8 @@ pub struct Reservation {
     id: HoldId,
     lease: Duration,
     claims: Vec<Claim>,
-    fingerprint: Fingerprint,
+    /// Computed on first use: only a store that records the hold needs it.
+    fingerprint: std::sync::OnceLock<Fingerprint>,
 }
 
 impl Reservation {
@@ -133,7 +134,7 @@ impl Reservation {
 
     /// A digest of the claims: a retry with the same id must carry the same one.
     pub(crate) fn fingerprint(&self) -> &Fingerprint {
-        &self.fingerprint
+        self.fingerprint.get_or_init(|| fingerprint(&self.claims))
     }
 
     /// The claims, taken out.
@@ -171,7 +172,12 @@ impl ReservationBuilder {
 
     /// Adds claims.
     pub fn claims(mut self, claims: impl IntoIterator<Item = Claim>) -> Self {
-        self.claims.extend(claims);
+        if self.claims.is_empty() {
+            // Collecting a `Vec`'s own iterator reuses its allocation.
+            self.claims = claims.into_iter().collect();
+        } else {
+            self.claims.extend(claims);
+        }
         self
     }
 
@@ -204,12 +210,11 @@ impl ReservationBuilder {
                 }
             }
         }
-        let fingerprint = fingerprint(&self.claims);
         Ok(Reservation {
             id: self.id.unwrap_or_else(HoldId::random),
             lease: self.lease,
             claims: self.claims,
-            fingerprint,
+            fingerprint: std::sync::OnceLock::new(),
         })
     }
 }

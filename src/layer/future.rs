@@ -100,22 +100,18 @@ where
                     };
                     let mut service = this.service.take().expect("called once");
                     let future = service.call(request);
-                    let (deadline, deadline_base, guard) = match hold {
-                        Some(hold) => {
-                            let base = (Instant::now(), hold.expires_at_ms());
-                            let at = deadline(base, this.options, &hold);
-                            (
-                                Some(tokio::time::sleep_until(at)),
-                                Some(base),
-                                SettleGuard::new(hold),
-                            )
-                        }
-                        None => (None, None, SettleGuard::none()),
+                    // The lease timer is armed only if the handler does not answer at once.
+                    let (deadline_base, guard) = match hold {
+                        Some(hold) => (
+                            Some((Instant::now(), hold.expires_at_ms())),
+                            SettleGuard::new(hold),
+                        ),
+                        None => (None, SettleGuard::none()),
                     };
                     this.state.set(State::Calling {
                         future,
                         guard,
-                        deadline,
+                        deadline: None,
                         deadline_base,
                     });
                 }
@@ -147,20 +143,19 @@ where
                         this.state.set(State::Settling { settle });
                         continue;
                     }
-                    let (Some(mut sleep), Some(base)) =
-                        (sleep.as_mut().as_pin_mut(), *deadline_base)
-                    else {
+                    let Some(base) = *deadline_base else {
                         return Poll::Pending;
                     };
-                    if sleep.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
+                    // Read again at every wake-up: the handler may have extended its lease.
+                    let at = deadline(base, this.options, guard.hold().expect("a hold"));
+                    if sleep.is_none() {
+                        sleep.set(Some(tokio::time::sleep_until(at)));
                     }
-                    let hold = guard.hold().expect("a deadline comes with a hold");
-                    let at = deadline(base, this.options, hold);
-                    if at > Instant::now() {
-                        // The handler extended its lease: wait for the new end.
-                        sleep.as_mut().reset(at);
-                        let _ = sleep.poll(cx);
+                    let mut timer = sleep.as_pin_mut().expect("armed above");
+                    if timer.deadline() != at {
+                        timer.as_mut().reset(at);
+                    }
+                    if timer.poll(cx).is_pending() {
                         return Poll::Pending;
                     }
                     let hold = guard.disarm().expect("checked above");

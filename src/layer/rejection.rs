@@ -85,8 +85,8 @@ pub struct Rejection(Box<Problem>);
 struct Problem {
     kind: RejectionKind,
     status: StatusCode,
-    title: String,
-    detail: String,
+    title: Cow<'static, str>,
+    detail: Cow<'static, str>,
     type_uri: Cow<'static, str>,
     extra: Map<String, Value>,
     retry_after: Option<u64>,
@@ -94,7 +94,11 @@ struct Problem {
 
 impl Rejection {
     /// A rejection of the user's own.
-    pub fn new(status: StatusCode, title: impl Into<String>, detail: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        title: impl Into<Cow<'static, str>>,
+        detail: impl Into<Cow<'static, str>>,
+    ) -> Self {
         Self(Box::new(Problem {
             kind: RejectionKind::Custom,
             status,
@@ -106,7 +110,12 @@ impl Rejection {
         }))
     }
 
-    fn of(kind: RejectionKind, status: StatusCode, title: &str, detail: String) -> Self {
+    fn of(
+        kind: RejectionKind,
+        status: StatusCode,
+        title: &'static str,
+        detail: impl Into<Cow<'static, str>>,
+    ) -> Self {
         // Problems of the layer's own point at the documentation of their kind; a plain bad
         // request stays `about:blank`, its title the status's own phrase (RFC 9457, 4.2.1).
         let variant = match kind {
@@ -129,7 +138,7 @@ impl Rejection {
     }
 
     /// `400 Bad Request`: a claim could not be read from the request.
-    pub fn bad_request(detail: impl Into<String>) -> Self {
+    pub fn bad_request(detail: impl Into<Cow<'static, str>>) -> Self {
         Self::of(
             RejectionKind::BadRequest,
             StatusCode::BAD_REQUEST,
@@ -139,7 +148,7 @@ impl Rejection {
     }
 
     /// `422 Unprocessable Content`: the request is well-formed but its claims are not valid.
-    pub fn unprocessable(detail: impl Into<String>) -> Self {
+    pub fn unprocessable(detail: impl Into<Cow<'static, str>>) -> Self {
         Self::of(
             RejectionKind::BadRequest,
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -149,7 +158,7 @@ impl Rejection {
     }
 
     /// `415 Unsupported Media Type`.
-    pub fn unsupported_media_type(detail: impl Into<String>) -> Self {
+    pub fn unsupported_media_type(detail: impl Into<Cow<'static, str>>) -> Self {
         Self::of(
             RejectionKind::BadRequest,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -183,8 +192,7 @@ impl Rejection {
             RejectionKind::LeaseRanOut,
             StatusCode::SERVICE_UNAVAILABLE,
             "Handler ran out of time",
-            "the handler outlived its reservation's lease and was cancelled; nothing was kept"
-                .to_owned(),
+            "the handler outlived its reservation's lease and was cancelled; nothing was kept",
         );
         r.0.retry_after = Some(1);
         r
@@ -217,20 +225,18 @@ impl Rejection {
                 StatusCode::FORBIDDEN,
                 "Over budget",
                 format!("{requested} requested, {remaining} remaining"),
-            )
-            .with("requested", requested)
-            .with("remaining", remaining),
+            ),
             DenialReason::Taken => Self::of(
                 RejectionKind::Taken { namespace },
                 StatusCode::CONFLICT,
                 "Already taken",
-                "the value is already taken".to_owned(),
+                "the value is already taken",
             ),
             DenialReason::NotOwner => Self::of(
                 RejectionKind::NotOwner { namespace },
                 StatusCode::CONFLICT,
                 "Not the owner",
-                "the value is not owned by the one giving it up".to_owned(),
+                "the value is not owned by the one giving it up",
             ),
         }
     }
@@ -252,13 +258,13 @@ impl Rejection {
     }
 
     /// Sets the `title`.
-    pub fn with_title(mut self, title: impl Into<String>) -> Self {
+    pub fn with_title(mut self, title: impl Into<Cow<'static, str>>) -> Self {
         self.0.title = title.into();
         self
     }
 
     /// Sets the `detail`.
-    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+    pub fn with_detail(mut self, detail: impl Into<Cow<'static, str>>) -> Self {
         self.0.detail = detail.into();
         self
     }
@@ -305,11 +311,21 @@ impl Rejection {
     }
 
     fn document(&self) -> Document<'_> {
+        let (requested, remaining) = match self.0.kind {
+            RejectionKind::OverBudget {
+                requested,
+                remaining,
+                ..
+            } => (Some(requested), Some(remaining)),
+            _ => (None, None),
+        };
         Document {
             type_uri: &self.0.type_uri,
             title: &self.0.title,
             status: self.0.status.as_u16(),
             detail: &self.0.detail,
+            requested,
+            remaining,
             extra: &self.0.extra,
         }
     }
@@ -354,6 +370,11 @@ struct Document<'a> {
     title: &'a str,
     status: u16,
     detail: &'a str,
+    /// Over budget: the amount asked for and what is left (RFC 9457's "out of credit").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    requested: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remaining: Option<u64>,
     #[serde(flatten)]
     extra: &'a Map<String, Value>,
 }

@@ -8,7 +8,6 @@ use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower_service::Service;
-use tracing::Instrument;
 
 use super::Rejection;
 use super::extract::ExtractClaims;
@@ -74,13 +73,7 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         let options = shared.options.clone();
-        let span = tracing::debug_span!(
-            "reserve",
-            method = %request.method(),
-            path = request.uri().path(),
-            hold = tracing::field::Empty,
-        );
-        let prepare = prepare(shared, request).instrument(span);
+        let prepare = prepare(shared, request);
         ResponseFuture::new(Box::pin(prepare), inner, options)
     }
 }
@@ -161,7 +154,7 @@ where
         Err(err) => return reject(Rejection::invalid_claims(&err)),
     };
 
-    let started = std::time::Instant::now();
+    let started = tracing::enabled!(tracing::Level::DEBUG).then(std::time::Instant::now);
     match shared.store.reserve(&reservation).await {
         Ok(Reserved::Granted(grant)) if grant.replayed => reject(Rejection::new(
             http::StatusCode::CONFLICT,
@@ -169,11 +162,12 @@ where
             "a request with this idempotency key is still being processed",
         )),
         Ok(Reserved::Granted(grant)) => {
-            tracing::Span::current().record("hold", grant.id.as_str());
             tracing::debug!(
                 hold = %grant.id,
+                method = %request.method(),
+                path = request.uri().path(),
                 claims = reservation.claims().len(),
-                elapsed_us = started.elapsed().as_micros() as u64,
+                elapsed_us = started.map(|t| t.elapsed().as_micros() as u64),
                 "reserved"
             );
             let hold = Hold::new(
@@ -192,7 +186,14 @@ where
                 }
                 _ => Default::default(),
             };
-            tracing::debug!(hold = %reservation.id(), claim = denial.claim, reason = ?denial.reason, "denied");
+            tracing::debug!(
+                hold = %reservation.id(),
+                method = %request.method(),
+                path = request.uri().path(),
+                claim = denial.claim,
+                reason = ?denial.reason,
+                "denied"
+            );
             reject(Rejection::denied(key, namespace, &denial.reason))
         }
         Err(err) if err.is_unavailable() || err.kind() == crate::ErrorKind::Protocol => {

@@ -14,25 +14,25 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// A store seen only through what settling needs, so that [`Hold`] is one type whatever the
 /// store.
 pub(crate) trait SettleStore: Send + Sync + 'static {
-    fn commit(&self, id: HoldId) -> BoxFuture<Result<Settled, Error>>;
-    fn release(&self, id: HoldId) -> BoxFuture<Result<Settled, Error>>;
-    fn extend(&self, id: HoldId, lease: Duration) -> BoxFuture<Result<u64, Error>>;
+    fn commit(&self, hold: Hold) -> BoxFuture<Result<Settled, Error>>;
+    fn release(&self, hold: Hold) -> BoxFuture<Result<Settled, Error>>;
+    fn extend(&self, hold: Hold, lease: Duration) -> BoxFuture<Result<u64, Error>>;
 }
 
 impl<St: Store> SettleStore for St {
-    fn commit(&self, id: HoldId) -> BoxFuture<Result<Settled, Error>> {
+    fn commit(&self, hold: Hold) -> BoxFuture<Result<Settled, Error>> {
         let store = self.clone();
-        Box::pin(async move { Store::commit(&store, &id).await })
+        Box::pin(async move { Store::commit(&store, hold.id()).await })
     }
 
-    fn release(&self, id: HoldId) -> BoxFuture<Result<Settled, Error>> {
+    fn release(&self, hold: Hold) -> BoxFuture<Result<Settled, Error>> {
         let store = self.clone();
-        Box::pin(async move { Store::release(&store, &id).await })
+        Box::pin(async move { Store::release(&store, hold.id()).await })
     }
 
-    fn extend(&self, id: HoldId, lease: Duration) -> BoxFuture<Result<u64, Error>> {
+    fn extend(&self, hold: Hold, lease: Duration) -> BoxFuture<Result<u64, Error>> {
         let store = self.clone();
-        Box::pin(async move { Store::extend(&store, &id, lease).await })
+        Box::pin(async move { Store::extend(&store, hold.id(), lease).await })
     }
 }
 
@@ -128,27 +128,27 @@ impl Hold {
     /// Renews the lease to `lease` from now. The layer's bound on the handler's time moves with
     /// it.
     pub async fn extend(&self, lease: Duration) -> Result<u64, Error> {
-        let until = self.inner.store.extend(self.id().clone(), lease).await?;
+        let until = self.inner.store.extend(self.clone(), lease).await?;
         self.inner.expires_at_ms.store(until, Ordering::Release);
         Ok(until)
     }
 
     /// Commits the hold now (idempotent).
     pub async fn commit(&self) -> Result<Settled, Error> {
-        self.inner.store.commit(self.id().clone()).await
+        self.inner.store.commit(self.clone()).await
     }
 
     /// Releases the hold now (idempotent).
     pub async fn release(&self) -> Result<Settled, Error> {
-        self.inner.store.release(self.id().clone()).await
+        self.inner.store.release(self.clone()).await
     }
 
     pub(crate) fn commit_task(&self) -> BoxFuture<Result<Settled, Error>> {
-        self.inner.store.commit(self.id().clone())
+        self.inner.store.commit(self.clone())
     }
 
     pub(crate) fn release_task(&self) -> BoxFuture<Result<Settled, Error>> {
-        self.inner.store.release(self.id().clone())
+        self.inner.store.release(self.clone())
     }
 }
 
@@ -172,9 +172,10 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Hold {
 /// went away mid-commit), the rest runs to completion in a task of its own.
 pub(crate) struct Settle {
     task: Option<BoxFuture<Result<Settled, Error>>>,
-    id: HoldId,
+    hold: Hold,
     commit: bool,
-    started: std::time::Instant,
+    /// Only taken when the outcome is logged with its timing.
+    started: Option<std::time::Instant>,
 }
 
 impl Settle {
@@ -186,9 +187,9 @@ impl Settle {
         };
         Self {
             task: Some(task),
-            id: hold.id().clone(),
+            hold: hold.clone(),
             commit,
-            started: std::time::Instant::now(),
+            started: tracing::enabled!(tracing::Level::DEBUG).then(std::time::Instant::now),
         }
     }
 
@@ -203,8 +204,13 @@ impl Settle {
     }
 }
 
-fn log(id: &HoldId, commit: bool, started: std::time::Instant, result: &Result<Settled, Error>) {
-    let elapsed_us = started.elapsed().as_micros() as u64;
+fn log(
+    id: &HoldId,
+    commit: bool,
+    started: Option<std::time::Instant>,
+    result: &Result<Settled, Error>,
+) {
+    let elapsed_us = started.map(|t| t.elapsed().as_micros() as u64);
     match result {
         Ok(settled) => tracing::debug!(hold = %id, commit, ?settled, elapsed_us, "settled"),
         Err(err) => {
@@ -223,7 +229,7 @@ impl Future for Settle {
         let task = self.task.as_mut().expect("Settle polled after completion");
         let result = std::task::ready!(task.as_mut().poll(cx));
         self.task = None;
-        log(&self.id, self.commit, self.started, &result);
+        log(self.hold.id(), self.commit, self.started, &result);
         std::task::Poll::Ready(result)
     }
 }
@@ -232,10 +238,10 @@ impl Drop for Settle {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             if tokio::runtime::Handle::try_current().is_ok() {
-                let (id, commit, started) = (self.id.clone(), self.commit, self.started);
-                tokio::spawn(async move { log(&id, commit, started, &task.await) });
+                let (hold, commit, started) = (self.hold.clone(), self.commit, self.started);
+                tokio::spawn(async move { log(hold.id(), commit, started, &task.await) });
             } else {
-                tracing::warn!(hold = %self.id, "no tokio runtime to settle on; the hold ends with its lease");
+                tracing::warn!(hold = %self.hold.id(), "no tokio runtime to settle on; the hold ends with its lease");
             }
         }
     }
