@@ -82,9 +82,11 @@
 //!   release-on-commit values are freed (an e-mail change swaps two addresses in one step).
 //!   **Release** gives everything back. **Extend** renews the lease. All three are idempotent.
 //! - **The lease** bounds every hold. When it ends the hold's capacity is back, with no
-//!   background process and no caller: the next call on that budget clears it (at most a bounded
-//!   number per call, so every call's work is bounded; until cleared, capacity is counted as held,
-//!   never as free), and a held value's marker expires by itself. A commit after the lease is
+//!   background process and no caller: a budget counts its holds per 100 ms of lease ends, and
+//!   the next call on that budget gives back every such bucket whose end has passed, so an
+//!   expired hold's amount returns at most 100 ms after its lease (at most a bounded number of
+//!   buckets per call, so every call's work is bounded; until cleared, capacity is counted as
+//!   held, never as free). A held value's marker expires by itself. A commit after the lease is
 //!   refused with [`ErrorKind::Expired`] instead of spending what may since have been granted to
 //!   another. The layer cancels a handler that outlives its lease (less a margin).
 //! - **Release before reserve** succeeds and leaves a tombstone that refuses the late reserve.

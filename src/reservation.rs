@@ -44,9 +44,13 @@ impl HoldId {
         }
     }
 
-    /// A fresh random id (128 bits).
+    /// A fresh random id: 96 random bits in 16 URL-safe base64 characters. Short on purpose:
+    /// it names the hold's record in Redis, and a key of at most 28 bytes is stored in a smaller
+    /// allocation.
     pub fn random() -> Self {
-        Self(uuid::Uuid::new_v4().simple().to_string())
+        use base64::Engine;
+        let bytes: [u8; 12] = rand::random();
+        Self(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
     }
 
     /// A stable id digested from `parts`, e.g. a route and a client's idempotency key.
@@ -235,9 +239,10 @@ fn same_target(a: &Claim, b: &Claim) -> bool {
     }
 }
 
-/// A digest of a reservation's claims: 128 bits of SHA-256, kept as raw bytes (Redis strings
-/// are binary-safe, and every hold record carries one).
-pub(crate) type Fingerprint = [u8; 16];
+/// A digest of a reservation's claims: 64 bits of SHA-256, kept as raw bytes (Redis strings are
+/// binary-safe, and every hold record carries one). It tells a retry from a reuse of an id with
+/// other claims; 64 bits make an accidental match vanishingly unlikely.
+pub(crate) type Fingerprint = [u8; 8];
 
 fn fingerprint(claims: &[Claim]) -> Fingerprint {
     let mut h = Sha256::new();
@@ -268,8 +273,8 @@ fn fingerprint(claims: &[Claim]) -> Fingerprint {
             }
         }
     }
-    let mut digest = [0; 16];
-    digest.copy_from_slice(&h.finalize()[..16]);
+    let mut digest = [0; 8];
+    digest.copy_from_slice(&h.finalize()[..8]);
     digest
 }
 

@@ -69,7 +69,36 @@ store_suite!(
     spent_can_be_seeded,
     the_largest_amounts_are_exact,
     claims_on_many_keys_are_all_or_nothing,
+    holds_ending_together_settle_one_by_one,
 );
+
+async fn holds_ending_together_settle_one_by_one<S: Store>(store: &S) {
+    // Holds whose leases end close together are counted together (per 100 ms of lease ends):
+    // settling one must take out exactly its own amount, and expiry must give back exactly the
+    // rest.
+    let budget = Budget::new(fresh("customer"), 1_000);
+    let lease = Duration::from_millis(250);
+    let a = granted(store, &spend(&budget, 10, lease)).await;
+    let b = granted(store, &spend(&budget, 20, lease)).await;
+    let c = granted(store, &spend(&budget, 30, lease)).await;
+    let d = granted(store, &spend(&budget, 40, lease)).await;
+    let e = granted(store, &spend(&budget, 50, lease)).await;
+    assert_eq!(status(store, &budget).await.held, 150);
+    store.commit(&a.id).await.unwrap();
+    store.release(&b.id).await.unwrap();
+    // d moves to a later lease; c and e are left to expire.
+    store.extend(&d.id, LONG).await.unwrap();
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.held), (10, 120));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.held, s.remaining), (10, 40, 950));
+    assert_eq!(kind(store.commit(&c.id).await), ErrorKind::Expired);
+    assert!(store.release(&e.id).await.is_ok());
+    assert_eq!(store.commit(&d.id).await.unwrap(), Settled::Applied);
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.held, s.remaining), (50, 0, 950));
+}
 
 async fn claims_on_many_keys_are_all_or_nothing<S: Store>(store: &S) {
     // On a Cluster these keys fall on different slots: the store reserves them group by group

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{DEFAULT_RETAIN, MAX_EXPIRED_PER_CALL, Store, check_lease, check_set_spent};
+use super::{
+    DEFAULT_RETAIN, HOLD_BUCKET_MS, MAX_EXPIRED_PER_CALL, Store, check_lease, check_set_spent,
+};
 use crate::reservation::{Denial, DenialReason, Fingerprint, Grant};
 use crate::{
     Budget, BudgetStatus, Claim, Error, ErrorKind, HoldId, Reservation, Reserved, Settled, Unique,
@@ -104,22 +106,54 @@ enum Expiring {
 struct BudgetCell {
     spent: u64,
     held: u64,
-    /// Holds by (lease end, id), with their amounts.
-    holds: BTreeMap<(u64, HoldId), u64>,
+    /// The amount held per bucket of lease ends, by the bucket's end (see `store/lua/common.lua`).
+    buckets: BTreeMap<u64, u64>,
     drop_at: Option<u64>,
 }
 
+/// The end of the bucket of lease ends that `expires_at` falls in.
+fn bucket(expires_at: u64) -> u64 {
+    expires_at.div_ceil(HOLD_BUCKET_MS) * HOLD_BUCKET_MS
+}
+
 impl BudgetCell {
-    fn expire_holds(&mut self, now: u64) {
+    /// Gives back the buckets whose end has passed (a bounded number per call).
+    fn expire_buckets(&mut self, now: u64) {
         for _ in 0..MAX_EXPIRED_PER_CALL {
-            match self.holds.first_key_value() {
-                Some(((exp, _), _)) if *exp <= now => {
-                    let (_, amount) = self.holds.pop_first().expect("first exists");
-                    self.held -= amount;
+            match self.buckets.first_key_value() {
+                Some((end, _)) if *end <= now => {
+                    let (_, sum) = self.buckets.pop_first().expect("first exists");
+                    self.held -= sum;
                 }
                 _ => break,
             }
         }
+    }
+
+    /// Holds `amount` until `expires_at`.
+    fn hold_in(&mut self, expires_at: u64, amount: u64) {
+        *self.buckets.entry(bucket(expires_at)).or_default() += amount;
+        self.held += amount;
+    }
+
+    /// Takes a hold out of its bucket: true when it was still held, false when its bucket's end
+    /// has passed and the bucket is (now) given back whole. At most once per hold.
+    fn take_out(&mut self, expires_at: u64, amount: u64, now: u64) -> bool {
+        let end = bucket(expires_at);
+        if end <= now {
+            if let Some(sum) = self.buckets.remove(&end) {
+                self.held -= sum;
+            }
+            return false;
+        }
+        if let Some(sum) = self.buckets.get_mut(&end) {
+            *sum -= amount;
+            if *sum == 0 {
+                self.buckets.remove(&end);
+            }
+        }
+        self.held -= amount;
+        true
     }
 
     fn remaining(&self, limit: u64) -> u64 {
@@ -170,18 +204,6 @@ fn unique_key(value: &Unique) -> String {
 
 fn budget_key(budget: &Budget, suffix: String) -> BudgetKey {
     (budget.key().to_owned(), suffix)
-}
-
-/// Removes a hold from its budget, answering the budget when the hold was still there: a hold
-/// that expired (or was settled) is not given back twice.
-fn take_hold<'a>(
-    budgets: &'a mut HashMap<BudgetKey, BudgetCell>,
-    key: &BudgetKey,
-    expires_at: u64,
-    id: &HoldId,
-) -> Option<&'a mut BudgetCell> {
-    let cell = budgets.get_mut(key)?;
-    cell.holds.remove(&(expires_at, id.clone())).map(|_| cell)
 }
 
 impl State {
@@ -244,16 +266,16 @@ impl State {
         }
     }
 
-    /// Gives back whatever the hold still holds. Safe to repeat.
-    fn undo(&mut self, id: &HoldId) {
+    /// Gives back whatever the hold still holds.
+    fn undo(&mut self, id: &HoldId, now: u64) {
         let Some(record) = self.records.get(id) else {
             return;
         };
         for claim in &record.claims {
             match claim {
                 Resolved::Spend { key, amount, .. } => {
-                    if let Some(cell) = take_hold(&mut self.budgets, key, record.expires_at, id) {
-                        cell.held -= amount;
+                    if let Some(cell) = self.budgets.get_mut(key) {
+                        cell.take_out(record.expires_at, *amount, now);
                     }
                 }
                 Resolved::Own {
@@ -270,15 +292,16 @@ impl State {
         }
     }
 
-    fn apply_commit(&mut self, id: &HoldId) {
+    fn apply_commit(&mut self, id: &HoldId, now: u64) {
         let Some(record) = self.records.get(id) else {
             return;
         };
         for claim in &record.claims {
             match claim {
                 Resolved::Spend { key, amount, .. } => {
-                    if let Some(cell) = take_hold(&mut self.budgets, key, record.expires_at, id) {
-                        cell.held -= amount;
+                    if let Some(cell) = self.budgets.get_mut(key)
+                        && cell.take_out(record.expires_at, *amount, now)
+                    {
                         cell.spent = cell.spent.saturating_add(*amount);
                     }
                 }
@@ -354,7 +377,7 @@ impl MemoryStore {
                     let key = budget_key(budget, slot.suffix);
                     let left = match state.budgets.get_mut(&key) {
                         Some(cell) => {
-                            cell.expire_holds(now);
+                            cell.expire_buckets(now);
                             cell.remaining(budget.limit())
                         }
                         None => budget.limit(),
@@ -415,8 +438,7 @@ impl MemoryStore {
                     ..
                 } => {
                     let cell = state.budgets.entry(key.clone()).or_default();
-                    cell.held += amount;
-                    cell.holds.insert((expires_at, id.clone()), *amount);
+                    cell.hold_in(expires_at, *amount);
                     if *windowed {
                         let Claim::Spend { budget, .. } = spec else {
                             unreachable!("resolved in order")
@@ -470,11 +492,11 @@ impl MemoryStore {
             Phase::Held => {}
         }
         if now >= record.expires_at {
-            state.undo(id);
+            state.undo(id, now);
             state.settle_record(id, Phase::Expired, now, self.retain_ms);
             return Err(Error::refused(ErrorKind::Expired, id));
         }
-        state.apply_commit(id);
+        state.apply_commit(id, now);
         state.settle_record(id, Phase::Committed, now, self.retain_ms);
         Ok(Settled::Applied)
     }
@@ -498,7 +520,7 @@ impl MemoryStore {
             Phase::Committed => Err(Error::refused(ErrorKind::Committed, id)),
             Phase::Released | Phase::Tombstone | Phase::Expired => Ok(Settled::Replayed),
             Phase::Held => {
-                state.undo(id);
+                state.undo(id, now);
                 state.settle_record(id, Phase::Released, now, self.retain_ms);
                 Ok(Settled::Applied)
             }
@@ -530,11 +552,15 @@ impl MemoryStore {
         let claims = std::mem::take(&mut record.claims);
         for claim in &claims {
             match claim {
-                Resolved::Spend { key, windowed, .. } => {
-                    if let Some(cell) = state.budgets.get_mut(key)
-                        && let Some(amount) = cell.holds.remove(&(old, id.clone()))
-                    {
-                        cell.holds.insert((new, id.clone()), amount);
+                Resolved::Spend {
+                    key,
+                    amount,
+                    windowed,
+                    ..
+                } => {
+                    if let Some(cell) = state.budgets.get_mut(key) {
+                        cell.take_out(old, *amount, now);
+                        cell.hold_in(new, *amount);
                     }
                     if *windowed {
                         state.keep_budget_until(key, new + WINDOW_GRACE_MS);
@@ -568,7 +594,7 @@ impl MemoryStore {
         let key = budget_key(budget, slot.suffix);
         let (spent, held) = match state.budgets.get_mut(&key) {
             Some(cell) => {
-                cell.expire_holds(now);
+                cell.expire_buckets(now);
                 (cell.spent, cell.held)
             }
             None => (0, 0),

@@ -22,10 +22,15 @@ pub use self::redis::{RedisStore, RedisStoreBuilder};
 /// release or reserve still gets the right answer.
 pub const DEFAULT_RETAIN: Duration = Duration::from_secs(600);
 
-/// How many expired holds of one budget a call clears at most. Work per call stays bounded; a
-/// budget with more expired holds than this is cleared over the next calls, and until then
-/// counts too much as held, never too little.
+/// How many expired buckets of holds of one budget a call clears at most. Work per call stays
+/// bounded; a budget with more than this is cleared over the next calls, and until then counts
+/// too much as held, never too little.
 pub(crate) const MAX_EXPIRED_PER_CALL: usize = 256;
+
+/// Holds are counted per bucket of lease ends this wide (`BUCKET_MS` in `lua/common.lua`), so a
+/// budget keeps one entry per bucket, not one per hold in flight. An expired hold's capacity
+/// comes back when its bucket ends: at most this long after its lease.
+pub(crate) const HOLD_BUCKET_MS: u64 = 100;
 
 /// A place that holds reservations. See the [crate docs](crate#semantics) for the semantics every
 /// store implements.

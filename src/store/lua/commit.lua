@@ -7,9 +7,10 @@ if rec.s == 'C' then return { 'OK', 'replayed' } end
 if rec.s == 'R' or rec.s == 'T' then return { 'E', 'released' } end
 if rec.s == 'X' then return { 'E', 'expired' } end
 
-if now_ms() >= rec.e then
-  -- The lease ran out: whatever expire_holds has not cleared yet goes back now.
-  undo(rec, id)
+local now = now_ms()
+if now >= rec.e then
+  -- The lease ran out: whatever is still held goes back now.
+  undo(rec, id, now)
   rec.s = 'X'
   save_record(KEYS[1], rec, retain)
   return { 'E', 'expired' }
@@ -17,10 +18,8 @@ end
 
 for _, c in ipairs(rec.c) do
   if c.k == 'b' then
-    if redis.call('ZREM', c.b .. ':h', id .. ':' .. c.a) == 1 then
-      redis.call('HINCRBY', c.b, 'held', -c.a)
-      redis.call('HINCRBY', c.b, 'spent', c.a)
-    end
+    -- Within the lease the hold's bucket has not ended yet, so it is still held.
+    if take_out(c.b, rec.e, c.a, now) then redis.call('HINCRBY', c.b, 'spent', c.a) end
   elseif c.k == 'u' then
     if c.n == 0 then
       redis.call('SET', c.u, c.o)

@@ -11,8 +11,9 @@ if rec.s == 'X' or now >= rec.e then return { 'E', 'expired' } end
 local expires = now + lease
 for _, c in ipairs(rec.c) do
   if c.k == 'b' then
-    redis.call('ZADD', c.b .. ':h', 'XX', expires, id .. ':' .. c.a)
-    if c.w == 1 then keep_until(c.b, expires + WINDOW_GRACE_MS, now) end
+    take_out(c.b, rec.e, c.a, now)
+    hold_in(c.b, expires, c.a)
+    keep_until(c.b, expires + WINDOW_GRACE_MS, now, false)
   elseif c.k == 'u' and c.n == 0 then
     if redis.call('GET', c.u .. ':p') == id then
       redis.call('PEXPIRE', c.u .. ':p', lease)

@@ -11,7 +11,17 @@
 --   forget                            -> {'ok'}   (a denied reservation leaves nothing behind)
 local op = ARGV[1]
 local now = now_ms()
-local rec = load_record(KEYS[1])
+
+local function load_manifest(key)
+  local raw = redis.call('GET', key)
+  return raw and cmsgpack.unpack(raw)
+end
+
+local function save_manifest(key, manifest, ttl_ms)
+  redis.call('SET', key, cmsgpack.pack(manifest), 'PX', ttl_ms)
+end
+
+local rec = load_manifest(KEYS[1])
 
 local function describe(fp_ok)
   local out = { 'old', rec.s, fp_ok, rec.e or 0, (rec.e and now >= rec.e) and 1 or 0 }
@@ -24,7 +34,7 @@ if op == 'open' then
   if rec then return describe((rec.f == fp) and 1 or 0) end
   local groups = {}
   for i = 5, #ARGV do groups[#groups + 1] = ARGV[i] end
-  save_record(KEYS[1], { s = 'H', f = fp, e = now + lease, g = groups }, lease + retain)
+  save_manifest(KEYS[1], { s = 'H', f = fp, e = now + lease, g = groups }, lease + retain)
   return { 'new', now + lease }
 elseif op == 'get' then
   if not rec then return { 'none' } end
@@ -32,17 +42,17 @@ elseif op == 'get' then
 elseif op == 'mark' then
   local phase, retain = ARGV[2], tonumber(ARGV[3])
   if not rec then
-    if phase == 'R' then save_record(KEYS[1], { s = 'T', g = {} }, retain) end
+    if phase == 'R' then save_manifest(KEYS[1], { s = 'T', g = {} }, retain) end
     return { 'ok' }
   end
   rec.s = phase
-  save_record(KEYS[1], rec, retain)
+  save_manifest(KEYS[1], rec, retain)
   return { 'ok' }
 elseif op == 'extend' then
   local lease, retain = tonumber(ARGV[2]), tonumber(ARGV[3])
   if not rec then return { 'none' } end
   rec.e = now + lease
-  save_record(KEYS[1], rec, lease + retain)
+  save_manifest(KEYS[1], rec, lease + retain)
   return { 'ok', rec.e }
 elseif op == 'forget' then
   redis.call('DEL', KEYS[1])

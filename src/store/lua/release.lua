@@ -4,7 +4,7 @@
 local id, retain, forget = ARGV[1], tonumber(ARGV[2]), ARGV[3] == 'forget'
 local rec = load_record(KEYS[1])
 if forget then
-  if rec and rec.s == 'H' then undo(rec, id) end
+  if rec and rec.s == 'H' then undo(rec, id, now_ms()) end
   if rec and rec.s ~= 'C' then redis.call('DEL', KEYS[1]) end
   return { 'OK', 'applied' }
 end
@@ -15,7 +15,7 @@ if not rec then
 end
 if rec.s == 'C' then return { 'E', 'committed' } end
 if rec.s ~= 'H' then return { 'OK', 'replayed' } end
-undo(rec, id)
+undo(rec, id, now_ms())
 rec.s = 'R'
 save_record(KEYS[1], rec, retain)
 return { 'OK', 'applied' }

@@ -17,8 +17,9 @@ if rec then
   if rec.s == 'H' then
     if now >= rec.e then return { 'E', 'expired' } end
     local out = { 'G', rec.e, 1 }
+    -- Same fingerprint, same claims: each budget's limit is the one given again here.
     for i, c in ipairs(rec.c) do
-      out[3 + i] = (c.k == 'b') and remaining(c.b, c.l) or -1
+      out[3 + i] = (c.k == 'b') and remaining(c.b, tonumber(ARGV[5 + (i - 1) * 4 + 3])) or -1
     end
     return out
   end
@@ -36,10 +37,10 @@ for i = 1, n do
     local amount, limit = tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
     local suffix, ends = window(ARGV[j + 4], now)
     local bkey = base .. suffix
-    expire_holds(bkey, now, max_clear)
+    expire_buckets(bkey, now, max_clear)
     local left = remaining(bkey, limit)
     if amount > left then return { 'D', i, 'budget', left } end
-    claims[i] = { k = 'b', b = bkey, a = amount, l = limit, w = ends and 1 or 0, ends = ends }
+    claims[i] = { k = 'b', b = bkey, a = amount, ends = ends }
     out[3 + i] = left - amount
   else
     local owner = ARGV[j + 2]
@@ -60,9 +61,8 @@ end
 local expires = now + lease
 for _, c in ipairs(claims) do
   if c.k == 'b' then
-    redis.call('HINCRBY', c.b, 'held', c.a)
-    redis.call('ZADD', c.b .. ':h', expires, id .. ':' .. c.a)
-    if c.ends then keep_until(c.b, math.max(c.ends, expires) + WINDOW_GRACE_MS, now) end
+    hold_in(c.b, expires, c.a)
+    if c.ends then keep_until(c.b, math.max(c.ends, expires) + WINDOW_GRACE_MS, now, true) end
     c.ends = nil
   elseif c.k == 'u' and c.n == 0 then
     redis.call('SET', c.u .. ':p', id, 'PX', lease)

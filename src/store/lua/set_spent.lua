@@ -4,5 +4,5 @@ local now = now_ms()
 local suffix, ends = window(ARGV[2], now)
 local bkey = KEYS[1] .. suffix
 redis.call('HSET', bkey, 'spent', ARGV[1])
-if ends then keep_until(bkey, ends + WINDOW_GRACE_MS, now) end
+if ends then keep_until(bkey, ends + WINDOW_GRACE_MS, now, true) end
 return { 1 }
