@@ -224,7 +224,8 @@ impl Rejection {
                 },
                 StatusCode::FORBIDDEN,
                 "Over budget",
-                format!("{requested} requested, {remaining} remaining"),
+                // The amounts are members of their own (`requested`, `remaining`).
+                "the amount requested is more than the budget has left",
             ),
             DenialReason::Taken => Self::of(
                 RejectionKind::Taken { namespace },
