@@ -11,17 +11,16 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 use support::redis_server::{RedisCluster, RedisServer};
+use support::shop::Shop;
 use support::{fresh, spend};
 use tower_reserve::{Budget, ErrorKind, RedisStore, Reserved, Settled, Store};
 
@@ -664,91 +663,15 @@ async fn cluster_graceful_failover_under_load_loses_nothing() {
 // ---------------------------------------------------------------------------------------------
 // 6. Two shop processes on one Redis, one budget
 
-fn shop_binary() -> PathBuf {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY
-        .get_or_init(|| {
-            let exe = std::env::current_exe().expect("the test binary's path");
-            let profile_dir = exe
-                .parent()
-                .and_then(|deps| deps.parent())
-                .expect("target/<profile>/deps");
-            let mut build = Command::new(env!("CARGO"));
-            build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-                "build",
-                "--quiet",
-                "--example",
-                "shop",
-            ]);
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                build.arg("--release");
-            }
-            assert!(build.status().expect("cargo build").success());
-            profile_dir
-                .join("examples")
-                .join(format!("shop{}", std::env::consts::EXE_SUFFIX))
-        })
-        .clone()
-}
-
-/// One running shop; killed when dropped.
-struct Shop {
-    child: Child,
-    base: String,
-}
-
-impl Shop {
-    fn start(redis_url: &str) -> Shop {
-        let mut child = Command::new(shop_binary())
-            .env_remove("REDIS_CLUSTER_URLS")
-            .env("REDIS_URL", redis_url)
-            .env("SHOP_ADDR", "127.0.0.1:0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the shop example");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let base = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        break addr.trim().to_owned();
-                    }
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("the shop did not say it was listening within 30 s");
-                }
-            }
-        };
-        Shop { child, base }
-    }
-}
-
-impl Drop for Shop {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_shops_on_one_redis_share_one_budget() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
-    let shops =
-        tokio::task::block_in_place(|| [Shop::start(&redis.url()), Shop::start(&redis.url())]);
+    let url = redis.url();
+    let shops = [
+        Shop::start(&[("REDIS_URL", &url)]).await,
+        Shop::start(&[("REDIS_URL", &url)]).await,
+    ];
     let client = Client::builder()
         .timeout(Duration::from_secs(20))
         .build()

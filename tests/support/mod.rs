@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod redis_server;
+pub mod shop;
 
 use std::time::Duration;
 
