@@ -107,6 +107,9 @@ pub struct Reservation {
     id: HoldId,
     lease: Duration,
     claims: Vec<Claim>,
+    /// A digest of the command's own payload, when it has one (see
+    /// [`ReservationBuilder::payload`]).
+    payload: Option<Fingerprint>,
     /// Computed on first use: only a store that records the hold needs it.
     fingerprint: std::sync::OnceLock<Fingerprint>,
 }
@@ -118,6 +121,7 @@ impl Reservation {
             id: None,
             lease: Duration::from_secs(30),
             claims: Vec::new(),
+            payload: None,
         }
     }
 
@@ -138,7 +142,8 @@ impl Reservation {
 
     /// A digest of the claims: a retry with the same id must carry the same one.
     pub(crate) fn fingerprint(&self) -> &Fingerprint {
-        self.fingerprint.get_or_init(|| fingerprint(&self.claims))
+        self.fingerprint
+            .get_or_init(|| fingerprint(&self.claims, self.payload.as_ref()))
     }
 
     /// The claims, taken out.
@@ -153,6 +158,7 @@ pub struct ReservationBuilder {
     id: Option<HoldId>,
     lease: Duration,
     claims: Vec<Claim>,
+    payload: Option<Fingerprint>,
 }
 
 impl ReservationBuilder {
@@ -165,6 +171,16 @@ impl ReservationBuilder {
     /// Sets the lease: 1 ms to [`MAX_LEASE`].
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
+        self
+    }
+
+    /// Binds the reservation to the command's payload (a request body, say): a retry with the
+    /// same id and claims but another payload is then a
+    /// [`Conflict`](crate::ErrorKind::Conflict), not a replay. Only a digest is kept.
+    pub fn payload(mut self, payload: &[u8]) -> Self {
+        let mut digest = [0; 8];
+        digest.copy_from_slice(&Sha256::digest(payload)[..8]);
+        self.payload = Some(digest);
         self
     }
 
@@ -218,6 +234,7 @@ impl ReservationBuilder {
             id: self.id.unwrap_or_else(HoldId::random),
             lease: self.lease,
             claims: self.claims,
+            payload: self.payload,
             fingerprint: std::sync::OnceLock::new(),
         })
     }
@@ -244,12 +261,16 @@ fn same_target(a: &Claim, b: &Claim) -> bool {
 /// other claims; 64 bits make an accidental match vanishingly unlikely.
 pub(crate) type Fingerprint = [u8; 8];
 
-fn fingerprint(claims: &[Claim]) -> Fingerprint {
+fn fingerprint(claims: &[Claim], payload: Option<&Fingerprint>) -> Fingerprint {
     let mut h = Sha256::new();
     let mut field = |bytes: &[u8]| {
         h.update((bytes.len() as u64).to_be_bytes());
         h.update(bytes);
     };
+    if let Some(payload) = payload {
+        field(b"payload");
+        field(payload);
+    }
     for claim in claims {
         match claim {
             Claim::Spend { budget, amount } => {

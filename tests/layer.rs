@@ -1114,6 +1114,17 @@ async fn idempotency_keys<St: Store>(store: St) {
     call(svc.clone(), req(&key, "ok", 55))
         .await
         .problem(422, "Unprocessable content");
+    // The same claims from another body are another request under a reused key.
+    let other_body = Request::post("/pay")
+        .header("idempotency-key", &key)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"amount":100,"note":"another order"}"#,
+        )))
+        .unwrap();
+    call(svc.clone(), other_body)
+        .await
+        .problem(422, "Unprocessable content");
     assert_eq!(ctl.calls(), 1);
     assert_budget(&store, &budget, 100, 0).await;
 

@@ -311,6 +311,24 @@ async fn reserve_is_idempotent_by_id<S: Store>(store: &S) {
         .unwrap();
     assert_eq!(kind(store.reserve(&other).await), ErrorKind::Conflict);
 
+    // Bound to a payload, the same id and claims with another payload are another command.
+    let paid = |payload: &[u8]| {
+        Reservation::builder()
+            .id(HoldId::new(format!("{id}-p")).unwrap())
+            .lease(LONG)
+            .claim(Claim::spend(budget.clone(), 1))
+            .payload(payload)
+            .build()
+            .unwrap()
+    };
+    assert!(!granted(store, &paid(b"order 1")).await.replayed);
+    assert!(granted(store, &paid(b"order 1")).await.replayed);
+    assert_eq!(
+        kind(store.reserve(&paid(b"order 2")).await),
+        ErrorKind::Conflict
+    );
+    store.release(&paid(b"order 1").id().clone()).await.unwrap();
+
     store.commit(&id).await.unwrap();
     assert_eq!(kind(store.reserve(&r).await), ErrorKind::Committed);
     assert_eq!(kind(store.reserve(&other).await), ErrorKind::Conflict);

@@ -133,22 +133,27 @@ where
         Ok(extracted) => extracted,
         Err(rejection) => return reject(rejection),
     };
-    let (parts, bytes) = request.into_parts();
-    let mut request = Request::from_parts(parts, B::from(bytes));
     if claims.is_empty() {
-        return Prepared::Pass(request);
+        let (parts, bytes) = request.into_parts();
+        return Prepared::Pass(Request::from_parts(parts, B::from(bytes)));
     }
 
     let mut builder = Reservation::builder().lease(options.lease);
     if let Some(name) = &options.idempotency_header
         && let Some(key) = request.headers().get(name)
     {
-        builder = builder.id(HoldId::derive([
-            request.method().as_str().as_bytes(),
-            request.uri().path().as_bytes(),
-            key.as_bytes(),
-        ]));
+        // The key names the hold; the body binds it, so that the key reused for another
+        // request is told apart from a retry (IETF Idempotency-Key: 422).
+        builder = builder
+            .id(HoldId::derive([
+                request.method().as_str().as_bytes(),
+                request.uri().path().as_bytes(),
+                key.as_bytes(),
+            ]))
+            .payload(request.body());
     }
+    let (parts, bytes) = request.into_parts();
+    let mut request = Request::from_parts(parts, B::from(bytes));
     let reservation = match builder.claims(claims).build() {
         Ok(reservation) => reservation,
         Err(err) => return reject(Rejection::invalid_claims(&err)),
