@@ -58,9 +58,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             post(|hold: axum::Extension<Hold>| async move {
                 (StatusCode::CREATED, format!("job accepted, {:?} seconds left today\n", hold.remaining()[0]))
             })
-            .layer(jobs),
+            .route_layer(jobs),
         )
-        .route("/usernames", post(|| async { (StatusCode::CREATED, "username taken for you\n") }).layer(usernames))
+        .route("/usernames", post(|| async { (StatusCode::CREATED, "username taken for you\n") }).route_layer(usernames))
         .route(
             "/tenants/{tenant}/quota",
             get(|State(store): State<MemoryStore>, Path(tenant): Path<String>| async move {

@@ -415,27 +415,27 @@ pub fn app<St: Store>(store: St, cfg: Config) -> Router {
             "/customers/{customer_id}/purchases",
             post(purchase::<St>)
                 .layer::<_, Infallible>(catch_panic)
-                .layer(purchase_layer),
+                .route_layer(purchase_layer),
         )
         .route("/customers/{customer_id}/budget", get(budget::<St>))
         .route(
             "/accounts",
             post(sign_up::<St>)
                 .layer::<_, Infallible>(catch_panic)
-                .layer(sign_up_layer),
+                .route_layer(sign_up_layer),
         )
         .route("/accounts/{account_id}", get(get_account::<St>))
         .route(
             "/accounts/{account_id}",
             delete(delete_account::<St>)
                 .layer::<_, Infallible>(catch_panic)
-                .layer(delete_layer),
+                .route_layer(delete_layer),
         )
         .route(
             "/accounts/{account_id}/email",
             put(change_email::<St>)
                 .layer::<_, Infallible>(catch_panic)
-                .layer(change_layer),
+                .route_layer(change_layer),
         )
         .fallback(fallback)
         .with_state(state)

@@ -27,6 +27,10 @@
 //!     .route_layer(spend);
 //! ```
 //!
+//! Apply it with `route_layer` (on a `Router`, or on one route's `post(h).route_layer(..)`): then
+//! only requests that matched a route are reserved, and another method on the same path still
+//! gets axum's `405`. (A plain `.layer(..)` also wraps the fallback.)
+//!
 //! # With a plain hyper service
 //!
 //! ```

@@ -471,6 +471,11 @@ async fn bad_input_is_a_problem_and_changes_nothing() {
     let who = customer("bad");
     let purchases = shop.url(&format!("/customers/{who}/purchases"));
 
+    // Another method on a reserved route is 405, not a reservation's rejection.
+    let r = client.get(&purchases).send().await.unwrap();
+    assert_eq!(r.headers()["allow"], "POST");
+    problem(r, StatusCode::METHOD_NOT_ALLOWED).await;
+
     let r = client
         .post(&purchases)
         .header("content-type", "application/json")
