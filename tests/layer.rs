@@ -1150,3 +1150,64 @@ async fn idempotency_keys<St: Store>(store: St) {
     assert_eq!(a.status, 409, "{:?}", a.body);
     assert_budget(&store, &budget, 201, 0).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 8. Tracing: each request in a span of its own, with its hold id; unique values digested
+
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn requests_are_traced_with_their_hold_and_no_raw_values() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let store = tower_reserve::MemoryStore::new();
+    let svc = ReserveLayer::new(store, |req: Request<Bytes>| async move {
+        let email: String = extract::json_pointer(&req, "/email")?;
+        Extracted::Ok((
+            req,
+            vec![Claim::own(Unique::email("accounts", &email), "acct-1")],
+        ))
+    })
+    .layer(tower::service_fn(|_req: Request<Full<Bytes>>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    }));
+    let req = Request::post("/accounts")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"email":"Secret.Person@Example.com"}"#,
+        )))
+        .unwrap();
+    let answer = svc.oneshot(req).await.unwrap();
+    assert_eq!(answer.status(), 200);
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("reserve{"), "a span per request: {logs}");
+    assert!(logs.contains(r#"path="/accounts""#), "{logs}");
+    assert!(logs.contains("reserved"), "{logs}");
+    assert!(logs.contains("settled"), "{logs}");
+    assert!(
+        !logs.to_lowercase().contains("secret.person"),
+        "the address never reaches the logs: {logs}"
+    );
+    let digest = Unique::email("accounts", "secret.person@example.com").digest_hex();
+    assert!(logs.contains(&digest), "its digest does: {logs}");
+}

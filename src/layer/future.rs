@@ -33,6 +33,9 @@ pin_project! {
         service: Option<S>,
         outcome: Option<Result<S::Response, S::Error>>,
         options: Arc<Options>,
+        // The request's span (`Span::none()` unless debug logging is on for this crate), entered
+        // at every poll, so that reserving, the handler and settling are logged inside it.
+        span: tracing::Span,
     }
 }
 
@@ -60,8 +63,14 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn new(prepare: BoxFuture<Prepared<B>>, service: S, options: Arc<Options>) -> Self {
+    pub(crate) fn new(
+        prepare: BoxFuture<Prepared<B>>,
+        service: S,
+        options: Arc<Options>,
+        span: tracing::Span,
+    ) -> Self {
         Self {
+            span,
             state: State::Preparing { prepare },
             service: Some(service),
             outcome: None,
@@ -86,6 +95,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let _entered = this.span.enter();
         loop {
             match this.state.as_mut().project() {
                 StateProj::Preparing { prepare } => {

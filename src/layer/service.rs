@@ -73,8 +73,18 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         let options = shared.options.clone();
+        let span = if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug_span!(
+                "reserve",
+                method = %request.method(),
+                path = request.uri().path(),
+                hold = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         let prepare = prepare(shared, request);
-        ResponseFuture::new(Box::pin(prepare), inner, options)
+        ResponseFuture::new(Box::pin(prepare), inner, options, span)
     }
 }
 
@@ -167,11 +177,10 @@ where
             "a request with this idempotency key is still being processed",
         )),
         Ok(Reserved::Granted(grant)) => {
+            tracing::Span::current().record("hold", grant.id.as_str());
             tracing::debug!(
                 hold = %grant.id,
-                method = %request.method(),
-                path = request.uri().path(),
-                claims = reservation.claims().len(),
+                claims = ?reservation.claims(),
                 elapsed_us = started.map(|t| t.elapsed().as_micros() as u64),
                 "reserved"
             );
@@ -193,8 +202,7 @@ where
             };
             tracing::debug!(
                 hold = %reservation.id(),
-                method = %request.method(),
-                path = request.uri().path(),
+                claims = ?reservation.claims(),
                 claim = denial.claim,
                 reason = ?denial.reason,
                 "denied"

@@ -238,8 +238,10 @@ impl Drop for Settle {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             if tokio::runtime::Handle::try_current().is_ok() {
+                use tracing::Instrument;
                 let (hold, commit, started) = (self.hold.clone(), self.commit, self.started);
-                tokio::spawn(async move { log(hold.id(), commit, started, &task.await) });
+                let finish = async move { log(hold.id(), commit, started, &task.await) };
+                tokio::spawn(finish.instrument(tracing::Span::current()));
             } else {
                 tracing::warn!(hold = %self.hold.id(), "no tokio runtime to settle on; the hold ends with its lease");
             }
