@@ -95,7 +95,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let _entered = this.span.enter();
+        let _entered = (!this.span.is_disabled()).then(|| this.span.enter());
         loop {
             match this.state.as_mut().project() {
                 StateProj::Preparing { prepare } => {
@@ -106,7 +106,10 @@ where
                             return Poll::Ready(Ok(response.map(ResponseBody::problem)));
                         }
                         Prepared::Pass(request) => (request, None),
-                        Prepared::Held(request, hold) => (request, Some(hold)),
+                        Prepared::Held(request, hold) => {
+                            this.span.record("hold", hold.id().as_str());
+                            (request, Some(hold))
+                        }
                     };
                     let mut service = this.service.take().expect("called once");
                     let future = service.call(request);
@@ -143,7 +146,7 @@ where
                         }
                         let commit =
                             matches!(&result, Ok(r) if (this.options.commit_if)(r.status()));
-                        let settle = Settle::new(&hold, commit);
+                        let settle = Settle::new(&hold, commit, !this.span.is_disabled());
                         if commit && this.options.commit_in_background {
                             settle.detach();
                             this.state.set(State::Done);
@@ -170,7 +173,7 @@ where
                     }
                     let hold = guard.disarm().expect("checked above");
                     tracing::warn!(hold = %hold.id(), "the handler outlived its lease; cancelling and releasing");
-                    let settle = Settle::new(&hold, false);
+                    let settle = Settle::new(&hold, false, !this.span.is_disabled());
                     *this.outcome = None;
                     // Setting the state drops the handler's future: it is cancelled here.
                     this.state.set(State::Settling { settle });

@@ -73,7 +73,8 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         let options = shared.options.clone();
-        let span = if tracing::enabled!(tracing::Level::DEBUG) {
+        // `level_enabled!` reads one atomic: with debug logging off, the request pays nothing more.
+        let span = if tracing::level_enabled!(tracing::Level::DEBUG) {
             tracing::debug_span!(
                 "reserve",
                 method = %request.method(),
@@ -83,7 +84,7 @@ where
         } else {
             tracing::Span::none()
         };
-        let prepare = prepare(shared, request);
+        let prepare = prepare(shared, request, !span.is_disabled());
         ResponseFuture::new(Box::pin(prepare), inner, options, span)
     }
 }
@@ -98,7 +99,12 @@ pub(crate) enum Prepared<B> {
     Held(Request<B>, Hold),
 }
 
-async fn prepare<St, E, B>(shared: Arc<Shared<St, E>>, request: Request<B>) -> Prepared<B>
+/// `timed`: whether the request is traced, so its timings are worth taking.
+async fn prepare<St, E, B>(
+    shared: Arc<Shared<St, E>>,
+    request: Request<B>,
+    timed: bool,
+) -> Prepared<B>
 where
     St: Store,
     E: ExtractClaims,
@@ -143,9 +149,12 @@ where
         Ok(extracted) => extracted,
         Err(rejection) => return reject(rejection),
     };
+    let (parts, bytes) = request.into_parts();
+    // With idempotency keys the body binds the hold (a cheap reference-counted copy).
+    let payload = options.idempotency_header.is_some().then(|| bytes.clone());
+    let mut request = Request::from_parts(parts, B::from(bytes));
     if claims.is_empty() {
-        let (parts, bytes) = request.into_parts();
-        return Prepared::Pass(Request::from_parts(parts, B::from(bytes)));
+        return Prepared::Pass(request);
     }
 
     let mut builder = Reservation::builder().lease(options.lease);
@@ -160,16 +169,14 @@ where
                 request.uri().path().as_bytes(),
                 key.as_bytes(),
             ]))
-            .payload(request.body());
+            .payload(payload.as_deref().unwrap_or_default());
     }
-    let (parts, bytes) = request.into_parts();
-    let mut request = Request::from_parts(parts, B::from(bytes));
     let reservation = match builder.claims(claims).build() {
         Ok(reservation) => reservation,
         Err(err) => return reject(Rejection::invalid_claims(&err)),
     };
 
-    let started = tracing::enabled!(tracing::Level::DEBUG).then(std::time::Instant::now);
+    let started = timed.then(std::time::Instant::now);
     match shared.store.reserve(&reservation).await {
         Ok(Reserved::Granted(grant)) if grant.replayed => reject(Rejection::new(
             http::StatusCode::CONFLICT,
@@ -177,7 +184,6 @@ where
             "a request with this idempotency key is still being processed",
         )),
         Ok(Reserved::Granted(grant)) => {
-            tracing::Span::current().record("hold", grant.id.as_str());
             tracing::debug!(
                 hold = %grant.id,
                 claims = ?reservation.claims(),

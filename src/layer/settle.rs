@@ -179,7 +179,8 @@ pub(crate) struct Settle {
 }
 
 impl Settle {
-    pub(crate) fn new(hold: &Hold, commit: bool) -> Self {
+    /// `timed`: whether the request is traced, so the settlement's timing is worth taking.
+    pub(crate) fn new(hold: &Hold, commit: bool, timed: bool) -> Self {
         let task = if commit {
             hold.commit_task()
         } else {
@@ -189,7 +190,7 @@ impl Settle {
             task: Some(task),
             hold: hold.clone(),
             commit,
-            started: tracing::enabled!(tracing::Level::DEBUG).then(std::time::Instant::now),
+            started: timed.then(std::time::Instant::now),
         }
     }
 
@@ -283,6 +284,6 @@ impl Drop for SettleGuard {
         }
         tracing::debug!(hold = %hold.id(), "request dropped before it settled; releasing");
         // Dropping an unfinished settlement hands it to a task of its own.
-        drop(Settle::new(&hold, false));
+        drop(Settle::new(&hold, false, false));
     }
 }
