@@ -1,12 +1,15 @@
 //! Request → claims: the strategy that works out what a request needs, and building blocks for it.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, header};
-use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
 
 use super::Rejection;
 use crate::Claim;
@@ -230,6 +233,51 @@ pub fn query<B>(request: &Request<B>, name: &str) -> Result<String, Rejection> {
 /// The body as JSON of type `T`: `415` when the request does not say it is JSON, `400` when
 /// the body is not JSON, `422` when it is JSON of the wrong shape.
 pub fn json<T: DeserializeOwned>(request: &Request<Bytes>) -> Result<T, Rejection> {
+    require_json(request)?;
+    serde_json::from_slice(request.body()).map_err(body_error)
+}
+
+/// The value at a JSON pointer (RFC 6901) in the body, as type `T`; errors as [`json`], and `422`
+/// when the pointer finds nothing or a value of another type.
+///
+/// Only the values on the pointer's path are looked into; nothing else of the body is built.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::Request;
+/// use tower_reserve::extract::json_pointer;
+///
+/// let req = Request::post("/")
+///     .header("content-type", "application/json")
+///     .body(Bytes::from_static(br#"{"order": {"lines": [{"cents": 250}]}}"#))
+///     .unwrap();
+/// let cents: u64 = json_pointer(&req, "/order/lines/0/cents").unwrap();
+/// assert_eq!(cents, 250);
+/// assert_eq!(json_pointer::<u64>(&req, "/order/total").unwrap_err().status(), 422);
+/// ```
+pub fn json_pointer<T: DeserializeOwned>(
+    request: &Request<Bytes>,
+    pointer: &str,
+) -> Result<T, Rejection> {
+    require_json(request)?;
+    let nothing = || Rejection::unprocessable(format!("the body has nothing at {pointer}"));
+    let mut value: &RawValue = serde_json::from_slice(request.body()).map_err(body_error)?;
+    if !pointer.is_empty() {
+        let tokens = pointer.strip_prefix('/').ok_or_else(nothing)?;
+        for token in tokens.split('/') {
+            let token = if token.contains('~') {
+                Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
+            } else {
+                Cow::Borrowed(token)
+            };
+            value = step(value, &token).ok_or_else(nothing)?;
+        }
+    }
+    serde_json::from_str(value.get())
+        .map_err(|e| Rejection::unprocessable(format!("the value at {pointer}: {e}")))
+}
+
+fn require_json<B>(request: &Request<B>) -> Result<(), Rejection> {
     let is_json = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -239,34 +287,146 @@ pub fn json<T: DeserializeOwned>(request: &Request<Bytes>) -> Result<T, Rejectio
             m.type_() == mime::APPLICATION
                 && (m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON))
         });
-    if !is_json {
-        return Err(Rejection::unsupported_media_type(
+    if is_json {
+        Ok(())
+    } else {
+        Err(Rejection::unsupported_media_type(
             "expected a body with content-type application/json",
-        ));
+        ))
     }
-    serde_json::from_slice(request.body()).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => Rejection::unprocessable(e.to_string()),
-        _ => Rejection::bad_request(format!("the body is not valid JSON: {e}")),
-    })
 }
 
-/// The value at a JSON pointer (RFC 6901) in the body, as type `T`; errors as [`json`], and `422`
-/// when the pointer finds nothing or a value of another type.
-pub fn json_pointer<T: DeserializeOwned>(
-    request: &Request<Bytes>,
-    pointer: &str,
-) -> Result<T, Rejection> {
-    let body: serde_json::Value = json(request)?;
-    let value = body
-        .pointer(pointer)
-        .ok_or_else(|| Rejection::unprocessable(format!("the body has nothing at {pointer}")))?;
-    T::deserialize(value)
-        .map_err(|e| Rejection::unprocessable(format!("the value at {pointer}: {e}")))
+fn body_error(e: serde_json::Error) -> Rejection {
+    match e.classify() {
+        serde_json::error::Category::Data => Rejection::unprocessable(e.to_string()),
+        _ => Rejection::bad_request(format!("the body is not valid JSON: {e}")),
+    }
+}
+
+/// One step of a JSON pointer: an object's member or an array's element.
+fn step<'a>(value: &'a RawValue, token: &str) -> Option<&'a RawValue> {
+    let text = value.get().trim_start();
+    match text.as_bytes().first()? {
+        b'{' => Member(token)
+            .deserialize(&mut serde_json::Deserializer::from_str(text))
+            .ok()?,
+        b'[' => {
+            // RFC 6901: "0", or digits without a leading zero.
+            if token.is_empty() || (token.len() > 1 && token.starts_with('0')) {
+                return None;
+            }
+            let index: usize = token.parse().ok()?;
+            let items: Vec<&RawValue> = serde_json::from_str(text).ok()?;
+            items.get(index).copied()
+        }
+        _ => None,
+    }
+}
+
+/// Finds one member of a JSON object, skipping the others without building them.
+struct Member<'t>(&'t str);
+
+impl<'de> DeserializeSeed<'de> for Member<'_> {
+    type Value = Option<&'de RawValue>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Member<'_> {
+    type Value = Option<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        // The last of duplicate members wins, as with `serde_json::Value`.
+        let mut found = None;
+        while let Some(Key(key)) = map.next_key()? {
+            if key == self.0 {
+                found = Some(map.next_value()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// An object key, borrowed from the body unless it has escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn body(json: &'static str) -> Request<Bytes> {
+        Request::post("/")
+            .header("content-type", "application/json")
+            .body(Bytes::from_static(json.as_bytes()))
+            .unwrap()
+    }
+
+    #[test]
+    fn json_pointers_find_what_serde_json_value_finds() {
+        let doc = r#" { "a": {"b": [10, {"c/d": 1, "e~f": 2}], "b": [30]}, "": 5, "q": "x\"y", "dup": 1, "dup": 2 } "#;
+        let value: serde_json::Value = serde_json::from_str(doc).unwrap();
+        let req = body(doc);
+        for pointer in [
+            "",
+            "/a",
+            "/a/b",
+            "/a/b/0",
+            "/a/b/1/c~1d",
+            "/a/b/1/e~0f",
+            "/",
+            "/q",
+            "/dup",
+            "/a/b/2",
+            "/a/b/01",
+            "/a/b/-",
+            "/a/x",
+            "a",
+            "/q/0",
+            "/a/b/1/c/d",
+        ] {
+            let ours = json_pointer::<serde_json::Value>(&req, pointer).ok();
+            assert_eq!(ours.as_ref(), value.pointer(pointer), "{pointer:?}");
+        }
+        let escaped = body(r#"{"k\u0065y": 7}"#);
+        assert_eq!(json_pointer::<u64>(&escaped, "/key").unwrap(), 7);
+        assert_eq!(
+            json_pointer::<u64>(&body("{"), "/a").unwrap_err().status(),
+            400
+        );
+        assert_eq!(
+            json_pointer::<u64>(&body(r#"{"a": "x"}"#), "/a")
+                .unwrap_err()
+                .status(),
+            422
+        );
+    }
 
     #[test]
     fn patterns_match_by_segment() {
