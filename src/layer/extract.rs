@@ -282,11 +282,7 @@ fn require_json<B>(request: &Request<B>) -> Result<(), Rejection> {
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<mime::Mime>().ok())
-        .is_some_and(|m| {
-            m.type_() == mime::APPLICATION
-                && (m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON))
-        });
+        .is_some_and(is_json_media_type);
     if is_json {
         Ok(())
     } else {
@@ -294,6 +290,19 @@ fn require_json<B>(request: &Request<B>) -> Result<(), Rejection> {
             "expected a body with content-type application/json",
         ))
     }
+}
+
+/// `application/json` or `application/<anything>+json`, parameters aside (RFC 6838, 6839). Only
+/// the essence matters here, so it is compared in place rather than parsed into a `Mime`.
+fn is_json_media_type(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    let subtype = subtype.as_bytes();
+    kind.eq_ignore_ascii_case("application")
+        && (subtype.eq_ignore_ascii_case(b"json")
+            || (subtype.len() > 5 && subtype[subtype.len() - 5..].eq_ignore_ascii_case(b"+json")))
 }
 
 fn body_error(e: serde_json::Error) -> Rejection {
@@ -426,6 +435,28 @@ mod tests {
                 .status(),
             422
         );
+    }
+
+    #[test]
+    fn json_media_types() {
+        for yes in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            " application/problem+json ",
+            "application/vnd.api+json;v=1",
+        ] {
+            assert!(is_json_media_type(yes), "{yes}");
+        }
+        for no in [
+            "text/json",
+            "application/jsonx",
+            "application/+jsonp",
+            "json",
+            "",
+            "application/",
+        ] {
+            assert!(!is_json_media_type(no), "{no}");
+        }
     }
 
     #[test]
