@@ -215,9 +215,7 @@ impl ReservationBuilder {
                 "a reservation may hold at most {MAX_CLAIMS} claims"
             )));
         }
-        if self.lease < Duration::from_millis(1) || self.lease > MAX_LEASE {
-            return Err(Error::invalid("a lease must be 1 ms to 1 day"));
-        }
+        check_lease(self.lease)?;
         for (i, claim) in self.claims.iter().enumerate() {
             claim
                 .validate()
@@ -238,6 +236,14 @@ impl ReservationBuilder {
             fingerprint: std::sync::OnceLock::new(),
         })
     }
+}
+
+/// A lease must be 1 ms to [`MAX_LEASE`], on reserve and on extend alike.
+pub(crate) fn check_lease(lease: Duration) -> Result<(), Error> {
+    if lease < Duration::from_millis(1) || lease > MAX_LEASE {
+        return Err(Error::invalid("a lease must be 1 ms to 1 day"));
+    }
+    Ok(())
 }
 
 /// The most claims one reservation may carry, so that one script call stays short.

@@ -5,9 +5,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{
-    DEFAULT_RETAIN, HOLD_BUCKET_MS, MAX_EXPIRED_PER_CALL, Store, check_lease, check_set_spent,
-};
+use super::{DEFAULT_RETAIN, HOLD_BUCKET_MS, MAX_EXPIRED_PER_CALL, Store, check_set_spent};
 use crate::reservation::{Denial, DenialReason, Fingerprint, Grant};
 use crate::{
     Budget, BudgetStatus, Claim, Error, ErrorKind, HoldId, Reservation, Reserved, Settled, Unique,
@@ -528,7 +526,7 @@ impl MemoryStore {
     }
 
     fn extend_sync(&self, id: &HoldId, lease: Duration) -> Result<u64, Error> {
-        check_lease(lease)?;
+        crate::reservation::check_lease(lease)?;
         let (mut state, now) = self.lock();
         let Some(record) = state.records.get_mut(id) else {
             return Err(Error::refused(ErrorKind::UnknownHold, id));

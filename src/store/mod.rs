@@ -90,10 +90,3 @@ pub(crate) fn check_set_spent(budget: &Budget, spent: u64) -> Result<(), Error> 
     }
     Ok(())
 }
-
-pub(crate) fn check_lease(lease: Duration) -> Result<(), Error> {
-    if lease < Duration::from_millis(1) || lease > crate::MAX_LEASE {
-        return Err(Error::invalid("a lease must be 1 ms to 1 day"));
-    }
-    Ok(())
-}

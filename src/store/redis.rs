@@ -8,7 +8,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
 use redis::{Cmd, FromRedisValue, Script, ScriptInvocation, Value};
 
-use super::{DEFAULT_RETAIN, MAX_EXPIRED_PER_CALL, Store, check_lease, check_set_spent};
+use super::{DEFAULT_RETAIN, MAX_EXPIRED_PER_CALL, Store, check_set_spent};
 use crate::reservation::{Denial, DenialReason, Grant};
 use crate::{
     Budget, BudgetStatus, Claim, Error, ErrorKind, HoldId, Reservation, Reserved, Settled, Unique,
@@ -719,7 +719,7 @@ impl Store for RedisStore {
     }
 
     async fn extend(&self, id: &HoldId, lease: Duration) -> Result<u64, Error> {
-        check_lease(lease)?;
+        crate::reservation::check_lease(lease)?;
         if let Conn::Node(_) = self.conn {
             return self.extend_record(self.record_key(id), id, lease).await;
         }
