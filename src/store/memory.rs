@@ -183,7 +183,8 @@ enum Resolved {
         key: BudgetKey,
         amount: u64,
         limit: u64,
-        windowed: bool,
+        /// When the budget's window ends; `None` for a lifetime budget.
+        window_ends: Option<u64>,
     },
     Own {
         key: String,
@@ -391,7 +392,7 @@ impl MemoryStore {
                         key,
                         amount: *amount,
                         limit: budget.limit(),
-                        windowed: slot.ends_at_ms.is_some(),
+                        window_ends: slot.ends_at_ms,
                     });
                 }
                 Claim::Own { value, owner } => {
@@ -427,22 +428,21 @@ impl MemoryStore {
         }
 
         let expires_at = now + reservation.lease().as_millis() as u64;
-        for (claim, spec) in resolved.iter().zip(reservation.claims()) {
+        for claim in &resolved {
             match claim {
                 Resolved::Spend {
                     key,
                     amount,
-                    windowed,
+                    window_ends,
                     ..
                 } => {
-                    let cell = state.budgets.entry(key.clone()).or_default();
-                    cell.hold_in(expires_at, *amount);
-                    if *windowed {
-                        let Claim::Spend { budget, .. } = spec else {
-                            unreachable!("resolved in order")
-                        };
-                        let ends = budget.window().slot(now).ends_at_ms.unwrap_or(0);
-                        state.keep_budget_until(key, ends.max(expires_at) + WINDOW_GRACE_MS);
+                    state
+                        .budgets
+                        .entry(key.clone())
+                        .or_default()
+                        .hold_in(expires_at, *amount);
+                    if let Some(ends) = window_ends {
+                        state.keep_budget_until(key, (*ends).max(expires_at) + WINDOW_GRACE_MS);
                     }
                 }
                 Resolved::Own {
@@ -553,14 +553,14 @@ impl MemoryStore {
                 Resolved::Spend {
                     key,
                     amount,
-                    windowed,
+                    window_ends,
                     ..
                 } => {
                     if let Some(cell) = state.budgets.get_mut(key) {
                         cell.take_out(old, *amount, now);
                         cell.hold_in(new, *amount);
                     }
-                    if *windowed {
+                    if window_ends.is_some() {
                         state.keep_budget_until(key, new + WINDOW_GRACE_MS);
                     }
                 }
