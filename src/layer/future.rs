@@ -235,6 +235,10 @@ impl<B> ResponseBody<B> {
     pub(crate) fn inner(body: B) -> Self {
         ResponseBody::Inner { body }
     }
+
+    pub(crate) fn problem(body: Full<Bytes>) -> Self {
+        ResponseBody::Problem { body }
+    }
 }
 
 impl<B> Body for ResponseBody<B>

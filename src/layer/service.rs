@@ -237,9 +237,3 @@ where
         )),
     }
 }
-
-impl<B> ResponseBody<B> {
-    pub(crate) fn problem(body: Full<Bytes>) -> Self {
-        ResponseBody::Problem { body }
-    }
-}

@@ -338,18 +338,15 @@ impl RedisStore {
                         .arg(budget.limit())
                         .arg(budget.window().spec().as_ref());
                 }
-                Claim::Own { value, owner } => {
+                claim @ (Claim::Own { value, owner } | Claim::ReleaseOnCommit { value, owner }) => {
+                    let kind = if matches!(claim, Claim::Own { .. }) {
+                        "u"
+                    } else {
+                        "r"
+                    };
                     invocation
                         .key(self.unique_key(value))
-                        .arg("u")
-                        .arg(owner.as_str())
-                        .arg("")
-                        .arg("");
-                }
-                Claim::ReleaseOnCommit { value, owner } => {
-                    invocation
-                        .key(self.unique_key(value))
-                        .arg("r")
+                        .arg(kind)
                         .arg(owner.as_str())
                         .arg("")
                         .arg("");
