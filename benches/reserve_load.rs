@@ -427,6 +427,45 @@ async fn command_counts(conn: &mut MultiplexedConnection) -> Vec<(String, u64)> 
         .collect()
 }
 
+/// How a counted request goes.
+#[derive(Clone, Copy)]
+enum Path {
+    Commit,
+    Release,
+    Denied,
+}
+
+/// `INFO commandstats` over `n` requests of one path, each spending `AMOUNT` on `key`.
+async fn count_commands(
+    store: &RedisStore,
+    admin: &mut MultiplexedConnection,
+    key: &str,
+    limit: u64,
+    path: Path,
+    n: u64,
+) -> Vec<(String, u64)> {
+    reset_stats(admin).await;
+    for _ in 0..n {
+        let r = Reservation::builder()
+            .claim(Claim::spend(Budget::new(key, limit), AMOUNT))
+            .build()
+            .unwrap();
+        let answer = store.reserve(&r).await;
+        match path {
+            Path::Denied => assert!(matches!(answer, Ok(Reserved::Denied(_)))),
+            Path::Commit | Path::Release => {
+                assert!(matches!(answer, Ok(Reserved::Granted(_))));
+                if matches!(path, Path::Commit) {
+                    store.commit(r.id()).await.unwrap();
+                } else {
+                    store.release(r.id()).await.unwrap();
+                }
+            }
+        }
+    }
+    command_counts(admin).await
+}
+
 async fn reset_stats(conn: &mut MultiplexedConnection) {
     let () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
@@ -592,35 +631,10 @@ async fn run_all() {
         .release(&tower_reserve::HoldId::random())
         .await
         .unwrap();
-    reset_stats(&mut admin).await;
-    for _ in 0..n {
-        let r = Reservation::builder()
-            .claim(Claim::spend(Budget::new("cmd-ok", MAX_AMOUNT), AMOUNT))
-            .build()
-            .unwrap();
-        assert!(matches!(store.reserve(&r).await, Ok(Reserved::Granted(_))));
-        store.commit(r.id()).await.unwrap();
-    }
-    let granted = command_counts(&mut admin).await;
-    reset_stats(&mut admin).await;
-    for _ in 0..n {
-        let r = Reservation::builder()
-            .claim(Claim::spend(Budget::new("cmd-ok2", MAX_AMOUNT), AMOUNT))
-            .build()
-            .unwrap();
-        assert!(matches!(store.reserve(&r).await, Ok(Reserved::Granted(_))));
-        store.release(r.id()).await.unwrap();
-    }
-    let released = command_counts(&mut admin).await;
-    reset_stats(&mut admin).await;
-    for _ in 0..n {
-        let r = Reservation::builder()
-            .claim(Claim::spend(Budget::new("cmd-full", 50), AMOUNT))
-            .build()
-            .unwrap();
-        assert!(matches!(store.reserve(&r).await, Ok(Reserved::Denied(_))));
-    }
-    let denied = command_counts(&mut admin).await;
+    let granted = count_commands(&store, &mut admin, "cmd-ok", MAX_AMOUNT, Path::Commit, n).await;
+    let released =
+        count_commands(&store, &mut admin, "cmd-ok2", MAX_AMOUNT, Path::Release, n).await;
+    let denied = count_commands(&store, &mut admin, "cmd-full", 50, Path::Denied, n).await;
     let _ = writeln!(
         md,
         "\n### Redis commands per request (`INFO commandstats`, {n} requests each)\n"
