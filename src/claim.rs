@@ -84,8 +84,22 @@ impl Budget {
     }
 }
 
+/// The longest [`Window::Every`]: 100 years of 365.25 days. Window arithmetic stays exact in
+/// milliseconds, in Rust and in Lua's doubles alike.
+pub const MAX_WINDOW: Duration = Duration::from_secs(100 * 31_557_600);
+
 /// The period a [`Budget`]'s limit applies to, in UTC by the store's clock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// Windows compare by the period they name: `Window::Day` and `Window::Every(86 400 s)` are
+/// one window, counted in one stored budget.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_reserve::Window;
+///
+/// assert_eq!(Window::Day, Window::Every(Duration::from_secs(86_400)));
+/// ```
+#[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub enum Window {
     /// For all time.
@@ -98,6 +112,20 @@ pub enum Window {
     Month,
 }
 
+impl PartialEq for Window {
+    fn eq(&self, other: &Self) -> bool {
+        self.period() == other.period()
+    }
+}
+
+impl Eq for Window {}
+
+impl std::hash::Hash for Window {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.period().hash(state);
+    }
+}
+
 /// Where a point in time falls in a [`Window`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct WindowSlot {
@@ -107,13 +135,30 @@ pub(crate) struct WindowSlot {
     pub(crate) ends_at_ms: Option<u64>,
 }
 
+/// A window in its one canonical spelling: what the stores key budgets by.
+#[derive(PartialEq, Eq, Hash)]
+enum Period {
+    Lifetime,
+    Seconds(Duration),
+    Month,
+}
+
 impl Window {
+    fn period(&self) -> Period {
+        match *self {
+            Window::Lifetime => Period::Lifetime,
+            Window::Day => Period::Seconds(Duration::from_secs(86_400)),
+            Window::Every(d) => Period::Seconds(d),
+            Window::Month => Period::Month,
+        }
+    }
+
     fn validate(&self) -> Result<(), Error> {
         if let Window::Every(d) = self
-            && (d.subsec_nanos() != 0 || d.as_secs() == 0)
+            && (d.subsec_nanos() != 0 || d.is_zero() || *d > MAX_WINDOW)
         {
             return Err(Error::invalid(
-                "a budget window must be a whole number of seconds",
+                "a budget window must be a whole number of seconds, 1 s to 100 years",
             ));
         }
         Ok(())

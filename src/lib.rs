@@ -149,11 +149,13 @@ mod layer;
 mod reservation;
 pub mod store;
 
-pub use claim::{Budget, Claim, MAX_AMOUNT, MAX_KEY_LEN, Unique, Window, normalize_email};
+pub use claim::{
+    Budget, Claim, MAX_AMOUNT, MAX_KEY_LEN, MAX_WINDOW, Unique, Window, normalize_email,
+};
 pub use error::{Error, ErrorKind};
 pub use layer::{
-    DEFAULT_BODY_LIMIT, ExtractClaims, Extracted, Hold, PROBLEM_TYPES, Rejection, RejectionKind,
-    Reserve, ReserveLayer, ResponseBody, ResponseFuture, Routes, Validate, extract,
+    DEFAULT_BODY_LIMIT, Disconnect, ExtractClaims, Extracted, Hold, PROBLEM_TYPES, Rejection,
+    RejectionKind, Reserve, ReserveLayer, ResponseBody, ResponseFuture, Routes, Validate, extract,
 };
 pub use reservation::{
     BudgetStatus, Denial, DenialReason, Grant, HoldId, MAX_CLAIMS, MAX_LEASE, Reservation,

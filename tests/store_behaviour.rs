@@ -70,7 +70,39 @@ store_suite!(
     the_largest_amounts_are_exact,
     claims_on_many_keys_are_all_or_nothing,
     holds_ending_together_settle_one_by_one,
+    one_window_spelled_two_ways_is_one_budget,
 );
+
+async fn one_window_spelled_two_ways_is_one_budget<S: Store>(store: &S) {
+    // `Window::Day` and `Window::Every(86 400 s)` name one period: one stored budget. Two claims
+    // on it in one reservation must be refused like any two claims on one budget, never held side
+    // by side past the limit.
+    let key = fresh("customer");
+    let day = Budget::new(key.clone(), 100).per(Window::Day);
+    let every_day = Budget::new(key.clone(), 100).per(Window::Every(Duration::from_secs(86_400)));
+    assert_eq!(day, every_day);
+    let both = Reservation::builder()
+        .lease(LONG)
+        .claim(Claim::spend(day.clone(), 60))
+        .claim(Claim::spend(every_day.clone(), 60))
+        .build();
+    assert_eq!(kind(both), ErrorKind::InvalidInput);
+    // Apart, they share one counter.
+    granted(store, &spend(&day, 60, LONG)).await;
+    let d = denied(store, &spend(&every_day, 60, LONG)).await;
+    assert_eq!(
+        d.reason,
+        DenialReason::OverBudget {
+            requested: 60,
+            remaining: 40
+        }
+    );
+    assert_eq!(status(store, &every_day).await.held, 60);
+    // A window too long to count in milliseconds is refused, not wrapped.
+    let huge = Budget::new(key, 100).per(Window::Every(Duration::from_secs(u64::MAX / 10)));
+    let r = Reservation::builder().claim(Claim::spend(huge, 1)).build();
+    assert_eq!(kind(r), ErrorKind::InvalidInput);
+}
 
 async fn holds_ending_together_settle_one_by_one<S: Store>(store: &S) {
     // Holds whose leases end close together are counted together (per 100 ms of lease ends):
