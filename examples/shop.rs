@@ -33,7 +33,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_reserve::{
-    Budget, Claim, Extracted, Hold, MemoryStore, RedisStore, Rejection, RejectionKind,
+    Budget, Claim, Disconnect, Extracted, Hold, MemoryStore, RedisStore, Rejection, RejectionKind,
     ReserveLayer, Store, Unique, extract, normalize_email,
 };
 
@@ -328,6 +328,8 @@ pub fn app<St: Store>(store: St, cfg: Config) -> Router {
             }
         })
         .lease(cfg.lease)
+        // The contract: a request whose client went away leaves nothing behind.
+        .on_disconnect(Disconnect::Release)
         .error_handler(render_rejection)
     };
 
@@ -347,6 +349,7 @@ pub fn app<St: Store>(store: St, cfg: Config) -> Router {
         Extracted::Ok((req, vec![claim]))
     })
     .lease(cfg.lease)
+    .on_disconnect(Disconnect::Release)
     .error_handler(render_rejection);
 
     let change_layer = {
@@ -379,6 +382,8 @@ pub fn app<St: Store>(store: St, cfg: Config) -> Router {
             }
         })
         .lease(cfg.lease)
+        // The contract: a request whose client went away leaves nothing behind.
+        .on_disconnect(Disconnect::Release)
         .error_handler(render_rejection)
     };
 
@@ -399,6 +404,8 @@ pub fn app<St: Store>(store: St, cfg: Config) -> Router {
             }
         })
         .lease(cfg.lease)
+        // The contract: a request whose client went away leaves nothing behind.
+        .on_disconnect(Disconnect::Release)
         .error_handler(render_rejection)
     };
 

@@ -17,8 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_reserve::{
-    Budget, Claim, ExtractClaims, Extracted, Hold, HoldId, Rejection, RejectionKind, ReserveLayer,
-    Routes, Store, Unique, extract,
+    Budget, Claim, Disconnect, ExtractClaims, Extracted, Hold, HoldId, Rejection, RejectionKind,
+    ReserveLayer, Routes, Store, Unique, extract,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -56,13 +56,18 @@ layer_suite!(
     caught_panic_releases,
     uncaught_panic_releases,
     dropped_future_releases,
+    dropped_future_finishes_the_handler,
     outer_timeout_releases,
+    panic_inside_call_releases,
+    dropped_while_reserving_releases_on_grant,
+    lease_timer_leaves_a_deferred_hold_alone,
     lease_bounds_the_handler,
     extend_keeps_a_long_handler_alive,
     deferred_hold_is_committed_later,
     settling_by_the_handler_itself,
     commit_in_background_answers_first,
     client_disconnect_releases,
+    client_disconnect_finishes_the_handler,
     concurrent_requests_never_overspend,
     body_limit_is_enforced,
     over_budget_is_a_403_problem,
@@ -147,6 +152,14 @@ async fn handle(ctl: Ctl, req: Request<Full<Bytes>>) -> Result<Response<Full<Byt
         "release-self" => {
             hold.expect("a hold").release().await?;
             reply(200, held, "released myself")
+        }
+        "defer-late" => {
+            // Takes settlement over, then runs past the layer's time for a handler (the lease
+            // less its margin) but not past the lease, and commits the hold itself.
+            let hold = hold.expect("a hold").defer();
+            tokio::time::sleep(Duration::from_millis(950)).await;
+            hold.commit().await?;
+            reply(202, held, "committed late")
         }
         "commit-self" => {
             hold.expect("a hold").commit().await?;
@@ -371,8 +384,9 @@ async fn uncaught_panic_releases<St: Store>(store: St) {
 async fn dropped_future_releases<St: Store>(store: St) {
     let budget = new_budget(LIMIT);
     let ctl = Ctl::default();
-    let svc =
-        ReserveLayer::new(store.clone(), spend_claims(budget.clone())).layer(handler(ctl.clone()));
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .on_disconnect(Disconnect::Release)
+        .layer(handler(ctl.clone()));
     let mut future = Box::pin(svc.oneshot(request("hang", 300)));
     tokio::select! {
         _ = &mut future => panic!("the handler hangs"),
@@ -383,15 +397,63 @@ async fn dropped_future_releases<St: Store>(store: St) {
     settles_to(&store, &budget, 0).await;
 }
 
+async fn dropped_future_finishes_the_handler<St: Store>(store: St) {
+    // The default: a handler whose request went away runs to its end, and its own outcome
+    // settles the hold. A success commits...
+    let budget = new_budget(LIMIT);
+    let ctl = Ctl::default();
+    let svc =
+        ReserveLayer::new(store.clone(), spend_claims(budget.clone())).layer(handler(ctl.clone()));
+    let mut future = Box::pin(svc.clone().oneshot(request("wait", 300)));
+    tokio::select! {
+        _ = &mut future => panic!("the handler waits"),
+        _ = ctl.started.notified() => {}
+    }
+    drop(future);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_budget(&store, &budget, 0, 300).await;
+    ctl.go.notify_one();
+    settles_to(&store, &budget, 300).await;
+    assert_eq!(ctl.calls(), 1);
+
+    // ...a panic releases...
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .lease(Duration::from_secs(60))
+        .layer(tower::service_fn(
+            move |req: Request<Full<Bytes>>| async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if req.headers().contains_key("x-amount") {
+                    panic!("the handler panicked after its client left (on purpose)");
+                }
+                reply(200, true, "unreachable")
+            },
+        ));
+    let future = tokio::time::timeout(Duration::from_millis(20), svc.oneshot(request("ok", 40)));
+    assert!(future.await.is_err(), "gone before the handler answers");
+    assert_budget(&store, &budget, 0, 40).await;
+    settles_to(&store, &budget, 0).await;
+
+    // ...and the lease still bounds it.
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .lease(Duration::from_millis(300))
+        .layer(handler(Ctl::default()));
+    let future = tokio::time::timeout(Duration::from_millis(50), svc.oneshot(request("hang", 70)));
+    assert!(future.await.is_err());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_budget(&store, &budget, 0, 0).await;
+}
+
 async fn outer_timeout_releases<St: Store>(store: St) {
     let budget = new_budget(LIMIT);
     let ctl = Ctl::default();
     let svc = ServiceBuilder::new()
         .timeout(Duration::from_millis(300))
-        .layer(ReserveLayer::new(
-            store.clone(),
-            spend_claims(budget.clone()),
-        ))
+        .layer(
+            ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+                .on_disconnect(Disconnect::Release),
+        )
         .service(handler(ctl.clone()));
     let started = Instant::now();
     let err = svc
@@ -403,8 +465,9 @@ async fn outer_timeout_releases<St: Store>(store: St) {
     settles_to(&store, &budget, 0).await;
 
     // And tokio's timeout around a call.
-    let svc =
-        ReserveLayer::new(store.clone(), spend_claims(budget.clone())).layer(handler(ctl.clone()));
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .on_disconnect(Disconnect::Release)
+        .layer(handler(ctl.clone()));
     let r = tokio::time::timeout(
         Duration::from_millis(300),
         svc.oneshot(request("hang", 200)),
@@ -412,6 +475,110 @@ async fn outer_timeout_releases<St: Store>(store: St) {
     .await;
     assert!(r.is_err());
     settles_to(&store, &budget, 0).await;
+}
+
+/// An inner service whose `call` itself panics, before it returns a future.
+#[derive(Clone)]
+struct PanicsInCall;
+
+impl Service<Request<Full<Bytes>>> for PanicsInCall {
+    type Response = Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Self::Response, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+        panic!("the inner service's call panicked (on purpose)")
+    }
+}
+
+async fn panic_inside_call_releases<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .lease(Duration::from_secs(60))
+        .layer(PanicsInCall);
+    let join = tokio::spawn(svc.oneshot(request("ok", 300)))
+        .await
+        .expect_err("the call panicked");
+    assert!(join.is_panic());
+    // Released at once, not after the 60 s lease.
+    settles_to(&store, &budget, 0).await;
+}
+
+/// A store whose reserve is applied at once but answered only after a delay, as over a slow
+/// network.
+#[derive(Clone)]
+struct SlowReserve<St>(St, Duration);
+
+impl<St: Store> Store for SlowReserve<St> {
+    async fn reserve(
+        &self,
+        r: &tower_reserve::Reservation,
+    ) -> Result<tower_reserve::Reserved, tower_reserve::Error> {
+        let answer = self.0.reserve(r).await;
+        tokio::time::sleep(self.1).await;
+        answer
+    }
+    async fn commit(&self, id: &HoldId) -> Result<tower_reserve::Settled, tower_reserve::Error> {
+        self.0.commit(id).await
+    }
+    async fn release(&self, id: &HoldId) -> Result<tower_reserve::Settled, tower_reserve::Error> {
+        self.0.release(id).await
+    }
+    async fn extend(&self, id: &HoldId, lease: Duration) -> Result<u64, tower_reserve::Error> {
+        self.0.extend(id, lease).await
+    }
+    async fn budget(
+        &self,
+        b: &Budget,
+    ) -> Result<tower_reserve::BudgetStatus, tower_reserve::Error> {
+        self.0.budget(b).await
+    }
+    async fn set_spent(&self, b: &Budget, spent: u64) -> Result<(), tower_reserve::Error> {
+        self.0.set_spent(b, spent).await
+    }
+    async fn owner(&self, v: &Unique) -> Result<Option<String>, tower_reserve::Error> {
+        self.0.owner(v).await
+    }
+    async fn remove(&self, v: &Unique) -> Result<bool, tower_reserve::Error> {
+        self.0.remove(v).await
+    }
+}
+
+async fn dropped_while_reserving_releases_on_grant<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let ctl = Ctl::default();
+    let slow = SlowReserve(store.clone(), Duration::from_millis(200));
+    let svc = ReserveLayer::new(slow, spend_claims(budget.clone()))
+        .lease(Duration::from_secs(60))
+        .layer(handler(ctl.clone()));
+    let gone = tokio::time::timeout(Duration::from_millis(50), svc.oneshot(request("ok", 300)));
+    assert!(
+        gone.await.is_err(),
+        "dropped while the reserve is in flight"
+    );
+    // The reserve has landed; its grant is released as soon as it arrives, not after 60 s.
+    assert_budget(&store, &budget, 0, 300).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_budget(&store, &budget, 0, 0).await;
+    assert_eq!(ctl.calls(), 0, "the handler never ran");
+}
+
+async fn lease_timer_leaves_a_deferred_hold_alone<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .lease(Duration::from_millis(1_000))
+        .layer(handler(Ctl::default()));
+    let a = call(svc, request("defer-late", 300)).await;
+    assert_eq!(a.status, 202, "{:?}", a.body);
+    assert_eq!(a.body, "committed late");
+    assert_budget(&store, &budget, 300, 0).await;
 }
 
 async fn lease_bounds_the_handler<St: Store>(store: St) {
@@ -496,6 +663,15 @@ async fn commit_in_background_answers_first<St: Store>(store: St) {
 // 2. A client that goes away
 
 async fn client_disconnect_releases<St: Store>(store: St) {
+    client_disconnect(store, Disconnect::Release).await;
+}
+
+async fn client_disconnect_finishes_the_handler<St: Store>(store: St) {
+    client_disconnect(store, Disconnect::Finish).await;
+}
+
+/// A client over real TCP starts a purchase and hangs up while the handler runs.
+async fn client_disconnect<St: Store>(store: St, mode: Disconnect) {
     let budget = new_budget(LIMIT);
     let started = Arc::new(Notify::new());
     let entered = started.clone();
@@ -507,15 +683,14 @@ async fn client_disconnect_releases<St: Store>(store: St) {
                 async move {
                     let _ = hold;
                     entered.notify_one();
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                     "done"
                 }
             }),
         )
-        .route_layer(ReserveLayer::new(
-            store.clone(),
-            spend_claims(budget.clone()),
-        ));
+        .route_layer(
+            ReserveLayer::new(store.clone(), spend_claims(budget.clone())).on_disconnect(mode),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -532,7 +707,12 @@ async fn client_disconnect_releases<St: Store>(store: St) {
         .expect("the handler runs");
     assert_budget(&store, &budget, 0, 123).await;
     drop(stream);
-    settles_to(&store, &budget, 0).await;
+    match mode {
+        // Cancelled where it stood: nothing spent.
+        Disconnect::Release => settles_to(&store, &budget, 0).await,
+        // Finished: the handler's success commits, as if the client had stayed.
+        _ => settles_to(&store, &budget, 123).await,
+    }
 
     // The server still answers.
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -15,7 +15,7 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::Rejection;
-use super::layer::Options;
+use super::layer::{Disconnect, Options};
 use super::service::Prepared;
 use super::settle::{Hold, Settle, SettleGuard};
 
@@ -44,14 +44,12 @@ pin_project! {
     enum State<F, B> {
         // Body read, checks, claims, reserve.
         Preparing { prepare: BoxFuture<Prepared<B>> },
-        // The handler runs; the guard releases the hold if this future is dropped.
+        // The handler runs; if this future is dropped first, `Running` releases the hold or
+        // finishes the handler in a task of its own.
         Calling {
-            #[pin]
-            future: F,
-            guard: SettleGuard,
+            running: Running<F>,
             #[pin]
             deadline: Option<Sleep>,
-            deadline_base: Option<(Instant, u64)>,
         },
         // Commit or release; if this future is dropped first, it finishes in a task of its own.
         Settling { settle: Settle },
@@ -79,17 +77,113 @@ where
     }
 }
 
-/// When the handler's time is up: the lease less the margin, moved along when the lease is
-/// extended (by how much the store moved the lease's end).
-fn deadline(base: (Instant, u64), options: &Options, hold: &Hold) -> Instant {
-    let (started, first_end_ms) = base;
+/// The handler's future and the hold it runs under.
+///
+/// Dropped before the handler answered (the client went away, an outer timeout), it acts as
+/// [`Disconnect`] says: it releases the hold, or it hands the handler to a task of its own whose
+/// outcome then settles the hold as it would have in place. A deferred hold is left alone.
+pub(crate) struct Running<F> {
+    /// Taken out only when the handler is handed to a task of its own, on drop.
+    future: Option<Pin<Box<F>>>,
+    guard: SettleGuard,
+    /// When the handler started and the lease end it started with: its time runs out at the
+    /// lease less the margin, moved along when the lease is extended.
+    started: Option<(Instant, u64)>,
+    options: Arc<Options>,
+    /// Finishes the handler in a task of its own; set where the handler's types allow it.
+    detach: Detach<F>,
+}
+
+/// Hands a handler, its hold and when it started to a task of its own ([`finish_detached`]).
+type Detach<F> = fn(Pin<Box<F>>, Hold, Arc<Options>, (Instant, u64));
+
+impl<F> Running<F> {
+    /// When the handler's time is up, if it runs under a hold.
+    fn deadline(&self) -> Option<Instant> {
+        let (started, first_end_ms) = self.started?;
+        let hold = self.guard.hold()?;
+        Some(deadline(started, first_end_ms, &self.options, hold))
+    }
+}
+
+/// The lease less the margin, moved along by as much as the store moved the lease's end.
+fn deadline(started: Instant, first_end_ms: u64, options: &Options, hold: &Hold) -> Instant {
     let moved = hold.expires_at_ms().saturating_sub(first_end_ms);
     started + options.handler_time() + Duration::from_millis(moved)
+}
+
+impl<F> Drop for Running<F> {
+    fn drop(&mut self) {
+        let (Some(hold), Some(started)) = (self.guard.hold(), self.started) else {
+            return;
+        };
+        if hold.is_deferred() || self.options.on_disconnect == Disconnect::Release {
+            // The guard releases (unless deferred) when it drops with this.
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            tracing::warn!(hold = %hold.id(), "no tokio runtime to finish the handler on; releasing");
+            return;
+        }
+        let (Some(future), Some(hold)) = (self.future.take(), self.guard.disarm()) else {
+            return;
+        };
+        tracing::debug!(hold = %hold.id(), "request dropped while its handler runs; finishing the handler");
+        (self.detach)(future, hold, self.options.clone(), started);
+    }
+}
+
+/// Runs a handler whose request went away to its end in a task of its own, under its lease,
+/// then settles the hold by its outcome, as the response future would have in place.
+fn finish_detached<F, ResBody, E>(
+    future: Pin<Box<F>>,
+    hold: Hold,
+    options: Arc<Options>,
+    (started, first_end_ms): (Instant, u64),
+) where
+    F: Future<Output = Result<Response<ResBody>, E>> + Send + 'static,
+{
+    use tracing::Instrument;
+    let task = async move {
+        // Released if the handler panics in this task.
+        let mut guard = SettleGuard::new(hold.clone());
+        // The handler's outcome is turned into the decision as soon as it is there: the
+        // response (whose body type need not be `Send`) never waits across an await.
+        let commit_if = options.commit_if.clone();
+        let mut decision = Box::pin(async move {
+            let outcome = future.await;
+            matches!(&outcome, Ok(response) if commit_if(response.status()))
+        });
+        let commit = loop {
+            let at = deadline(started, first_end_ms, &options, &hold);
+            tokio::select! {
+                commit = &mut decision => break commit,
+                _ = tokio::time::sleep_until(at) => {
+                    if hold.is_deferred() {
+                        break (&mut decision).await;
+                    }
+                    // The lease may have been extended meanwhile: look again.
+                    if deadline(started, first_end_ms, &options, &hold) <= Instant::now() {
+                        break false;
+                    }
+                }
+            }
+        };
+        // A handler past its time is cancelled here, before its hold is released.
+        drop(decision);
+        guard.disarm();
+        if hold.is_deferred() {
+            return;
+        }
+        let _ = Settle::new(&hold, commit, false).await;
+    };
+    tokio::spawn(task.instrument(tracing::Span::current()));
 }
 
 impl<S, B, ResBody> Future for ResponseFuture<S, B>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 
@@ -111,31 +205,31 @@ where
                             (request, Some(hold))
                         }
                     };
+                    let started = hold.as_ref().map(|h| (Instant::now(), h.expires_at_ms()));
+                    // Armed before the inner service is called: a panic inside `call` itself
+                    // unwinds through the guard, which releases the hold.
+                    let guard = hold.map_or_else(SettleGuard::none, SettleGuard::new);
                     let mut service = this.service.take().expect("called once");
-                    let future = service.call(request);
-                    // The lease timer is armed only if the handler does not answer at once.
-                    let (deadline_base, guard) = match hold {
-                        Some(hold) => (
-                            Some((Instant::now(), hold.expires_at_ms())),
-                            SettleGuard::new(hold),
-                        ),
-                        None => (None, SettleGuard::none()),
+                    let future = Box::pin(service.call(request));
+                    let running = Running {
+                        future: Some(future),
+                        guard,
+                        started,
+                        options: this.options.clone(),
+                        detach: finish_detached::<S::Future, ResBody, S::Error>,
                     };
                     this.state.set(State::Calling {
-                        future,
-                        guard,
+                        running,
                         deadline: None,
-                        deadline_base,
                     });
                 }
                 StateProj::Calling {
-                    future,
-                    guard,
+                    running,
                     deadline: mut sleep,
-                    deadline_base,
                 } => {
-                    if let Poll::Ready(result) = future.poll(cx) {
-                        let Some(hold) = guard.disarm() else {
+                    let future = running.future.as_mut().expect("taken only on drop");
+                    if let Poll::Ready(result) = future.as_mut().poll(cx) {
+                        let Some(hold) = running.guard.disarm() else {
                             this.state.set(State::Done);
                             return Poll::Ready(result.map(|r| r.map(ResponseBody::inner)));
                         };
@@ -156,11 +250,11 @@ where
                         this.state.set(State::Settling { settle });
                         continue;
                     }
-                    let Some(base) = *deadline_base else {
+                    // The lease timer is armed only if the handler does not answer at once, and
+                    // read again at every wake-up: the handler may have extended its lease.
+                    let Some(at) = running.deadline() else {
                         return Poll::Pending;
                     };
-                    // Read again at every wake-up: the handler may have extended its lease.
-                    let at = deadline(base, this.options, guard.hold().expect("a hold"));
                     if sleep.is_none() {
                         sleep.set(Some(tokio::time::sleep_until(at)));
                     }
@@ -171,7 +265,12 @@ where
                     if timer.poll(cx).is_pending() {
                         return Poll::Pending;
                     }
-                    let hold = guard.disarm().expect("checked above");
+                    if running.guard.hold().is_some_and(Hold::is_deferred) {
+                        // The handler took settlement over: its time is its own now.
+                        running.started = None;
+                        return Poll::Pending;
+                    }
+                    let hold = running.guard.disarm().expect("a hold has a deadline");
                     tracing::warn!(hold = %hold.id(), "the handler outlived its lease; cancelling and releasing");
                     let settle = Settle::new(&hold, false, !this.span.is_disabled());
                     *this.outcome = None;

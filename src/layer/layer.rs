@@ -60,6 +60,42 @@ pub(crate) struct Options {
     pub(crate) fail_open: bool,
     pub(crate) retry_after_secs: u64,
     pub(crate) idempotency_header: Option<HeaderName>,
+    pub(crate) on_disconnect: Disconnect,
+}
+
+/// What happens to a handler whose request goes away while it runs: the client hung up, or a
+/// timeout outside this layer gave up on the response.
+///
+/// A handler dropped half-way may already have done its side effect (written the order, charged
+/// the card) with only its answer lost. Releasing its hold then gives back capacity that was
+/// really used, and the budget undercounts; finishing it lets the handler's own outcome settle
+/// the hold, so the budget counts exactly what happened. That is why [`Disconnect::Finish`] is
+/// the default: it keeps spend budgets exact. Its cost is that work goes on for a client that
+/// left (bounded by the lease, as always). [`Disconnect::Release`] suits handlers that are
+/// cancellation-safe (nothing happens until their last step) and routes whose contract says a
+/// request the client abandoned must leave nothing behind.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::Request;
+/// use tower_reserve::{Disconnect, Extracted, MemoryStore, ReserveLayer};
+///
+/// let layer = ReserveLayer::new(MemoryStore::new(), |req: Request<Bytes>| async move {
+///     Extracted::Ok((req, Vec::new()))
+/// })
+/// .on_disconnect(Disconnect::Release);
+/// # let _ = layer;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Disconnect {
+    /// The handler runs to its end in a task of its own, and its outcome commits or releases
+    /// the hold as it would have with the client still there (a panic or the lease running out
+    /// releases it).
+    #[default]
+    Finish,
+    /// The handler is cancelled where it stands (its future is dropped) and the hold released.
+    Release,
 }
 
 impl Options {
@@ -138,7 +174,8 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
     ///
     /// Defaults: a 30 s lease, the handler bounded by the lease less a tenth (at most 1 s), a 64
     /// KiB body limit, `2xx` commits and anything else releases, the commit awaited before the
-    /// response, fail closed with `503` and `Retry-After: 1`, rejections as problem+json.
+    /// response, a handler whose client went away finished ([`Disconnect::Finish`]), fail closed
+    /// with `503` and `Retry-After: 1`, rejections as problem+json.
     pub fn new(store: St, extract: E) -> Self {
         Self {
             store,
@@ -154,6 +191,7 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
                 fail_open: false,
                 retry_after_secs: 1,
                 idempotency_header: None,
+                on_disconnect: Disconnect::default(),
             },
         }
     }
@@ -219,6 +257,13 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
     /// already settled, `422` with another payload).
     pub fn idempotency_header(mut self, name: HeaderName) -> Self {
         self.options.idempotency_header = Some(name);
+        self
+    }
+
+    /// What happens to the handler, and its hold, when its request goes away while it runs
+    /// (default [`Disconnect::Finish`]; see there for the trade-off).
+    pub fn on_disconnect(mut self, what: Disconnect) -> Self {
+        self.options.on_disconnect = what;
         self
     }
 

@@ -17,7 +17,7 @@ mod settle;
 
 pub use self::extract::{ExtractClaims, Extracted, Routes};
 pub use self::future::{ResponseBody, ResponseFuture};
-pub use self::layer::{DEFAULT_BODY_LIMIT, ReserveLayer, Validate};
+pub use self::layer::{DEFAULT_BODY_LIMIT, Disconnect, ReserveLayer, Validate};
 pub use self::rejection::{PROBLEM_TYPES, Rejection, RejectionKind};
 pub use self::service::Reserve;
 pub use self::settle::Hold;

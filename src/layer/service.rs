@@ -1,5 +1,7 @@
 //! The service: request → claims → store, then the handler.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -13,8 +15,8 @@ use super::Rejection;
 use super::extract::ExtractClaims;
 use super::future::{ResponseBody, ResponseFuture};
 use super::layer::Shared;
-use super::settle::Hold;
-use crate::{Claim, HoldId, Reservation, Reserved, Store};
+use super::settle::{Hold, SettleStore};
+use crate::{Claim, Error, HoldId, Reservation, Reserved, Store};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -50,7 +52,7 @@ impl<S, St, E> Reserve<S, St, E> {
 impl<S, St, E, ReqBody, ResBody> Service<Request<ReqBody>> for Reserve<S, St, E>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send,
+    S::Future: Send + 'static,
     St: Store,
     E: ExtractClaims,
     ReqBody: Body + From<Bytes> + Send + 'static,
@@ -177,7 +179,8 @@ where
     };
 
     let started = timed.then(std::time::Instant::now);
-    match shared.store.reserve(&reservation).await {
+    let (answer, reservation) = InFlight::new(&shared, reservation).await;
+    match answer {
         Ok(Reserved::Granted(grant)) if grant.replayed => reject(Rejection::new(
             http::StatusCode::CONFLICT,
             "Request in flight",
@@ -235,5 +238,62 @@ where
             "Already settled",
             format!("a request with this idempotency key has already ended: {err}"),
         )),
+    }
+}
+
+type ReserveCall = Pin<Box<dyn Future<Output = (Result<Reserved, Error>, Reservation)> + Send>>;
+
+/// A reserve call on its way to the store. If the request goes away before the store answers,
+/// the call is finished in a task of its own and a fresh grant released at once, rather than left
+/// to hold its claims until its lease ends.
+struct InFlight {
+    call: Option<ReserveCall>,
+    settle_store: Arc<dyn SettleStore>,
+}
+
+impl InFlight {
+    fn new<St: Store, E>(shared: &Shared<St, E>, reservation: Reservation) -> Self {
+        let store = shared.store.clone();
+        Self {
+            call: Some(Box::pin(async move {
+                (store.reserve(&reservation).await, reservation)
+            })),
+            settle_store: shared.settle_store.clone(),
+        }
+    }
+}
+
+impl Future for InFlight {
+    type Output = (Result<Reserved, Error>, Reservation);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let call = self
+            .call
+            .as_mut()
+            .expect("InFlight polled after completion");
+        let answer = std::task::ready!(call.as_mut().poll(cx));
+        self.call = None;
+        Poll::Ready(answer)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some(call) = self.call.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let settle_store = self.settle_store.clone();
+        tokio::spawn(async move {
+            // A replay answers another attempt's hold: that one is not ours to release.
+            if let (Ok(Reserved::Granted(grant)), _) = call.await
+                && !grant.replayed
+            {
+                tracing::debug!(hold = %grant.id, "request gone before its reserve answered; releasing");
+                let _ = settle_store.release(grant.id).await;
+            }
+        });
     }
 }

@@ -14,25 +14,25 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// A store seen only through what settling needs, so that [`Hold`] is one type whatever the
 /// store.
 pub(crate) trait SettleStore: Send + Sync + 'static {
-    fn commit(&self, hold: Hold) -> BoxFuture<Result<Settled, Error>>;
-    fn release(&self, hold: Hold) -> BoxFuture<Result<Settled, Error>>;
-    fn extend(&self, hold: Hold, lease: Duration) -> BoxFuture<Result<u64, Error>>;
+    fn commit(&self, id: HoldId) -> BoxFuture<Result<Settled, Error>>;
+    fn release(&self, id: HoldId) -> BoxFuture<Result<Settled, Error>>;
+    fn extend(&self, id: HoldId, lease: Duration) -> BoxFuture<Result<u64, Error>>;
 }
 
 impl<St: Store> SettleStore for St {
-    fn commit(&self, hold: Hold) -> BoxFuture<Result<Settled, Error>> {
+    fn commit(&self, id: HoldId) -> BoxFuture<Result<Settled, Error>> {
         let store = self.clone();
-        Box::pin(async move { Store::commit(&store, hold.id()).await })
+        Box::pin(async move { Store::commit(&store, &id).await })
     }
 
-    fn release(&self, hold: Hold) -> BoxFuture<Result<Settled, Error>> {
+    fn release(&self, id: HoldId) -> BoxFuture<Result<Settled, Error>> {
         let store = self.clone();
-        Box::pin(async move { Store::release(&store, hold.id()).await })
+        Box::pin(async move { Store::release(&store, &id).await })
     }
 
-    fn extend(&self, hold: Hold, lease: Duration) -> BoxFuture<Result<u64, Error>> {
+    fn extend(&self, id: HoldId, lease: Duration) -> BoxFuture<Result<u64, Error>> {
         let store = self.clone();
-        Box::pin(async move { Store::extend(&store, hold.id(), lease).await })
+        Box::pin(async move { Store::extend(&store, &id, lease).await })
     }
 }
 
@@ -128,27 +128,27 @@ impl Hold {
     /// Renews the lease to `lease` from now. The layer's bound on the handler's time moves with
     /// it.
     pub async fn extend(&self, lease: Duration) -> Result<u64, Error> {
-        let until = self.inner.store.extend(self.clone(), lease).await?;
+        let until = self.inner.store.extend(self.id().clone(), lease).await?;
         self.inner.expires_at_ms.store(until, Ordering::Release);
         Ok(until)
     }
 
     /// Commits the hold now (idempotent).
     pub async fn commit(&self) -> Result<Settled, Error> {
-        self.inner.store.commit(self.clone()).await
+        self.inner.store.commit(self.id().clone()).await
     }
 
     /// Releases the hold now (idempotent).
     pub async fn release(&self) -> Result<Settled, Error> {
-        self.inner.store.release(self.clone()).await
+        self.inner.store.release(self.id().clone()).await
     }
 
     pub(crate) fn commit_task(&self) -> BoxFuture<Result<Settled, Error>> {
-        self.inner.store.commit(self.clone())
+        self.inner.store.commit(self.id().clone())
     }
 
     pub(crate) fn release_task(&self) -> BoxFuture<Result<Settled, Error>> {
-        self.inner.store.release(self.clone())
+        self.inner.store.release(self.id().clone())
     }
 }
 
