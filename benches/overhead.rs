@@ -29,7 +29,7 @@ use http_body_util::Full;
 use tower::{Service, ServiceExt, service_fn};
 use tower_reserve::{
     Budget, BudgetStatus, Claim, Denial, Error, Extracted, Grant, HoldId, MemoryStore, RedisStore,
-    Reservation, ReserveLayer, Reserved, Settled, Store, Unique, extract,
+    Refund, Reservation, ReserveLayer, Reserved, Settled, Settlement, Store, Unique, extract,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -112,11 +112,14 @@ impl Store for InstantStore {
         grant.id = reservation.id().clone();
         Ok(Reserved::Granted(grant))
     }
-    async fn commit(&self, _id: &HoldId) -> Result<Settled, Error> {
+    async fn check(&self, reservation: &Reservation) -> Result<Reserved, Error> {
+        self.reserve(reservation).await
+    }
+    async fn settle(&self, _id: &HoldId, _settlement: &Settlement) -> Result<Settled, Error> {
         Ok(Settled::Applied)
     }
-    async fn release(&self, _id: &HoldId) -> Result<Settled, Error> {
-        Ok(Settled::Applied)
+    async fn refund(&self, _refund: &Refund) -> Result<Settled, Error> {
+        unimplemented!("not used by the layer")
     }
     async fn extend(&self, _id: &HoldId, _lease: Duration) -> Result<u64, Error> {
         Ok(self.grant.expires_at_ms)

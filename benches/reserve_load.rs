@@ -31,11 +31,16 @@ use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use tower_reserve::{Budget, Claim, MAX_AMOUNT, RedisStore, Reservation, Reserved, Store, Unique};
 
-/// The reserve script exactly as `RedisStore` sends it.
+/// The script exactly as `RedisStore` sends it.
 const RESERVE_LUA: &str = concat!(
+    "#!lua flags=allow-cross-slot-keys\n",
     include_str!("../src/store/lua/common.lua"),
     "\n",
-    include_str!("../src/store/lua/reserve.lua")
+    include_str!("../src/store/lua/hold.lua"),
+    "\n",
+    include_str!("../src/store/lua/budget.lua"),
+    "\n",
+    include_str!("../src/store/lua/batch.lua"),
 );
 
 const AMOUNT: u64 = 100;

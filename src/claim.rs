@@ -295,6 +295,15 @@ impl Unique {
         hex(&self.digest)
     }
 
+    /// `namespace:digest`: the value's identity in a store, and its hash tag.
+    pub(crate) fn tag(&self) -> String {
+        let mut tag = String::with_capacity(self.namespace.len() + 33);
+        tag.push_str(&self.namespace);
+        tag.push(':');
+        tag.push_str(&hex(&self.digest));
+        tag
+    }
+
     pub(crate) fn validate(&self) -> Result<(), Error> {
         check_tag("unique namespace", &self.namespace)?;
         if self.empty {
@@ -362,6 +371,16 @@ pub enum Claim {
     },
 }
 
+/// The number of Redis Cluster hash slots. Stores place what belongs together by slot: Redis
+/// Cluster by its own rule, the embedded store by shard.
+pub(crate) const SLOTS: u16 = 16_384;
+
+/// The Redis Cluster slot of `tag`: CRC16 (XMODEM) modulo 16 384, as Redis computes it for a
+/// key whose hash tag is `tag`.
+pub(crate) fn slot_of(tag: &[u8]) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(tag) % SLOTS
+}
+
 impl Claim {
     /// Spend `amount` minor units against `budget`.
     pub fn spend(budget: Budget, amount: u64) -> Self {
@@ -382,6 +401,22 @@ impl Claim {
             value,
             owner: owner.into(),
         }
+    }
+
+    /// What places the claim: every key the stores keep for it shares this one hash tag (a
+    /// budget's key, a unique value's namespace and digest).
+    pub(crate) fn tag(&self) -> Cow<'_, str> {
+        match self {
+            Claim::Spend { budget, .. } => Cow::Borrowed(budget.key()),
+            Claim::Own { value, .. } | Claim::ReleaseOnCommit { value, .. } => {
+                Cow::Owned(value.tag())
+            }
+        }
+    }
+
+    /// The slot of [`Claim::tag`].
+    pub(crate) fn slot(&self) -> u16 {
+        slot_of(self.tag().as_bytes())
     }
 
     pub(crate) fn validate(&self) -> Result<(), Error> {

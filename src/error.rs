@@ -29,6 +29,7 @@ struct Inner {
     kind: ErrorKind,
     message: String,
     source: Option<BoxError>,
+    memo: Option<bytes::Bytes>,
 }
 
 /// What went wrong, for callers that branch on it.
@@ -48,6 +49,13 @@ pub enum ErrorKind {
     Committed,
     /// The hold was already released (or released before it was reserved).
     Released,
+    /// A commit named an actual amount above what its hold holds; nothing changed.
+    ExceedsHold,
+    /// A refund asked for more than the budget's window has spent; nothing changed.
+    ExceedsSpent,
+    /// Another attempt with this id is being reserved right now (on a Redis Cluster, a
+    /// reservation across slots is reserved slot by slot); ask again shortly.
+    InFlight,
     /// The store could not be reached or did not answer in time. Nothing can be assumed about
     /// the call, but whatever it may have held is bounded by its lease.
     Unavailable,
@@ -62,12 +70,24 @@ impl Error {
                 kind,
                 message: message.into(),
                 source: None,
+                memo: None,
             }),
         }
     }
 
     pub(crate) fn with_source(mut self, source: impl Into<BoxError>) -> Self {
         self.inner.source = Some(source.into());
+        self
+    }
+
+    /// The same kind and message, for answering one failure to several callers (the cause
+    /// itself stays with the first).
+    pub(crate) fn duplicate(&self) -> Self {
+        Self::new(self.kind(), self.inner.message.clone())
+    }
+
+    pub(crate) fn with_memo(mut self, memo: Option<bytes::Bytes>) -> Self {
+        self.inner.memo = memo;
         self
     }
 
@@ -79,6 +99,9 @@ impl Error {
             ErrorKind::Expired => "has expired",
             ErrorKind::Committed => "is already committed",
             ErrorKind::Released => "is already released",
+            ErrorKind::ExceedsHold => "holds less than the actual amount named",
+            ErrorKind::ExceedsSpent => "would refund more than was spent",
+            ErrorKind::InFlight => "is being reserved by another attempt",
             _ => "was refused",
         };
         Self::new(kind, format!("hold {id} {what}"))
@@ -126,6 +149,12 @@ impl Error {
     /// The store could not be reached or timed out.
     pub fn is_unavailable(&self) -> bool {
         self.kind() == ErrorKind::Unavailable
+    }
+
+    /// What the settler of the hold kept with its record ([`Settlement::memo`](crate::Settlement::memo)),
+    /// on the error of a reserve that retried a settled hold's id.
+    pub fn memo(&self) -> Option<&[u8]> {
+        self.inner.memo.as_deref()
     }
 }
 

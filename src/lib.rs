@@ -147,6 +147,7 @@ mod claim;
 mod error;
 mod layer;
 mod reservation;
+mod settlement;
 pub mod store;
 
 pub use claim::{
@@ -161,4 +162,5 @@ pub use reservation::{
     BudgetStatus, Denial, DenialReason, Grant, HoldId, MAX_CLAIMS, MAX_LEASE, Reservation,
     ReservationBuilder, Reserved, Settled,
 };
+pub use settlement::{DEFAULT_REFUND_RETAIN, MAX_MEMO, MAX_RETAIN, Refund, Settlement};
 pub use store::{MemoryStore, RedisStore, RedisStoreBuilder, Store};

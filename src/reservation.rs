@@ -5,15 +5,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 
 use crate::Error;
-use crate::claim::{Claim, hex};
+use crate::claim::{Claim, SLOTS, hex, slot_of};
 
 /// The longest lease a hold may have: one day.
 pub const MAX_LEASE: Duration = Duration::from_secs(86_400);
 
 /// The id of a reservation, and so of its hold: the reservation's idempotency key.
 ///
-/// 1 to 128 characters of `[A-Za-z0-9_.:-]`. [`HoldId::random`] makes a fresh one;
-/// [`HoldId::derive`] turns any client-supplied key (an `Idempotency-Key` header, say) into one.
+/// A name of 1 to 128 characters of `[A-Za-z0-9_.:-]`, optionally followed by `@` and a slot
+/// number (0 to 16 383) that says where the hold's record lives: beside the claims of that
+/// Redis Cluster slot, so that a reservation whose claims share one slot is one store call, and
+/// any process finds the hold by its id alone. Ids the builder generates carry the slot of the
+/// reservation's first claim; an id without one lives in the slot of the whole id.
+///
+/// [`HoldId::random`] makes a fresh id; [`HoldId::derive`] turns any client-supplied key (an
+/// `Idempotency-Key` header, say) into one.
 ///
 /// ```
 /// use tower_reserve::HoldId;
@@ -21,6 +27,8 @@ pub const MAX_LEASE: Duration = Duration::from_secs(86_400);
 /// let id = HoldId::new("order-2024-0001").unwrap();
 /// assert_eq!(id.as_str(), "order-2024-0001");
 /// assert!(HoldId::new("has space").is_err());
+/// assert_eq!(HoldId::new("Xk2vR8@5798").unwrap().slot(), 5798);
+/// assert!(HoldId::new("Xk2vR8@16384").is_err());
 /// assert_eq!(HoldId::derive(["POST /orders", "key 1"]), HoldId::derive(["POST /orders", "key 1"]));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -30,27 +38,43 @@ impl HoldId {
     /// Checks and wraps an id.
     pub fn new(id: impl Into<String>) -> Result<Self, Error> {
         let id = id.into();
-        let ok = !id.is_empty()
-            && id.len() <= 128
-            && id
+        let (name, slot) = match id.split_once('@') {
+            Some((name, slot)) => (name, Some(slot)),
+            None => (id.as_str(), None),
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 128
+            && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
-        if ok {
+        let slot_ok = slot.is_none_or(|slot| {
+            !slot.is_empty()
+                && slot.len() <= 5
+                && slot.bytes().all(|b| b.is_ascii_digit())
+                && (slot == "0" || !slot.starts_with('0'))
+                && slot.parse::<u16>().is_ok_and(|n| n < SLOTS)
+        });
+        if name_ok && slot_ok {
             Ok(Self(id))
         } else {
             Err(Error::invalid(
-                "a hold id must be 1 to 128 characters of [A-Za-z0-9_.:-]",
+                "a hold id must be 1 to 128 characters of [A-Za-z0-9_.:-], optionally followed by @ and a slot 0 to 16383",
             ))
         }
     }
 
-    /// A fresh random id: 96 random bits in 16 URL-safe base64 characters. Short on purpose:
-    /// it names the hold's record in Redis, and a key of at most 28 bytes is stored in a smaller
-    /// allocation.
+    /// A fresh random id: 96 random bits in 16 URL-safe base64 characters, placed by its own
+    /// text.
     pub fn random() -> Self {
-        use base64::Engine;
-        let bytes: [u8; 12] = rand::random();
-        Self(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+        Self(random_name())
+    }
+
+    /// A fresh random id whose record lives in `slot`.
+    pub(crate) fn random_in(slot: u16) -> Self {
+        let mut id = random_name();
+        id.push('@');
+        id.push_str(itoa::Buffer::new().format(slot));
+        Self(id)
     }
 
     /// A stable id digested from `parts`, e.g. a route and a client's idempotency key.
@@ -72,6 +96,28 @@ impl HoldId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The slot the hold's record lives in: the one after `@`, or else that of the whole id.
+    pub fn slot(&self) -> u16 {
+        match self.placed() {
+            Some((_, slot)) => slot,
+            None => slot_of(self.0.as_bytes()),
+        }
+    }
+
+    /// The name and the slot of an id that names its slot.
+    pub(crate) fn placed(&self) -> Option<(&str, u16)> {
+        let (name, slot) = self.0.split_once('@')?;
+        Some((name, slot.parse().ok()?))
+    }
+}
+
+/// 96 random bits in 16 URL-safe base64 characters. Short on purpose: it names a record in Redis,
+/// and a key of at most 28 bytes is stored in a smaller allocation.
+fn random_name() -> String {
+    use base64::Engine;
+    let bytes: [u8; 12] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 impl std::fmt::Display for HoldId {
@@ -228,8 +274,13 @@ impl ReservationBuilder {
                 }
             }
         }
+        // A generated id lives beside the first claim, so that a reservation whose claims share
+        // a slot is one call to one place.
+        let id = self
+            .id
+            .unwrap_or_else(|| HoldId::random_in(self.claims[0].slot()));
         Ok(Reservation {
-            id: self.id.unwrap_or_else(HoldId::random),
+            id,
             lease: self.lease,
             claims: self.claims,
             payload: self.payload,

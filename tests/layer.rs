@@ -525,11 +525,24 @@ impl<St: Store> Store for SlowReserve<St> {
         tokio::time::sleep(self.1).await;
         answer
     }
-    async fn commit(&self, id: &HoldId) -> Result<tower_reserve::Settled, tower_reserve::Error> {
-        self.0.commit(id).await
+    async fn check(
+        &self,
+        r: &tower_reserve::Reservation,
+    ) -> Result<tower_reserve::Reserved, tower_reserve::Error> {
+        self.0.check(r).await
     }
-    async fn release(&self, id: &HoldId) -> Result<tower_reserve::Settled, tower_reserve::Error> {
-        self.0.release(id).await
+    async fn settle(
+        &self,
+        id: &HoldId,
+        s: &tower_reserve::Settlement,
+    ) -> Result<tower_reserve::Settled, tower_reserve::Error> {
+        self.0.settle(id, s).await
+    }
+    async fn refund(
+        &self,
+        r: &tower_reserve::Refund,
+    ) -> Result<tower_reserve::Settled, tower_reserve::Error> {
+        self.0.refund(r).await
     }
     async fn extend(&self, id: &HoldId, lease: Duration) -> Result<u64, tower_reserve::Error> {
         self.0.extend(id, lease).await

@@ -1,24 +1,37 @@
 //! The embedded store: one process, the same semantics as Redis.
+//!
+//! State is split into shards by slot (the same slots that place keys on a Redis Cluster), each
+//! behind its own lock, so that budgets, values and holds of unrelated keys never wait for each
+//! other. A hold whose id the builder generated lives in the shard of its first claim, so a
+//! reservation whose claims share a shard takes one lock. An operation that spans shards locks
+//! them in ascending order. Expiry is bounded per call, and every deadline sits in its shard's
+//! ordered set, from which settling removes it: nothing on the request path grows with history.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{DEFAULT_RETAIN, HOLD_BUCKET_MS, MAX_EXPIRED_PER_CALL, Store, check_set_spent};
 use crate::reservation::{Denial, DenialReason, Fingerprint, Grant};
 use crate::{
-    Budget, BudgetStatus, Claim, Error, ErrorKind, HoldId, Reservation, Reserved, Settled, Unique,
+    Budget, BudgetStatus, Claim, Error, ErrorKind, HoldId, Refund, Reservation, Reserved, Settled,
+    Settlement, Unique,
 };
 
 /// How long a windowed budget outlives its window (and its last hold), as in Redis.
 const WINDOW_GRACE_MS: u64 = 60_000;
 
+/// Shards: a power of two, so that a slot's shard is a mask. Enough that two busy requests
+/// rarely share one on a machine of many cores; few enough that an empty store is small.
+const SHARDS: usize = 64;
+
 /// An in-memory [`Store`] for a single process: the default where no Redis is configured.
 ///
 /// Leases run on the wall clock; expired holds give their capacity back on the next call that
-/// touches their budget, and settled records are dropped after the retention period, so memory
-/// follows what is in flight, not history.
+/// touches their budget. A settled record is kept for the retention period unless its settler
+/// forgets it (the layer does, for the holds it names itself), so memory follows what is in
+/// flight and what is owned, not throughput.
 ///
 /// ```
 /// use tower_reserve::{Budget, Claim, MemoryStore, Reservation, Reserved, Store};
@@ -38,10 +51,22 @@ const WINDOW_GRACE_MS: u64 = 60_000;
 /// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
 /// # }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MemoryStore {
-    state: Arc<Mutex<State>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shards: Box<[Mutex<Shard>]>,
     retain_ms: u64,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("retain_ms", &self.inner.retain_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for MemoryStore {
@@ -53,26 +78,48 @@ impl Default for MemoryStore {
 impl MemoryStore {
     /// An empty store that keeps settled records for [`DEFAULT_RETAIN`].
     pub fn new() -> Self {
+        Self::with_retain_ms(DEFAULT_RETAIN.as_millis() as u64)
+    }
+
+    fn with_retain_ms(retain_ms: u64) -> Self {
         Self {
-            state: Arc::default(),
-            retain_ms: DEFAULT_RETAIN.as_millis() as u64,
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                retain_ms,
+            }),
         }
     }
 
     /// Keeps settled records and tombstones for `retain` instead.
-    pub fn retain(mut self, retain: Duration) -> Self {
-        self.retain_ms = retain.as_millis() as u64;
-        self
+    pub fn retain(self, retain: Duration) -> Self {
+        Self::with_retain_ms(retain.as_millis().max(1) as u64)
     }
 
-    fn lock(&self) -> (MutexGuard<'_, State>, u64) {
-        // A panic while the lock is held cannot leave a half-applied change behind: every
-        // operation checks everything before it writes. So a poisoned lock is still usable.
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+    /// Locks the shards of `slots` (any order, repeats allowed) in ascending order, each swept of
+    /// what has expired (a bounded amount per shard).
+    fn lock(&self, slots: impl IntoIterator<Item = u16>) -> (Locked<'_>, u64) {
+        let mut shards: Vec<usize> = slots.into_iter().map(shard_of).collect();
+        shards.sort_unstable();
+        shards.dedup();
         let now = now_ms();
-        state.drop_expired(now);
-        (state, now)
+        let guards = shards
+            .into_iter()
+            .map(|i| {
+                // A panic while a lock is held cannot leave a half-applied change behind: every
+                // operation checks everything before it writes. So a poisoned lock is usable.
+                let mut guard = self.inner.shards[i]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                guard.sweep(now);
+                (i, guard)
+            })
+            .collect();
+        (Locked { guards }, now)
     }
+}
+
+fn shard_of(slot: u16) -> usize {
+    slot as usize & (SHARDS - 1)
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -81,31 +128,62 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-type BudgetKey = (String, String);
-
-#[derive(Default, Debug)]
-struct State {
-    budgets: HashMap<BudgetKey, BudgetCell>,
-    owners: HashMap<String, String>,
-    /// Values held by a hold in flight: the hold and when its lease ends.
-    pending: HashMap<String, (HoldId, u64)>,
-    records: HashMap<HoldId, Record>,
-    deadlines: BinaryHeap<Reverse<(u64, Expiring)>>,
+/// The shards one operation holds, by index.
+struct Locked<'a> {
+    guards: Vec<(usize, MutexGuard<'a, Shard>)>,
 }
 
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+impl Locked<'_> {
+    fn shard(&mut self, slot: u16) -> &mut Shard {
+        let i = shard_of(slot);
+        let at = self
+            .guards
+            .iter()
+            .position(|(j, _)| *j == i)
+            .expect("the shard of every key an operation touches is locked");
+        &mut self.guards[at].1
+    }
+}
+
+/// A budget's storage key: its key, then `{` (which keys may not contain), then its window's
+/// suffix, so that no two budgets share one.
+type BudgetKey = String;
+
+fn budget_key(key: &str, suffix: &str) -> BudgetKey {
+    let mut k = String::with_capacity(key.len() + 1 + suffix.len());
+    k.push_str(key);
+    k.push('{');
+    k.push_str(suffix);
+    k
+}
+
+/// What a shard keeps. Every entry that can expire has its deadline in `deadlines` (and keeps
+/// it, to find and remove it there when the entry goes first).
+#[derive(Default)]
+struct Shard {
+    budgets: HashMap<BudgetKey, BudgetCell>,
+    values: HashMap<String, ValueCell>,
+    records: HashMap<HoldId, Record>,
+    refunds: HashMap<(BudgetKey, HoldId), RefundRecord>,
+    deadlines: BTreeSet<(u64, Expiring)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Expiring {
     Record(HoldId),
-    Pending(String),
+    Value(String),
     Budget(BudgetKey),
+    Refund(BudgetKey, HoldId),
 }
 
 #[derive(Default, Debug)]
 struct BudgetCell {
     spent: u64,
     held: u64,
-    /// The amount held per bucket of lease ends, by the bucket's end (see `store/lua/common.lua`).
+    /// The amount held per bucket of lease ends, by the bucket's end (see `store/lua`).
     buckets: BTreeMap<u64, u64>,
+    /// When a windowed budget may go (its window and its last hold ended); `None` for a
+    /// lifetime budget, which goes when it holds and has spent nothing.
     drop_at: Option<u64>,
 }
 
@@ -157,6 +235,26 @@ impl BudgetCell {
     fn remaining(&self, limit: u64) -> u64 {
         limit.saturating_sub(self.spent).saturating_sub(self.held)
     }
+
+    /// Nothing to remember: a lifetime budget that holds and has spent nothing.
+    fn is_empty(&self) -> bool {
+        self.spent == 0 && self.held == 0 && self.drop_at.is_none()
+    }
+}
+
+/// A unique value: who owns it, and which hold has it in flight until when.
+#[derive(Default, Debug)]
+struct ValueCell {
+    owner: Option<String>,
+    pending: Option<(HoldId, u64)>,
+}
+
+impl ValueCell {
+    fn pending_other(&self, id: &HoldId, now: u64) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|(h, exp)| *exp > now && h != id)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,74 +272,106 @@ struct Record {
     expires_at: u64,
     fingerprint: Fingerprint,
     claims: Vec<Resolved>,
+    /// When the record goes (its deadline in the shard).
     drop_at: u64,
+    memo: Option<bytes::Bytes>,
 }
 
 #[derive(Debug)]
+struct RefundRecord {
+    fingerprint: [u8; 8],
+    drop_at: u64,
+}
+
+/// A claim as held: where it lives, resolved at reserve time.
+#[derive(Debug)]
 enum Resolved {
     Spend {
+        slot: u16,
         key: BudgetKey,
+        /// The budget's key and window spec, to match actual amounts against.
+        budget: String,
+        spec: Cow<'static, str>,
         amount: u64,
         limit: u64,
         /// When the budget's window ends; `None` for a lifetime budget.
         window_ends: Option<u64>,
     },
     Own {
-        key: String,
+        slot: u16,
+        tag: String,
         owner: String,
-        already_owned: bool,
     },
     ReleaseOnCommit {
-        key: String,
+        slot: u16,
+        tag: String,
         owner: String,
     },
 }
 
-fn unique_key(value: &Unique) -> String {
-    format!("{}:{}", value.namespace(), value.digest_hex())
+impl Resolved {
+    fn slot(&self) -> u16 {
+        match self {
+            Resolved::Spend { slot, .. }
+            | Resolved::Own { slot, .. }
+            | Resolved::ReleaseOnCommit { slot, .. } => *slot,
+        }
+    }
 }
 
-fn budget_key(budget: &Budget, suffix: String) -> BudgetKey {
-    (budget.key().to_owned(), suffix)
-}
-
-impl State {
-    fn drop_expired(&mut self, now: u64) {
+impl Shard {
+    /// Drops what has expired (records, in-flight markers, windowed budgets, refund records),
+    /// a bounded number per call.
+    fn sweep(&mut self, now: u64) {
         for _ in 0..MAX_EXPIRED_PER_CALL {
-            match self.deadlines.peek() {
-                Some(Reverse((at, _))) if *at <= now => {}
-                _ => return,
+            let Some((at, _)) = self.deadlines.first() else {
+                return;
+            };
+            if *at > now {
+                return;
             }
-            let Reverse((at, what)) = self.deadlines.pop().expect("peeked");
-            // Deadlines are pushed again when they move; only the current one removes.
+            let (at, what) = self.deadlines.pop_first().expect("first exists");
             match what {
                 Expiring::Record(id) => {
                     if self.records.get(&id).is_some_and(|r| r.drop_at == at) {
                         self.records.remove(&id);
                     }
                 }
-                Expiring::Pending(key) => {
-                    if self.pending.get(&key).is_some_and(|(_, exp)| *exp == at) {
-                        self.pending.remove(&key);
+                Expiring::Value(tag) => {
+                    if let Some(cell) = self.values.get_mut(&tag)
+                        && cell.pending.as_ref().is_some_and(|(_, exp)| *exp == at)
+                    {
+                        cell.pending = None;
+                        if cell.owner.is_none() {
+                            self.values.remove(&tag);
+                        }
                     }
                 }
                 Expiring::Budget(key) => {
-                    if self
-                        .budgets
-                        .get(&key)
-                        .is_some_and(|b| b.drop_at == Some(at))
+                    if let Some(cell) = self.budgets.get_mut(&key)
+                        && cell.drop_at == Some(at)
                     {
-                        self.budgets.remove(&key);
+                        // Holds still in it keep it (their leases moved it on).
+                        cell.expire_buckets(now);
+                        if cell.held == 0 {
+                            self.budgets.remove(&key);
+                        }
+                    }
+                }
+                Expiring::Refund(key, id) => {
+                    let k = (key, id);
+                    if self.refunds.get(&k).is_some_and(|r| r.drop_at == at) {
+                        self.refunds.remove(&k);
                     }
                 }
             }
         }
     }
 
-    fn push_record(&mut self, id: HoldId, record: Record) {
-        self.deadlines
-            .push(Reverse((record.drop_at, Expiring::Record(id.clone()))));
-        self.records.insert(id, record);
+    fn budget_cell(&mut self, key: &str, now: u64) -> Option<&mut BudgetCell> {
+        let cell = self.budgets.get_mut(key)?;
+        cell.expire_buckets(now);
+        Some(cell)
     }
 
     fn keep_budget_until(&mut self, key: &BudgetKey, at: u64) {
@@ -249,120 +379,125 @@ impl State {
             if cell.drop_at.is_some_and(|d| d >= at) {
                 return;
             }
-            cell.drop_at = Some(at);
-            self.deadlines
-                .push(Reverse((at, Expiring::Budget(key.clone()))));
+            if let Some(old) = cell.drop_at.replace(at) {
+                self.deadlines.remove(&(old, Expiring::Budget(key.clone())));
+            }
+            self.deadlines.insert((at, Expiring::Budget(key.clone())));
         }
     }
 
-    fn settle_record(&mut self, id: &HoldId, phase: Phase, now: u64, retain_ms: u64) {
-        let drop_at = now + retain_ms;
-        if let Some(record) = self.records.get_mut(id) {
-            record.phase = phase;
-            record.drop_at = drop_at;
-            self.deadlines
-                .push(Reverse((drop_at, Expiring::Record(id.clone()))));
+    /// Drops a lifetime budget that has nothing left to remember.
+    fn tidy_budget(&mut self, key: &str) {
+        if self.budgets.get(key).is_some_and(BudgetCell::is_empty) {
+            self.budgets.remove(key);
         }
     }
 
-    /// Gives back whatever the hold still holds.
-    fn undo(&mut self, id: &HoldId, now: u64) {
-        let Some(record) = self.records.get(id) else {
+    fn set_pending(&mut self, tag: &str, id: &HoldId, expires: u64) {
+        let cell = self.values.entry(tag.to_owned()).or_default();
+        if let Some((_, old)) = cell.pending.replace((id.clone(), expires)) {
+            self.deadlines
+                .remove(&(old, Expiring::Value(tag.to_owned())));
+        }
+        self.deadlines
+            .insert((expires, Expiring::Value(tag.to_owned())));
+    }
+
+    /// Clears `id`'s in-flight marker on `tag`, if it is `id`'s.
+    fn clear_pending(&mut self, tag: &str, id: &HoldId) {
+        let Some(cell) = self.values.get_mut(tag) else {
             return;
         };
-        for claim in &record.claims {
-            match claim {
-                Resolved::Spend { key, amount, .. } => {
-                    if let Some(cell) = self.budgets.get_mut(key) {
-                        cell.take_out(record.expires_at, *amount, now);
-                    }
-                }
-                Resolved::Own {
-                    key,
-                    already_owned: false,
-                    ..
-                } => {
-                    if self.pending.get(key).is_some_and(|(h, _)| h == id) {
-                        self.pending.remove(key);
-                    }
-                }
-                Resolved::Own { .. } | Resolved::ReleaseOnCommit { .. } => {}
+        if let Some((h, exp)) = &cell.pending
+            && h == id
+        {
+            let exp = *exp;
+            cell.pending = None;
+            let empty = cell.owner.is_none();
+            self.deadlines
+                .remove(&(exp, Expiring::Value(tag.to_owned())));
+            if empty {
+                self.values.remove(tag);
             }
         }
     }
 
-    fn apply_commit(&mut self, id: &HoldId, now: u64) {
-        let Some(record) = self.records.get(id) else {
-            return;
-        };
-        for claim in &record.claims {
-            match claim {
-                Resolved::Spend { key, amount, .. } => {
-                    if let Some(cell) = self.budgets.get_mut(key)
-                        && cell.take_out(record.expires_at, *amount, now)
-                    {
-                        cell.spent = cell.spent.saturating_add(*amount);
-                    }
-                }
-                Resolved::Own {
-                    key,
-                    owner,
-                    already_owned,
-                } => {
-                    if !already_owned {
-                        self.owners.insert(key.clone(), owner.clone());
-                        if self.pending.get(key).is_some_and(|(h, _)| h == id) {
-                            self.pending.remove(key);
-                        }
-                    }
-                }
-                Resolved::ReleaseOnCommit { key, owner } => {
-                    if self.owners.get(key) == Some(owner) {
-                        self.owners.remove(key);
-                    }
-                }
-            }
+    fn put_record(&mut self, id: HoldId, record: Record) {
+        self.deadlines
+            .insert((record.drop_at, Expiring::Record(id.clone())));
+        if let Some(old) = self.records.insert(id.clone(), record) {
+            self.deadlines.remove(&(old.drop_at, Expiring::Record(id)));
         }
     }
 
-    fn replay(&self, record_id: &HoldId, reservation: &Reservation) -> Grant {
-        let record = &self.records[record_id];
-        let remaining = record
-            .claims
-            .iter()
-            .map(|claim| match claim {
-                Resolved::Spend { key, limit, .. } => Some(
-                    self.budgets
-                        .get(key)
-                        .map_or(*limit, |cell| cell.remaining(*limit)),
-                ),
-                _ => None,
-            })
-            .collect();
-        Grant {
-            id: reservation.id().clone(),
-            expires_at_ms: record.expires_at,
-            remaining,
-            replayed: true,
-        }
+    fn take_record(&mut self, id: &HoldId) -> Option<Record> {
+        let record = self.records.remove(id)?;
+        self.deadlines
+            .remove(&(record.drop_at, Expiring::Record(id.clone())));
+        Some(record)
     }
 }
 
+/// The answer a reserve gets from an existing record, or `None` when the record is a live hold
+/// to answer as a replay.
+fn refusal(record: &Record, reservation: &Reservation, now: u64) -> Option<Error> {
+    let id = reservation.id();
+    let same = &record.fingerprint == reservation.fingerprint();
+    let kind = match record.phase {
+        _ if record.phase != Phase::Tombstone && !same => ErrorKind::Conflict,
+        Phase::Held if now >= record.expires_at => ErrorKind::Expired,
+        Phase::Held => return None,
+        Phase::Committed => ErrorKind::Committed,
+        Phase::Released | Phase::Tombstone => ErrorKind::Released,
+        Phase::Expired => ErrorKind::Expired,
+    };
+    Some(Error::refused(kind, id).with_memo(record.memo.clone()))
+}
+
 impl MemoryStore {
-    fn reserve_sync(&self, reservation: &Reservation) -> Result<Reserved, Error> {
-        let (mut state, now) = self.lock();
+    /// Every slot a reservation touches: its record's and its claims'.
+    fn slots_of(reservation: &Reservation) -> impl Iterator<Item = u16> + '_ {
+        std::iter::once(reservation.id().slot()).chain(reservation.claims().iter().map(Claim::slot))
+    }
+
+    /// Reserve, or (`write` false) only check.
+    fn reserve_sync(&self, reservation: &Reservation, write: bool) -> Result<Reserved, Error> {
+        let (mut locked, now) = self.lock(Self::slots_of(reservation));
         let id = reservation.id();
-        if let Some(record) = state.records.get(id) {
-            let same = &record.fingerprint == reservation.fingerprint();
-            let refuse = match record.phase {
-                _ if record.phase != Phase::Tombstone && !same => ErrorKind::Conflict,
-                Phase::Held if now >= record.expires_at => ErrorKind::Expired,
-                Phase::Held => return Ok(Reserved::Granted(state.replay(id, reservation))),
-                Phase::Committed => ErrorKind::Committed,
-                Phase::Released | Phase::Tombstone => ErrorKind::Released,
-                Phase::Expired => ErrorKind::Expired,
-            };
-            return Err(Error::refused(refuse, id));
+        let record_slot = id.slot();
+        if let Some(record) = locked.shard(record_slot).records.get(id) {
+            if let Some(err) = refusal(record, reservation, now) {
+                return Err(err);
+            }
+            // A retry of a live hold: the same hold, with the budgets as they stand now.
+            let expires_at = record.expires_at;
+            let budgets: Vec<Option<(u16, BudgetKey, u64)>> = record
+                .claims
+                .iter()
+                .map(|c| match c {
+                    Resolved::Spend {
+                        slot, key, limit, ..
+                    } => Some((*slot, key.clone(), *limit)),
+                    _ => None,
+                })
+                .collect();
+            let remaining = budgets
+                .into_iter()
+                .map(|b| {
+                    b.map(|(slot, key, limit)| {
+                        locked
+                            .shard(slot)
+                            .budget_cell(&key, now)
+                            .map_or(limit, |cell| cell.remaining(limit))
+                    })
+                })
+                .collect();
+            return Ok(Reserved::Granted(Grant {
+                id: id.clone(),
+                expires_at_ms: expires_at,
+                remaining,
+                replayed: true,
+            }));
         }
 
         // Check every claim before writing anything.
@@ -370,15 +505,14 @@ impl MemoryStore {
         let mut remaining = Vec::with_capacity(reservation.claims().len());
         for (i, claim) in reservation.claims().iter().enumerate() {
             let deny = |reason| Ok(Reserved::Denied(Denial { claim: i, reason }));
+            let slot = claim.slot();
+            let shard = locked.shard(slot);
             match claim {
                 Claim::Spend { budget, amount } => {
-                    let slot = budget.window().slot(now);
-                    let key = budget_key(budget, slot.suffix);
-                    let left = match state.budgets.get_mut(&key) {
-                        Some(cell) => {
-                            cell.expire_buckets(now);
-                            cell.remaining(budget.limit())
-                        }
+                    let window = budget.window().slot(now);
+                    let key = budget_key(budget.key(), &window.suffix);
+                    let left = match shard.budget_cell(&key, now) {
+                        Some(cell) => cell.remaining(budget.limit()),
                         None => budget.limit(),
                     };
                     if *amount > left {
@@ -389,38 +523,43 @@ impl MemoryStore {
                     }
                     remaining.push(Some(left - amount));
                     resolved.push(Resolved::Spend {
+                        slot,
                         key,
+                        budget: budget.key().to_owned(),
+                        spec: budget.window().spec(),
                         amount: *amount,
                         limit: budget.limit(),
-                        window_ends: slot.ends_at_ms,
+                        window_ends: window.ends_at_ms,
                     });
                 }
                 Claim::Own { value, owner } => {
-                    let key = unique_key(value);
-                    let owned = state.owners.get(&key);
-                    if owned.is_some_and(|o| o != owner)
-                        || state
-                            .pending
-                            .get(&key)
-                            .is_some_and(|(h, exp)| *exp > now && h != id)
+                    let tag = value.tag();
+                    if let Some(cell) = shard.values.get(&tag)
+                        && (cell.owner.as_ref().is_some_and(|o| o != owner)
+                            || cell.pending_other(id, now))
                     {
                         return deny(DenialReason::Taken);
                     }
                     remaining.push(None);
                     resolved.push(Resolved::Own {
-                        already_owned: owned.is_some(),
-                        key,
+                        slot,
+                        tag,
                         owner: owner.clone(),
                     });
                 }
                 Claim::ReleaseOnCommit { value, owner } => {
-                    let key = unique_key(value);
-                    if state.owners.get(&key) != Some(owner) {
+                    let tag = value.tag();
+                    let cell = shard.values.get(&tag);
+                    if cell.and_then(|c| c.owner.as_ref()) != Some(owner) {
                         return deny(DenialReason::NotOwner);
+                    }
+                    if cell.is_some_and(|c| c.pending_other(id, now)) {
+                        return deny(DenialReason::Taken);
                     }
                     remaining.push(None);
                     resolved.push(Resolved::ReleaseOnCommit {
-                        key,
+                        slot,
+                        tag,
                         owner: owner.clone(),
                     });
                 }
@@ -428,7 +567,16 @@ impl MemoryStore {
         }
 
         let expires_at = now + reservation.lease().as_millis() as u64;
+        if !write {
+            return Ok(Reserved::Granted(Grant {
+                id: id.clone(),
+                expires_at_ms: expires_at,
+                remaining,
+                replayed: false,
+            }));
+        }
         for claim in &resolved {
+            let shard = locked.shard(claim.slot());
             match claim {
                 Resolved::Spend {
                     key,
@@ -436,36 +584,29 @@ impl MemoryStore {
                     window_ends,
                     ..
                 } => {
-                    state
+                    shard
                         .budgets
                         .entry(key.clone())
                         .or_default()
                         .hold_in(expires_at, *amount);
                     if let Some(ends) = window_ends {
-                        state.keep_budget_until(key, (*ends).max(expires_at) + WINDOW_GRACE_MS);
+                        shard.keep_budget_until(key, (*ends).max(expires_at) + WINDOW_GRACE_MS);
                     }
                 }
-                Resolved::Own {
-                    key,
-                    already_owned: false,
-                    ..
-                } => {
-                    state.pending.insert(key.clone(), (id.clone(), expires_at));
-                    state
-                        .deadlines
-                        .push(Reverse((expires_at, Expiring::Pending(key.clone()))));
+                Resolved::Own { tag, .. } | Resolved::ReleaseOnCommit { tag, .. } => {
+                    shard.set_pending(tag, id, expires_at);
                 }
-                Resolved::Own { .. } | Resolved::ReleaseOnCommit { .. } => {}
             }
         }
-        state.push_record(
+        locked.shard(record_slot).put_record(
             id.clone(),
             Record {
                 phase: Phase::Held,
                 expires_at,
                 fingerprint: *reservation.fingerprint(),
                 claims: resolved,
-                drop_at: expires_at + self.retain_ms,
+                drop_at: expires_at + self.inner.retain_ms,
+                memo: None,
             },
         );
         Ok(Reserved::Granted(Grant {
@@ -476,59 +617,135 @@ impl MemoryStore {
         }))
     }
 
-    fn commit_sync(&self, id: &HoldId) -> Result<Settled, Error> {
-        let (mut state, now) = self.lock();
-        let Some(record) = state.records.get(id) else {
-            return Err(Error::refused(ErrorKind::UnknownHold, id));
+    /// Locks the record's shard and its claims' shards. The claims are learned from the record
+    /// under its own shard's lock first; if they live elsewhere, everything is locked again in
+    /// order (and the record read again by the caller).
+    fn lock_hold(&self, id: &HoldId) -> (Locked<'_>, u64) {
+        let record_slot = id.slot();
+        let (mut locked, now) = self.lock([record_slot]);
+        let others: Vec<u16> = match locked.shard(record_slot).records.get(id) {
+            Some(record) => record
+                .claims
+                .iter()
+                .map(Resolved::slot)
+                .filter(|s| shard_of(*s) != shard_of(record_slot))
+                .collect(),
+            None => Vec::new(),
         };
-        match record.phase {
-            Phase::Committed => return Ok(Settled::Replayed),
-            Phase::Released | Phase::Tombstone => {
-                return Err(Error::refused(ErrorKind::Released, id));
-            }
-            Phase::Expired => return Err(Error::refused(ErrorKind::Expired, id)),
-            Phase::Held => {}
+        if others.is_empty() {
+            return (locked, now);
         }
-        if now >= record.expires_at {
-            state.undo(id, now);
-            state.settle_record(id, Phase::Expired, now, self.retain_ms);
-            return Err(Error::refused(ErrorKind::Expired, id));
-        }
-        state.apply_commit(id, now);
-        state.settle_record(id, Phase::Committed, now, self.retain_ms);
-        Ok(Settled::Applied)
+        drop(locked);
+        self.lock(std::iter::once(record_slot).chain(others))
     }
 
-    fn release_sync(&self, id: &HoldId) -> Result<Settled, Error> {
-        let (mut state, now) = self.lock();
-        let Some(record) = state.records.get(id) else {
-            state.push_record(
-                id.clone(),
-                Record {
-                    phase: Phase::Tombstone,
-                    expires_at: now,
-                    fingerprint: Fingerprint::default(),
-                    claims: Vec::new(),
-                    drop_at: now + self.retain_ms,
-                },
-            );
+    fn settle_sync(&self, id: &HoldId, settlement: &Settlement) -> Result<Settled, Error> {
+        settlement.validate()?;
+        let default_ms = self.inner.retain_ms;
+        let retain_ms = settlement
+            .retain_for(Duration::from_millis(default_ms))
+            .map(|d| d.as_millis() as u64);
+        let (mut locked, now) = self.lock_hold(id);
+        let record_slot = id.slot();
+        let Some(mut record) = locked.shard(record_slot).take_record(id) else {
+            if settlement.commit {
+                return Err(Error::refused(ErrorKind::UnknownHold, id));
+            }
+            // Released before reserved: the tombstone refuses the late reserve. It is kept even
+            // when the settler would forget: that is what it is for.
+            let tombstone = Record {
+                phase: Phase::Tombstone,
+                expires_at: now,
+                fingerprint: Fingerprint::default(),
+                claims: Vec::new(),
+                drop_at: now + retain_ms.unwrap_or(default_ms),
+                memo: None,
+            };
+            locked.shard(record_slot).put_record(id.clone(), tombstone);
             return Ok(Settled::Tombstoned);
         };
-        match record.phase {
-            Phase::Committed => Err(Error::refused(ErrorKind::Committed, id)),
-            Phase::Released | Phase::Tombstone | Phase::Expired => Ok(Settled::Replayed),
-            Phase::Held => {
-                state.undo(id, now);
-                state.settle_record(id, Phase::Released, now, self.retain_ms);
-                Ok(Settled::Applied)
+        let replay = match (record.phase, settlement.commit) {
+            (Phase::Held, _) => false,
+            (Phase::Committed, true) | (Phase::Released | Phase::Expired, false) => true,
+            // A tombstone stays, whatever the settler's retention: it refuses a late reserve.
+            (Phase::Tombstone, false) => {
+                locked.shard(record_slot).put_record(id.clone(), record);
+                return Ok(Settled::Replayed);
             }
+            (phase, _) => {
+                let kind = match phase {
+                    Phase::Committed => ErrorKind::Committed,
+                    Phase::Expired => ErrorKind::Expired,
+                    _ => ErrorKind::Released,
+                };
+                locked.shard(record_slot).put_record(id.clone(), record);
+                return Err(Error::refused(kind, id));
+            }
+        };
+        if replay {
+            // Settled the same way before: a memo not yet kept is kept now.
+            let memo = record.memo.take().or_else(|| settlement.memo.clone());
+            let phase = record.phase;
+            keep(
+                locked.shard(record_slot),
+                id,
+                record,
+                phase,
+                retain_ms,
+                now,
+                memo,
+            );
+            return Ok(Settled::Replayed);
         }
+
+        if settlement.commit && now >= record.expires_at {
+            // The lease ran out: whatever is still held goes back now.
+            undo(&mut locked, id, &record, now);
+            let shard = locked.shard(record_slot);
+            keep(
+                shard,
+                id,
+                record,
+                Phase::Expired,
+                Some(default_ms),
+                now,
+                None,
+            );
+            return Err(Error::refused(ErrorKind::Expired, id));
+        }
+        let phase = if settlement.commit {
+            let actual = match actual_amounts(&record, settlement) {
+                Ok(actual) => actual,
+                Err(err) => {
+                    locked.shard(record_slot).put_record(id.clone(), record);
+                    return Err(err.with_id(id));
+                }
+            };
+            commit(&mut locked, id, &record, &actual, now);
+            Phase::Committed
+        } else {
+            undo(&mut locked, id, &record, now);
+            Phase::Released
+        };
+        let memo = settlement.memo.clone();
+        keep(
+            locked.shard(record_slot),
+            id,
+            record,
+            phase,
+            retain_ms,
+            now,
+            memo,
+        );
+        Ok(Settled::Applied)
     }
 
     fn extend_sync(&self, id: &HoldId, lease: Duration) -> Result<u64, Error> {
         crate::reservation::check_lease(lease)?;
-        let (mut state, now) = self.lock();
-        let Some(record) = state.records.get_mut(id) else {
+        let (mut locked, now) = self.lock_hold(id);
+        let record_slot = id.slot();
+        let shard = locked.shard(record_slot);
+        let Some(record) = shard.records.get(id) else {
             return Err(Error::refused(ErrorKind::UnknownHold, id));
         };
         match record.phase {
@@ -542,13 +759,11 @@ impl MemoryStore {
             }
             Phase::Held => {}
         }
+        let mut record = shard.take_record(id).expect("read above");
         let old = record.expires_at;
         let new = now + lease.as_millis() as u64;
-        record.expires_at = new;
-        record.drop_at = new + self.retain_ms;
-        let drop_at = record.drop_at;
-        let claims = std::mem::take(&mut record.claims);
-        for claim in &claims {
+        for claim in &record.claims {
+            let shard = locked.shard(claim.slot());
             match claim {
                 Resolved::Spend {
                     key,
@@ -556,95 +771,289 @@ impl MemoryStore {
                     window_ends,
                     ..
                 } => {
-                    if let Some(cell) = state.budgets.get_mut(key) {
+                    if let Some(cell) = shard.budgets.get_mut(key) {
                         cell.take_out(old, *amount, now);
                         cell.hold_in(new, *amount);
                     }
                     if window_ends.is_some() {
-                        state.keep_budget_until(key, new + WINDOW_GRACE_MS);
+                        shard.keep_budget_until(key, new + WINDOW_GRACE_MS);
                     }
                 }
-                Resolved::Own {
-                    key,
-                    already_owned: false,
-                    ..
-                } if state.pending.get(key).is_some_and(|(h, _)| h == id) => {
-                    state.pending.insert(key.clone(), (id.clone(), new));
-                    state
-                        .deadlines
-                        .push(Reverse((new, Expiring::Pending(key.clone()))));
+                Resolved::Own { tag, .. } | Resolved::ReleaseOnCommit { tag, .. } => {
+                    if shard
+                        .values
+                        .get(tag)
+                        .and_then(|c| c.pending.as_ref())
+                        .is_some_and(|(h, _)| h == id)
+                    {
+                        shard.set_pending(tag, id, new);
+                    }
                 }
-                _ => {}
             }
         }
-        let record = state.records.get_mut(id).expect("present");
-        record.claims = claims;
-        state
-            .deadlines
-            .push(Reverse((drop_at, Expiring::Record(id.clone()))));
+        record.expires_at = new;
+        record.drop_at = new + self.inner.retain_ms;
+        locked.shard(record_slot).put_record(id.clone(), record);
         Ok(new)
+    }
+
+    fn refund_sync(&self, refund: &Refund) -> Result<Settled, Error> {
+        refund.validate()?;
+        let budget = &refund.budget;
+        let slot = crate::claim::slot_of(budget.key().as_bytes());
+        let (mut locked, now) = self.lock([slot]);
+        let shard = locked.shard(slot);
+        let at = refund.window_at_ms.unwrap_or(now);
+        if at > now + 1_000 {
+            return Err(Error::invalid(
+                "a refund cannot go to a window still to come",
+            ));
+        }
+        let window = budget.window().slot(at);
+        if window.ends_at_ms.is_some_and(|ends| ends <= now) {
+            return Err(Error::refused(ErrorKind::Expired, &refund.id));
+        }
+        let key = budget_key(budget.key(), &window.suffix);
+        let record_key = (key.clone(), refund.id.clone());
+        if let Some(done) = shard.refunds.get(&record_key) {
+            return if done.fingerprint == refund.fingerprint() {
+                Ok(Settled::Replayed)
+            } else {
+                Err(Error::refused(ErrorKind::Conflict, &refund.id))
+            };
+        }
+        let spent = shard.budget_cell(&key, now).map_or(0, |c| c.spent);
+        if refund.amount > spent {
+            return Err(Error::refused(ErrorKind::ExceedsSpent, &refund.id));
+        }
+        shard.budgets.get_mut(&key).expect("it has spent").spent -= refund.amount;
+        shard.tidy_budget(&key);
+        let drop_at = now + refund.retain.as_millis() as u64;
+        shard.refunds.insert(
+            record_key.clone(),
+            RefundRecord {
+                fingerprint: refund.fingerprint(),
+                drop_at,
+            },
+        );
+        shard
+            .deadlines
+            .insert((drop_at, Expiring::Refund(record_key.0, record_key.1)));
+        Ok(Settled::Applied)
     }
 
     fn budget_sync(&self, budget: &Budget) -> Result<BudgetStatus, Error> {
         budget.validate()?;
-        let (mut state, now) = self.lock();
-        let slot = budget.window().slot(now);
-        let key = budget_key(budget, slot.suffix);
-        let (spent, held) = match state.budgets.get_mut(&key) {
-            Some(cell) => {
-                cell.expire_buckets(now);
-                (cell.spent, cell.held)
-            }
+        let slot = crate::claim::slot_of(budget.key().as_bytes());
+        let (mut locked, now) = self.lock([slot]);
+        let window = budget.window().slot(now);
+        let key = budget_key(budget.key(), &window.suffix);
+        let (spent, held) = match locked.shard(slot).budget_cell(&key, now) {
+            Some(cell) => (cell.spent, cell.held),
             None => (0, 0),
         };
         Ok(BudgetStatus::new(
             budget.limit(),
             spent,
             held,
-            slot.ends_at_ms,
+            window.ends_at_ms,
         ))
     }
 
     fn set_spent_sync(&self, budget: &Budget, spent: u64) -> Result<(), Error> {
         check_set_spent(budget, spent)?;
-        let (mut state, now) = self.lock();
-        let slot = budget.window().slot(now);
-        let key = budget_key(budget, slot.suffix);
-        state.budgets.entry(key.clone()).or_default().spent = spent;
-        if let Some(ends) = slot.ends_at_ms {
-            state.keep_budget_until(&key, ends + WINDOW_GRACE_MS);
+        let slot = crate::claim::slot_of(budget.key().as_bytes());
+        let (mut locked, now) = self.lock([slot]);
+        let shard = locked.shard(slot);
+        let window = budget.window().slot(now);
+        let key = budget_key(budget.key(), &window.suffix);
+        shard.budgets.entry(key.clone()).or_default().spent = spent;
+        match window.ends_at_ms {
+            Some(ends) => shard.keep_budget_until(&key, ends + WINDOW_GRACE_MS),
+            None => shard.tidy_budget(&key),
         }
         Ok(())
     }
 
     fn owner_sync(&self, value: &Unique) -> Result<Option<String>, Error> {
         value.validate()?;
-        let (state, _) = self.lock();
-        Ok(state.owners.get(&unique_key(value)).cloned())
+        let tag = value.tag();
+        let slot = crate::claim::slot_of(tag.as_bytes());
+        let (mut locked, _) = self.lock([slot]);
+        Ok(locked
+            .shard(slot)
+            .values
+            .get(&tag)
+            .and_then(|c| c.owner.clone()))
     }
 
     fn remove_sync(&self, value: &Unique) -> Result<bool, Error> {
         value.validate()?;
-        let (mut state, _) = self.lock();
-        Ok(state.owners.remove(&unique_key(value)).is_some())
+        let tag = value.tag();
+        let slot = crate::claim::slot_of(tag.as_bytes());
+        let (mut locked, _) = self.lock([slot]);
+        let shard = locked.shard(slot);
+        let Some(cell) = shard.values.get_mut(&tag) else {
+            return Ok(false);
+        };
+        let owned = cell.owner.take().is_some();
+        if cell.pending.is_none() {
+            shard.values.remove(&tag);
+        }
+        Ok(owned)
+    }
+}
+
+/// Puts a settled record back with its phase, memo and deadline; or, `retain_ms` `None`, drops it.
+fn keep(
+    shard: &mut Shard,
+    id: &HoldId,
+    mut record: Record,
+    phase: Phase,
+    retain_ms: Option<u64>,
+    now: u64,
+    memo: Option<bytes::Bytes>,
+) {
+    let Some(retain_ms) = retain_ms else {
+        return;
+    };
+    record.phase = phase;
+    record.memo = memo;
+    record.drop_at = record.drop_at.max(now + retain_ms);
+    shard.put_record(id.clone(), record);
+}
+
+/// The amount each spend claim of `record` commits: all of it, or the actual amount the
+/// settlement names for its budget. Refused, with nothing changed, when an actual amount names a
+/// budget the hold does not spend from or is above what it holds.
+fn actual_amounts(record: &Record, settlement: &Settlement) -> Result<Vec<u64>, ActualError> {
+    for (budget, _) in &settlement.actual {
+        let held = record.claims.iter().any(|c| {
+            matches!(c, Resolved::Spend { budget: key, spec, .. }
+                if key == budget.key() && *spec == budget.window().spec())
+        });
+        if !held {
+            return Err(ActualError::NotHeld);
+        }
+    }
+    let mut amounts = Vec::with_capacity(record.claims.len());
+    for claim in &record.claims {
+        let Resolved::Spend {
+            budget,
+            spec,
+            amount,
+            ..
+        } = claim
+        else {
+            amounts.push(0);
+            continue;
+        };
+        match settlement.actual_for(budget, spec) {
+            Some(actual) if actual > *amount => return Err(ActualError::AboveHeld),
+            Some(actual) => amounts.push(actual),
+            None => amounts.push(*amount),
+        }
+    }
+    Ok(amounts)
+}
+
+/// Why actual amounts were refused.
+enum ActualError {
+    /// An actual amount names a budget the hold does not spend from.
+    NotHeld,
+    /// An actual amount is above what the hold holds.
+    AboveHeld,
+}
+
+impl ActualError {
+    fn with_id(self, id: &HoldId) -> Error {
+        match self {
+            ActualError::NotHeld => Error::invalid(format!(
+                "an actual amount names a budget that hold {id} does not spend from"
+            )),
+            ActualError::AboveHeld => Error::refused(ErrorKind::ExceedsHold, id),
+        }
+    }
+}
+
+/// Makes a hold permanent, spending `actual[i]` of spend claim `i` and giving the rest back.
+fn commit(locked: &mut Locked<'_>, id: &HoldId, record: &Record, actual: &[u64], now: u64) {
+    for (claim, &spend) in record.claims.iter().zip(actual) {
+        let shard = locked.shard(claim.slot());
+        match claim {
+            Resolved::Spend { key, amount, .. } => {
+                if let Some(cell) = shard.budgets.get_mut(key)
+                    && cell.take_out(record.expires_at, *amount, now)
+                {
+                    cell.spent = cell.spent.saturating_add(spend);
+                }
+                shard.tidy_budget(key);
+            }
+            Resolved::Own { tag, owner, .. } => {
+                // The hold had the value in flight: it is the owner's now (again, for an owner
+                // that claimed what it owned, even if an operator removed it meanwhile).
+                let held = shard
+                    .values
+                    .get(tag)
+                    .and_then(|c| c.pending.as_ref())
+                    .is_some_and(|(h, _)| h == id);
+                if held {
+                    shard.values.get_mut(tag).expect("held").owner = Some(owner.clone());
+                    shard.clear_pending(tag, id);
+                }
+            }
+            Resolved::ReleaseOnCommit { tag, owner, .. } => {
+                shard.clear_pending(tag, id);
+                if let Some(cell) = shard.values.get_mut(tag)
+                    && cell.owner.as_ref() == Some(owner)
+                {
+                    cell.owner = None;
+                    if cell.pending.is_none() {
+                        shard.values.remove(tag);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Gives back whatever the hold still holds.
+fn undo(locked: &mut Locked<'_>, id: &HoldId, record: &Record, now: u64) {
+    for claim in &record.claims {
+        let shard = locked.shard(claim.slot());
+        match claim {
+            Resolved::Spend { key, amount, .. } => {
+                if let Some(cell) = shard.budgets.get_mut(key) {
+                    cell.take_out(record.expires_at, *amount, now);
+                }
+                shard.tidy_budget(key);
+            }
+            Resolved::Own { tag, .. } | Resolved::ReleaseOnCommit { tag, .. } => {
+                shard.clear_pending(tag, id);
+            }
+        }
     }
 }
 
 impl Store for MemoryStore {
     async fn reserve(&self, reservation: &Reservation) -> Result<Reserved, Error> {
-        self.reserve_sync(reservation)
+        self.reserve_sync(reservation, true)
     }
 
-    async fn commit(&self, id: &HoldId) -> Result<Settled, Error> {
-        self.commit_sync(id)
+    async fn check(&self, reservation: &Reservation) -> Result<Reserved, Error> {
+        self.reserve_sync(reservation, false)
     }
 
-    async fn release(&self, id: &HoldId) -> Result<Settled, Error> {
-        self.release_sync(id)
+    async fn settle(&self, id: &HoldId, settlement: &Settlement) -> Result<Settled, Error> {
+        self.settle_sync(id, settlement)
     }
 
     async fn extend(&self, id: &HoldId, lease: Duration) -> Result<u64, Error> {
         self.extend_sync(id, lease)
+    }
+
+    async fn refund(&self, refund: &Refund) -> Result<Settled, Error> {
+        self.refund_sync(refund)
     }
 
     async fn budget(&self, budget: &Budget) -> Result<BudgetStatus, Error> {

@@ -10,13 +10,15 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::{Budget, BudgetStatus, Error, HoldId, Reservation, Reserved, Settled, Unique};
+use crate::{
+    Budget, BudgetStatus, Error, HoldId, Refund, Reservation, Reserved, Settled, Settlement, Unique,
+};
 
 mod memory;
 mod redis;
 
 pub use self::memory::MemoryStore;
-pub use self::redis::{RedisStore, RedisStoreBuilder};
+pub use self::redis::{BatchStats, RedisStore, RedisStoreBuilder};
 
 /// How long a settled record (or a tombstone) is kept by default, so that a retried commit,
 /// release or reserve still gets the right answer.
@@ -25,7 +27,7 @@ pub const DEFAULT_RETAIN: Duration = Duration::from_secs(600);
 /// How many expired buckets of holds of one budget a call clears at most. Work per call stays
 /// bounded; a budget with more than this is cleared over the next calls, and until then counts
 /// too much as held, never too little.
-pub(crate) const MAX_EXPIRED_PER_CALL: usize = 256;
+pub(crate) const MAX_EXPIRED_PER_CALL: usize = 64;
 
 /// Holds are counted per bucket of lease ends this wide (`BUCKET_MS` in `lua/common.lua`), so a
 /// budget keeps one entry per bucket, not one per hold in flight. An expired hold's capacity
@@ -42,19 +44,41 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// A retry with the same id and claims answers the same hold (`replayed`); with other claims
     /// it is [`ErrorKind::Conflict`](crate::ErrorKind::Conflict). After the hold was committed,
     /// released or expired, a retry is [`Committed`](crate::ErrorKind::Committed),
-    /// [`Released`](crate::ErrorKind::Released) or [`Expired`](crate::ErrorKind::Expired).
+    /// [`Released`](crate::ErrorKind::Released) or [`Expired`](crate::ErrorKind::Expired), with
+    /// the settlement's memo ([`Error::memo`]) while the record is kept.
     fn reserve(
         &self,
         reservation: &Reservation,
     ) -> impl Future<Output = Result<Reserved, Error>> + Send;
 
+    /// Answers what [`Store::reserve`] would answer now, holding and writing nothing (shadow
+    /// mode: watch what limits would refuse before enforcing them). A retry of a known id is
+    /// answered as a replay.
+    fn check(
+        &self,
+        reservation: &Reservation,
+    ) -> impl Future<Output = Result<Reserved, Error>> + Send;
+
+    /// Commits or releases a hold, as `settlement` says. Idempotent: settling again the same way
+    /// answers [`Settled::Replayed`] while the record is kept. A commit is refused once the lease
+    /// has run out; a release before the reserve leaves a tombstone that refuses it.
+    fn settle(
+        &self,
+        id: &HoldId,
+        settlement: &Settlement,
+    ) -> impl Future<Output = Result<Settled, Error>> + Send;
+
     /// Makes a hold permanent: held becomes spent, values become owned, release-on-commit values
     /// are freed. Idempotent. Refused once the lease has run out.
-    fn commit(&self, id: &HoldId) -> impl Future<Output = Result<Settled, Error>> + Send;
+    fn commit(&self, id: &HoldId) -> impl Future<Output = Result<Settled, Error>> + Send {
+        async move { self.settle(id, &Settlement::commit()).await }
+    }
 
     /// Gives a hold back. Idempotent; before the reserve arrives it leaves a tombstone that
     /// refuses it.
-    fn release(&self, id: &HoldId) -> impl Future<Output = Result<Settled, Error>> + Send;
+    fn release(&self, id: &HoldId) -> impl Future<Output = Result<Settled, Error>> + Send {
+        async move { self.settle(id, &Settlement::release()).await }
+    }
 
     /// Renews a live hold's lease to `lease` from now; answers the new end in Unix milliseconds.
     fn extend(
@@ -62,6 +86,10 @@ pub trait Store: Clone + Send + Sync + 'static {
         id: &HoldId,
         lease: Duration,
     ) -> impl Future<Output = Result<u64, Error>> + Send;
+
+    /// Gives an amount back to a budget after it was spent; see [`Refund`]. Idempotent by the
+    /// refund's id.
+    fn refund(&self, refund: &Refund) -> impl Future<Output = Result<Settled, Error>> + Send;
 
     /// The budget's current window as it stands now.
     fn budget(&self, budget: &Budget) -> impl Future<Output = Result<BudgetStatus, Error>> + Send;

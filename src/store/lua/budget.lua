@@ -1,8 +1,49 @@
--- Reads a budget's current window. KEYS[1] = budget base key; ARGV = window spec, max to clear
--- Answers {spent, held, window end or -1}
-local now = now_ms()
-local suffix, ends = window(ARGV[1], now)
-local bkey = KEYS[1] .. suffix
-expire_buckets(bkey, now, tonumber(ARGV[2]))
-local v = redis.call('HMGET', bkey, 'spent', 'held')
-return { tonumber(v[1]) or 0, tonumber(v[2]) or 0, ends or -1 }
+-- Operations on budgets: read one, seed its spent amount, refund into it.
+
+-- Op 6. { 6, budget base key, window spec, max_clear } -> { spent, held, window end or -1 }
+local function budget(op, now)
+  local suffix, ends = window(op[3], now)
+  local b = load_budget(op[2] .. suffix, {})
+  expire(b, now, op[4])
+  save_budget(b)
+  return { b.spent, b.held, ends or -1 }
+end
+
+-- Op 7. { 7, budget base key, window spec, spent } -> { 'OK' }
+local function set_spent(op, now)
+  local suffix, ends = window(op[3], now)
+  local b = load_budget(op[2] .. suffix, {})
+  b.spent = op[4]
+  b.changed = true
+  if ends then keep_until(b, ends + WINDOW_GRACE_MS) end
+  save_budget(b)
+  return { 'OK' }
+end
+
+-- Op 8. { 8, refund key head, budget base key, window spec, at (0: now), amount, fingerprint,
+--         retain, refund id, max_clear }
+-- The refund's record is <head><window>:<id>, beside the budget, kept `retain` ms so that a retry
+-- counts once.
+-- Answers { 'OK', 'applied' | 'replayed' } | { 'E', 'conflict' | 'exceeds_spent' | 'expired' | 'future' }
+local function refund(op, now)
+  local head, base, spec, at, amount, fp = op[2], op[3], op[4], op[5], op[6], op[7]
+  local retain, id, max_clear = op[8], op[9], op[10]
+  if at == 0 then at = now end
+  if at > now + 1000 then return { 'E', 'future' } end
+  local suffix, ends = window(spec, at)
+  if ends and ends <= now then return { 'E', 'expired' } end
+  local key = head .. suffix .. ':' .. id
+  local done = redis.call('GET', key)
+  if done then
+    if done == fp then return { 'OK', 'replayed' } end
+    return { 'E', 'conflict' }
+  end
+  local b = load_budget(base .. suffix, {})
+  expire(b, now, max_clear)
+  if amount > b.spent then return { 'E', 'exceeds_spent' } end
+  b.spent = b.spent - amount
+  b.changed = true
+  save_budget(b)
+  redis.call('SET', key, fp, 'PX', num(retain))
+  return { 'OK', 'applied' }
+end

@@ -1,24 +1,27 @@
--- Shared by every script of tower-reserve; each script is this file followed by its own body.
+-- Shared by the scripts of tower-reserve: the calendar, numbers, hold records, budgets, values.
+-- The store runs one script, batch.lua: this file, hold.lua and budget.lua, then its dispatch.
 --
 -- Key layout (every key of one budget or one unique value shares one hash tag, so one slot):
---   <p>:b:{<budget>}<window>      hash: spent, held, and x<T> = the amount held by holds whose
---                                 lease ends in the 100 ms bucket that ends at T (ms)
---   <p>:b:{<budget>}<window>:h    sorted set of those buckets: member and score T
---   <p>:u:{<ns>:<digest>}         string: the owner of a unique value
---   <p>:u:{<ns>:<digest>}:p       string: the hold id holding it in flight; expires with the lease
---   <p>:h:{<hold id>}             string: the hold record (MessagePack), see below
+--   <p>:b:{<budget>}<window>     hash: the budget in one window (window '' for lifetime)
+--       spent     spent amount
+--       h         '<held>,<n>,<c>': amount held by holds in flight, the earliest end of a bucket
+--                 of their lease ends (ms), and how many such buckets there are
+--       x<T>      with two buckets or more: the amount held by holds whose lease ends in the
+--                 100 ms bucket that ends at T (with one bucket, that amount is <held>, its end n)
+--       t         windowed budgets: when the keys of this window expire (ms)
+--   <p>:b:{<budget>}<window>:h   sorted set of the bucket ends T, only with two buckets or more
+--   <p>:u:{<ns>:<digest>}        string: the owner of a unique value
+--   <p>:u:{<ns>:<digest>}:p      string: the hold that has the value in flight; expires with it
+--   <p>:h:{<tag>}<name>          string: a hold record (see pack_record), in the slot of <tag>
+--   <p>:f:{<budget>}<window>:<id> string: a refund's fingerprint, for as long as it is kept
 --
--- Hold record, as the scripts see it: { s = phase, e = lease end (ms), f = claims fingerprint,
--- c = claims }
---   phase: H held, C committed, R released, T tombstone (released before reserved), X expired
---   claim: { k = 'b', b = budget key, a = amount }
---        | { k = 'u', u = value key, o = owner, n = 1 if the owner already owned it }
---        | { k = 'r', u = value key, o = owner }
--- Stored packed (save_record, load_record): arrays rather than maps, and each key without the
--- '<p>:b:{' or '<p>:u:{' head it shares with the record's own key, so that a hold in flight
--- costs Redis as little memory as possible.
+-- Every number a script writes is a non-negative integer below 2^54, formatted by num(): Lua's
+-- numbers are doubles, exact up to 2^53, and amounts and limits are at most 2^53 - 1.
 
-local WINDOW_GRACE_MS = 60000
+local function num(x)
+  if x <= 0 then return '0' end
+  return string.format('%.0f', x)
+end
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -64,120 +67,245 @@ local function window(spec, now)
   return string.format(':s%d.%.0f', secs, index), (index + 1) * secs * 1000
 end
 
+-- The spec of a window suffix (the inverse of window's first answer, up to the index).
+local function spec_of(suffix)
+  if suffix == '' then return '0' end
+  if string.sub(suffix, 2, 2) == 'm' then return 'm' end
+  return string.match(suffix, '^:(s%d+)%.')
+end
+
+-- How long a windowed budget outlives its window and its last hold.
+local WINDOW_GRACE_MS = 60000
+
 -- Holds are counted per bucket of lease ends, not one by one, so that a budget keeps one entry
 -- per 100 ms of lease ends however many holds are in flight. A bucket is given back whole once
 -- its end has passed: an expired hold's capacity returns at most 100 ms after its lease.
 local BUCKET_MS = 100
 
 local function bucket(e)
-  return string.format('%.0f', math.ceil(e / BUCKET_MS) * BUCKET_MS)
+  return math.ceil(e / BUCKET_MS) * BUCKET_MS
 end
 
--- Gives back up to `max` buckets of one budget whose end has passed.
-local function expire_buckets(bkey, now, max)
-  local due = redis.call('ZRANGEBYSCORE', bkey .. ':h', '-inf', now, 'LIMIT', 0, max)
-  if #due == 0 then return end
-  local fields = {}
-  for i, t in ipairs(due) do fields[i] = 'x' .. t end
-  local total = 0
-  for _, v in ipairs(redis.call('HMGET', bkey, unpack(fields))) do
-    total = total + (tonumber(v) or 0)
-  end
-  redis.call('HDEL', bkey, unpack(fields))
-  redis.call('ZREM', bkey .. ':h', unpack(due))
-  redis.call('HINCRBY', bkey, 'held', -total)
+-- Hold records, packed with MessagePack as an array (absent fields as false: no holes):
+--   { phase, lease end, fingerprint, nonce, claims, groups, memo, spends }
+--   phase: H held, P held but still reserving its other slot groups (a Cluster home record),
+--          C committed, R released, T tombstone (released before reserved), X expired
+--   claim: { 'b', budget key with its window, amount } | { 'u' or 'r', value key, owner }
+--   groups: on a Cluster, the records of a reservation's other slot groups (home record only)
+--   memo: what its settler left with it (an idempotent request's response)
+--   spends: a Cluster home's list of the budget claims of every group, to check actual amounts
+--   nonce: which call reserved it, so that a call's own retry is not mistaken for another's
+local function pack_record(r)
+  return cmsgpack.pack({
+    r.s, r.e or 0, r.f or '', r.nonce or '', r.c or {}, r.g or {}, r.m or false, r.v or false,
+  })
 end
 
--- Holds `amount` until lease end `e`.
-local function hold_in(bkey, e, amount)
-  local t = bucket(e)
-  redis.call('HINCRBY', bkey, 'x' .. t, amount)
-  redis.call('ZADD', bkey .. ':h', t, t)
-  redis.call('HINCRBY', bkey, 'held', amount)
-end
-
--- Takes a hold (lease end `e`) out of its bucket. Answers true when it was still held; false
--- when its bucket's end has passed, so that the bucket, this hold with it, is (now) given back
--- whole. Called at most once per hold: the record's phase sees to that.
-local function take_out(bkey, e, amount, now)
-  local t = bucket(e)
-  if tonumber(t) <= now then
-    if redis.call('ZREM', bkey .. ':h', t) == 1 then
-      local sum = tonumber(redis.call('HGET', bkey, 'x' .. t)) or 0
-      redis.call('HDEL', bkey, 'x' .. t)
-      redis.call('HINCRBY', bkey, 'held', -sum)
-    end
-    return false
-  end
-  if redis.call('HINCRBY', bkey, 'x' .. t, -amount) <= 0 then
-    redis.call('HDEL', bkey, 'x' .. t)
-    redis.call('ZREM', bkey .. ':h', t)
-  end
-  redis.call('HINCRBY', bkey, 'held', -amount)
-  return true
-end
-
-local function remaining(bkey, limit)
-  local v = redis.call('HMGET', bkey, 'spent', 'held')
-  local left = limit - (tonumber(v[1]) or 0) - (tonumber(v[2]) or 0)
-  if left < 0 then return 0 end
-  return left
-end
-
--- Keeps a windowed budget's keys until at least `at` (ms). A lifetime budget's keys carry no TTL
--- and are left alone; `created` marks keys a reserve has just written, whose TTL is still unset.
-local function keep_until(bkey, at, now, created)
-  for _, key in ipairs({ bkey, bkey .. ':h' }) do
-    local ttl = redis.call('PTTL', key)
-    if (ttl == -1 and created) or (ttl >= 0 and now + ttl < at) then
-      redis.call('PEXPIREAT', key, at)
-    end
-  end
-end
-
--- The key prefix, read off a hold record's key (<p>:h:{...}); prefixes carry no braces.
-local function prefix_of(record_key)
-  return string.match(record_key, '^(.-):h:{')
+local function unpack_record(raw)
+  local p = cmsgpack.unpack(raw)
+  return {
+    s = p[1], e = p[2], f = p[3], nonce = p[4], c = p[5], g = p[6], m = p[7] or nil, v = p[8] or nil,
+  }
 end
 
 local function load_record(key)
   local raw = redis.call('GET', key)
   if not raw then return nil end
-  local packed, p = cmsgpack.unpack(raw), prefix_of(key)
-  local rec = { s = packed[1], e = packed[2], f = packed[3], c = {} }
-  for i, c in ipairs(packed[4]) do
-    if c[1] == 'b' then
-      rec.c[i] = { k = 'b', b = p .. ':b:{' .. c[2], a = c[3] }
-    else
-      rec.c[i] = { k = c[1], u = p .. ':u:{' .. c[2], o = c[3], n = c[4] }
-    end
-  end
-  return rec
+  return unpack_record(raw)
 end
 
-local function save_record(key, rec, ttl_ms)
-  local head = #prefix_of(key) + 5
-  local claims = {}
-  for i, c in ipairs(rec.c) do
-    if c.k == 'b' then
-      claims[i] = { 'b', string.sub(c.b, head), c.a }
-    elseif c.k == 'u' then
-      claims[i] = { 'u', string.sub(c.u, head), c.o, c.n }
-    else
-      claims[i] = { 'r', string.sub(c.u, head), c.o }
-    end
-  end
-  local packed = cmsgpack.pack({ rec.s, rec.e or 0, rec.f or '', claims })
-  redis.call('SET', key, packed, 'PX', ttl_ms)
+local function save_record(key, r, ttl_ms)
+  redis.call('SET', key, pack_record(r), 'PX', num(ttl_ms))
 end
 
--- Gives back whatever a hold still holds.
-local function undo(rec, id, now)
-  for _, c in ipairs(rec.c) do
-    if c.k == 'b' then
-      take_out(c.b, rec.e, c.a, now)
-    elseif c.k == 'u' and c.n == 0 then
-      if redis.call('GET', c.u .. ':p') == id then redis.call('DEL', c.u .. ':p') end
-    end
+-- ---------------------------------------------------------------------------------------------
+-- Budgets: read once, changed in memory, written once (save_budget).
+
+-- Reads budget `bkey` and the bucket sums of the bucket ends in `ends` (a list).
+local function load_budget(bkey, ends)
+  local fields = { 'spent', 'h', 't' }
+  for i, T in ipairs(ends) do fields[3 + i] = 'x' .. num(T) end
+  local v = redis.call('HMGET', bkey, unpack(fields))
+  local b = {
+    key = bkey, spent = tonumber(v[1]) or 0, held = 0, n = 0, c = 0, t = tonumber(v[3]) or 0,
+    x = {}, set = {}, del = {}, changed = false, exists = v[1] or v[2],
+  }
+  if v[2] then
+    local held, n, c = string.match(v[2], '^(%d+),(%d+),(%d+)$')
+    b.held, b.n, b.c = tonumber(held), tonumber(n), tonumber(c)
   end
+  for i, T in ipairs(ends) do b.x[T] = tonumber(v[3 + i]) end
+  return b
+end
+
+local function set_field(b, field, value)
+  b.set[field] = value
+  b.del[field] = nil
+end
+
+local function del_field(b, field)
+  b.del[field] = true
+  b.set[field] = nil
+end
+
+-- With exactly one bucket left in the sorted set, goes back to keeping it in `h` alone.
+local function collapse(b)
+  local zkey = b.key .. ':h'
+  local first = redis.call('ZRANGE', zkey, 0, 0)
+  local only = tonumber(first[1])
+  redis.call('DEL', zkey)
+  if only then
+    del_field(b, 'x' .. num(only))
+    b.x[only] = nil
+    b.n = only
+  end
+end
+
+-- The earliest bucket end, from the sorted set (two buckets or more).
+local function earliest(b)
+  local first = redis.call('ZRANGE', b.key .. ':h', 0, 0)
+  b.n = tonumber(first[1]) or 0
+end
+
+-- Gives back up to `max` buckets whose end has passed.
+local function expire(b, now, max)
+  if b.c == 0 or b.n > now then return end
+  b.changed = true
+  if b.c == 1 then
+    b.held, b.n, b.c = 0, 0, 0
+    return
+  end
+  local zkey = b.key .. ':h'
+  local due = redis.call('ZRANGEBYSCORE', zkey, '-inf', num(now), 'LIMIT', 0, max)
+  if #due > 0 then
+    local fields = {}
+    for i, T in ipairs(due) do fields[i] = 'x' .. T end
+    local sum = 0
+    for _, v in ipairs(redis.call('HMGET', b.key, unpack(fields))) do sum = sum + (tonumber(v) or 0) end
+    redis.call('HDEL', b.key, unpack(fields))
+    redis.call('ZREM', zkey, unpack(due))
+    for _, T in ipairs(due) do b.x[tonumber(T)] = nil; b.set['x' .. T] = nil end
+    b.held = math.max(0, b.held - sum)
+    b.c = math.max(0, b.c - #due)
+  end
+  if b.c == 0 then
+    redis.call('DEL', zkey)
+    b.held, b.n = 0, 0
+  elseif b.c == 1 then
+    collapse(b)
+  else
+    earliest(b)
+  end
+end
+
+local function remaining(b, limit)
+  local left = limit - b.spent - b.held
+  if left < 0 then return 0 end
+  return left
+end
+
+-- Holds `amount` in the bucket that ends at T.
+local function hold_in(b, T, amount)
+  b.changed = true
+  if b.c == 0 then
+    b.n, b.c = T, 1
+  elseif b.c == 1 and T == b.n then
+    -- The same bucket: its sum is `held`.
+  elseif b.c == 1 then
+    -- A second bucket: both go into the sorted set, their sums into fields of their own.
+    local zkey = b.key .. ':h'
+    redis.call('ZADD', zkey, num(b.n), num(b.n), num(T), num(T))
+    b.zset_new = true
+    set_field(b, 'x' .. num(b.n), num(b.held))
+    set_field(b, 'x' .. num(T), num(amount))
+    b.x[b.n], b.x[T] = b.held, amount
+    b.c = 2
+    if T < b.n then b.n = T end
+  elseif b.x[T] then
+    b.x[T] = b.x[T] + amount
+    set_field(b, 'x' .. num(T), num(b.x[T]))
+  else
+    redis.call('ZADD', b.key .. ':h', num(T), num(T))
+    b.x[T] = amount
+    set_field(b, 'x' .. num(T), num(amount))
+    b.c = b.c + 1
+    if T < b.n then b.n = T end
+  end
+  b.held = b.held + amount
+end
+
+-- Takes a hold of `amount` out of the bucket that ends at T. Answers true when it was still
+-- held; false when its bucket's end has passed (its capacity is back, or comes back as soon as
+-- that bucket is cleared, and until then it counts as held, never as free) or is gone.
+local function take_out(b, T, amount, now)
+  if T <= now then return false end
+  if b.c == 0 then return false end
+  if b.c == 1 then
+    if T ~= b.n then return false end
+    b.changed = true
+    b.held = b.held - amount
+    if b.held <= 0 then b.held, b.n, b.c = 0, 0, 0 end
+    return true
+  end
+  local x = b.x[T]
+  if not x then return false end
+  b.changed = true
+  b.held = math.max(0, b.held - amount)
+  x = x - amount
+  if x > 0 then
+    b.x[T] = x
+    set_field(b, 'x' .. num(T), num(x))
+    return true
+  end
+  b.x[T] = nil
+  del_field(b, 'x' .. num(T))
+  redis.call('ZREM', b.key .. ':h', num(T))
+  b.c = b.c - 1
+  if b.c == 1 then
+    collapse(b)
+  elseif T == b.n then
+    earliest(b)
+  end
+  return true
+end
+
+-- Keeps a windowed budget's keys until at least `at`.
+local function keep_until(b, at)
+  if at > b.t then
+    b.t = at
+    b.expire = true
+    set_field(b, 't', num(at))
+    b.changed = true
+  end
+end
+
+-- Writes what changed. A lifetime budget with nothing spent and nothing held is deleted: there is
+-- nothing to remember. A key a write creates gets its expiry at once (windowed budgets).
+local function save_budget(b)
+  if not b.changed then return end
+  if b.t == 0 and b.spent <= 0 and b.c == 0 then
+    if b.exists then redis.call('DEL', b.key) end
+    return
+  end
+  local args = { 'spent', num(b.spent), 'h', num(b.held) .. ',' .. num(b.n) .. ',' .. b.c }
+  for field, value in pairs(b.set) do
+    args[#args + 1] = field
+    args[#args + 1] = value
+  end
+  redis.call('HSET', b.key, unpack(args))
+  local dels = {}
+  for field in pairs(b.del) do dels[#dels + 1] = field end
+  if #dels > 0 then redis.call('HDEL', b.key, unpack(dels)) end
+  if b.t > 0 then
+    if b.expire or not b.exists then redis.call('PEXPIREAT', b.key, num(b.t)) end
+    if b.c >= 2 and (b.expire or b.zset_new) then redis.call('PEXPIREAT', b.key .. ':h', num(b.t)) end
+  end
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- Unique values
+
+-- Clears `id`'s in-flight marker on a value, if it is `id`'s.
+local function clear_pending(ukey, id)
+  if redis.call('GET', ukey .. ':p') == id then redis.call('DEL', ukey .. ':p') end
 end

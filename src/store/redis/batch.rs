@@ -1,0 +1,194 @@
+//! Coalescing: one worker per Redis node collects the operations that requests ask of that node
+//! while a script call is in flight, and sends them as the next call: one script run for many
+//! operations, each answered on its own channel. A lone operation goes out at once, so an idle
+//! system waits for nothing; under load each call carries what queued behind the last.
+//!
+//! The worker is tower's `buffer` worker in shape (requests in over a channel, each answered on a
+//! oneshot); the batching is TigerBeetle's client's (the next batch fills while one is in flight).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::{mpsc, oneshot};
+
+use super::connection::Conn;
+use super::protocol::{self, Op};
+use crate::{Error, ErrorKind};
+
+/// How big one call may get, and how many may be in flight to one node at once.
+///
+/// A script blocks every other client of its node while it runs, and cannot be killed once it has
+/// written, so a batch is bounded both in operations and in work (claims). At most 128
+/// operations or 256 claims: with each budget clearing at most `MAX_EXPIRED_PER_CALL` expired
+/// buckets per call, the worst batch runs in a few milliseconds, far from Redis's `BUSY`
+/// threshold (5 s), and a typical one (a purchase is one claim) in well under one.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_ops: usize,
+    pub(crate) max_work: usize,
+    pub(crate) in_flight: usize,
+    /// After a call that committed: wait for this many replicas, this long (Redis `WAIT`).
+    pub(crate) wait_for: Option<(usize, Duration)>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_ops: 128,
+            max_work: 256,
+            in_flight: 2,
+            wait_for: None,
+        }
+    }
+}
+
+/// How many script calls and operations a store has sent: their ratio is the batch size seen.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) calls: AtomicU64,
+    pub(crate) ops: AtomicU64,
+}
+
+/// The handle to one node's worker. Cheap to clone; the worker stops when every handle is gone.
+#[derive(Clone)]
+pub(crate) struct Batcher {
+    tx: mpsc::Sender<Job>,
+}
+
+struct Job {
+    op: Op,
+    /// Whether this operation commits (a call that holds one waits for replicas, if asked).
+    commits: bool,
+    answer: oneshot::Sender<Result<Bytes, Error>>,
+}
+
+/// Operations queued at most, beyond which callers wait for room (and time out).
+const QUEUE: usize = 8_192;
+
+impl Batcher {
+    pub(crate) fn spawn(conn: Conn, limits: Limits, counters: Arc<Counters>) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(work(rx, conn, limits, counters));
+        Self { tx }
+    }
+
+    /// Sends `op` with the next call to this node and answers its own answer.
+    pub(crate) async fn call(&self, op: Op, commits: bool) -> Result<Bytes, Error> {
+        let (answer, rx) = oneshot::channel();
+        self.tx
+            .send(Job {
+                op,
+                commits,
+                answer,
+            })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        "the store's connection worker has stopped",
+    )
+}
+
+async fn work(mut rx: mpsc::Receiver<Job>, conn: Conn, limits: Limits, counters: Arc<Counters>) {
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        while waiting.len() < QUEUE {
+            match rx.try_recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(_) => break,
+            }
+        }
+        while in_flight.len() < limits.in_flight {
+            let jobs = next_batch(&mut waiting, &limits);
+            if jobs.is_empty() {
+                break;
+            }
+            counters.calls.fetch_add(1, Ordering::Relaxed);
+            counters.ops.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+            in_flight.push(send(conn.clone(), jobs, limits.wait_for));
+        }
+        if in_flight.is_empty() {
+            if !open && waiting.is_empty() {
+                return;
+            }
+            match rx.recv().await {
+                Some(job) => waiting.push_back(job),
+                None => open = false,
+            }
+            continue;
+        }
+        tokio::select! {
+            Some((jobs, reply)) = in_flight.next() => answer(jobs, reply),
+            job = rx.recv(), if open && waiting.len() < QUEUE => match job {
+                Some(job) => waiting.push_back(job),
+                None => open = false,
+            },
+        }
+    }
+}
+
+/// Takes the next batch off the queue, within the limits, skipping operations whose caller has
+/// given up (it was told the store was unavailable; sending it now could only surprise it).
+fn next_batch(waiting: &mut VecDeque<Job>, limits: &Limits) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    let mut work = 0;
+    while let Some(job) = waiting.front() {
+        if job.answer.is_closed() {
+            waiting.pop_front();
+            continue;
+        }
+        if !jobs.is_empty()
+            && (jobs.len() >= limits.max_ops || work + job.op.work > limits.max_work)
+        {
+            break;
+        }
+        work += job.op.work;
+        jobs.push(waiting.pop_front().expect("front exists"));
+    }
+    jobs
+}
+
+async fn send(
+    conn: Conn,
+    jobs: Vec<Job>,
+    wait_for: Option<(usize, Duration)>,
+) -> (Vec<Job>, Result<Bytes, Error>) {
+    let payload = protocol::batch(jobs.iter().map(|j| &j.op.bytes[..]));
+    let key = jobs[0].op.key.as_str();
+    let reply = conn.run_batch(key, &payload).await;
+    if reply.is_ok()
+        && let Some((replicas, timeout)) = wait_for
+        && jobs.iter().any(|j| j.commits)
+    {
+        conn.wait(key, replicas, timeout).await;
+    }
+    (jobs, reply)
+}
+
+fn answer(jobs: Vec<Job>, reply: Result<Bytes, Error>) {
+    let answers = reply.and_then(|reply| protocol::split(reply, jobs.len()));
+    match answers {
+        Ok(answers) => {
+            for (job, answer) in jobs.into_iter().zip(answers) {
+                let _ = job.answer.send(Ok(answer));
+            }
+        }
+        Err(err) => {
+            for job in jobs {
+                let _ = job.answer.send(Err(err.duplicate()));
+            }
+        }
+    }
+}

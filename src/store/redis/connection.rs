@@ -1,0 +1,187 @@
+//! The connection to Redis (one node, or a Cluster), the script, and the checks made once at
+//! connect time.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{Cmd, FromRedisValue, Script, Value};
+
+use super::protocol::protocol;
+use crate::{Error, ErrorKind};
+
+/// The store's one script: the shared prelude, the operations, and the batch that runs them.
+/// Built once per process, so that its SHA1 is computed once. `Script` sends `EVALSHA` and loads
+/// the script on `NOSCRIPT` (after a restart, a failover or `SCRIPT FLUSH`; on a Cluster the
+/// load goes to every primary), so the servers' script caches need no care.
+///
+/// The flag lets one batch touch keys of several slots of one Cluster node (Redis 7.0 or later).
+pub(crate) static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        "#!lua flags=allow-cross-slot-keys\n",
+        include_str!("../lua/common.lua"),
+        "\n",
+        include_str!("../lua/hold.lua"),
+        "\n",
+        include_str!("../lua/budget.lua"),
+        "\n",
+        include_str!("../lua/batch.lua"),
+    ))
+});
+
+/// One node through a reconnecting multiplexed connection, or a Cluster through redis-rs's
+/// cluster client (which follows MOVED and ASK, and reloads its slot map after a failover).
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Node(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// Runs one batch (a MessagePack array of operations), routed by `key` on a Cluster; answers
+    /// the script's MessagePack answer.
+    pub(crate) async fn run_batch(&self, key: &str, payload: &[u8]) -> Result<Bytes, Error> {
+        let mut invocation = SCRIPT.prepare_invoke();
+        invocation.key(key).arg(payload);
+        let reply: Value = match self {
+            Conn::Node(c) => invocation.invoke_async(&mut c.clone()).await?,
+            Conn::Cluster(c) => invocation.invoke_async(&mut c.clone()).await?,
+        };
+        match reply {
+            Value::BulkString(bytes) => Ok(Bytes::from(bytes)),
+            other => Err(protocol(&format!("a batch answered {other:?}"))),
+        }
+    }
+
+    pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> redis::RedisResult<T> {
+        match self {
+            Conn::Node(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+        }
+    }
+
+    /// A command to the primary that serves `key`.
+    async fn query_at<T: FromRedisValue>(&self, key: &str, cmd: Cmd) -> redis::RedisResult<T> {
+        match self {
+            Conn::Node(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_key(key, SlotAddr::Master),
+                ));
+                let reply = c.clone().route_command(cmd, route).await?;
+                Ok(redis::from_redis_value(reply)?)
+            }
+        }
+    }
+
+    /// A command to the node at `host:port` (a Cluster node redis-rs knows).
+    pub(crate) async fn query_node<T: FromRedisValue>(
+        &self,
+        address: &str,
+        cmd: Cmd,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Conn::Node(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => {
+                let (host, port) = address.rsplit_once(':').unwrap_or((address, "6379"));
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.to_owned(),
+                    port: port.parse().unwrap_or(6379),
+                });
+                let reply = c.clone().route_command(cmd, route).await?;
+                Ok(redis::from_redis_value(reply)?)
+            }
+        }
+    }
+
+    /// Waits (Redis `WAIT`, on the connection that wrote) until `replicas` replicas of the node
+    /// that serves `key` have acknowledged its writes, or `timeout` has passed. A wait that falls
+    /// short is logged, not an error: the primary has applied the writes and cannot take them
+    /// back.
+    pub(crate) async fn wait(&self, key: &str, replicas: usize, timeout: Duration) {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(replicas).arg(timeout.as_millis() as u64);
+        let acked = tokio::time::timeout(timeout * 2, self.query_at::<i64>(key, cmd)).await;
+        match acked {
+            Ok(Ok(n)) if n as usize >= replicas => {}
+            Ok(Ok(n)) => tracing::warn!(
+                key,
+                acked = n,
+                wanted = replicas,
+                "commit not yet on enough replicas"
+            ),
+            Ok(Err(err)) => tracing::warn!(key, error = %err, "WAIT for replicas failed"),
+            Err(_) => tracing::warn!(key, "WAIT for replicas did not answer"),
+        }
+    }
+}
+
+/// What the store needs of a Redis server: version 7.0 or later (script flags, `SET NX GET`),
+/// and an eviction policy that never evicts (an evicted in-flight marker or window hash lets a
+/// value be owned twice or a budget granted again). Checked on every primary at connect time.
+pub(crate) async fn check_server(
+    conn: &Conn,
+    address: &str,
+    allow_eviction: bool,
+) -> Result<(), Error> {
+    let info: String = conn
+        .query_node(address, redis::cmd("INFO").arg("server").clone())
+        .await?;
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("0")
+        .trim()
+        .to_owned();
+    let major: u32 = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    if major < 7 {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("Redis at {address} is version {version}; tower-reserve needs 7.0 or later"),
+        ));
+    }
+    let policy: Result<Vec<String>, _> = conn
+        .query_node(
+            address,
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory-policy")
+                .clone(),
+        )
+        .await;
+    match policy {
+        Ok(pair) => {
+            let policy = pair.get(1).map_or("", String::as_str);
+            if policy != "noeviction" {
+                if !allow_eviction {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!(
+                            "Redis at {address} has maxmemory-policy {policy}: it may evict a hold in flight, \
+                             and a value could then be owned twice or a budget granted above its limit. \
+                             Set maxmemory-policy noeviction, or accept it with RedisStoreBuilder::allow_eviction"
+                        ),
+                    ));
+                }
+                tracing::warn!(
+                    address,
+                    policy,
+                    "Redis may evict keys of holds in flight (accepted by allow_eviction)"
+                );
+            }
+        }
+        Err(err) => tracing::warn!(
+            address,
+            error = %err,
+            "could not read maxmemory-policy (CONFIG may be disabled); make sure it is noeviction"
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! Key names. Every key of one budget, one unique value or one hold carries one hash tag, so
+//! that it lives on one Redis Cluster slot (see `lua/common.lua` for the layout).
+
+use std::sync::LazyLock;
+
+use crate::claim::{SLOTS, slot_of};
+use crate::{Budget, HoldId, Unique};
+
+/// Names the keys of one store (one prefix).
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: String) -> Self {
+        Self { prefix }
+    }
+
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The record of a hold, by its id alone: in the slot the id names (`name@slot`), or else in
+    /// the slot of the whole id.
+    pub(crate) fn record(&self, id: &HoldId) -> String {
+        match id.placed() {
+            Some((name, slot)) => format!("{}:h:{{{}}}{name}", self.prefix, slot_tag(slot)),
+            None => format!("{}:h:{{{id}}}", self.prefix),
+        }
+    }
+
+    /// The record of one slot group of a reservation across slots: in the slot of `tag`.
+    pub(crate) fn group_record(&self, tag: &str, id: &HoldId) -> String {
+        format!("{}:h:{{{tag}}}:{id}", self.prefix)
+    }
+
+    /// A budget's key without its window's suffix (the scripts add it).
+    pub(crate) fn budget(&self, budget: &Budget) -> String {
+        format!("{}:b:{{{}}}", self.prefix, budget.key())
+    }
+
+    /// The head of a budget's refund records (the scripts add the window and the refund's id).
+    pub(crate) fn refunds(&self, budget: &Budget) -> String {
+        format!("{}:f:{{{}}}", self.prefix, budget.key())
+    }
+
+    pub(crate) fn unique(&self, value: &Unique) -> String {
+        format!("{}:u:{{{}}}", self.prefix, value.tag())
+    }
+}
+
+/// A short hash tag for each slot: `slot_tag(s)` is a string whose slot is `s`. Built once, by
+/// trying base-36 strings in order until every slot has one (about 170 000 tries).
+pub(crate) fn slot_tag(slot: u16) -> &'static str {
+    static TAGS: LazyLock<Vec<String>> = LazyLock::new(|| {
+        let mut tags = vec![String::new(); SLOTS as usize];
+        let mut missing = SLOTS as usize;
+        let mut n: u64 = 0;
+        while missing > 0 {
+            let tag = base36(n);
+            let slot = slot_of(tag.as_bytes()) as usize;
+            if tags[slot].is_empty() {
+                tags[slot] = tag;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags
+    });
+    &TAGS[slot as usize]
+}
+
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).expect("ascii")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_slot_has_a_tag_of_its_own_slot() {
+        for slot in 0..SLOTS {
+            assert_eq!(slot_of(slot_tag(slot).as_bytes()), slot);
+        }
+    }
+
+    #[test]
+    fn a_generated_id_lives_beside_its_first_claim() {
+        let keys = Keys::new("p".into());
+        let budget = Budget::new("customer-42", 100);
+        let slot = slot_of(b"customer-42");
+        let id = HoldId::new(format!("abc@{slot}")).unwrap();
+        let record = keys.record(&id);
+        let tag = &record[record.find('{').unwrap() + 1..record.find('}').unwrap()];
+        assert_eq!(slot_of(tag.as_bytes()), slot);
+        assert!(keys.budget(&budget).contains("{customer-42}"));
+        assert_eq!(keys.record(&HoldId::new("plain").unwrap()), "p:h:{plain}");
+    }
+}

@@ -1,0 +1,453 @@
+//! The Redis store: every operation one script run, batched per node.
+//!
+//! - `connection.rs`: the connection (one node or a Cluster), the script, the checks at connect.
+//! - `batch.rs`: the worker per node that coalesces concurrent operations into one script call.
+//! - `protocol.rs`: operations and answers on the wire (MessagePack).
+//! - `ops.rs`: each operation written, each answer read back into the crate's types.
+//! - `cluster.rs`: the slot map, and reservations whose claims span slots.
+//! - `keys.rs`: key names.
+//!
+//! The Lua is in `src/store/lua/`.
+
+mod batch;
+mod cluster;
+mod connection;
+mod keys;
+mod ops;
+mod protocol;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use self::batch::{Batcher, Counters, Limits};
+use self::cluster::Router;
+use self::connection::{Conn, check_server};
+use self::keys::Keys;
+use self::ops::{Mode, Nonce, ReserveArgs};
+use self::protocol::Op;
+use super::{DEFAULT_RETAIN, Store, check_set_spent};
+use crate::{
+    Budget, BudgetStatus, Error, ErrorKind, HoldId, Refund, Reservation, Reserved, Settled,
+    Settlement, Unique,
+};
+
+/// A [`Store`] on Redis (one node or a Cluster), shared by every process that uses the same
+/// Redis and key prefix.
+///
+/// Every operation is one run of one Lua script that checks and writes atomically. Operations
+/// that requests ask of one node while a script call is in flight there are sent together as
+/// the next call, each answered on its own: a lone request waits for nothing, and under load one
+/// script run carries many. On a Cluster, a reservation whose claims share a slot is one
+/// operation on one node, as on a single node (see the [crate docs](crate#redis-cluster)).
+///
+/// Connections are multiplexed and re-established after Redis restarts (redis-rs). Each call is
+/// bounded by a timeout; past it the call fails as [`ErrorKind::Unavailable`] and whatever it
+/// may have held ends with its lease. Needs Redis 7.0 or later, with `maxmemory-policy
+/// noeviction` (checked at connect time; see [`RedisStoreBuilder::allow_eviction`]).
+///
+/// ```no_run
+/// use tower_reserve::RedisStore;
+/// use std::time::Duration;
+///
+/// # async fn run() -> Result<(), tower_reserve::Error> {
+/// let store = RedisStore::builder()
+///     .prefix("shop")
+///     .timeout(Duration::from_millis(500))
+///     .connect("redis://127.0.0.1:6379/")
+///     .await?;
+/// # let _ = store; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Conn,
+    engine: Engine,
+    keys: Keys,
+    config: Config,
+    counters: Arc<Counters>,
+}
+
+/// Where operations go: the one node's worker, or the worker of the node that serves each slot.
+enum Engine {
+    Node(Batcher),
+    Cluster(Router),
+}
+
+#[derive(Debug, Clone)]
+struct Config {
+    retain_ms: u64,
+    timeout: Duration,
+    limits: Limits,
+    allow_eviction: bool,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.keys.prefix())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures and connects a [`RedisStore`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    prefix: String,
+    config: Config,
+}
+
+impl Default for RedisStoreBuilder {
+    fn default() -> Self {
+        Self {
+            prefix: "reserve".to_owned(),
+            config: Config {
+                retain_ms: DEFAULT_RETAIN.as_millis() as u64,
+                timeout: Duration::from_secs(2),
+                limits: Limits::default(),
+                allow_eviction: false,
+            },
+        }
+    }
+}
+
+/// How many script calls a [`RedisStore`] has made and how many operations they carried: the
+/// ratio is the batch size seen. See [`RedisStore::batch_stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BatchStats {
+    /// Script calls sent.
+    pub calls: u64,
+    /// Operations they carried.
+    pub ops: u64,
+}
+
+impl RedisStoreBuilder {
+    /// The prefix of every key this store writes (default `reserve`). Stores with different
+    /// prefixes on one Redis do not see each other.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long settled records and tombstones are kept by default (default [`DEFAULT_RETAIN`]).
+    pub fn retain(mut self, retain: Duration) -> Self {
+        self.config.retain_ms = retain.as_millis().max(1) as u64;
+        self
+    }
+
+    /// The time limit of one store call, connection included (default 2 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.config.timeout = timeout;
+        self
+    }
+
+    /// After every script call that commits, waits (Redis `WAIT`) until `replicas` replicas
+    /// have acknowledged it, or `timeout` has passed.
+    ///
+    /// Without it a commit is acknowledged by the primary alone: if the primary dies before it
+    /// replicates, a promoted replica may not have it, and the spent amount it added is lost
+    /// (the budget grants that much again). With it a commit costs a replication round trip
+    /// more (one per batch, not per commit), and still only narrows the window: Redis
+    /// replication stays asynchronous, and a `WAIT` that times out is logged, not undone (the
+    /// primary has already applied the commit).
+    pub fn wait_for_replicas(mut self, replicas: usize, timeout: Duration) -> Self {
+        self.config.limits.wait_for = Some((replicas, timeout));
+        self
+    }
+
+    /// Accepts a Redis whose `maxmemory-policy` may evict keys (default: refuse to connect).
+    ///
+    /// Under memory pressure such a Redis may evict the in-flight marker of a unique value (then
+    /// two owners can take it) or a windowed budget's hash (then its spent amount is forgotten and
+    /// granted again). Only `noeviction` keeps every guarantee of this crate; with it, Redis
+    /// refuses writes when full, and the store answers [`ErrorKind::Unavailable`].
+    pub fn allow_eviction(mut self, yes: bool) -> Self {
+        self.config.allow_eviction = yes;
+        self
+    }
+
+    /// The most operations one script call carries (default 128); `1` turns batching off.
+    pub fn max_batch(mut self, ops: usize) -> Self {
+        self.config.limits.max_ops = ops.max(1);
+        self
+    }
+
+    fn check_prefix(&self) -> Result<(), Error> {
+        if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
+            return Err(Error::invalid(
+                "a key prefix must be non-empty, without braces",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes (`redis://host:port/` each) and checks
+    /// every primary, failing fast when one does not answer.
+    ///
+    /// A reservation whose claims fall on several slots is reserved one slot group at a time;
+    /// see the [crate docs](crate#redis-cluster) for what a reader may observe in between.
+    pub async fn connect_cluster<I, U>(self, urls: I) -> Result<RedisStore, Error>
+    where
+        I: IntoIterator<Item = U>,
+        U: AsRef<str>,
+    {
+        self.check_prefix()?;
+        let urls: Vec<String> = urls.into_iter().map(|u| u.as_ref().to_owned()).collect();
+        if urls.is_empty() {
+            return Err(Error::invalid("a cluster needs at least one seed node"));
+        }
+        let timeout = self.config.timeout;
+        let client = redis::cluster::ClusterClient::builder(urls.clone())
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .retries(2)
+            .build()
+            .map_err(|e| {
+                Error::invalid(format!("redis cluster urls {urls:?}: {e}")).with_source(e)
+            })?;
+        let counters = Arc::new(Counters::default());
+        let (conn, router) = with_timeout(timeout, async {
+            let conn = Conn::Cluster(client.get_async_connection().await?);
+            let router =
+                Router::connect(conn.clone(), self.config.limits, counters.clone()).await?;
+            for node in router.nodes() {
+                check_server(&conn, &node, self.config.allow_eviction).await?;
+            }
+            Ok((conn, router))
+        })
+        .await?;
+        Ok(self.build(conn, Engine::Cluster(router), counters))
+    }
+
+    /// Connects to one Redis node and checks it, failing fast when it does not answer.
+    pub async fn connect(self, url: &str) -> Result<RedisStore, Error> {
+        self.check_prefix()?;
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::invalid(format!("redis url {url:?}: {e}")).with_source(e))?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.config.timeout))
+            .set_response_timeout(Some(self.config.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let timeout = self.config.timeout;
+        let conn = with_timeout(timeout, async {
+            let conn = Conn::Node(ConnectionManager::new_with_config(client, manager).await?);
+            check_server(&conn, url, self.config.allow_eviction).await?;
+            Ok(conn)
+        })
+        .await?;
+        let counters = Arc::new(Counters::default());
+        let batcher = Batcher::spawn(conn.clone(), self.config.limits, counters.clone());
+        Ok(self.build(conn, Engine::Node(batcher), counters))
+    }
+
+    fn build(self, conn: Conn, engine: Engine, counters: Arc<Counters>) -> RedisStore {
+        RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                engine,
+                keys: Keys::new(self.prefix),
+                config: self.config,
+                counters,
+            }),
+        }
+    }
+}
+
+async fn with_timeout<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::new(
+            ErrorKind::Unavailable,
+            format!("redis did not answer within {limit:?}"),
+        )),
+    }
+}
+
+impl RedisStore {
+    /// A builder with the defaults.
+    pub fn builder() -> RedisStoreBuilder {
+        RedisStoreBuilder::default()
+    }
+
+    /// Connects to one Redis node with the defaults.
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        Self::builder().connect(url).await
+    }
+
+    /// Connects to a Redis Cluster with the defaults.
+    pub async fn connect_cluster<I, U>(urls: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = U>,
+        U: AsRef<str>,
+    {
+        Self::builder().connect_cluster(urls).await
+    }
+
+    /// How many script calls this store (and its clones) has sent, and how many operations they
+    /// carried.
+    pub fn batch_stats(&self) -> BatchStats {
+        BatchStats {
+            calls: self.inner.counters.calls.load(Ordering::Relaxed),
+            ops: self.inner.counters.ops.load(Ordering::Relaxed),
+        }
+    }
+
+    fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    fn retain_ms(&self) -> u64 {
+        self.inner.config.retain_ms
+    }
+
+    /// Sends one operation with the next call to its node, within the store's time limit.
+    async fn call(&self, op: Op, commits: bool) -> Result<Bytes, Error> {
+        let call = async {
+            match &self.inner.engine {
+                Engine::Node(batcher) => batcher.call(op, commits).await,
+                Engine::Cluster(router) => router.call(op, commits).await,
+            }
+        };
+        with_timeout(self.inner.config.timeout, call).await
+    }
+
+    /// The plan of a reservation on a Cluster whose claims do not all share its id's slot.
+    fn across_slots(&self, r: &Reservation) -> Option<cluster::Plan> {
+        let Engine::Cluster(_) = self.inner.engine else {
+            return None;
+        };
+        let plan = cluster::plan(self, r);
+        (!plan.groups.is_empty()).then_some(plan)
+    }
+
+    /// A one-command read or write by key (`GET`, `DEL`).
+    async fn command<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, Error> {
+        with_timeout(self.inner.config.timeout, async {
+            Ok(self.inner.conn.query(&cmd).await?)
+        })
+        .await
+    }
+}
+
+impl Store for RedisStore {
+    async fn reserve(&self, reservation: &Reservation) -> Result<Reserved, Error> {
+        if let Some(plan) = self.across_slots(reservation) {
+            return cluster::reserve(self, reservation, plan).await;
+        }
+        let all: Vec<usize> = (0..reservation.claims().len()).collect();
+        let nonce: Nonce = rand::random();
+        let op = ops::reserve(
+            self.keys(),
+            reservation,
+            &ReserveArgs {
+                record: self.keys().record(reservation.id()),
+                mode: Mode::Home,
+                groups: &[],
+                claims: &all,
+                lease_ms: reservation.lease().as_millis() as u64,
+                retain_ms: self.retain_ms(),
+                nonce: &nonce,
+            },
+        );
+        let answer = self.call(op, false).await?;
+        ops::reserved(&answer, reservation, &all)
+    }
+
+    async fn check(&self, reservation: &Reservation) -> Result<Reserved, Error> {
+        if let Some(plan) = self.across_slots(reservation) {
+            return cluster::check(self, reservation, plan).await;
+        }
+        let all: Vec<usize> = (0..reservation.claims().len()).collect();
+        let op = ops::check(
+            self.keys(),
+            reservation,
+            self.keys().record(reservation.id()),
+            &all,
+        );
+        let answer = self.call(op, false).await?;
+        ops::reserved(&answer, reservation, &all)
+    }
+
+    async fn settle(&self, id: &HoldId, settlement: &Settlement) -> Result<Settled, Error> {
+        settlement.validate()?;
+        let keep_ms = settlement
+            .retain_for(Duration::from_millis(self.retain_ms()))
+            .map_or(0, |d| d.as_millis().max(1) as u64);
+        let op = ops::settle(
+            self.keys(),
+            self.keys().record(id),
+            id,
+            settlement,
+            keep_ms,
+            self.retain_ms(),
+            true,
+        );
+        let answer = self.call(op, settlement.is_commit()).await?;
+        let home = ops::settled(&answer, id)?;
+        if home.groups.is_empty() {
+            return home.result;
+        }
+        cluster::settle_groups(self, id, settlement, home).await
+    }
+
+    async fn extend(&self, id: &HoldId, lease: Duration) -> Result<u64, Error> {
+        crate::reservation::check_lease(lease)?;
+        let op = ops::extend(
+            self.keys().record(id),
+            id,
+            lease.as_millis() as u64,
+            self.retain_ms(),
+        );
+        let answer = self.call(op, false).await?;
+        let (until, groups) = ops::extended(&answer, id)?;
+        if !groups.is_empty() {
+            cluster::extend_groups(self, id, lease, &groups).await?;
+        }
+        Ok(until)
+    }
+
+    async fn refund(&self, refund: &Refund) -> Result<Settled, Error> {
+        refund.validate()?;
+        let answer = self.call(ops::refund(self.keys(), refund), false).await?;
+        ops::refunded(&answer, refund.id())
+    }
+
+    async fn budget(&self, budget: &Budget) -> Result<BudgetStatus, Error> {
+        budget.validate()?;
+        let answer = self.call(ops::budget(self.keys(), budget), false).await?;
+        ops::budget_status(&answer, budget)
+    }
+
+    async fn set_spent(&self, budget: &Budget, spent: u64) -> Result<(), Error> {
+        check_set_spent(budget, spent)?;
+        let answer = self
+            .call(ops::set_spent(self.keys(), budget, spent), false)
+            .await?;
+        ops::ok(&answer, &HoldId::random())
+    }
+
+    async fn owner(&self, value: &Unique) -> Result<Option<String>, Error> {
+        value.validate()?;
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.keys().unique(value));
+        self.command(cmd).await
+    }
+
+    async fn remove(&self, value: &Unique) -> Result<bool, Error> {
+        value.validate()?;
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(self.keys().unique(value));
+        Ok(self.command::<i64>(cmd).await? == 1)
+    }
+}

@@ -1,0 +1,345 @@
+//! The store's operations, written for `lua/hold.lua` and `lua/budget.lua` (whose headers give
+//! each one's shape), and their answers read back into the crate's types.
+
+use super::keys::Keys;
+use super::protocol::{Answer, Op, Writer, protocol};
+use crate::reservation::{Denial, DenialReason, Grant};
+use crate::store::MAX_EXPIRED_PER_CALL;
+use crate::{
+    Budget, BudgetStatus, Claim, Error, ErrorKind, HoldId, Refund, Reservation, Reserved, Settled,
+    Settlement,
+};
+
+const MAX_CLEAR: u64 = MAX_EXPIRED_PER_CALL as u64;
+
+/// Which record a reserve writes: the id's own (`Home`), or another slot group's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Home,
+    Group,
+}
+
+/// A random number per reserve call, kept in the record: a call that meets its own record (its
+/// request was sent again after a dropped connection) knows it is not another attempt's.
+pub(crate) type Nonce = [u8; 8];
+
+/// Everything a reserve of one record needs besides the reservation.
+pub(crate) struct ReserveArgs<'a> {
+    pub(crate) record: String,
+    pub(crate) mode: Mode,
+    /// The home's other groups' records (empty for a whole hold and for a group).
+    pub(crate) groups: &'a [String],
+    /// The claims this record holds, by index into the reservation.
+    pub(crate) claims: &'a [usize],
+    pub(crate) lease_ms: u64,
+    pub(crate) retain_ms: u64,
+    pub(crate) nonce: &'a Nonce,
+}
+
+fn write_claims(w: &mut Writer, keys: &Keys, r: &Reservation, indices: &[usize]) {
+    w.array(indices.len() as u32);
+    for &i in indices {
+        match &r.claims()[i] {
+            Claim::Spend { budget, amount } => {
+                w.array(5)
+                    .str("b")
+                    .str(&keys.budget(budget))
+                    .uint(*amount)
+                    .uint(budget.limit())
+                    .str(&budget.window().spec());
+            }
+            claim @ (Claim::Own { value, owner } | Claim::ReleaseOnCommit { value, owner }) => {
+                let kind = if matches!(claim, Claim::Own { .. }) {
+                    "u"
+                } else {
+                    "r"
+                };
+                w.array(3).str(kind).str(&keys.unique(value)).str(owner);
+            }
+        }
+    }
+}
+
+/// Op 1: reserve the claims at `a.claims` under one record.
+pub(crate) fn reserve(keys: &Keys, r: &Reservation, a: &ReserveArgs<'_>) -> Op {
+    let mut w = Writer::op(1, 12);
+    w.str(&a.record)
+        .str(r.id().as_str())
+        .uint(a.lease_ms)
+        .uint(a.retain_ms)
+        .bytes(&r.fingerprint()[..])
+        .bytes(&a.nonce[..])
+        .str(if a.mode == Mode::Home { "h" } else { "g" });
+    w.array(a.groups.len() as u32);
+    for g in a.groups {
+        w.str(g);
+    }
+    write_claims(&mut w, keys, r, a.claims);
+    w.uint(MAX_CLEAR);
+    // A home with groups keeps every budget claim, to check a commit's actual amounts against.
+    let spends: Vec<(&Budget, u64)> = if a.groups.is_empty() {
+        Vec::new()
+    } else {
+        r.claims()
+            .iter()
+            .filter_map(|c| match c {
+                Claim::Spend { budget, amount } => Some((budget, *amount)),
+                _ => None,
+            })
+            .collect()
+    };
+    w.array(spends.len() as u32);
+    for (budget, amount) in spends {
+        w.array(3)
+            .str(&keys.budget(budget))
+            .str(&budget.window().spec())
+            .uint(amount);
+    }
+    w.done(a.record.clone(), a.claims.len().max(1))
+}
+
+/// Op 9: what reserving the claims at `indices` under `record` would answer now.
+pub(crate) fn check(keys: &Keys, r: &Reservation, record: String, indices: &[usize]) -> Op {
+    let mut w = Writer::op(9, 7);
+    w.str(&record)
+        .str(r.id().as_str())
+        .uint(r.lease().as_millis() as u64)
+        .bytes(&r.fingerprint()[..]);
+    write_claims(&mut w, keys, r, indices);
+    w.uint(MAX_CLEAR);
+    w.done(record, indices.len().max(1))
+}
+
+/// Op 2: settle one record. `keep_ms` 0 forgets it; `strict` checks actual amounts against it.
+pub(crate) fn settle(
+    keys: &Keys,
+    record: String,
+    id: &HoldId,
+    s: &Settlement,
+    keep_ms: u64,
+    retain_ms: u64,
+    strict: bool,
+) -> Op {
+    let mut w = Writer::op(2, 10);
+    w.str(&record)
+        .str(id.as_str())
+        .uint(u64::from(s.is_commit()))
+        .uint(keep_ms)
+        .uint(retain_ms);
+    match &s.memo {
+        Some(memo) => w.bytes(memo),
+        None => w.str(""),
+    };
+    w.array(s.actual.len() as u32);
+    for (budget, amount) in &s.actual {
+        w.array(3)
+            .str(&keys.budget(budget))
+            .str(&budget.window().spec())
+            .uint(*amount);
+    }
+    w.uint(u64::from(strict)).uint(MAX_CLEAR);
+    w.done(record, 1)
+}
+
+/// Op 3: extend one record's lease.
+pub(crate) fn extend(record: String, id: &HoldId, lease_ms: u64, retain_ms: u64) -> Op {
+    let mut w = Writer::op(3, 6);
+    w.str(&record)
+        .str(id.as_str())
+        .uint(lease_ms)
+        .uint(retain_ms)
+        .uint(MAX_CLEAR);
+    w.done(record, 1)
+}
+
+/// Op 4: a home whose groups are all held is held.
+pub(crate) fn mark(record: String, nonce: &Nonce) -> Op {
+    let mut w = Writer::op(4, 3);
+    w.str(&record).bytes(&nonce[..]);
+    w.done(record, 1)
+}
+
+/// Op 5: undo and remove this attempt's record of a denied reservation.
+pub(crate) fn forget(record: String, id: &HoldId, nonce: &Nonce) -> Op {
+    let mut w = Writer::op(5, 5);
+    w.str(&record)
+        .str(id.as_str())
+        .bytes(&nonce[..])
+        .uint(MAX_CLEAR);
+    w.done(record, 1)
+}
+
+/// Op 6: read a budget.
+pub(crate) fn budget(keys: &Keys, budget: &Budget) -> Op {
+    let key = keys.budget(budget);
+    let mut w = Writer::op(6, 4);
+    w.str(&key).str(&budget.window().spec()).uint(MAX_CLEAR);
+    w.done(key, 1)
+}
+
+/// Op 7: set a budget's spent amount.
+pub(crate) fn set_spent(keys: &Keys, budget: &Budget, spent: u64) -> Op {
+    let key = keys.budget(budget);
+    let mut w = Writer::op(7, 4);
+    w.str(&key).str(&budget.window().spec()).uint(spent);
+    w.done(key, 1)
+}
+
+/// Op 8: a refund.
+pub(crate) fn refund(keys: &Keys, r: &Refund) -> Op {
+    let key = keys.budget(&r.budget);
+    let mut w = Writer::op(8, 10);
+    w.str(&keys.refunds(&r.budget))
+        .str(&key)
+        .str(&r.budget.window().spec())
+        .uint(r.window_at_ms.unwrap_or(0))
+        .uint(r.amount)
+        .bytes(&r.fingerprint()[..])
+        .uint(r.retain.as_millis() as u64)
+        .str(r.id.as_str())
+        .uint(MAX_CLEAR);
+    w.done(key, 1)
+}
+
+/// Whether an answer says "not here": the operation's keys are served by another node.
+pub(crate) fn is_moved(answer: &[u8]) -> bool {
+    Answer::read(answer).is_ok_and(|a| a.len() == 1 && a.word(0).is_ok_and(|w| w == "M"))
+}
+
+/// The error an `{ 'E', why, memo? }` answer (or a script failure `{ 'X', message }`) stands for.
+pub(crate) fn refusal(a: &Answer<'_>, id: &HoldId) -> Error {
+    if a.word(0).is_ok_and(|w| w == "X") {
+        let message = a.word(1).unwrap_or("?");
+        return protocol(&format!("the script failed: {message}"));
+    }
+    let kind = match a.word(1) {
+        Ok("conflict") => ErrorKind::Conflict,
+        Ok("unknown") => ErrorKind::UnknownHold,
+        Ok("expired") => ErrorKind::Expired,
+        Ok("committed") => ErrorKind::Committed,
+        Ok("released") => ErrorKind::Released,
+        Ok("in_flight") | Ok("not_pending") => ErrorKind::InFlight,
+        Ok("exceeds") => ErrorKind::ExceedsHold,
+        Ok("exceeds_spent") => ErrorKind::ExceedsSpent,
+        Ok("not_held") => {
+            return Error::invalid(format!(
+                "an actual amount names a budget that hold {id} does not spend from"
+            ));
+        }
+        Ok("future") => return Error::invalid("a refund cannot go to a window still to come"),
+        Ok(other) => return protocol(other),
+        Err(e) => return e,
+    };
+    let memo = a.bytes(2);
+    Error::refused(kind, id).with_memo(memo)
+}
+
+/// Reads a reserve's (or check's) answer for the claims at `indices`, mapped back to the
+/// reservation's own order.
+pub(crate) fn reserved(
+    answer: &[u8],
+    r: &Reservation,
+    indices: &[usize],
+) -> Result<Reserved, Error> {
+    let a = Answer::read(answer)?;
+    match a.word(0)? {
+        "G" => {
+            if a.len() != 3 + indices.len() {
+                return Err(protocol("claim count"));
+            }
+            let mut remaining = vec![None; r.claims().len()];
+            for (at, &i) in indices.iter().enumerate() {
+                remaining[i] = u64::try_from(a.int(3 + at)?).ok();
+            }
+            Ok(Reserved::Granted(Grant {
+                id: r.id().clone(),
+                expires_at_ms: a.int(1)? as u64,
+                remaining,
+                replayed: a.int(2)? == 1,
+            }))
+        }
+        "D" => {
+            let claim = *usize::try_from(a.int(1)? - 1)
+                .ok()
+                .and_then(|at| indices.get(at))
+                .ok_or_else(|| protocol("denied claim index"))?;
+            let reason = match a.word(2)? {
+                "budget" => {
+                    let Claim::Spend { amount, .. } = &r.claims()[claim] else {
+                        return Err(protocol("denied claim kind"));
+                    };
+                    DenialReason::OverBudget {
+                        requested: *amount,
+                        remaining: a.int(3)?.max(0) as u64,
+                    }
+                }
+                "taken" => DenialReason::Taken,
+                "not_owner" => DenialReason::NotOwner,
+                other => return Err(protocol(other)),
+            };
+            Ok(Reserved::Denied(Denial { claim, reason }))
+        }
+        _ => Err(refusal(&a, r.id())),
+    }
+}
+
+/// A settle's answer: how it went, and the home's other groups (to settle next).
+pub(crate) struct SettleAnswer {
+    pub(crate) result: Result<Settled, Error>,
+    pub(crate) groups: Vec<String>,
+}
+
+pub(crate) fn settled(answer: &[u8], id: &HoldId) -> Result<SettleAnswer, Error> {
+    let a = Answer::read(answer)?;
+    let groups = a.words(2)?;
+    let result = match a.word(0)? {
+        "OK" => match a.word(1)? {
+            "applied" => Ok(Settled::Applied),
+            "replayed" => Ok(Settled::Replayed),
+            "tombstoned" => Ok(Settled::Tombstoned),
+            other => return Err(protocol(other)),
+        },
+        _ => Err(refusal(&a, id)),
+    };
+    Ok(SettleAnswer { result, groups })
+}
+
+/// An extend's answer: the new lease end, and the home's other groups (to extend next).
+pub(crate) fn extended(answer: &[u8], id: &HoldId) -> Result<(u64, Vec<String>), Error> {
+    let a = Answer::read(answer)?;
+    match a.word(0)? {
+        "OK" => Ok((a.int(1)? as u64, a.words(2)?)),
+        _ => Err(refusal(&a, id)),
+    }
+}
+
+/// A plain `{ 'OK' }`, or the refusal it is instead.
+pub(crate) fn ok(answer: &[u8], id: &HoldId) -> Result<(), Error> {
+    let a = Answer::read(answer)?;
+    match a.word(0)? {
+        "OK" => Ok(()),
+        _ => Err(refusal(&a, id)),
+    }
+}
+
+pub(crate) fn refunded(answer: &[u8], id: &HoldId) -> Result<Settled, Error> {
+    let a = Answer::read(answer)?;
+    match (a.word(0)?, a.word(1)) {
+        ("OK", Ok("applied")) => Ok(Settled::Applied),
+        ("OK", Ok("replayed")) => Ok(Settled::Replayed),
+        _ => Err(refusal(&a, id)),
+    }
+}
+
+pub(crate) fn budget_status(answer: &[u8], budget: &Budget) -> Result<BudgetStatus, Error> {
+    let a = Answer::read(answer)?;
+    if a.word(0).is_ok() {
+        return Err(refusal(&a, &HoldId::random()));
+    }
+    Ok(BudgetStatus::new(
+        budget.limit(),
+        a.int(0)?.max(0) as u64,
+        a.int(1)?.max(0) as u64,
+        u64::try_from(a.int(2)?).ok(),
+    ))
+}

@@ -1,0 +1,215 @@
+//! The wire between the store and `lua/batch.lua`: each operation is one MessagePack array,
+//! written in the caller's task; a batch is the array of its operations; the answer is the array
+//! of their answers, each handed back to its caller as a slice of the one reply.
+
+use bytes::Bytes;
+use rmpv::ValueRef;
+
+use crate::{Error, ErrorKind};
+
+/// One operation for the script, with what routes it.
+#[derive(Debug)]
+pub(crate) struct Op {
+    /// The operation, as one MessagePack value.
+    pub(crate) bytes: Vec<u8>,
+    /// The first key it touches: on a Cluster, the batch is routed by its first operation's.
+    pub(crate) key: String,
+    /// The slot of `key`.
+    pub(crate) slot: u16,
+    /// How much work it is, in claims (a batch is bounded by its total).
+    pub(crate) work: usize,
+}
+
+/// Writes an operation. Writing to a `Vec` cannot fail, so the writes answer nothing.
+pub(crate) struct Writer(Vec<u8>);
+
+impl Writer {
+    /// An operation of `items` values, the first its code.
+    pub(crate) fn op(code: u8, items: u32) -> Self {
+        let mut w = Writer(Vec::with_capacity(96));
+        w.array(items).uint(u64::from(code));
+        w
+    }
+
+    pub(crate) fn array(&mut self, len: u32) -> &mut Self {
+        rmp::encode::write_array_len(&mut self.0, len).expect("writing to a Vec");
+        self
+    }
+
+    pub(crate) fn str(&mut self, s: &str) -> &mut Self {
+        rmp::encode::write_str(&mut self.0, s).expect("writing to a Vec");
+        self
+    }
+
+    /// Any bytes, as a MessagePack string: Redis's `cmsgpack` reads no `bin` type, and a Lua
+    /// string is any bytes.
+    pub(crate) fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        rmp::encode::write_str_len(&mut self.0, b.len() as u32).expect("writing to a Vec");
+        self.0.extend_from_slice(b);
+        self
+    }
+
+    pub(crate) fn uint(&mut self, n: u64) -> &mut Self {
+        rmp::encode::write_uint(&mut self.0, n).expect("writing to a Vec");
+        self
+    }
+
+    pub(crate) fn done(self, key: String, work: usize) -> Op {
+        let slot = crate::claim::slot_of(hash_tag(&key));
+        Op {
+            bytes: self.0,
+            key,
+            slot,
+            work,
+        }
+    }
+}
+
+/// The hash tag of a key of this store (every key has one).
+fn hash_tag(key: &str) -> &[u8] {
+    let bytes = key.as_bytes();
+    match (key.find('{'), key.find('}')) {
+        (Some(open), Some(close)) if close > open + 1 => &bytes[open + 1..close],
+        _ => bytes,
+    }
+}
+
+/// A whole batch: the array of its operations.
+pub(crate) fn batch<'a>(ops: impl ExactSizeIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + ops.len() * 96);
+    rmp::encode::write_array_len(&mut out, ops.len() as u32).expect("writing to a Vec");
+    for op in ops {
+        out.extend_from_slice(op);
+    }
+    out
+}
+
+/// Splits a batch's answer into one slice per operation.
+pub(crate) fn split(reply: Bytes, expected: usize) -> Result<Vec<Bytes>, Error> {
+    let mut rest: &[u8] = &reply;
+    let len = rmp::decode::read_array_len(&mut rest).map_err(|_| protocol("batch answer"))?;
+    if len as usize != expected {
+        return Err(protocol("batch answer length"));
+    }
+    let mut answers = Vec::with_capacity(expected);
+    for _ in 0..len {
+        let start = reply.len() - rest.len();
+        rmpv::decode::read_value_ref(&mut rest).map_err(|_| protocol("batch answer item"))?;
+        let end = reply.len() - rest.len();
+        answers.push(reply.slice(start..end));
+    }
+    Ok(answers)
+}
+
+/// One operation's answer, read.
+pub(crate) struct Answer<'a> {
+    items: Vec<ValueRef<'a>>,
+}
+
+impl<'a> Answer<'a> {
+    pub(crate) fn read(bytes: &'a [u8]) -> Result<Self, Error> {
+        let mut rest = bytes;
+        match rmpv::decode::read_value_ref(&mut rest) {
+            Ok(ValueRef::Array(items)) => Ok(Self { items }),
+            _ => Err(protocol("an answer that is not an array")),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// The word at `at` (`'G'`, `'OK'`, a reason).
+    pub(crate) fn word(&self, at: usize) -> Result<&'a str, Error> {
+        match self.items.get(at).cloned() {
+            Some(ValueRef::String(s)) => s.into_str().ok_or_else(|| protocol("utf-8")),
+            Some(ValueRef::Binary(b)) => std::str::from_utf8(b).map_err(|_| protocol("utf-8")),
+            other => Err(protocol(&format!("a word, not {other:?}"))),
+        }
+    }
+
+    /// The integer at `at`.
+    pub(crate) fn int(&self, at: usize) -> Result<i64, Error> {
+        match self.items.get(at) {
+            Some(ValueRef::Integer(i)) => i
+                .as_i64()
+                .or_else(|| i.as_u64().map(|u| u as i64))
+                .ok_or_else(|| protocol("integer range")),
+            // Lua answers integral doubles as integers; a double here is an integer too.
+            Some(ValueRef::F64(f)) if f.fract() == 0.0 => Ok(*f as i64),
+            other => Err(protocol(&format!("an integer, not {other:?}"))),
+        }
+    }
+
+    /// The bytes at `at`, if there is a string there (a memo: any bytes, not only UTF-8).
+    pub(crate) fn bytes(&self, at: usize) -> Option<Bytes> {
+        match self.items.get(at) {
+            Some(ValueRef::String(s)) => Some(Bytes::copy_from_slice(s.as_bytes())),
+            Some(ValueRef::Binary(b)) => Some(Bytes::copy_from_slice(b)),
+            _ => None,
+        }
+    }
+
+    /// The words of the array at `at` (a home's list of group records); empty when absent.
+    pub(crate) fn words(&self, at: usize) -> Result<Vec<String>, Error> {
+        match self.items.get(at) {
+            None => Ok(Vec::new()),
+            Some(ValueRef::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    ValueRef::String(s) => s
+                        .as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| protocol("utf-8")),
+                    _ => Err(protocol("a list of words")),
+                })
+                .collect(),
+            // An empty Lua table may come back as an empty map.
+            Some(ValueRef::Map(m)) if m.is_empty() => Ok(Vec::new()),
+            Some(other) => Err(protocol(&format!("a list, not {other:?}"))),
+        }
+    }
+}
+
+pub(crate) fn protocol(what: &str) -> Error {
+    Error::new(
+        ErrorKind::Protocol,
+        format!("unexpected answer from the tower-reserve script: {what}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_splits_into_its_answers() {
+        let mut reply = Vec::new();
+        rmp::encode::write_array_len(&mut reply, 3).unwrap();
+        let mut a = Writer::op(1, 3);
+        a.str("G").uint(12);
+        let mut b = Writer::op(2, 2);
+        b.str("OK");
+        let mut c = Writer::op(3, 3);
+        c.array(2).str("x").bytes(b"\x00\xff");
+        c.uint(u64::MAX);
+        for w in [&a, &b, &c] {
+            reply.extend_from_slice(&w.0);
+        }
+        let parts = split(Bytes::from(reply), 3).unwrap();
+        assert_eq!(&parts[0][..], &a.0[..]);
+        assert_eq!(&parts[1][..], &b.0[..]);
+        assert_eq!(&parts[2][..], &c.0[..]);
+        let answer = Answer::read(&parts[0]).unwrap();
+        assert_eq!(answer.int(0).unwrap(), 1);
+        assert_eq!(answer.word(1).unwrap(), "G");
+        assert_eq!(answer.int(2).unwrap(), 12);
+        assert!(split(parts[0].clone(), 2).is_err());
+    }
+
+    #[test]
+    fn ops_are_routed_by_their_first_key() {
+        let op = Writer::op(6, 1).done("p:b:{customer-42}".into(), 1);
+        assert_eq!(op.slot, crate::claim::slot_of(b"customer-42"));
+    }
+}
