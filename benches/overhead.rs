@@ -143,14 +143,15 @@ impl Store for InstantStore {
 
 type Req = Request<Full<Bytes>>;
 
-/// The trivial handler: answers `status` with a two-byte body.
-fn handler(
+/// The trivial handler: answers `status` with a two-byte body, whatever the request's body (a
+/// bare request's, or the layer's `RequestBody`).
+fn handler<B: Send + 'static>(
     status: StatusCode,
-) -> impl Service<Req, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
+) -> impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
 + Clone
 + Send
 + 'static {
-    service_fn(move |_req: Req| async move {
+    service_fn(move |_req: Request<B>| async move {
         let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
         *response.status_mut() = status;
         Ok::<_, Infallible>(response)

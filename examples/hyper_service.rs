@@ -1,4 +1,4 @@
-//! A plain hyper 1 `service_fn`, wrapped with the layer and served with hyper-util.
+//! A plain hyper 1 service, wrapped with the layer and served with hyper-util: no axum.
 //!
 //! ```text
 //! cargo run --example hyper_service
@@ -6,24 +6,37 @@
 //! ```
 //!
 //! Each wallet may spend 1000 cents in total; one `Routes` table holds the policy per route.
+//!
+//! | method and path | body | success | errors |
+//! | --- | --- | --- | --- |
+//! | `POST /wallets/{wallet}/spend` | `{"cents": u64}` | `200` `{"remaining_cents"}` | `403` over budget, `400`/`415`/`422` bad body, `413` over 64 KiB (problem+json) |
+//! | anything else | | `200` `{"ok": true}` | |
+//!
+//! The layer takes any request body, hyper's `Incoming` included; it reads the body (within its
+//! limit) to work out the claims and hands the inner service a [`RequestBody`] with the same
+//! bytes. So the inner service is a tower service of `Request<RequestBody>` (tower's
+//! `service_fn`), and hyper-util's `TowerToHyperService` serves the whole stack. The address is
+//! `ADDR` (default `127.0.0.1:3001`).
 
 use std::convert::Infallible;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tower::ServiceBuilder;
-use tower_reserve::{Budget, Claim, Extracted, Hold, MemoryStore, ReserveLayer, Routes, extract};
+use tower_reserve::{
+    Budget, Claim, Extracted, Hold, MemoryStore, RequestBody, ReserveLayer, Routes, extract,
+};
 
-async fn handle(req: Request<axum::body::Body>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let left = req
-        .extensions()
-        .get::<Hold>()
-        .and_then(|hold| hold.remaining()[0]);
+async fn handle(req: Request<RequestBody>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let left = req.extensions().get::<Hold>().and_then(|hold| {
+        hold.budgets()
+            .next()
+            .and_then(|(b, _)| hold.remaining_of(b))
+    });
     let body = match left {
         Some(left) => format!("{{\"remaining_cents\":{left}}}"),
         None => "{\"ok\":true}".to_owned(),
@@ -44,10 +57,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Extracted::Ok((req, vec![Claim::spend(Budget::new(wallet, 1_000), cents)]))
         },
     );
+    // Requests go in as hyper gives them (`Request<Incoming>`); `handle` gets `RequestBody`.
     let service = ServiceBuilder::new()
-        // The layer hands the inner service a body rebuilt from the bytes it read: any body
-        // type that can be built from `Bytes` will do.
-        .map_request(|req: Request<Incoming>| req.map(|b| axum::body::Body::new(b.boxed())))
         .layer(ReserveLayer::new(MemoryStore::new(), routes))
         .service_fn(handle);
 

@@ -38,7 +38,9 @@
 //! use http::{Method, Request, Response};
 //! use http_body_util::Full;
 //! use tower::{ServiceBuilder, service_fn};
-//! use tower_reserve::{Claim, Extracted, MemoryStore, ReserveLayer, Routes, Unique, extract};
+//! use tower_reserve::{
+//!     Claim, Extracted, MemoryStore, RequestBody, ReserveLayer, Routes, Unique, extract,
+//! };
 //!
 //! let routes = Routes::new().route(Method::POST, "/accounts", |req: Request<Bytes>| async move {
 //!     let email: String = extract::json_pointer(&req, "/email")?;
@@ -47,10 +49,11 @@
 //! });
 //! let service = ServiceBuilder::new()
 //!     .layer(ReserveLayer::new(MemoryStore::new(), routes))
-//!     .service(service_fn(|_req: Request<Full<Bytes>>| async {
+//!     .service(service_fn(|_req: Request<RequestBody>| async {
 //!         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("created"))))
 //!     }));
-//! // Serve it with hyper-util's `TowerToHyperService`: see examples/hyper_service.rs.
+//! // It takes any request body, hyper's `Incoming` included: serve it with hyper-util's
+//! // `TowerToHyperService` (examples/hyper_service.rs).
 //! # let _ = service;
 //! ```
 //!
@@ -155,12 +158,13 @@ pub use claim::{
 };
 pub use error::{Error, ErrorKind};
 pub use layer::{
-    DEFAULT_BODY_LIMIT, Disconnect, ExtractClaims, Extracted, Hold, PROBLEM_TYPES, Rejection,
-    RejectionKind, Reserve, ReserveLayer, ResponseBody, ResponseFuture, Routes, Validate, extract,
+    ACTUAL_HEADER, Actual, DEFAULT_BODY_LIMIT, Disconnect, ExtractClaims, Extracted, Hold,
+    PROBLEM_TYPES, Rejection, RejectionKind, RequestBody, Reserve, ReserveLayer, ResponseBody,
+    ResponseFuture, Routes, Validate, extract,
 };
 pub use reservation::{
     BudgetStatus, Denial, DenialReason, Grant, HoldId, MAX_CLAIMS, MAX_LEASE, Reservation,
     ReservationBuilder, Reserved, Settled,
 };
 pub use settlement::{DEFAULT_REFUND_RETAIN, MAX_MEMO, MAX_RETAIN, Refund, Settlement};
-pub use store::{MemoryStore, RedisStore, RedisStoreBuilder, Store};
+pub use store::{BatchStats, MemoryStore, RedisStore, RedisStoreBuilder, Store};

@@ -140,7 +140,7 @@ impl Settlement {
         Ok(())
     }
 
-    /// The actual amount named for `budget`, if any.
+    /// The actual amount named for the budget with this key and window spec, if any.
     pub(crate) fn actual_for(&self, key: &str, spec: &str) -> Option<u64> {
         self.actual
             .iter()

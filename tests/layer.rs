@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_reserve::{
     Budget, Claim, Disconnect, ExtractClaims, Extracted, Hold, HoldId, Rejection, RejectionKind,
-    ReserveLayer, Routes, Store, Unique, extract,
+    RequestBody, ReserveLayer, Routes, Store, Unique, extract,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -78,6 +78,11 @@ layer_suite!(
     axum_routes_keep_their_own_policies,
     routes_table_keeps_its_own_policies,
     idempotency_keys,
+    actual_amounts_commit_what_was_used,
+    bad_actual_reports_release_the_hold,
+    remaining_headers_tell_what_is_left,
+    shadow_mode_holds_nothing_and_lets_all_through,
+    the_layer_forgets_the_holds_it_named,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -111,7 +116,7 @@ fn reply(
 }
 
 /// The inner service: what it does is steered by the `x-mode` header.
-async fn handle(ctl: Ctl, req: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, BoxError> {
+async fn handle(ctl: Ctl, req: Request<RequestBody>) -> Result<Response<Full<Bytes>>, BoxError> {
     ctl.calls.fetch_add(1, Ordering::SeqCst);
     let hold = req.extensions().get::<Hold>().cloned();
     let held = hold.is_some();
@@ -161,6 +166,34 @@ async fn handle(ctl: Ctl, req: Request<Full<Bytes>>) -> Result<Response<Full<Byt
             hold.commit().await?;
             reply(202, held, "committed late")
         }
+        // Actual amounts, from the request's `x-actual`: through the hold, a response
+        // extension, or the response header.
+        "actual-hold" => {
+            let hold = hold.expect("a hold");
+            let (budget, _) = hold.budgets().next().expect("a budget claim");
+            let budget = budget.clone();
+            hold.set_actual(&budget, actual_of(&req))?;
+            reply(200, held, "used less")
+        }
+        "actual-ext" => {
+            let mut response = reply(200, held, "used less")?;
+            response
+                .extensions_mut()
+                .insert(tower_reserve::Actual::amount(actual_of(&req)));
+            Ok(response)
+        }
+        "actual-header" => {
+            let mut response = reply(200, held, "used less")?;
+            let value = req.headers()["x-actual"].clone();
+            response
+                .headers_mut()
+                .insert(tower_reserve::ACTUAL_HEADER, value);
+            Ok(response)
+        }
+        "hold-id" => {
+            let id = hold.expect("a hold").id().to_string();
+            reply(200, held, id)
+        }
         "commit-self" => {
             hold.expect("a hold").commit().await?;
             reply(200, held, "committed myself")
@@ -173,10 +206,14 @@ async fn handle(ctl: Ctl, req: Request<Full<Bytes>>) -> Result<Response<Full<Byt
     }
 }
 
+fn actual_of<B>(req: &Request<B>) -> u64 {
+    req.headers()["x-actual"].to_str().unwrap().parse().unwrap()
+}
+
 fn handler(
     ctl: Ctl,
 ) -> impl Service<
-    Request<Full<Bytes>>,
+    Request<RequestBody>,
     Response = Response<Full<Bytes>>,
     Error = BoxError,
     Future: Send + 'static,
@@ -421,7 +458,7 @@ async fn dropped_future_finishes_the_handler<St: Store>(store: St) {
     let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
         .lease(Duration::from_secs(60))
         .layer(tower::service_fn(
-            move |req: Request<Full<Bytes>>| async move {
+            move |req: Request<RequestBody>| async move {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 if req.headers().contains_key("x-amount") {
                     panic!("the handler panicked after its client left (on purpose)");
@@ -481,7 +518,7 @@ async fn outer_timeout_releases<St: Store>(store: St) {
 #[derive(Clone)]
 struct PanicsInCall;
 
-impl Service<Request<Full<Bytes>>> for PanicsInCall {
+impl Service<Request<RequestBody>> for PanicsInCall {
     type Response = Response<Full<Bytes>>;
     type Error = BoxError;
     type Future = std::future::Ready<Result<Self::Response, BoxError>>;
@@ -493,7 +530,7 @@ impl Service<Request<Full<Bytes>>> for PanicsInCall {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+    fn call(&mut self, _: Request<RequestBody>) -> Self::Future {
         panic!("the inner service's call panicked (on purpose)")
     }
 }
@@ -1380,7 +1417,7 @@ async fn requests_are_traced_with_their_hold_and_no_raw_values() {
             vec![Claim::own(Unique::email("accounts", &email), "acct-1")],
         ))
     })
-    .layer(tower::service_fn(|_req: Request<Full<Bytes>>| async {
+    .layer(tower::service_fn(|_req: Request<RequestBody>| async {
         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
     }));
     let req = Request::post("/accounts")
@@ -1403,4 +1440,138 @@ async fn requests_are_traced_with_their_hold_and_no_raw_values() {
     );
     let digest = Unique::email("accounts", "secret.person@example.com").digest_hex();
     assert!(logs.contains(&digest), "its digest does: {logs}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Actual amounts, remaining headers, shadow mode, retention
+
+fn actual_request(mode: &str, amount: u64, actual: &str) -> Request<Full<Bytes>> {
+    let mut req = request(mode, amount);
+    req.headers_mut()
+        .insert("x-actual", actual.parse().unwrap());
+    req
+}
+
+async fn actual_amounts_commit_what_was_used<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .layer(handler(Ctl::default()));
+    // Each holds 300 and spends less; the rest goes back in the same step.
+    for (mode, used) in [
+        ("actual-hold", 120),
+        ("actual-ext", 45),
+        ("actual-header", 0),
+    ] {
+        let a = call(svc.clone(), actual_request(mode, 300, &used.to_string())).await;
+        assert_eq!(a.status, 200, "{mode}: {:?}", a.body);
+        assert!(
+            !a.headers.contains_key(tower_reserve::ACTUAL_HEADER),
+            "the report never leaves"
+        );
+    }
+    assert_budget(&store, &budget, 165, 0).await;
+    // Above what was held, in the hold itself: refused at once with a typed error (here the
+    // handler passes it on as its own error, which releases).
+    let err = svc
+        .oneshot(actual_request("actual-hold", 100, "101"))
+        .await
+        .expect_err("the handler's error");
+    let err = err
+        .downcast::<tower_reserve::Error>()
+        .expect("a tower_reserve::Error");
+    assert_eq!(err.kind(), tower_reserve::ErrorKind::ExceedsHold);
+    assert_budget(&store, &budget, 165, 0).await;
+}
+
+async fn bad_actual_reports_release_the_hold<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .layer(handler(Ctl::default()));
+    for bad in ["301", "12, 13", "-4", "lots"] {
+        let a = call(svc.clone(), actual_request("actual-header", 300, bad)).await;
+        a.problem(500, "Invalid actual amount");
+        assert!(!a.headers.contains_key(tower_reserve::ACTUAL_HEADER));
+        assert_budget(&store, &budget, 0, 0).await;
+    }
+    let a = call(svc, actual_request("actual-ext", 300, "400")).await;
+    a.problem(500, "Invalid actual amount");
+    assert_budget(&store, &budget, 0, 0).await;
+}
+
+async fn remaining_headers_tell_what_is_left<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let key = budget.key().to_owned();
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .remaining_headers(true)
+        .layer(handler(Ctl::default()));
+    let a = call(svc.clone(), actual_request("actual-header", 300, "100")).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        a.headers["ratelimit-policy"],
+        format!("\"{key}\";q={LIMIT}").as_str()
+    );
+    assert_eq!(a.headers["ratelimit"], format!("\"{key}\";r=900").as_str());
+    // A release gives everything back, and says so.
+    let a = call(svc.clone(), request("bad", 500)).await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.headers["ratelimit"], format!("\"{key}\";r=900").as_str());
+    // Off by default.
+    let plain = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .layer(handler(Ctl::default()));
+    assert!(
+        !call(plain, request("ok", 1))
+            .await
+            .headers
+            .contains_key("ratelimit")
+    );
+    assert_budget(&store, &budget, 101, 0).await;
+}
+
+async fn shadow_mode_holds_nothing_and_lets_all_through<St: Store>(store: St) {
+    let budget = new_budget(100);
+    let ctl = Ctl::default();
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .shadow(true)
+        .layer(handler(ctl.clone()));
+    // Within the limit and far above it: both go through, the handler sees no hold.
+    for amount in [50, 5_000] {
+        let a = call(svc.clone(), request("ok", amount)).await;
+        assert_eq!(a.status, 200);
+        assert!(!a.held());
+    }
+    assert_eq!(ctl.calls(), 2);
+    assert_budget(&store, &budget, 0, 0).await;
+    // A request whose claims cannot be read is still refused.
+    let mut bad = request("ok", 1);
+    bad.headers_mut()
+        .insert("x-amount", "many".parse().unwrap());
+    assert_eq!(call(svc, bad).await.status, 400);
+}
+
+async fn the_layer_forgets_the_holds_it_named<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let svc = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+        .layer(handler(Ctl::default()));
+    // `echo` answers the hold's id: the layer generated it, so nobody else can know it, and its
+    // record goes as soon as the layer settles it.
+    let mut req = request("hold-id", 10);
+    req.headers_mut()
+        .insert("x-mode", "hold-id".parse().unwrap());
+    let a = call(svc.clone(), req).await;
+    assert_eq!(a.status, 200);
+    let id = HoldId::new(String::from_utf8(a.body.to_vec()).unwrap()).unwrap();
+    assert_eq!(
+        store.commit(&id).await.unwrap_err().kind(),
+        tower_reserve::ErrorKind::UnknownHold,
+        "its record is gone"
+    );
+    // A deferred hold keeps its record: it is settled later by id, and a retry is answered.
+    let a = call(svc, request("defer", 20)).await;
+    let id = HoldId::new(String::from_utf8(a.body.to_vec()).unwrap()).unwrap();
+    store.commit(&id).await.unwrap();
+    assert_eq!(
+        store.commit(&id).await.unwrap(),
+        tower_reserve::Settled::Replayed
+    );
+    assert_budget(&store, &budget, 30, 0).await;
 }

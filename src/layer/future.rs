@@ -17,7 +17,8 @@ use tower_service::Service;
 use super::Rejection;
 use super::layer::{Disconnect, Options};
 use super::service::Prepared;
-use super::settle::{Hold, Settle, SettleGuard};
+use super::settle::{ACTUAL_HEADER, Actual, Cause, Hold, Settle, SettleGuard};
+use crate::Settlement;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -31,7 +32,8 @@ pin_project! {
         #[pin]
         state: State<S::Future, B>,
         service: Option<S>,
-        outcome: Option<Result<S::Response, S::Error>>,
+        // What to answer once the hold is settled.
+        after: Option<After<S::Response, S::Error>>,
         options: Arc<Options>,
         // The request's span (`Span::none()` unless debug logging is on for this crate), entered
         // at every poll, so that reserving, the handler and settling are logged inside it.
@@ -71,10 +73,60 @@ where
             span,
             state: State::Preparing { prepare },
             service: Some(service),
-            outcome: None,
+            after: None,
             options,
         }
     }
+}
+
+/// What the response future answers once the hold is settled.
+enum After<R, E> {
+    /// The handler's own answer (unless a commit fails).
+    Handler(Result<R, E>),
+    /// The handler outlived its lease: it was cancelled.
+    LeaseRanOut,
+    /// The handler's answer could not be kept (its actual amounts did not fit the hold).
+    Refused(Rejection),
+}
+
+/// How the layer ends a hold whose handler answered `result`: the settlement to make, or a
+/// rejection (the response reported actual amounts that do not fit the hold; then the hold is
+/// released). Reports are taken out of the response whatever the outcome: they never leave.
+fn decide<B, E>(
+    hold: &Hold,
+    result: &mut Result<Response<B>, E>,
+    options: &Options,
+) -> Result<(Settlement, Cause), Rejection> {
+    let Ok(response) = result else {
+        return Ok((hold.settlement(false), Cause::HandlerError));
+    };
+    let reported = response.extensions_mut().remove::<Actual>();
+    let header = response.headers_mut().remove(ACTUAL_HEADER);
+    if !(options.commit_if)(response.status()) {
+        let settlement = hold.settlement(false);
+        if options.remaining_headers {
+            super::remaining::insert(response.headers_mut(), hold, &settlement);
+        }
+        return Ok((settlement, Cause::ErrorResponse));
+    }
+    let report = match (reported, header) {
+        (Some(actual), _) => Some(actual),
+        (None, Some(value)) => {
+            Some(Actual::parse_header(&value).ok_or_else(Rejection::invalid_actual_header)?)
+        }
+        (None, None) => None,
+    };
+    let amounts = match report {
+        Some(report) => hold
+            .resolve(&report)
+            .map_err(|err| Rejection::invalid_actual(&err))?,
+        None => Vec::new(),
+    };
+    let settlement = hold.settlement_with(true, &amounts);
+    if options.remaining_headers {
+        super::remaining::insert(response.headers_mut(), hold, &settlement);
+    }
+    Ok((settlement, Cause::Success))
 }
 
 /// The handler's future and the hold it runs under.
@@ -147,24 +199,25 @@ fn finish_detached<F, ResBody, E>(
     let task = async move {
         // Released if the handler panics in this task.
         let mut guard = SettleGuard::new(hold.clone());
-        // The handler's outcome is turned into the decision as soon as it is there: the
+        // The handler's outcome is turned into the settlement as soon as it is there: the
         // response (whose body type need not be `Send`) never waits across an await.
-        let commit_if = options.commit_if.clone();
+        let (decided_hold, decided_options) = (hold.clone(), options.clone());
         let mut decision = Box::pin(async move {
-            let outcome = future.await;
-            matches!(&outcome, Ok(response) if commit_if(response.status()))
+            let mut outcome = future.await;
+            decide(&decided_hold, &mut outcome, &decided_options)
+                .unwrap_or_else(|_| (decided_hold.settlement(false), Cause::InvalidActual))
         });
-        let commit = loop {
+        let (settlement, cause) = loop {
             let at = deadline(started, first_end_ms, &options, &hold);
             tokio::select! {
-                commit = &mut decision => break commit,
+                settlement = &mut decision => break settlement,
                 _ = tokio::time::sleep_until(at) => {
                     if hold.is_deferred() {
                         break (&mut decision).await;
                     }
                     // The lease may have been extended meanwhile: look again.
                     if deadline(started, first_end_ms, &options, &hold) <= Instant::now() {
-                        break false;
+                        break (hold.settlement(false), Cause::Lease);
                     }
                 }
             }
@@ -175,7 +228,7 @@ fn finish_detached<F, ResBody, E>(
         if hold.is_deferred() {
             return;
         }
-        let _ = Settle::new(&hold, commit, false).await;
+        let _ = Settle::new(&hold, settlement, cause, false).await;
     };
     tokio::spawn(task.instrument(tracing::Span::current()));
 }
@@ -228,7 +281,7 @@ where
                     deadline: mut sleep,
                 } => {
                     let future = running.future.as_mut().expect("taken only on drop");
-                    if let Poll::Ready(result) = future.as_mut().poll(cx) {
+                    if let Poll::Ready(mut result) = future.as_mut().poll(cx) {
                         let Some(hold) = running.guard.disarm() else {
                             this.state.set(State::Done);
                             return Poll::Ready(result.map(|r| r.map(ResponseBody::inner)));
@@ -238,15 +291,29 @@ where
                             this.state.set(State::Done);
                             return Poll::Ready(result.map(|r| r.map(ResponseBody::inner)));
                         }
-                        let commit =
-                            matches!(&result, Ok(r) if (this.options.commit_if)(r.status()));
-                        let settle = Settle::new(&hold, commit, !this.span.is_disabled());
-                        if commit && this.options.commit_in_background {
-                            settle.detach();
-                            this.state.set(State::Done);
-                            return Poll::Ready(result.map(|r| r.map(ResponseBody::inner)));
+                        let timed = !this.span.is_disabled();
+                        let (settle, after) = match decide(&hold, &mut result, this.options) {
+                            Ok((settlement, cause)) => (
+                                Settle::new(&hold, settlement, cause, timed),
+                                After::Handler(result),
+                            ),
+                            Err(rejection) => {
+                                tracing::warn!(hold = %hold.id(), %rejection, "releasing");
+                                let settle =
+                                    Settle::layer(&hold, false, Cause::InvalidActual, timed);
+                                (settle, After::Refused(rejection))
+                            }
+                        };
+                        if let After::Handler(result) = after {
+                            if settle.commits() && this.options.commit_in_background {
+                                settle.detach();
+                                this.state.set(State::Done);
+                                return Poll::Ready(result.map(|r| r.map(ResponseBody::inner)));
+                            }
+                            *this.after = Some(After::Handler(result));
+                        } else {
+                            *this.after = Some(after);
                         }
-                        *this.outcome = Some(result);
                         this.state.set(State::Settling { settle });
                         continue;
                     }
@@ -272,8 +339,9 @@ where
                     }
                     let hold = running.guard.disarm().expect("a hold has a deadline");
                     tracing::warn!(hold = %hold.id(), "the handler outlived its lease; cancelling and releasing");
-                    let settle = Settle::new(&hold, false, !this.span.is_disabled());
-                    *this.outcome = None;
+                    let settle =
+                        Settle::layer(&hold, false, Cause::Lease, !this.span.is_disabled());
+                    *this.after = Some(After::LeaseRanOut);
                     // Setting the state drops the handler's future: it is cancelled here.
                     this.state.set(State::Settling { settle });
                 }
@@ -281,10 +349,11 @@ where
                     let settled = ready!(Pin::new(&mut *settle).poll(cx));
                     let commit = settle.commits();
                     this.state.set(State::Done);
-                    let response = match this.outcome.take() {
-                        None => this.options.reject(Rejection::lease_ran_out()),
-                        Some(Err(err)) => return Poll::Ready(Err(err)),
-                        Some(Ok(response)) => match settled {
+                    let response = match this.after.take().expect("set with Settling") {
+                        After::LeaseRanOut => this.options.reject(Rejection::lease_ran_out()),
+                        After::Refused(rejection) => this.options.reject(rejection),
+                        After::Handler(Err(err)) => return Poll::Ready(Err(err)),
+                        After::Handler(Ok(response)) => match settled {
                             Err(err) if commit => {
                                 this.options.reject(Rejection::commit_failed(&err))
                             }

@@ -61,6 +61,8 @@ pub(crate) struct Options {
     pub(crate) retry_after_secs: u64,
     pub(crate) idempotency_header: Option<HeaderName>,
     pub(crate) on_disconnect: Disconnect,
+    pub(crate) shadow: bool,
+    pub(crate) remaining_headers: bool,
 }
 
 /// What happens to a handler whose request goes away while it runs: the client hung up, or a
@@ -192,6 +194,8 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
                 retry_after_secs: 1,
                 idempotency_header: None,
                 on_disconnect: Disconnect::default(),
+                shadow: false,
+                remaining_headers: false,
             },
         }
     }
@@ -264,6 +268,25 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
     /// (default [`Disconnect::Finish`]; see there for the trade-off).
     pub fn on_disconnect(mut self, what: Disconnect) -> Self {
         self.options.on_disconnect = what;
+        self
+    }
+
+    /// Shadow mode (default off): claims are worked out and checked against the store as a
+    /// reservation would be, but nothing is held and every request goes through. What the layer
+    /// would have refused is logged and counted (`tower_reserve_denials_total{mode="shadow"}`),
+    /// so that limits can be watched on a live service before they are enforced. Bad requests
+    /// (claims that cannot be read) are still refused: they are not a limit's business.
+    pub fn shadow(mut self, yes: bool) -> Self {
+        self.options.shadow = yes;
+        self
+    }
+
+    /// Adds `RateLimit-Policy` and `RateLimit` response headers (after the IETF draft *RateLimit
+    /// header fields for HTTP*) that tell the client what each budget it spent from has left
+    /// (default off). See [`Hold::remaining_of`](super::Hold::remaining_of) for the same in a
+    /// handler.
+    pub fn remaining_headers(mut self, yes: bool) -> Self {
+        self.options.remaining_headers = yes;
         self
     }
 

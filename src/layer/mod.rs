@@ -7,17 +7,21 @@
 //! - [`Hold`] (`settle.rs`): what the handler sees and steers; the drop guard that releases.
 //! - [`Rejection`] (`rejection.rs`): every refusal, as `application/problem+json`.
 
+mod body;
 pub mod extract;
 mod future;
 #[allow(clippy::module_inception)]
 mod layer;
+mod metrics;
 mod rejection;
+mod remaining;
 mod service;
 mod settle;
 
+pub use self::body::RequestBody;
 pub use self::extract::{ExtractClaims, Extracted, Routes};
 pub use self::future::{ResponseBody, ResponseFuture};
 pub use self::layer::{DEFAULT_BODY_LIMIT, Disconnect, ReserveLayer, Validate};
 pub use self::rejection::{PROBLEM_TYPES, Rejection, RejectionKind};
 pub use self::service::Reserve;
-pub use self::settle::Hold;
+pub use self::settle::{ACTUAL_HEADER, Actual, Hold};

@@ -56,8 +56,15 @@ pub enum RejectionKind {
     Unavailable,
     /// The handler outlived its hold's lease and was cancelled (`503`).
     LeaseRanOut,
+    /// A request with the same idempotency key is still being handled (`409`, with
+    /// `Retry-After`).
+    InFlight,
     /// The handler succeeded but its hold could not be committed (`500`).
     CommitFailed,
+    /// The handler's response reported actual amounts that do not fit its hold (above what was
+    /// held, a budget it does not spend from, a malformed actual-amount header): the hold was
+    /// released (`500`; a gateway may well answer `502`).
+    InvalidActual,
     /// A check of the user's own refused the request.
     Custom,
 }
@@ -124,7 +131,9 @@ impl Rejection {
             RejectionKind::NotOwner { .. } => Some(problem_type!("#variant.NotOwner")),
             RejectionKind::Unavailable => Some(problem_type!("#variant.Unavailable")),
             RejectionKind::LeaseRanOut => Some(problem_type!("#variant.LeaseRanOut")),
+            RejectionKind::InFlight => Some(problem_type!("#variant.InFlight")),
             RejectionKind::CommitFailed => Some(problem_type!("#variant.CommitFailed")),
+            RejectionKind::InvalidActual => Some(problem_type!("#variant.InvalidActual")),
             RejectionKind::BadRequest
             | RejectionKind::BodyTooLarge { .. }
             | RejectionKind::Custom => None,
@@ -176,14 +185,28 @@ impl Rejection {
         )
     }
 
-    pub(crate) fn unavailable(err: &Error, retry_after_secs: u64) -> Self {
+    /// `503`: the store could not be reached or did not answer in time. The cause goes to the
+    /// logs, never to the client.
+    pub(crate) fn unavailable(retry_after_secs: u64) -> Self {
         let mut r = Self::of(
             RejectionKind::Unavailable,
             StatusCode::SERVICE_UNAVAILABLE,
             "Reservation store unavailable",
-            format!("the request could not be checked: {err}"),
+            "the request could not be checked right now; try again shortly",
         );
         r.0.retry_after = Some(retry_after_secs);
+        r
+    }
+
+    /// `409`: another request with this idempotency key is being handled.
+    pub(crate) fn in_flight() -> Self {
+        let mut r = Self::of(
+            RejectionKind::InFlight,
+            StatusCode::CONFLICT,
+            "Request in flight",
+            "a request with this idempotency key is still being processed",
+        );
+        r.0.retry_after = Some(1);
         r
     }
 
@@ -204,6 +227,20 @@ impl Rejection {
             StatusCode::INTERNAL_SERVER_ERROR,
             "Commit failed",
             format!("the handler succeeded but its reservation could not be committed: {err}"),
+        )
+    }
+
+    pub(crate) fn invalid_actual(err: &Error) -> Self {
+        tracing::warn!(error = %err, "the handler reported actual amounts that do not fit its hold");
+        Self::invalid_actual_header()
+    }
+
+    pub(crate) fn invalid_actual_header() -> Self {
+        Self::of(
+            RejectionKind::InvalidActual,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Invalid actual amount",
+            "the handler reported an actual amount that does not fit what was reserved; nothing was kept",
         )
     }
 

@@ -12,11 +12,15 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower_service::Service;
 
 use super::Rejection;
+use super::body::RequestBody;
 use super::extract::ExtractClaims;
 use super::future::{ResponseBody, ResponseFuture};
-use super::layer::Shared;
+use super::layer::{Options, Shared};
+use super::metrics::{self, SharedString};
 use super::settle::{Hold, SettleStore};
-use crate::{Claim, Error, HoldId, Reservation, Reserved, Store};
+use crate::{
+    Claim, DenialReason, Error, ErrorKind, HoldId, Reservation, Reserved, Settlement, Store,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -51,11 +55,11 @@ impl<S, St, E> Reserve<S, St, E> {
 
 impl<S, St, E, ReqBody, ResBody> Service<Request<ReqBody>> for Reserve<S, St, E>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S: Service<Request<RequestBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     St: Store,
     E: ExtractClaims,
-    ReqBody: Body + From<Bytes> + Send + 'static,
+    ReqBody: Body + Send + 'static,
     ReqBody::Data: Send,
     ReqBody::Error: Into<BoxError>,
     ResBody: Body<Data = Bytes>,
@@ -63,7 +67,7 @@ where
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S, ReqBody>;
+    type Future = ResponseFuture<S, RequestBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -95,52 +99,33 @@ where
 pub(crate) enum Prepared<B> {
     /// Refused: this response goes back, the handler never runs.
     Reject(Response<Full<Bytes>>),
-    /// No claims (or failing open): the handler runs with nothing held.
+    /// No claims (or failing open, or shadow mode): the handler runs with nothing held.
     Pass(Request<B>),
     /// Everything held: the handler runs under this hold.
     Held(Request<B>, Hold),
 }
 
+/// request → claims → store: the steps before the handler, each a function below.
+///
 /// `timed`: whether the request is traced, so its timings are worth taking.
 async fn prepare<St, E, B>(
     shared: Arc<Shared<St, E>>,
     request: Request<B>,
     timed: bool,
-) -> Prepared<B>
+) -> Prepared<RequestBody>
 where
     St: Store,
     E: ExtractClaims,
-    B: Body + From<Bytes> + Send + 'static,
+    B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
     let options = &shared.options;
     let reject = |rejection: Rejection| Prepared::Reject(options.reject(rejection));
-
-    // The body is read only up to the limit, whatever Content-Length claims.
-    let (parts, body) = request.into_parts();
-    let limit = options.body_limit;
-    let declared = parts
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        return reject(Rejection::body_too_large(limit));
-    }
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
-            return reject(Rejection::body_too_large(limit));
-        }
-        Err(err) => {
-            return reject(Rejection::bad_request(format!(
-                "could not read the body: {err}"
-            )));
-        }
+    let mut request = match read_body(request, options.body_limit).await {
+        Ok(request) => request,
+        Err(rejection) => return reject(rejection),
     };
-    let mut request = Request::from_parts(parts, bytes);
-
     for check in &shared.validators {
         request = match check(request).await {
             Ok(request) => request,
@@ -151,15 +136,71 @@ where
         Ok(extracted) => extracted,
         Err(rejection) => return reject(rejection),
     };
-    let (parts, bytes) = request.into_parts();
-    // With idempotency keys the body binds the hold (a cheap reference-counted copy).
-    let payload = options.idempotency_header.is_some().then(|| bytes.clone());
-    let mut request = Request::from_parts(parts, B::from(bytes));
+    let route = metrics::route_of(&request);
     if claims.is_empty() {
-        return Prepared::Pass(request);
+        return Prepared::Pass(request.map(RequestBody::new));
     }
+    let (reservation, named) = match build(&request, claims, options) {
+        Ok(built) => built,
+        Err(rejection) => {
+            metrics::reservation(&route, "invalid");
+            return reject(rejection);
+        }
+    };
+    let request = request.map(RequestBody::new);
 
+    let started = std::time::Instant::now();
+    let (answer, reservation) = InFlight::new(&shared, reservation, route.clone()).await;
+    let op = if options.shadow { "check" } else { "reserve" };
+    metrics::store_call(&route, op, started.elapsed(), answer.is_ok());
+    if timed {
+        tracing::debug!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            op,
+            "store answered"
+        );
+    }
+    if options.shadow {
+        return shadow(answer, &reservation, &route, request);
+    }
+    answer_of(&shared, answer, reservation, named, route, request)
+}
+
+/// Reads the body, only up to the limit, whatever `Content-Length` claims.
+async fn read_body<B>(request: Request<B>, limit: usize) -> Result<Request<Bytes>, Rejection>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(Rejection::body_too_large(limit));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(Request::from_parts(parts, collected.to_bytes())),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(Rejection::body_too_large(limit))
+        }
+        Err(err) => {
+            tracing::debug!(error = %err, "the request body could not be read");
+            Err(Rejection::bad_request("the body could not be read"))
+        }
+    }
+}
+
+/// The reservation of `claims`, and whether its id is the caller's (an idempotency key).
+fn build(
+    request: &Request<Bytes>,
+    claims: Vec<Claim>,
+    options: &Options,
+) -> Result<(Reservation, bool), Rejection> {
     let mut builder = Reservation::builder().lease(options.lease);
+    let mut named = false;
     if let Some(name) = &options.idempotency_header
         && let Some(key) = request.headers().get(name)
     {
@@ -171,37 +212,73 @@ where
                 request.uri().path().as_bytes(),
                 key.as_bytes(),
             ]))
-            .payload(payload.as_deref().unwrap_or_default());
+            .payload(request.body());
+        named = true;
     }
-    let reservation = match builder.claims(claims).build() {
-        Ok(reservation) => reservation,
-        Err(err) => return reject(Rejection::invalid_claims(&err)),
-    };
+    match builder.claims(claims).build() {
+        Ok(reservation) => Ok((reservation, named)),
+        Err(err) => Err(Rejection::invalid_claims(&err)),
+    }
+}
 
-    let started = timed.then(std::time::Instant::now);
-    let (answer, reservation) = InFlight::new(&shared, reservation).await;
+/// Shadow mode: whatever the store would have answered, the request goes through unheld.
+fn shadow<B>(
+    answer: Result<Reserved, Error>,
+    reservation: &Reservation,
+    route: &SharedString,
+    request: Request<B>,
+) -> Prepared<B> {
     match answer {
-        Ok(Reserved::Granted(grant)) if grant.replayed => reject(Rejection::new(
-            http::StatusCode::CONFLICT,
-            "Request in flight",
-            "a request with this idempotency key is still being processed",
-        )),
-        Ok(Reserved::Granted(grant)) => {
-            tracing::debug!(
-                hold = %grant.id,
-                claims = ?reservation.claims(),
-                elapsed_us = started.map(|t| t.elapsed().as_micros() as u64),
-                "reserved"
+        Ok(Reserved::Denied(denial)) => {
+            let reason = denial_reason(&denial.reason);
+            metrics::denial(route, reason, true);
+            tracing::info!(
+                hold = %reservation.id(),
+                claim = denial.claim,
+                reason,
+                "shadow mode: this request would have been refused"
             );
+        }
+        Ok(Reserved::Granted(_)) => metrics::reservation(route, "granted"),
+        Err(err) => {
+            tracing::warn!(error = %err, "shadow mode: the store could not check this request");
+        }
+    }
+    Prepared::Pass(request)
+}
+
+/// What the store's answer to a reservation means for the request.
+fn answer_of<St, E, B>(
+    shared: &Shared<St, E>,
+    answer: Result<Reserved, Error>,
+    reservation: Reservation,
+    named: bool,
+    route: SharedString,
+    mut request: Request<B>,
+) -> Prepared<B> {
+    let options = &shared.options;
+    let reject = |rejection: Rejection| Prepared::Reject(options.reject(rejection));
+    match answer {
+        Ok(Reserved::Granted(grant)) if grant.replayed => {
+            metrics::reservation(&route, "in_flight");
+            reject(Rejection::in_flight())
+        }
+        Ok(Reserved::Granted(grant)) => {
+            metrics::reservation(&route, "granted");
+            tracing::debug!(hold = %grant.id, claims = ?reservation.claims(), "reserved");
             let hold = Hold::new(
                 grant,
                 reservation.into_claims(),
+                named,
+                route,
                 shared.settle_store.clone(),
             );
             request.extensions_mut().insert(hold.clone());
             Prepared::Held(request, hold)
         }
         Ok(Reserved::Denied(denial)) => {
+            metrics::reservation(&route, "denied");
+            metrics::denial(&route, denial_reason(&denial.reason), false);
             let (key, namespace) = match reservation.claims().get(denial.claim) {
                 Some(Claim::Spend { budget, .. }) => (budget.key().to_owned(), String::new()),
                 Some(Claim::Own { value, .. } | Claim::ReleaseOnCommit { value, .. }) => {
@@ -218,7 +295,8 @@ where
             );
             reject(Rejection::denied(key, namespace, &denial.reason))
         }
-        Err(err) if err.is_unavailable() || err.kind() == crate::ErrorKind::Protocol => {
+        Err(err) if err.is_unavailable() || err.kind() == ErrorKind::Protocol => {
+            metrics::reservation(&route, "unavailable");
             let budgets_only = reservation
                 .claims()
                 .iter()
@@ -228,37 +306,68 @@ where
                 return Prepared::Pass(request);
             }
             tracing::warn!(hold = %reservation.id(), error = %err, "store unavailable; failing closed");
-            reject(Rejection::unavailable(&err, options.retry_after_secs))
+            reject(Rejection::unavailable(options.retry_after_secs))
         }
-        Err(err) if err.is_conflict() => reject(Rejection::unprocessable(
-            "this idempotency key was used with another request",
-        )),
-        Err(err) => reject(Rejection::new(
-            http::StatusCode::CONFLICT,
-            "Already settled",
-            format!("a request with this idempotency key has already ended: {err}"),
-        )),
+        Err(err) if err.kind() == ErrorKind::InFlight => {
+            metrics::reservation(&route, "in_flight");
+            reject(Rejection::in_flight())
+        }
+        Err(err) if err.is_conflict() => {
+            metrics::reservation(&route, "conflict");
+            reject(Rejection::unprocessable(
+                "this idempotency key was used with another request",
+            ))
+        }
+        Err(err) => {
+            metrics::reservation(&route, "settled");
+            tracing::debug!(hold = %reservation.id(), error = %err, "retry of a request that has ended");
+            reject(Rejection::new(
+                http::StatusCode::CONFLICT,
+                "Already settled",
+                "a request with this idempotency key has already ended",
+            ))
+        }
+    }
+}
+
+fn denial_reason(reason: &DenialReason) -> &'static str {
+    match reason {
+        DenialReason::OverBudget { .. } => "over_budget",
+        DenialReason::Taken => "taken",
+        DenialReason::NotOwner => "not_owner",
     }
 }
 
 type ReserveCall = Pin<Box<dyn Future<Output = (Result<Reserved, Error>, Reservation)> + Send>>;
 
-/// A reserve call on its way to the store. If the request goes away before the store answers,
-/// the call is finished in a task of its own and a fresh grant released at once, rather than left
-/// to hold its claims until its lease ends.
+/// A reserve call on its way to the store (a check, in shadow mode). If the request goes away
+/// before the store answers, the call is finished in a task of its own and a fresh grant
+/// released at once, rather than left to hold its claims until its lease ends.
 struct InFlight {
     call: Option<ReserveCall>,
     settle_store: Arc<dyn SettleStore>,
+    route: SharedString,
 }
 
 impl InFlight {
-    fn new<St: Store, E>(shared: &Shared<St, E>, reservation: Reservation) -> Self {
+    fn new<St: Store, E>(
+        shared: &Shared<St, E>,
+        reservation: Reservation,
+        route: SharedString,
+    ) -> Self {
         let store = shared.store.clone();
+        let shadow = shared.options.shadow;
         Self {
             call: Some(Box::pin(async move {
-                (store.reserve(&reservation).await, reservation)
+                let answer = if shadow {
+                    store.check(&reservation).await
+                } else {
+                    store.reserve(&reservation).await
+                };
+                (answer, reservation)
             })),
             settle_store: shared.settle_store.clone(),
+            route,
         }
     }
 }
@@ -285,14 +394,24 @@ impl Drop for InFlight {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        let settle_store = self.settle_store.clone();
+        let (settle_store, route) = (self.settle_store.clone(), self.route.clone());
         tokio::spawn(async move {
-            // A replay answers another attempt's hold: that one is not ours to release.
-            if let (Ok(Reserved::Granted(grant)), _) = call.await
+            // A replay answers another attempt's hold (and a check holds nothing): not ours to
+            // release.
+            if let (Ok(Reserved::Granted(grant)), reservation) = call.await
                 && !grant.replayed
+                && reservation.id() == &grant.id
             {
                 tracing::debug!(hold = %grant.id, "request gone before its reserve answered; releasing");
-                let _ = settle_store.release(grant.id).await;
+                let released = settle_store
+                    .settle(grant.id, Settlement::release().forget())
+                    .await;
+                let result = if released.is_ok() {
+                    "released"
+                } else {
+                    "failed"
+                };
+                metrics::settlement(&route, result, "dropped");
             }
         });
     }

@@ -3,31 +3,27 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::{Claim, Error, Grant, HoldId, Settled, Store};
+use super::metrics::{self, SharedString};
+use crate::settlement::same_budget;
+use crate::{Budget, Claim, Error, ErrorKind, Grant, HoldId, Settled, Settlement, Store};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// A store seen only through what settling needs, so that [`Hold`] is one type whatever the
 /// store.
 pub(crate) trait SettleStore: Send + Sync + 'static {
-    fn commit(&self, id: HoldId) -> BoxFuture<Result<Settled, Error>>;
-    fn release(&self, id: HoldId) -> BoxFuture<Result<Settled, Error>>;
+    fn settle(&self, id: HoldId, settlement: Settlement) -> BoxFuture<Result<Settled, Error>>;
     fn extend(&self, id: HoldId, lease: Duration) -> BoxFuture<Result<u64, Error>>;
 }
 
 impl<St: Store> SettleStore for St {
-    fn commit(&self, id: HoldId) -> BoxFuture<Result<Settled, Error>> {
+    fn settle(&self, id: HoldId, settlement: Settlement) -> BoxFuture<Result<Settled, Error>> {
         let store = self.clone();
-        Box::pin(async move { Store::commit(&store, &id).await })
-    }
-
-    fn release(&self, id: HoldId) -> BoxFuture<Result<Settled, Error>> {
-        let store = self.clone();
-        Box::pin(async move { Store::release(&store, &id).await })
+        Box::pin(async move { Store::settle(&store, &id, &settlement).await })
     }
 
     fn extend(&self, id: HoldId, lease: Duration) -> BoxFuture<Result<u64, Error>> {
@@ -39,18 +35,22 @@ impl<St: Store> SettleStore for St {
 /// The hold a request runs under, in the request's extensions (and an axum extractor with the
 /// `axum` feature).
 ///
-/// It tells the handler what was reserved and lets it steer settlement: [`Hold::defer`] to take
+/// It tells the handler what was reserved and lets it steer settlement: [`Hold::set_actual`] to
+/// commit what the command really used rather than all that was held, [`Hold::defer`] to take
 /// over (answer `202 Accepted`, then commit or release later by id), [`Hold::extend`] to renew
 /// the lease of a long handler.
 ///
 /// ```
-/// use http::{Request, Response, StatusCode};
-/// use tower_reserve::Hold;
+/// use http::{Request, Response};
+/// use tower_reserve::{Budget, Hold};
 ///
 /// async fn handler(req: Request<()>) -> Response<String> {
 ///     let hold = req.extensions().get::<Hold>().expect("behind ReserveLayer").clone();
-///     let remaining = hold.remaining()[0].unwrap_or(0);
-///     Response::new(format!("hold {}, {remaining} left", hold.id()))
+///     let budget = Budget::new("api-key-7", 1_000_000);
+///     let left = hold.remaining_of(&budget).unwrap_or(0);
+///     // The job reserved the most it may cost; it used 1 234 credits.
+///     hold.set_actual(&budget, 1_234).expect("at most what was held");
+///     Response::new(format!("hold {}, {left} left", hold.id()))
 /// }
 /// ```
 #[derive(Clone)]
@@ -64,6 +64,14 @@ struct HoldInner {
     remaining: Vec<Option<u64>>,
     expires_at_ms: AtomicU64,
     deferred: AtomicBool,
+    /// Whether the id is the caller's (an idempotency key): then its record is kept after the
+    /// layer settles it, so that a retry gets the same answer. The layer's own random ids are
+    /// forgotten at once: nobody can ask for them again.
+    named: bool,
+    /// Actual amounts the handler reported, by budget.
+    actual: Mutex<Vec<(Budget, u64)>>,
+    /// The route's metrics label.
+    route: SharedString,
     store: Arc<dyn SettleStore>,
 }
 
@@ -79,7 +87,13 @@ impl std::fmt::Debug for Hold {
 }
 
 impl Hold {
-    pub(crate) fn new(grant: Grant, claims: Vec<Claim>, store: Arc<dyn SettleStore>) -> Self {
+    pub(crate) fn new(
+        grant: Grant,
+        claims: Vec<Claim>,
+        named: bool,
+        route: SharedString,
+        store: Arc<dyn SettleStore>,
+    ) -> Self {
         Self {
             inner: Arc::new(HoldInner {
                 id: grant.id,
@@ -87,6 +101,9 @@ impl Hold {
                 remaining: grant.remaining,
                 expires_at_ms: AtomicU64::new(grant.expires_at_ms),
                 deferred: AtomicBool::new(false),
+                named,
+                actual: Mutex::default(),
+                route,
                 store,
             }),
         }
@@ -102,14 +119,62 @@ impl Hold {
         &self.inner.claims
     }
 
-    /// For each claim: the budget left after this hold (spend claims), or `None`.
+    /// For each claim in order: the budget left after this hold (spend claims), or `None`.
     pub fn remaining(&self) -> &[Option<u64>] {
         &self.inner.remaining
+    }
+
+    /// What `budget` had left once this hold was placed, if the hold spends from it.
+    pub fn remaining_of(&self, budget: &Budget) -> Option<u64> {
+        self.spend_index(budget)
+            .and_then(|i| self.inner.remaining[i])
+    }
+
+    /// The budgets this hold spends from, with the amounts held, in claim order.
+    pub fn budgets(&self) -> impl Iterator<Item = (&Budget, u64)> {
+        self.inner.claims.iter().filter_map(|c| match c {
+            Claim::Spend { budget, amount } => Some((budget, *amount)),
+            _ => None,
+        })
+    }
+
+    fn spend_index(&self, budget: &Budget) -> Option<usize> {
+        self.inner
+            .claims
+            .iter()
+            .position(|c| matches!(c, Claim::Spend { budget: b, .. } if same_budget(b, budget)))
     }
 
     /// When the lease ends, in Unix milliseconds by the store's clock.
     pub fn expires_at_ms(&self) -> u64 {
         self.inner.expires_at_ms.load(Ordering::Acquire)
+    }
+
+    /// Commits only `amount` of this hold's claim on `budget` when the hold is committed (by the
+    /// layer, or by [`Hold::commit`]): what the command really used. The rest goes back in the
+    /// same step; `0` spends nothing of that budget. Refused at once, and nothing recorded, when
+    /// the hold does not spend from `budget`
+    /// ([`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput)) or `amount` is above what it
+    /// holds there ([`ErrorKind::ExceedsHold`](crate::ErrorKind::ExceedsHold)): a command that
+    /// needs more reserves the difference as a hold of its own.
+    pub fn set_actual(&self, budget: &Budget, amount: u64) -> Result<(), Error> {
+        let Some(i) = self.spend_index(budget) else {
+            return Err(Error::invalid(format!(
+                "hold {} does not spend from budget {:?}",
+                self.id(),
+                budget.key()
+            )));
+        };
+        let Claim::Spend { amount: held, .. } = self.inner.claims[i] else {
+            unreachable!("spend_index finds spend claims");
+        };
+        if amount > held {
+            return Err(Error::refused(ErrorKind::ExceedsHold, self.id()));
+        }
+        let mut actual = self.inner.actual.lock().expect("actual amounts lock");
+        actual.retain(|(b, _)| !same_budget(b, budget));
+        actual.push((budget.clone(), amount));
+        Ok(())
     }
 
     /// Takes settlement over from the layer: whatever the handler answers, the layer neither
@@ -133,22 +198,163 @@ impl Hold {
         Ok(until)
     }
 
-    /// Commits the hold now (idempotent).
+    /// Commits the hold now, with the actual amounts set so far (idempotent).
     pub async fn commit(&self) -> Result<Settled, Error> {
-        self.inner.store.commit(self.id().clone()).await
+        let settlement = self.with_actual(Settlement::commit());
+        self.inner.store.settle(self.id().clone(), settlement).await
     }
 
     /// Releases the hold now (idempotent).
     pub async fn release(&self) -> Result<Settled, Error> {
-        self.inner.store.release(self.id().clone()).await
+        self.inner
+            .store
+            .settle(self.id().clone(), Settlement::release())
+            .await
     }
 
-    pub(crate) fn commit_task(&self) -> BoxFuture<Result<Settled, Error>> {
-        self.inner.store.commit(self.id().clone())
+    /// `settlement` with the actual amounts the handler set.
+    pub(crate) fn with_actual(&self, mut settlement: Settlement) -> Settlement {
+        if settlement.is_commit() {
+            for (budget, amount) in self
+                .inner
+                .actual
+                .lock()
+                .expect("actual amounts lock")
+                .iter()
+            {
+                settlement = settlement.actual(budget, *amount);
+            }
+        }
+        settlement
     }
 
-    pub(crate) fn release_task(&self) -> BoxFuture<Result<Settled, Error>> {
-        self.inner.store.release(self.id().clone())
+    /// How the layer settles this hold: its record is forgotten unless the id is the caller's or
+    /// the handler deferred (then someone may ask for it again).
+    pub(crate) fn settlement(&self, commit: bool) -> Settlement {
+        self.settlement_with(commit, &[])
+    }
+
+    /// As [`Hold::settlement`], with actual amounts reported in the response (`reported`), which
+    /// take the place of any the handler set on the hold for the same budget.
+    pub(crate) fn settlement_with(&self, commit: bool, reported: &[(Budget, u64)]) -> Settlement {
+        let mut settlement = if commit {
+            let set = self.inner.actual.lock().expect("actual amounts lock");
+            let mut settlement = Settlement::commit();
+            for (budget, amount) in set.iter() {
+                if !reported.iter().any(|(b, _)| same_budget(b, budget)) {
+                    settlement = settlement.actual(budget, *amount);
+                }
+            }
+            for (budget, amount) in reported {
+                settlement = settlement.actual(budget, *amount);
+            }
+            settlement
+        } else {
+            Settlement::release()
+        };
+        if !(self.inner.named || self.is_deferred()) {
+            settlement = settlement.forget();
+        }
+        settlement
+    }
+
+    /// Resolves what a response reported (an [`Actual`] or the actual-amount header's values) to
+    /// budgets of this hold, checked like [`Hold::set_actual`].
+    pub(crate) fn resolve(&self, report: &Actual) -> Result<Vec<(Budget, u64)>, Error> {
+        let budgets: Vec<(&Budget, u64)> = self.budgets().collect();
+        let mut out = Vec::with_capacity(report.amounts.len());
+        for (i, (budget, amount)) in report.amounts.iter().enumerate() {
+            let (budget, held) = match budget {
+                Some(budget) => {
+                    let Some((b, held)) = budgets.iter().find(|(b, _)| same_budget(b, budget))
+                    else {
+                        return Err(Error::invalid(format!(
+                            "an actual amount names budget {:?}, which hold {} does not spend from",
+                            budget.key(),
+                            self.id()
+                        )));
+                    };
+                    (*b, *held)
+                }
+                // Unnamed amounts go to the budget claims in order; they must match in number.
+                None if report.amounts.len() == budgets.len() => budgets[i],
+                None => {
+                    return Err(Error::invalid(format!(
+                        "{} actual amounts for the {} budget claims of hold {}",
+                        report.amounts.len(),
+                        budgets.len(),
+                        self.id()
+                    )));
+                }
+            };
+            if *amount > held {
+                return Err(Error::refused(ErrorKind::ExceedsHold, self.id()));
+            }
+            out.push((budget.clone(), *amount));
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn settle_task(&self, settlement: Settlement) -> BoxFuture<Result<Settled, Error>> {
+        self.inner.store.settle(self.id().clone(), settlement)
+    }
+}
+
+/// What a command actually used of the budgets its hold spends from, reported in its response:
+/// the layer commits these amounts instead of all that was held (the rest goes back in the same
+/// step). For a service behind the layer that reports without touching the [`Hold`]; a service in
+/// another language (behind a gateway) sends the [`ACTUAL_HEADER`] response header instead, which
+/// the layer reads and strips.
+///
+/// ```
+/// use http::Response;
+/// use tower_reserve::{Actual, Budget};
+///
+/// let mut response = Response::new("done");
+/// // The request's one budget claim: 1 234 of what was held.
+/// response.extensions_mut().insert(Actual::amount(1_234));
+/// // Or by budget, for a hold with several.
+/// let credits = Budget::new("api-key-7", 1_000_000);
+/// response.extensions_mut().insert(Actual::new().of(&credits, 1_234));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Actual {
+    /// By budget; `None` for amounts given in the order of the hold's budget claims.
+    amounts: Vec<(Option<Budget>, u64)>,
+}
+
+/// The response header that reports actual amounts: one non-negative integer per budget claim
+/// of the hold, in claim order, separated by commas (one integer for the usual one budget). The
+/// layer strips it before the response leaves.
+pub const ACTUAL_HEADER: &str = "reserve-actual";
+
+impl Actual {
+    /// Nothing reported yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `amount` of the hold's only budget claim.
+    pub fn amount(amount: u64) -> Self {
+        Self {
+            amounts: vec![(None, amount)],
+        }
+    }
+
+    /// `amount` of `budget`.
+    pub fn of(mut self, budget: &Budget, amount: u64) -> Self {
+        self.amounts.push((Some(budget.clone()), amount));
+        self
+    }
+
+    /// The header's value: integers, one per budget claim in order.
+    pub(crate) fn parse_header(value: &http::HeaderValue) -> Option<Self> {
+        let text = value.to_str().ok()?;
+        let amounts = text
+            .split(',')
+            .map(|part| part.trim().parse::<u64>().ok().map(|a| (None, a)))
+            .collect::<Option<Vec<_>>>()?;
+        (!amounts.is_empty()).then_some(Self { amounts })
     }
 }
 
@@ -174,24 +380,63 @@ pub(crate) struct Settle {
     task: Option<BoxFuture<Result<Settled, Error>>>,
     hold: Hold,
     commit: bool,
-    /// Only taken when the outcome is logged with its timing.
-    started: Option<std::time::Instant>,
+    /// Why the layer settles this way, for the metrics.
+    cause: Cause,
+    started: std::time::Instant,
+    /// Whether the outcome is logged with its timing.
+    timed: bool,
+}
+
+/// Why a hold is settled the way it is: a metrics label.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Cause {
+    /// The handler succeeded (commit).
+    Success,
+    /// The handler answered an error response.
+    ErrorResponse,
+    /// The inner service answered `Err`.
+    HandlerError,
+    /// The handler panicked.
+    Panic,
+    /// The request went away.
+    Dropped,
+    /// The handler outlived its lease.
+    Lease,
+    /// The handler reported actual amounts that do not fit its hold.
+    InvalidActual,
+}
+
+impl Cause {
+    fn label(self) -> &'static str {
+        match self {
+            Cause::Success => "success",
+            Cause::ErrorResponse => "error_response",
+            Cause::HandlerError => "handler_error",
+            Cause::Panic => "panic",
+            Cause::Dropped => "dropped",
+            Cause::Lease => "lease",
+            Cause::InvalidActual => "invalid_actual",
+        }
+    }
 }
 
 impl Settle {
-    /// `timed`: whether the request is traced, so the settlement's timing is worth taking.
-    pub(crate) fn new(hold: &Hold, commit: bool, timed: bool) -> Self {
-        let task = if commit {
-            hold.commit_task()
-        } else {
-            hold.release_task()
-        };
+    /// `timed`: whether the request is traced, so the settlement's timing is worth logging.
+    pub(crate) fn new(hold: &Hold, settlement: Settlement, cause: Cause, timed: bool) -> Self {
+        let commit = settlement.is_commit();
         Self {
-            task: Some(task),
+            task: Some(hold.settle_task(settlement)),
             hold: hold.clone(),
             commit,
-            started: timed.then(std::time::Instant::now),
+            cause,
+            started: std::time::Instant::now(),
+            timed,
         }
+    }
+
+    /// The layer's own settlement of `hold`.
+    pub(crate) fn layer(hold: &Hold, commit: bool, cause: Cause, timed: bool) -> Self {
+        Self::new(hold, hold.settlement(commit), cause, timed)
     }
 
     /// Whether this settles by committing.
@@ -205,17 +450,32 @@ impl Settle {
     }
 }
 
-fn log(
-    id: &HoldId,
+/// Logs and counts how a settlement went.
+fn record(
+    hold: &Hold,
     commit: bool,
-    started: Option<std::time::Instant>,
+    cause: Cause,
+    started: std::time::Instant,
+    timed: bool,
     result: &Result<Settled, Error>,
 ) {
-    let elapsed_us = started.map(|t| t.elapsed().as_micros() as u64);
+    let took = started.elapsed();
+    let op = if commit { "commit" } else { "release" };
+    metrics::store_call(&hold.inner.route, op, took, result.is_ok());
+    let outcome = match result {
+        Ok(_) if commit => "committed",
+        Ok(_) => "released",
+        Err(err) if err.is_expired() => "expired",
+        Err(_) => "failed",
+    };
+    metrics::settlement(&hold.inner.route, outcome, cause.label());
+    let elapsed_us = timed.then_some(took.as_micros() as u64);
     match result {
-        Ok(settled) => tracing::debug!(hold = %id, commit, ?settled, elapsed_us, "settled"),
+        Ok(settled) => {
+            tracing::debug!(hold = %hold.id(), commit, ?settled, elapsed_us, "settled")
+        }
         Err(err) => {
-            tracing::error!(hold = %id, commit, error = %err, elapsed_us, "settling failed")
+            tracing::error!(hold = %hold.id(), commit, error = %err, elapsed_us, "settling failed")
         }
     }
 }
@@ -230,7 +490,14 @@ impl Future for Settle {
         let task = self.task.as_mut().expect("Settle polled after completion");
         let result = std::task::ready!(task.as_mut().poll(cx));
         self.task = None;
-        log(self.hold.id(), self.commit, self.started, &result);
+        record(
+            &self.hold,
+            self.commit,
+            self.cause,
+            self.started,
+            self.timed,
+            &result,
+        );
         std::task::Poll::Ready(result)
     }
 }
@@ -240,8 +507,15 @@ impl Drop for Settle {
         if let Some(task) = self.task.take() {
             if tokio::runtime::Handle::try_current().is_ok() {
                 use tracing::Instrument;
-                let (hold, commit, started) = (self.hold.clone(), self.commit, self.started);
-                let finish = async move { log(hold.id(), commit, started, &task.await) };
+                let (hold, commit, cause, started, timed) = (
+                    self.hold.clone(),
+                    self.commit,
+                    self.cause,
+                    self.started,
+                    self.timed,
+                );
+                let finish =
+                    async move { record(&hold, commit, cause, started, timed, &task.await) };
                 tokio::spawn(finish.instrument(tracing::Span::current()));
             } else {
                 tracing::warn!(hold = %self.hold.id(), "no tokio runtime to settle on; the hold ends with its lease");
@@ -282,8 +556,13 @@ impl Drop for SettleGuard {
         if hold.is_deferred() {
             return;
         }
-        tracing::debug!(hold = %hold.id(), "request dropped before it settled; releasing");
+        let cause = if std::thread::panicking() {
+            Cause::Panic
+        } else {
+            Cause::Dropped
+        };
+        tracing::debug!(hold = %hold.id(), ?cause, "request ended before it settled; releasing");
         // Dropping an unfinished settlement hands it to a task of its own.
-        drop(Settle::new(&hold, false, false));
+        drop(Settle::layer(&hold, false, cause, false));
     }
 }

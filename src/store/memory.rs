@@ -122,6 +122,8 @@ fn shard_of(slot: u16) -> usize {
     slot as usize & (SHARDS - 1)
 }
 
+/// The wall clock in Unix milliseconds: the embedded store's clock, and the layer's estimate of
+/// when a window resets.
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

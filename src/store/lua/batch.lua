@@ -8,7 +8,7 @@
 -- operation whose keys this node does not serve (the slot map moved) fails on its first key,
 -- before it writes anything, and is answered { 'M' } to be sent again where it belongs.
 
-local OPS = { reserve, settle, extend, mark, forget, budget, set_spent, refund, check }
+local OPS = { reserve, settle, extend, mark, forget, budget, set_spent, refund, check, owner, remove }
 
 local ops = cmsgpack.unpack(ARGV[1])
 local now = now_ms()

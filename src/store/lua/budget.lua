@@ -1,4 +1,5 @@
--- Operations on budgets: read one, seed its spent amount, refund into it.
+-- Operations on budgets (read one, seed its spent amount, refund into it) and on owned values
+-- (who owns one, remove one).
 
 -- Op 6. { 6, budget base key, window spec, max_clear } -> { spent, held, window end or -1 }
 local function budget(op, now)
@@ -46,4 +47,16 @@ local function refund(op, now)
   save_budget(b)
   redis.call('SET', key, fp, 'PX', num(retain))
   return { 'OK', 'applied' }
+end
+
+-- Op 10. { 10, value key } -> { owner } | {}: who owns a value (holds in flight are not ownership).
+local function owner(op, now)
+  local who = redis.call('GET', op[2])
+  if who then return { who } end
+  return {}
+end
+
+-- Op 11. { 11, value key } -> { 1 } if it was owned, { 0 } if not: frees a value at once.
+local function remove(op, now)
+  return { redis.call('DEL', op[2]) }
 end

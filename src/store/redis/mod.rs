@@ -67,7 +67,6 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    conn: Conn,
     engine: Engine,
     keys: Keys,
     config: Config,
@@ -213,17 +212,17 @@ impl RedisStoreBuilder {
                 Error::invalid(format!("redis cluster urls {urls:?}: {e}")).with_source(e)
             })?;
         let counters = Arc::new(Counters::default());
-        let (conn, router) = with_timeout(timeout, async {
+        let router = with_timeout(timeout, async {
             let conn = Conn::Cluster(client.get_async_connection().await?);
             let router =
                 Router::connect(conn.clone(), self.config.limits, counters.clone()).await?;
             for node in router.nodes() {
                 check_server(&conn, &node, self.config.allow_eviction).await?;
             }
-            Ok((conn, router))
+            Ok(router)
         })
         .await?;
-        Ok(self.build(conn, Engine::Cluster(router), counters))
+        Ok(self.build(Engine::Cluster(router), counters))
     }
 
     /// Connects to one Redis node and checks it, failing fast when it does not answer.
@@ -245,13 +244,12 @@ impl RedisStoreBuilder {
         .await?;
         let counters = Arc::new(Counters::default());
         let batcher = Batcher::spawn(conn.clone(), self.config.limits, counters.clone());
-        Ok(self.build(conn, Engine::Node(batcher), counters))
+        Ok(self.build(Engine::Node(batcher), counters))
     }
 
-    fn build(self, conn: Conn, engine: Engine, counters: Arc<Counters>) -> RedisStore {
+    fn build(self, engine: Engine, counters: Arc<Counters>) -> RedisStore {
         RedisStore {
             inner: Arc::new(Inner {
-                conn,
                 engine,
                 keys: Keys::new(self.prefix),
                 config: self.config,
@@ -329,14 +327,6 @@ impl RedisStore {
         };
         let plan = cluster::plan(self, r);
         (!plan.groups.is_empty()).then_some(plan)
-    }
-
-    /// A one-command read or write by key (`GET`, `DEL`).
-    async fn command<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, Error> {
-        with_timeout(self.inner.config.timeout, async {
-            Ok(self.inner.conn.query(&cmd).await?)
-        })
-        .await
     }
 }
 
@@ -437,17 +427,17 @@ impl Store for RedisStore {
         ops::ok(&answer, &HoldId::random())
     }
 
+    // Reads and removals go through the same batches as everything else: a read sent after a
+    // commit sees it.
     async fn owner(&self, value: &Unique) -> Result<Option<String>, Error> {
         value.validate()?;
-        let mut cmd = redis::cmd("GET");
-        cmd.arg(self.keys().unique(value));
-        self.command(cmd).await
+        let answer = self.call(ops::owner(self.keys(), value), false).await?;
+        ops::owned_by(&answer)
     }
 
     async fn remove(&self, value: &Unique) -> Result<bool, Error> {
         value.validate()?;
-        let mut cmd = redis::cmd("DEL");
-        cmd.arg(self.keys().unique(value));
-        Ok(self.command::<i64>(cmd).await? == 1)
+        let answer = self.call(ops::remove(self.keys(), value), false).await?;
+        ops::removed(&answer)
     }
 }

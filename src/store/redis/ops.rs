@@ -7,7 +7,7 @@ use crate::reservation::{Denial, DenialReason, Grant};
 use crate::store::MAX_EXPIRED_PER_CALL;
 use crate::{
     Budget, BudgetStatus, Claim, Error, ErrorKind, HoldId, Refund, Reservation, Reserved, Settled,
-    Settlement,
+    Settlement, Unique,
 };
 
 const MAX_CLEAR: u64 = MAX_EXPIRED_PER_CALL as u64;
@@ -199,6 +199,41 @@ pub(crate) fn refund(keys: &Keys, r: &Refund) -> Op {
         .str(r.id.as_str())
         .uint(MAX_CLEAR);
     w.done(key, 1)
+}
+
+/// Op 10: who owns a value.
+pub(crate) fn owner(keys: &Keys, value: &Unique) -> Op {
+    let key = keys.unique(value);
+    let mut w = Writer::op(10, 2);
+    w.str(&key);
+    w.done(key, 1)
+}
+
+/// Op 11: free a value.
+pub(crate) fn remove(keys: &Keys, value: &Unique) -> Op {
+    let key = keys.unique(value);
+    let mut w = Writer::op(11, 2);
+    w.str(&key);
+    w.done(key, 1)
+}
+
+pub(crate) fn owned_by(answer: &[u8]) -> Result<Option<String>, Error> {
+    let a = Answer::read(answer)?;
+    if a.len() == 0 {
+        return Ok(None);
+    }
+    match a.word(0)? {
+        "X" => Err(refusal(&a, &HoldId::random())),
+        owner => Ok(Some(owner.to_owned())),
+    }
+}
+
+pub(crate) fn removed(answer: &[u8]) -> Result<bool, Error> {
+    let a = Answer::read(answer)?;
+    if a.word(0).is_ok() {
+        return Err(refusal(&a, &HoldId::random()));
+    }
+    Ok(a.int(0)? == 1)
 }
 
 /// Whether an answer says "not here": the operation's keys are served by another node.

@@ -1,0 +1,56 @@
+//! What the layer counts, through the `metrics` facade: no exporter is chosen here (install one,
+//! e.g. `metrics-exporter-prometheus`, to see them). Labelled by route (the pattern from axum's
+//! `MatchedPath` or a [`Routes`](super::Routes) table), never by customer or value.
+//!
+//! | metric | labels |
+//! | --- | --- |
+//! | `tower_reserve_reservations_total` | `route`, `outcome`: `granted`, `denied`, `in_flight`, `conflict`, `settled`, `invalid`, `unavailable` |
+//! | `tower_reserve_denials_total` | `route`, `reason`: `over_budget`, `taken`, `not_owner`; `mode`: `enforce`, `shadow` |
+//! | `tower_reserve_settlements_total` | `route`, `result`: `committed`, `released`, `expired`, `failed`; `cause`: `success`, `error_response`, `handler_error`, `panic`, `dropped`, `lease`, `invalid_actual` |
+//! | `tower_reserve_store_errors_total` | `route`, `op`: `reserve`, `check`, `commit`, `release` |
+//! | `tower_reserve_store_seconds` (histogram) | `route`, `op` |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) use ::metrics::SharedString;
+use http::Request;
+
+use super::extract::RoutePattern;
+
+/// The route label of a request: its matched pattern, or `unmatched`.
+pub(crate) fn route_of<B>(request: &Request<B>) -> SharedString {
+    if let Some(RoutePattern(p)) = request.extensions().get::<RoutePattern>() {
+        return SharedString::from(Arc::clone(p));
+    }
+    #[cfg(feature = "axum")]
+    if let Some(p) = request.extensions().get::<axum::extract::MatchedPath>() {
+        return SharedString::from(p.as_str().to_owned());
+    }
+    SharedString::const_str("unmatched")
+}
+
+pub(crate) fn reservation(route: &SharedString, outcome: &'static str) {
+    metrics::counter!("tower_reserve_reservations_total", "route" => route.clone(), "outcome" => outcome)
+        .increment(1);
+}
+
+pub(crate) fn denial(route: &SharedString, reason: &'static str, shadow: bool) {
+    let mode = if shadow { "shadow" } else { "enforce" };
+    metrics::counter!("tower_reserve_denials_total", "route" => route.clone(), "reason" => reason, "mode" => mode)
+        .increment(1);
+}
+
+pub(crate) fn settlement(route: &SharedString, result: &'static str, cause: &'static str) {
+    metrics::counter!("tower_reserve_settlements_total", "route" => route.clone(), "result" => result, "cause" => cause)
+        .increment(1);
+}
+
+pub(crate) fn store_call(route: &SharedString, op: &'static str, took: Duration, ok: bool) {
+    metrics::histogram!("tower_reserve_store_seconds", "route" => route.clone(), "op" => op)
+        .record(took.as_secs_f64());
+    if !ok {
+        metrics::counter!("tower_reserve_store_errors_total", "route" => route.clone(), "op" => op)
+            .increment(1);
+    }
+}
