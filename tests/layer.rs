@@ -1408,6 +1408,9 @@ async fn requests_are_traced_with_their_hold_and_no_raw_values() {
         .with_ansi(false)
         .finish();
     let _default = tracing::subscriber::set_default(subscriber);
+    // Callsites another test's thread reached first (with no subscriber there) may have cached
+    // that nobody listens: ask every callsite again, now that this thread's subscriber exists.
+    tracing::callsite::rebuild_interest_cache();
 
     let store = tower_reserve::MemoryStore::new();
     let svc = ReserveLayer::new(store, |req: Request<Bytes>| async move {

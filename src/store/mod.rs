@@ -5,7 +5,8 @@
 //! behaviour suite:
 //!
 //! - [`MemoryStore`]: embedded, for one process; the default where no Redis is configured.
-//! - [`RedisStore`]: Redis, for many processes; one Lua script call per reservation.
+//! - [`RedisStore`]: Redis, for many processes; one call of one Lua function per operation,
+//!   operations sent together in batches.
 
 use std::future::Future;
 use std::time::Duration;

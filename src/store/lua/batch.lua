@@ -1,31 +1,45 @@
--- The one script of the store: runs a batch of operations in order, each as atomic as if it ran
--- alone (a script is atomic as a whole), and answers each on its own.
--- ARGV[1] = MessagePack array of operations (see hold.lua and budget.lua); the answer is the
--- MessagePack array of their answers, in order. One TIME for the whole batch.
+-- The store's one function: runs a batch of operations in order, each as atomic as if it ran alone
+-- (a function call is atomic as a whole), and answers each on its own.
+-- args[1] = MessagePack array of operations (see hold.lua and budget.lua), args[2] = the store's
+-- retention of settled records (ms); the answer is the MessagePack array of their answers, in
+-- order. One TIME for the whole batch.
+--
+-- It is a Redis Function, not a script: the library (everything above) is run once, when it is
+-- loaded, so that a call pays only for its operations.
 --
 -- On a Cluster a batch carries the operations of one node, each touching the keys of one slot;
--- KEYS[1] is a key of the first, so that a node that does not serve it answers MOVED. An
+-- keys[1] is a key of the first, so that a node that does not serve it answers MOVED. An
 -- operation whose keys this node does not serve (the slot map moved) fails on its first key,
 -- before it writes anything, and is answered { 'M' } to be sent again where it belongs.
 
 local OPS = { reserve, settle, extend, mark, forget, budget, set_spent, refund, check, owner, remove }
 
-local ops = cmsgpack.unpack(ARGV[1])
-local now = now_ms()
-local out = {}
-for i, op in ipairs(ops) do
-  local ok, answer = pcall(OPS[op[1]], op, now)
-  if ok then
-    out[i] = answer
-  else
-    local message = type(answer) == 'table' and answer.err or tostring(answer)
-    if string.find(message, 'non local key', 1, true) or string.find(message, 'MOVED', 1, true)
-      or string.find(message, 'ASK', 1, true) or string.find(message, 'CLUSTERDOWN', 1, true)
-      or string.find(message, 'TRYAGAIN', 1, true) then
-      out[i] = { 'M' }
+local function run(keys, args)
+  TEXT = {}
+  RETAIN = tonumber(args[2])
+  local ops = cmsgpack.unpack(args[1])
+  local now, now_text = now_ms()
+  local out = {}
+  for i, op in ipairs(ops) do
+    local ok, answer = pcall(OPS[op[1]], op, now, now_text)
+    if ok then
+      out[i] = answer
     else
-      out[i] = { 'X', message }
+      local message = type(answer) == 'table' and answer.err or tostring(answer)
+      if string.find(message, 'non local key', 1, true) or string.find(message, 'MOVED', 1, true)
+        or string.find(message, 'ASK', 1, true) or string.find(message, 'CLUSTERDOWN', 1, true)
+        or string.find(message, 'TRYAGAIN', 1, true) then
+        out[i] = { 'M' }
+      else
+        out[i] = { 'X', message }
+      end
     end
   end
+  return cmsgpack.pack(out)
 end
-return cmsgpack.pack(out)
+
+redis.register_function {
+  function_name = FUNCTION_NAME,
+  callback = run,
+  flags = { 'allow-cross-slot-keys' },
+}

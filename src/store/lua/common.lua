@@ -1,31 +1,55 @@
--- Shared by the scripts of tower-reserve: the calendar, numbers, hold records, budgets, values.
--- The store runs one script, batch.lua: this file, hold.lua and budget.lua, then its dispatch.
+-- Shared by the operations of tower-reserve: numbers, the calendar, hold records, budgets, values.
+-- The store loads one library of Redis Functions: this file, hold.lua, budget.lua, then batch.lua,
+-- which registers the one function it calls.
 --
 -- Key layout (every key of one budget or one unique value shares one hash tag, so one slot):
 --   <p>:b:{<budget>}<window>     hash: the budget in one window (window '' for lifetime)
 --       spent     spent amount
---       h         '<held>,<n>,<c>': amount held by holds in flight, the earliest end of a bucket
---                 of their lease ends (ms), and how many such buckets there are
+--       held      amount held by holds in flight
+--       c         how many buckets of lease ends those holds fall in (100 ms each)
+--       n         the earliest of those buckets' ends (ms)
 --       x<T>      with two buckets or more: the amount held by holds whose lease ends in the
---                 100 ms bucket that ends at T (with one bucket, that amount is <held>, its end n)
+--                 bucket that ends at T (with one bucket, that amount is `held`, its end `n`)
 --       t         windowed budgets: when the keys of this window expire (ms)
 --   <p>:b:{<budget>}<window>:h   sorted set of the bucket ends T, only with two buckets or more
 --   <p>:u:{<ns>:<digest>}        string: the owner of a unique value
 --   <p>:u:{<ns>:<digest>}:p      string: the hold that has the value in flight; expires with it
---   <p>:h:{<tag>}<name>          string: a hold record (see pack_record), in the slot of <tag>
+--   <p>:h:{<tag>}<name>          string: a hold record (see below), in the slot of <tag>
+--   <p>:h:{<tag>}<name>:m        string: what the hold's settler kept with it (a memo), if any
 --   <p>:f:{<budget>}<window>:<id> string: a refund's fingerprint, for as long as it is kept
 --
--- Every number a script writes is a non-negative integer below 2^54, formatted by num(): Lua's
--- numbers are doubles, exact up to 2^53, and amounts and limits are at most 2^53 - 1.
+-- A script's cost is mostly its commands and its conversions of numbers to text, so both are
+-- kept few: a purchase is three commands to reserve and three to commit, numbers are formatted
+-- once per batch where they repeat (lease ends, bucket ends), and a hold record is text whose
+-- claims the client packed.
 
+-- Integers as text, for Redis: %d is exact to 2^63 (Lua's numbers are doubles, exact to 2^53,
+-- and amounts and limits are at most 2^53 - 1). Values are never negative; zero is '0', never
+-- '-0'. Memoized for the batch (batch.lua starts each with an empty table): lease ends and bucket
+-- ends repeat across its operations.
+local TEXT = {}
 local function num(x)
   if x <= 0 then return '0' end
-  return string.format('%.0f', x)
+  local text = TEXT[x]
+  if not text then
+    text = string.format('%d', x)
+    TEXT[x] = text
+  end
+  return text
 end
 
+-- Small counts, without formatting.
+local COUNTS = { [0] = '0', '1', '2', '3', '4', '5', '6', '7', '8', '9' }
+local function count(c)
+  return COUNTS[c] or num(c)
+end
+
+-- The server's clock in milliseconds: as a number, and as text made from TIME's own strings.
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local us = t[2]
+  if #us < 6 then us = string.rep('0', 6 - #us) .. us end
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(us) / 1000), t[1] .. string.sub(us, 1, 3)
 end
 
 local function days_from_civil(y, m, d)
@@ -82,101 +106,159 @@ local WINDOW_GRACE_MS = 60000
 -- its end has passed: an expired hold's capacity returns at most 100 ms after its lease.
 local BUCKET_MS = 100
 
+-- The end of the bucket of lease end `e`, as text.
 local function bucket(e)
-  return math.ceil(e / BUCKET_MS) * BUCKET_MS
+  return num(math.ceil(e / BUCKET_MS) * BUCKET_MS)
 end
 
--- Hold records, packed with MessagePack as an array (absent fields as false: no holes):
---   { phase, lease end, fingerprint, nonce, claims, groups, memo, spends }
+-- Hold records are text: a fixed head, then the claims as the client packed them (MessagePack),
+-- so that writing one formats nothing and reading one cuts it at known places:
+--   <phase><fingerprint: 16 hex><nonce: 16 hex><lease end: 13 digits><start: 13 digits><body>
 --   phase: H held, P held but still reserving its other slot groups (a Cluster home record),
 --          C committed, R released, T tombstone (released before reserved), X expired
---   claim: { 'b', budget key with its window, amount } | { 'u' or 'r', value key, owner }
---   groups: on a Cluster, the records of a reservation's other slot groups (home record only)
---   memo: what its settler left with it (an idempotent request's response)
---   spends: a Cluster home's list of the budget claims of every group, to check actual amounts
---   nonce: which call reserved it, so that a call's own retry is not mistaken for another's
-local function pack_record(r)
-  return cmsgpack.pack({
-    r.s, r.e or 0, r.f or '', r.nonce or '', r.c or {}, r.g or {}, r.m or false, r.v or false,
-  })
+--   nonce: which call reserved it, so that a call's own retried request is not taken for another
+--          attempt's
+--   start: when it was reserved (windowed budgets are found again by it)
+--   body:  { claims, groups, spends }
+--          claim: { 'b', budget base key, amount, window spec } | { 'u' or 'r', value key, owner }
+--          groups: on a Cluster, the records of a reservation's other slot groups (home only)
+--          spends: a Cluster home's list of every group's budget claims { base key, spec, amount },
+--                  to check a commit's actual amounts against
+
+local function record(phase, fp, nonce, ends, start, body)
+  return phase .. fp .. nonce .. ends .. start .. body
 end
 
-local function unpack_record(raw)
-  local p = cmsgpack.unpack(raw)
+-- A tombstone: phase T, then 58 zeros (the head's width; a function library may call no library
+-- function while it loads, so this is spelled out).
+local TOMBSTONE = 'T0000000000000000000000000000000000000000000000000000000000'
+
+local function parse(raw)
+  local e_text = string.sub(raw, 34, 46)
   return {
-    s = p[1], e = p[2], f = p[3], nonce = p[4], c = p[5], g = p[6], m = p[7] or nil, v = p[8] or nil,
+    raw = raw, s = string.sub(raw, 1, 1), f = string.sub(raw, 2, 17),
+    nonce = string.sub(raw, 18, 33), e = tonumber(e_text), e_text = e_text,
   }
 end
 
-local function load_record(key)
-  local raw = redis.call('GET', key)
-  if not raw then return nil end
-  return unpack_record(raw)
+-- The record's claims, groups and spends (read only when needed). A claim's budget key gets the
+-- window the hold was reserved in.
+local function claims_of(r)
+  if r.c then return r.c end
+  local body = string.sub(r.raw, 60)
+  if body == '' then
+    r.c, r.g, r.v = {}, {}, {}
+    return r.c
+  end
+  body = cmsgpack.unpack(body)
+  r.c, r.g, r.v = body[1], body[2], body[3]
+  for _, c in ipairs(r.c) do
+    if c[1] == 'b' then
+      if c[4] == '0' then
+        c.key = c[2]
+      else
+        c.key = c[2] .. window(c[4], tonumber(string.sub(r.raw, 47, 59)))
+      end
+    end
+  end
+  return r.c
 end
 
-local function save_record(key, r, ttl_ms)
-  redis.call('SET', key, pack_record(r), 'PX', num(ttl_ms))
+local function groups_of(r)
+  claims_of(r)
+  return r.g
+end
+
+-- The same record in another phase.
+local function with_phase(r, phase)
+  return phase .. string.sub(r.raw, 2)
 end
 
 -- ---------------------------------------------------------------------------------------------
--- Budgets: read once, changed in memory, written once (save_budget).
+-- Budgets: read once, changed in memory, written once (save_budget). Times are compared as
+-- text where they can be: milliseconds since 1970 are 13 digits until the year 2286, and equal-
+-- length digit strings order as their numbers do, so no conversion is needed to compare them.
 
--- Reads budget `bkey` and the bucket sums of the bucket ends in `ends` (a list).
+-- Bucket counts and whether a field holds one, without conversions.
+local COUNT = { ['0'] = 0, ['1'] = 1, ['2'] = 2, ['3'] = 3, ['4'] = 4 }
+
+-- Reads budget `bkey` and the sums of the buckets ending at `ends` (bucket ends as text).
 local function load_budget(bkey, ends)
-  local fields = { 'spent', 'h', 't' }
-  for i, T in ipairs(ends) do fields[3 + i] = 'x' .. num(T) end
-  local v = redis.call('HMGET', bkey, unpack(fields))
-  local b = {
-    key = bkey, spent = tonumber(v[1]) or 0, held = 0, n = 0, c = 0, t = tonumber(v[3]) or 0,
-    x = {}, set = {}, del = {}, changed = false, exists = v[1] or v[2],
-  }
-  if v[2] then
-    local held, n, c = string.match(v[2], '^(%d+),(%d+),(%d+)$')
-    b.held, b.n, b.c = tonumber(held), tonumber(n), tonumber(c)
+  local v
+  if #ends == 0 then
+    v = redis.call('HMGET', bkey, 'spent', 'held', 'n', 'c', 't')
+  elseif #ends == 1 then
+    v = redis.call('HMGET', bkey, 'spent', 'held', 'n', 'c', 't', 'x' .. ends[1])
+  else
+    local fields = { 'spent', 'held', 'n', 'c', 't' }
+    for i, T in ipairs(ends) do fields[5 + i] = 'x' .. T end
+    v = redis.call('HMGET', bkey, unpack(fields))
   end
-  for i, T in ipairs(ends) do b.x[T] = tonumber(v[3 + i]) end
+  local c = v[4] and (COUNT[v[4]] or tonumber(v[4])) or 0
+  local b = {
+    key = bkey, spent = v[1] and tonumber(v[1]) or 0, held = 0, n = v[3] or '', c = c,
+    t = v[5] and tonumber(v[5]) or 0, exists = v[1] or v[4],
+  }
+  if c > 0 then b.held = tonumber(v[2]) or 0 end
+  if #ends > 0 then
+    b.x = {}
+    for i, T in ipairs(ends) do b.x[T] = v[5 + i] and tonumber(v[5 + i]) end
+  end
   return b
 end
 
 local function set_field(b, field, value)
+  b.set = b.set or {}
   b.set[field] = value
-  b.del[field] = nil
+  if b.del then b.del[field] = nil end
 end
 
 local function del_field(b, field)
+  b.del = b.del or {}
   b.del[field] = true
-  b.set[field] = nil
+  if b.set then b.set[field] = nil end
 end
 
--- With exactly one bucket left in the sorted set, goes back to keeping it in `h` alone.
+local function spend(b, amount)
+  b.spent = b.spent + amount
+  b.spent_changed = true
+  b.changed = true
+end
+
+-- With exactly one bucket left in the sorted set, goes back to keeping it in `held` and `n`.
 local function collapse(b)
   local zkey = b.key .. ':h'
-  local first = redis.call('ZRANGE', zkey, 0, 0)
-  local only = tonumber(first[1])
+  local only = redis.call('ZRANGE', zkey, 0, 0)[1]
   redis.call('DEL', zkey)
   if only then
-    del_field(b, 'x' .. num(only))
-    b.x[only] = nil
+    del_field(b, 'x' .. only)
+    if b.x then b.x[only] = nil end
     b.n = only
   end
 end
 
 -- The earliest bucket end, from the sorted set (two buckets or more).
 local function earliest(b)
-  local first = redis.call('ZRANGE', b.key .. ':h', 0, 0)
-  b.n = tonumber(first[1]) or 0
+  b.n = redis.call('ZRANGE', b.key .. ':h', 0, 0)[1] or ''
 end
 
--- Gives back up to `max` buckets whose end has passed.
-local function expire(b, now, max)
-  if b.c == 0 or b.n > now then return end
+-- How many expired buckets of one budget an operation clears at most (MAX_EXPIRED_PER_CALL in
+-- store/mod.rs): work per call stays bounded, and what is not cleared yet counts as held.
+local MAX_CLEAR = 64
+
+-- The store's retention of settled records, in ms: sent with each batch (batch.lua sets it).
+local RETAIN = 600000
+
+-- Gives back up to MAX_CLEAR buckets whose end has passed (`now` and its text).
+local function expire(b, now, now_text)
+  if b.c == 0 or b.n > now_text then return end
   b.changed = true
   if b.c == 1 then
-    b.held, b.n, b.c = 0, 0, 0
+    b.held, b.c = 0, 0
     return
   end
   local zkey = b.key .. ':h'
-  local due = redis.call('ZRANGEBYSCORE', zkey, '-inf', num(now), 'LIMIT', 0, max)
+  local due = redis.call('ZRANGEBYSCORE', zkey, '-inf', now_text, 'LIMIT', 0, MAX_CLEAR)
   if #due > 0 then
     local fields = {}
     for i, T in ipairs(due) do fields[i] = 'x' .. T end
@@ -184,13 +266,16 @@ local function expire(b, now, max)
     for _, v in ipairs(redis.call('HMGET', b.key, unpack(fields))) do sum = sum + (tonumber(v) or 0) end
     redis.call('HDEL', b.key, unpack(fields))
     redis.call('ZREM', zkey, unpack(due))
-    for _, T in ipairs(due) do b.x[tonumber(T)] = nil; b.set['x' .. T] = nil end
+    for _, T in ipairs(due) do
+      if b.x then b.x[T] = nil end
+      if b.set then b.set['x' .. T] = nil end
+    end
     b.held = math.max(0, b.held - sum)
     b.c = math.max(0, b.c - #due)
   end
   if b.c == 0 then
     redis.call('DEL', zkey)
-    b.held, b.n = 0, 0
+    b.held = 0
   elseif b.c == 1 then
     collapse(b)
   else
@@ -204,7 +289,7 @@ local function remaining(b, limit)
   return left
 end
 
--- Holds `amount` in the bucket that ends at T.
+-- Holds `amount` in the bucket that ends at T (as text).
 local function hold_in(b, T, amount)
   b.changed = true
   if b.c == 0 then
@@ -213,53 +298,53 @@ local function hold_in(b, T, amount)
     -- The same bucket: its sum is `held`.
   elseif b.c == 1 then
     -- A second bucket: both go into the sorted set, their sums into fields of their own.
-    local zkey = b.key .. ':h'
-    redis.call('ZADD', zkey, num(b.n), num(b.n), num(T), num(T))
+    redis.call('ZADD', b.key .. ':h', b.n, b.n, T, T)
     b.zset_new = true
-    set_field(b, 'x' .. num(b.n), num(b.held))
-    set_field(b, 'x' .. num(T), num(amount))
+    set_field(b, 'x' .. b.n, num(b.held))
+    set_field(b, 'x' .. T, num(amount))
+    b.x = b.x or {}
     b.x[b.n], b.x[T] = b.held, amount
     b.c = 2
     if T < b.n then b.n = T end
-  elseif b.x[T] then
+  elseif b.x and b.x[T] then
     b.x[T] = b.x[T] + amount
-    set_field(b, 'x' .. num(T), num(b.x[T]))
+    set_field(b, 'x' .. T, num(b.x[T]))
   else
-    redis.call('ZADD', b.key .. ':h', num(T), num(T))
+    redis.call('ZADD', b.key .. ':h', T, T)
+    b.x = b.x or {}
     b.x[T] = amount
-    set_field(b, 'x' .. num(T), num(amount))
+    set_field(b, 'x' .. T, num(amount))
     b.c = b.c + 1
     if T < b.n then b.n = T end
   end
   b.held = b.held + amount
 end
 
--- Takes a hold of `amount` out of the bucket that ends at T. Answers true when it was still
--- held; false when its bucket's end has passed (its capacity is back, or comes back as soon as
--- that bucket is cleared, and until then it counts as held, never as free) or is gone.
-local function take_out(b, T, amount, now)
-  if T <= now then return false end
-  if b.c == 0 then return false end
+-- Takes a hold of `amount` out of the bucket that ends at T (as text). Answers true when it was
+-- still held; false when its bucket's end has passed (its capacity is back, or comes back as
+-- soon as that bucket is cleared, and until then it counts as held, never as free) or is gone.
+local function take_out(b, T, amount, now_text)
+  if T <= now_text or b.c == 0 then return false end
   if b.c == 1 then
     if T ~= b.n then return false end
     b.changed = true
     b.held = b.held - amount
-    if b.held <= 0 then b.held, b.n, b.c = 0, 0, 0 end
+    if b.held <= 0 then b.held, b.c = 0, 0 end
     return true
   end
-  local x = b.x[T]
+  local x = b.x and b.x[T]
   if not x then return false end
   b.changed = true
   b.held = math.max(0, b.held - amount)
   x = x - amount
   if x > 0 then
     b.x[T] = x
-    set_field(b, 'x' .. num(T), num(x))
+    set_field(b, 'x' .. T, num(x))
     return true
   end
   b.x[T] = nil
-  del_field(b, 'x' .. num(T))
-  redis.call('ZREM', b.key .. ':h', num(T))
+  del_field(b, 'x' .. T)
+  redis.call('ZREM', b.key .. ':h', T)
   b.c = b.c - 1
   if b.c == 1 then
     collapse(b)
@@ -279,23 +364,32 @@ local function keep_until(b, at)
   end
 end
 
--- Writes what changed. A lifetime budget with nothing spent and nothing held is deleted: there is
--- nothing to remember. A key a write creates gets its expiry at once (windowed budgets).
+-- Writes what changed, in one command (two when a bucket's field goes). A lifetime budget with
+-- nothing spent and nothing held is deleted: there is nothing to remember. A key a write creates
+-- gets its expiry at once (windowed budgets).
 local function save_budget(b)
   if not b.changed then return end
   if b.t == 0 and b.spent <= 0 and b.c == 0 then
     if b.exists then redis.call('DEL', b.key) end
     return
   end
-  local args = { 'spent', num(b.spent), 'h', num(b.held) .. ',' .. num(b.n) .. ',' .. b.c }
-  for field, value in pairs(b.set) do
-    args[#args + 1] = field
-    args[#args + 1] = value
+  local args = { 'held', num(b.held), 'c', count(b.c) }
+  if b.c > 0 then args[5], args[6] = 'n', b.n end
+  if b.spent_changed or not b.exists then
+    args[#args + 1], args[#args + 2] = 'spent', num(b.spent)
+  end
+  if b.set then
+    for field, value in pairs(b.set) do
+      args[#args + 1] = field
+      args[#args + 1] = value
+    end
   end
   redis.call('HSET', b.key, unpack(args))
-  local dels = {}
-  for field in pairs(b.del) do dels[#dels + 1] = field end
-  if #dels > 0 then redis.call('HDEL', b.key, unpack(dels)) end
+  if b.del then
+    local dels = {}
+    for field in pairs(b.del) do dels[#dels + 1] = field end
+    if #dels > 0 then redis.call('HDEL', b.key, unpack(dels)) end
+  end
   if b.t > 0 then
     if b.expire or not b.exists then redis.call('PEXPIREAT', b.key, num(b.t)) end
     if b.c >= 2 and (b.expire or b.zset_new) then redis.call('PEXPIREAT', b.key .. ':h', num(b.t)) end

@@ -1,5 +1,5 @@
 //! Coalescing: one worker per Redis node collects the operations that requests ask of that node
-//! while a script call is in flight, and sends them as the next call: one script run for many
+//! while a call of the store's function is in flight, and sends them as the next call: one run for many
 //! operations, each answered on its own channel. A lone operation goes out at once, so an idle
 //! system waits for nothing; under load each call carries what queued behind the last.
 //!
@@ -47,7 +47,7 @@ impl Default for Limits {
     }
 }
 
-/// How many script calls and operations a store has sent: their ratio is the batch size seen.
+/// How many calls and operations a store has sent: their ratio is the batch size seen.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) calls: AtomicU64,
@@ -71,9 +71,16 @@ struct Job {
 const QUEUE: usize = 8_192;
 
 impl Batcher {
-    pub(crate) fn spawn(conn: Conn, limits: Limits, counters: Arc<Counters>) -> Self {
+    /// A worker for one node; `retain_ms` is the store's retention of settled records, which
+    /// every call carries.
+    pub(crate) fn spawn(
+        conn: Conn,
+        limits: Limits,
+        counters: Arc<Counters>,
+        retain_ms: u64,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(work(rx, conn, limits, counters));
+        tokio::spawn(work(rx, conn, limits, counters, retain_ms));
         Self { tx }
     }
 
@@ -99,7 +106,13 @@ fn stopped() -> Error {
     )
 }
 
-async fn work(mut rx: mpsc::Receiver<Job>, conn: Conn, limits: Limits, counters: Arc<Counters>) {
+async fn work(
+    mut rx: mpsc::Receiver<Job>,
+    conn: Conn,
+    limits: Limits,
+    counters: Arc<Counters>,
+    retain_ms: u64,
+) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
@@ -117,7 +130,7 @@ async fn work(mut rx: mpsc::Receiver<Job>, conn: Conn, limits: Limits, counters:
             }
             counters.calls.fetch_add(1, Ordering::Relaxed);
             counters.ops.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-            in_flight.push(send(conn.clone(), jobs, limits.wait_for));
+            in_flight.push(send(conn.clone(), jobs, limits.wait_for, retain_ms));
         }
         if in_flight.is_empty() {
             if !open && waiting.is_empty() {
@@ -164,10 +177,11 @@ async fn send(
     conn: Conn,
     jobs: Vec<Job>,
     wait_for: Option<(usize, Duration)>,
+    retain_ms: u64,
 ) -> (Vec<Job>, Result<Bytes, Error>) {
     let payload = protocol::batch(jobs.iter().map(|j| &j.op.bytes[..]));
     let key = jobs[0].op.key.as_str();
-    let reply = conn.run_batch(key, &payload).await;
+    let reply = conn.run_batch(key, &payload, retain_ms).await;
     if reply.is_ok()
         && let Some((replicas, timeout)) = wait_for
         && jobs.iter().any(|j| j.commits)

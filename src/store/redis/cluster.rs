@@ -100,6 +100,7 @@ pub(crate) struct Router {
     refreshed: tokio::sync::Mutex<Instant>,
     limits: Limits,
     counters: Arc<Counters>,
+    retain_ms: u64,
 }
 
 impl Router {
@@ -107,6 +108,7 @@ impl Router {
         conn: Conn,
         limits: Limits,
         counters: Arc<Counters>,
+        retain_ms: u64,
     ) -> Result<Self, Error> {
         let map = load(&conn).await?;
         Ok(Self {
@@ -116,6 +118,7 @@ impl Router {
             refreshed: tokio::sync::Mutex::new(Instant::now()),
             limits,
             counters,
+            retain_ms,
         })
     }
 
@@ -131,7 +134,12 @@ impl Router {
         if let Some(b) = batchers.get(node) {
             return b.clone();
         }
-        let b = Batcher::spawn(self.conn.clone(), self.limits, self.counters.clone());
+        let b = Batcher::spawn(
+            self.conn.clone(),
+            self.limits,
+            self.counters.clone(),
+            self.retain_ms,
+        );
         batchers.insert(node.to_owned(), b.clone());
         b
     }
@@ -218,7 +226,6 @@ pub(crate) async fn reserve(
     let nonce: Nonce = rand::random();
     let group_records: Vec<String> = plan.groups.iter().map(|(g, _)| g.clone()).collect();
     let lease_ms = r.lease().as_millis() as u64;
-    let retain_ms = store.retain_ms();
     let home = ops::reserve(
         store.keys(),
         r,
@@ -228,7 +235,6 @@ pub(crate) async fn reserve(
             groups: &group_records,
             claims: &plan.home,
             lease_ms,
-            retain_ms,
             nonce: &nonce,
         },
     );
@@ -260,7 +266,6 @@ pub(crate) async fn reserve(
                 groups: &[],
                 claims: indices,
                 lease_ms: group_lease,
-                retain_ms,
                 nonce: &nonce,
             },
         );
@@ -374,15 +379,8 @@ pub(crate) async fn settle_groups(
     };
     let retain_ms = store.retain_ms();
     let answers = join_all(home.groups.iter().map(|record| async {
-        let op = ops::settle(
-            store.keys(),
-            record.clone(),
-            id,
-            follow,
-            retain_ms,
-            retain_ms,
-            false,
-        );
+        // Groups keep their records for the retention period: a retry finishes the job.
+        let op = ops::settle(store.keys(), record.clone(), id, follow, retain_ms, false);
         let answer = store.call(op, follow.is_commit()).await?;
         ops::settled(&answer, id)?.result
     }))
@@ -428,9 +426,8 @@ pub(crate) async fn extend_groups(
     groups: &[String],
 ) -> Result<(), Error> {
     let lease_ms = (lease + GROUP_GRACE).as_millis() as u64;
-    let retain_ms = store.retain_ms();
     let answers = join_all(groups.iter().map(|record| async {
-        let op = ops::extend(record.clone(), id, lease_ms, retain_ms);
+        let op = ops::extend(record.clone(), id, lease_ms);
         let answer = store.call(op, false).await?;
         ops::extended(&answer, id).map(drop)
     }))

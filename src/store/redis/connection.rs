@@ -8,20 +8,28 @@ use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{Cmd, FromRedisValue, Script, Value};
+use redis::{Cmd, FromRedisValue, Value};
 
 use super::protocol::protocol;
 use crate::{Error, ErrorKind};
 
-/// The store's one script: the shared prelude, the operations, and the batch that runs them.
-/// Built once per process, so that its SHA1 is computed once. `Script` sends `EVALSHA` and loads
-/// the script on `NOSCRIPT` (after a restart, a failover or `SCRIPT FLUSH`; on a Cluster the
-/// load goes to every primary), so the servers' script caches need no care.
+/// The store's library of Redis Functions: the shared prelude, the operations, and the batch
+/// function that runs them (`src/store/lua/`). A Redis Function, not a script: Redis runs the
+/// library's definitions once, when it is loaded, where a script would define them all again on
+/// every call.
 ///
-/// The flag lets one batch touch keys of several slots of one Cluster node (Redis 7.0 or later).
-pub(crate) static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        "#!lua flags=allow-cross-slot-keys\n",
+/// The library's name carries a digest of its code, so that two versions of this crate on one
+/// Redis (a rolling deploy) each call their own. It is loaded at connect time and again when a
+/// call finds it missing (after a restart without persistence, a failover to a replica that
+/// never had it, `FUNCTION FLUSH`); on a Cluster, `FUNCTION LOAD` goes to every primary.
+pub(crate) struct Library {
+    /// The library's name, which is also the name of its one function.
+    pub(crate) name: String,
+    code: String,
+}
+
+pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
+    const SOURCES: &str = concat!(
         include_str!("../lua/common.lua"),
         "\n",
         include_str!("../lua/hold.lua"),
@@ -29,7 +37,12 @@ pub(crate) static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
         include_str!("../lua/budget.lua"),
         "\n",
         include_str!("../lua/batch.lua"),
-    ))
+    );
+    use sha2::Digest;
+    let version = crate::claim::hex(&sha2::Sha256::digest(SOURCES.as_bytes())[..6]);
+    let name = format!("tower_reserve_{version}");
+    let code = format!("#!lua name={name}\nlocal FUNCTION_NAME = '{name}'\n{SOURCES}");
+    Library { name, code }
 });
 
 /// One node through a reconnecting multiplexed connection, or a Cluster through redis-rs's
@@ -42,18 +55,39 @@ pub(crate) enum Conn {
 
 impl Conn {
     /// Runs one batch (a MessagePack array of operations), routed by `key` on a Cluster; answers
-    /// the script's MessagePack answer.
-    pub(crate) async fn run_batch(&self, key: &str, payload: &[u8]) -> Result<Bytes, Error> {
-        let mut invocation = SCRIPT.prepare_invoke();
-        invocation.key(key).arg(payload);
-        let reply: Value = match self {
-            Conn::Node(c) => invocation.invoke_async(&mut c.clone()).await?,
-            Conn::Cluster(c) => invocation.invoke_async(&mut c.clone()).await?,
+    /// the function's MessagePack answer.
+    /// `retain_ms` is the store's retention of settled records.
+    pub(crate) async fn run_batch(
+        &self,
+        key: &str,
+        payload: &[u8],
+        retain_ms: u64,
+    ) -> Result<Bytes, Error> {
+        let mut call = redis::cmd("FCALL");
+        call.arg(&LIBRARY.name)
+            .arg(1)
+            .arg(key)
+            .arg(payload)
+            .arg(retain_ms);
+        let reply = match self.query::<Value>(&call).await {
+            Err(err) if is_missing(&err) => {
+                self.load_library().await?;
+                self.query::<Value>(&call).await?
+            }
+            reply => reply?,
         };
         match reply {
             Value::BulkString(bytes) => Ok(Bytes::from(bytes)),
             other => Err(protocol(&format!("a batch answered {other:?}"))),
         }
+    }
+
+    /// Loads the library (on every primary of a Cluster).
+    pub(crate) async fn load_library(&self) -> Result<(), Error> {
+        let mut load = redis::cmd("FUNCTION");
+        load.arg("LOAD").arg("REPLACE").arg(&LIBRARY.code);
+        self.query::<Value>(&load).await?;
+        Ok(())
     }
 
     pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> redis::RedisResult<T> {
@@ -119,7 +153,12 @@ impl Conn {
     }
 }
 
-/// What the store needs of a Redis server: version 7.0 or later (script flags, `SET NX GET`),
+/// Whether a call failed because the library is not loaded on that node.
+fn is_missing(err: &redis::RedisError) -> bool {
+    err.to_string().contains("Function not found")
+}
+
+/// What the store needs of a Redis server: version 7.0 or later (functions, `SET NX GET`),
 /// and an eviction policy that never evicts (an evicted in-flight marker or window hash lets a
 /// value be owned twice or a budget granted again). Checked on every primary at connect time.
 pub(crate) async fn check_server(

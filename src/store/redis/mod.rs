@@ -1,7 +1,7 @@
-//! The Redis store: every operation one script run, batched per node.
+//! The Redis store: every operation one run of one Lua function, batched per node.
 //!
 //! - `connection.rs`: the connection (one node or a Cluster), the script, the checks at connect.
-//! - `batch.rs`: the worker per node that coalesces concurrent operations into one script call.
+//! - `batch.rs`: the worker per node that coalesces concurrent operations into one call.
 //! - `protocol.rs`: operations and answers on the wire (MessagePack).
 //! - `ops.rs`: each operation written, each answer read back into the crate's types.
 //! - `cluster.rs`: the slot map, and reservations whose claims span slots.
@@ -38,10 +38,10 @@ use crate::{
 /// A [`Store`] on Redis (one node or a Cluster), shared by every process that uses the same
 /// Redis and key prefix.
 ///
-/// Every operation is one run of one Lua script that checks and writes atomically. Operations
-/// that requests ask of one node while a script call is in flight there are sent together as
-/// the next call, each answered on its own: a lone request waits for nothing, and under load one
-/// script run carries many. On a Cluster, a reservation whose claims share a slot is one
+/// Every operation is one run of one Lua function (a Redis Function) that checks and writes
+/// atomically. Operations that requests ask of one node while a call is in flight there are sent
+/// together as the next call, each answered on its own: a lone request waits for nothing, and
+/// under load one call carries many. On a Cluster, a reservation whose claims share a slot is one
 /// operation on one node, as on a single node (see the [crate docs](crate#redis-cluster)).
 ///
 /// Connections are multiplexed and re-established after Redis restarts (redis-rs). Each call is
@@ -76,7 +76,7 @@ struct Inner {
 /// Where operations go: the one node's worker, or the worker of the node that serves each slot.
 enum Engine {
     Node(Batcher),
-    Cluster(Router),
+    Cluster(Box<Router>),
 }
 
 #[derive(Debug, Clone)]
@@ -116,12 +116,12 @@ impl Default for RedisStoreBuilder {
     }
 }
 
-/// How many script calls a [`RedisStore`] has made and how many operations they carried: the
+/// How many calls of its function a [`RedisStore`] has made and how many operations they carried: the
 /// ratio is the batch size seen. See [`RedisStore::batch_stats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BatchStats {
-    /// Script calls sent.
+    /// Calls of the store's function sent.
     pub calls: u64,
     /// Operations they carried.
     pub ops: u64,
@@ -147,7 +147,7 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// After every script call that commits, waits (Redis `WAIT`) until `replicas` replicas
+    /// After every call that commits, waits (Redis `WAIT`) until `replicas` replicas
     /// have acknowledged it, or `timeout` has passed.
     ///
     /// Without it a commit is acknowledged by the primary alone: if the primary dies before it
@@ -172,7 +172,7 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// The most operations one script call carries (default 128); `1` turns batching off.
+    /// The most operations one call carries (default 128); `1` turns batching off.
     pub fn max_batch(mut self, ops: usize) -> Self {
         self.config.limits.max_ops = ops.max(1);
         self
@@ -214,15 +214,21 @@ impl RedisStoreBuilder {
         let counters = Arc::new(Counters::default());
         let router = with_timeout(timeout, async {
             let conn = Conn::Cluster(client.get_async_connection().await?);
-            let router =
-                Router::connect(conn.clone(), self.config.limits, counters.clone()).await?;
+            let router = Router::connect(
+                conn.clone(),
+                self.config.limits,
+                counters.clone(),
+                self.config.retain_ms,
+            )
+            .await?;
             for node in router.nodes() {
                 check_server(&conn, &node, self.config.allow_eviction).await?;
             }
+            conn.load_library().await?;
             Ok(router)
         })
         .await?;
-        Ok(self.build(Engine::Cluster(router), counters))
+        Ok(self.build(Engine::Cluster(Box::new(router)), counters))
     }
 
     /// Connects to one Redis node and checks it, failing fast when it does not answer.
@@ -239,11 +245,17 @@ impl RedisStoreBuilder {
         let conn = with_timeout(timeout, async {
             let conn = Conn::Node(ConnectionManager::new_with_config(client, manager).await?);
             check_server(&conn, url, self.config.allow_eviction).await?;
+            conn.load_library().await?;
             Ok(conn)
         })
         .await?;
         let counters = Arc::new(Counters::default());
-        let batcher = Batcher::spawn(conn.clone(), self.config.limits, counters.clone());
+        let batcher = Batcher::spawn(
+            conn.clone(),
+            self.config.limits,
+            counters.clone(),
+            self.config.retain_ms,
+        );
         Ok(self.build(Engine::Node(batcher), counters))
     }
 
@@ -292,7 +304,7 @@ impl RedisStore {
         Self::builder().connect_cluster(urls).await
     }
 
-    /// How many script calls this store (and its clones) has sent, and how many operations they
+    /// How many calls this store (and its clones) has sent, and how many operations they
     /// carried.
     pub fn batch_stats(&self) -> BatchStats {
         BatchStats {
@@ -346,7 +358,6 @@ impl Store for RedisStore {
                 groups: &[],
                 claims: &all,
                 lease_ms: reservation.lease().as_millis() as u64,
-                retain_ms: self.retain_ms(),
                 nonce: &nonce,
             },
         );
@@ -380,7 +391,6 @@ impl Store for RedisStore {
             id,
             settlement,
             keep_ms,
-            self.retain_ms(),
             true,
         );
         let answer = self.call(op, settlement.is_commit()).await?;
@@ -393,12 +403,7 @@ impl Store for RedisStore {
 
     async fn extend(&self, id: &HoldId, lease: Duration) -> Result<u64, Error> {
         crate::reservation::check_lease(lease)?;
-        let op = ops::extend(
-            self.keys().record(id),
-            id,
-            lease.as_millis() as u64,
-            self.retain_ms(),
-        );
+        let op = ops::extend(self.keys().record(id), id, lease.as_millis() as u64);
         let answer = self.call(op, false).await?;
         let (until, groups) = ops::extended(&answer, id)?;
         if !groups.is_empty() {

@@ -3,14 +3,12 @@
 
 use super::keys::Keys;
 use super::protocol::{Answer, Op, Writer, protocol};
+use crate::claim::hex;
 use crate::reservation::{Denial, DenialReason, Grant};
-use crate::store::MAX_EXPIRED_PER_CALL;
 use crate::{
     Budget, BudgetStatus, Claim, Error, ErrorKind, HoldId, Refund, Reservation, Reserved, Settled,
     Settlement, Unique,
 };
-
-const MAX_CLEAR: u64 = MAX_EXPIRED_PER_CALL as u64;
 
 /// Which record a reserve writes: the id's own (`Home`), or another slot group's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,10 +30,10 @@ pub(crate) struct ReserveArgs<'a> {
     /// The claims this record holds, by index into the reservation.
     pub(crate) claims: &'a [usize],
     pub(crate) lease_ms: u64,
-    pub(crate) retain_ms: u64,
     pub(crate) nonce: &'a Nonce,
 }
 
+/// The claims at `indices`, as `check_claims` in `hold.lua` reads them.
 fn write_claims(w: &mut Writer, keys: &Keys, r: &Reservation, indices: &[usize]) {
     w.array(indices.len() as u32);
     for &i in indices {
@@ -48,36 +46,47 @@ fn write_claims(w: &mut Writer, keys: &Keys, r: &Reservation, indices: &[usize])
                     .uint(budget.limit())
                     .str(&budget.window().spec());
             }
-            claim @ (Claim::Own { value, owner } | Claim::ReleaseOnCommit { value, owner }) => {
-                let kind = if matches!(claim, Claim::Own { .. }) {
-                    "u"
-                } else {
-                    "r"
-                };
+            claim => {
+                let (kind, value, owner) = value_claim(claim);
                 w.array(3).str(kind).str(&keys.unique(value)).str(owner);
             }
         }
     }
 }
 
-/// Op 1: reserve the claims at `a.claims` under one record.
-pub(crate) fn reserve(keys: &Keys, r: &Reservation, a: &ReserveArgs<'_>) -> Op {
-    let mut w = Writer::op(1, 12);
-    w.str(&a.record)
-        .str(r.id().as_str())
-        .uint(a.lease_ms)
-        .uint(a.retain_ms)
-        .bytes(&r.fingerprint()[..])
-        .bytes(&a.nonce[..])
-        .str(if a.mode == Mode::Home { "h" } else { "g" });
-    w.array(a.groups.len() as u32);
-    for g in a.groups {
+fn value_claim(claim: &Claim) -> (&'static str, &crate::Unique, &str) {
+    match claim {
+        Claim::Own { value, owner } => ("u", value, owner),
+        Claim::ReleaseOnCommit { value, owner } => ("r", value, owner),
+        Claim::Spend { .. } => unreachable!("a value claim"),
+    }
+}
+
+/// A hold record's body: its claims (as settling reads them), its home's other groups, and a
+/// home's list of every budget claim (see `common.lua`).
+fn record_body(keys: &Keys, r: &Reservation, indices: &[usize], groups: &[String]) -> Vec<u8> {
+    let mut w = Writer::value(3);
+    w.array(indices.len() as u32);
+    for &i in indices {
+        match &r.claims()[i] {
+            Claim::Spend { budget, amount } => {
+                w.array(4)
+                    .str("b")
+                    .str(&keys.budget(budget))
+                    .uint(*amount)
+                    .str(&budget.window().spec());
+            }
+            claim => {
+                let (kind, value, owner) = value_claim(claim);
+                w.array(3).str(kind).str(&keys.unique(value)).str(owner);
+            }
+        }
+    }
+    w.array(groups.len() as u32);
+    for g in groups {
         w.str(g);
     }
-    write_claims(&mut w, keys, r, a.claims);
-    w.uint(MAX_CLEAR);
-    // A home with groups keeps every budget claim, to check a commit's actual amounts against.
-    let spends: Vec<(&Budget, u64)> = if a.groups.is_empty() {
+    let spends: Vec<(&Budget, u64)> = if groups.is_empty() {
         Vec::new()
     } else {
         r.claims()
@@ -95,18 +104,38 @@ pub(crate) fn reserve(keys: &Keys, r: &Reservation, a: &ReserveArgs<'_>) -> Op {
             .str(&budget.window().spec())
             .uint(amount);
     }
+    w.into_bytes()
+}
+
+/// Op 1: reserve the claims at `a.claims` under one record.
+pub(crate) fn reserve(keys: &Keys, r: &Reservation, a: &ReserveArgs<'_>) -> Op {
+    let body = record_body(keys, r, a.claims, a.groups);
+    let mut fp_nonce = hex(&r.fingerprint()[..]);
+    fp_nonce.push_str(&hex(&a.nonce[..]));
+    let mode = match (a.mode, a.groups.is_empty()) {
+        (Mode::Home, true) => "hH",
+        (Mode::Home, false) => "hP",
+        (Mode::Group, _) => "gH",
+    };
+    let mut w = Writer::op(1, 8);
+    w.str(&a.record)
+        .str(r.id().as_str())
+        .uint(a.lease_ms)
+        .str(&fp_nonce)
+        .str(mode);
+    write_claims(&mut w, keys, r, a.claims);
+    w.bytes(&body);
     w.done(a.record.clone(), a.claims.len().max(1))
 }
 
 /// Op 9: what reserving the claims at `indices` under `record` would answer now.
 pub(crate) fn check(keys: &Keys, r: &Reservation, record: String, indices: &[usize]) -> Op {
-    let mut w = Writer::op(9, 7);
+    let mut w = Writer::op(9, 6);
     w.str(&record)
         .str(r.id().as_str())
         .uint(r.lease().as_millis() as u64)
-        .bytes(&r.fingerprint()[..]);
+        .str(&hex(&r.fingerprint()[..]));
     write_claims(&mut w, keys, r, indices);
-    w.uint(MAX_CLEAR);
     w.done(record, indices.len().max(1))
 }
 
@@ -117,15 +146,16 @@ pub(crate) fn settle(
     id: &HoldId,
     s: &Settlement,
     keep_ms: u64,
-    retain_ms: u64,
     strict: bool,
 ) -> Op {
-    let mut w = Writer::op(2, 10);
-    w.str(&record)
-        .str(id.as_str())
-        .uint(u64::from(s.is_commit()))
-        .uint(keep_ms)
-        .uint(retain_ms);
+    let how = match (s.is_commit(), strict) {
+        (true, true) => "c1",
+        (true, false) => "c0",
+        (false, true) => "r1",
+        (false, false) => "r0",
+    };
+    let mut w = Writer::op(2, 7);
+    w.str(&record).str(id.as_str()).str(how).uint(keep_ms);
     match &s.memo {
         Some(memo) => w.bytes(memo),
         None => w.str(""),
@@ -137,43 +167,35 @@ pub(crate) fn settle(
             .str(&budget.window().spec())
             .uint(*amount);
     }
-    w.uint(u64::from(strict)).uint(MAX_CLEAR);
     w.done(record, 1)
 }
 
 /// Op 3: extend one record's lease.
-pub(crate) fn extend(record: String, id: &HoldId, lease_ms: u64, retain_ms: u64) -> Op {
-    let mut w = Writer::op(3, 6);
-    w.str(&record)
-        .str(id.as_str())
-        .uint(lease_ms)
-        .uint(retain_ms)
-        .uint(MAX_CLEAR);
+pub(crate) fn extend(record: String, id: &HoldId, lease_ms: u64) -> Op {
+    let mut w = Writer::op(3, 4);
+    w.str(&record).str(id.as_str()).uint(lease_ms);
     w.done(record, 1)
 }
 
 /// Op 4: a home whose groups are all held is held.
 pub(crate) fn mark(record: String, nonce: &Nonce) -> Op {
     let mut w = Writer::op(4, 3);
-    w.str(&record).bytes(&nonce[..]);
+    w.str(&record).str(&hex(&nonce[..]));
     w.done(record, 1)
 }
 
 /// Op 5: undo and remove this attempt's record of a denied reservation.
 pub(crate) fn forget(record: String, id: &HoldId, nonce: &Nonce) -> Op {
-    let mut w = Writer::op(5, 5);
-    w.str(&record)
-        .str(id.as_str())
-        .bytes(&nonce[..])
-        .uint(MAX_CLEAR);
+    let mut w = Writer::op(5, 4);
+    w.str(&record).str(id.as_str()).str(&hex(&nonce[..]));
     w.done(record, 1)
 }
 
 /// Op 6: read a budget.
 pub(crate) fn budget(keys: &Keys, budget: &Budget) -> Op {
     let key = keys.budget(budget);
-    let mut w = Writer::op(6, 4);
-    w.str(&key).str(&budget.window().spec()).uint(MAX_CLEAR);
+    let mut w = Writer::op(6, 3);
+    w.str(&key).str(&budget.window().spec());
     w.done(key, 1)
 }
 
@@ -188,7 +210,7 @@ pub(crate) fn set_spent(keys: &Keys, budget: &Budget, spent: u64) -> Op {
 /// Op 8: a refund.
 pub(crate) fn refund(keys: &Keys, r: &Refund) -> Op {
     let key = keys.budget(&r.budget);
-    let mut w = Writer::op(8, 10);
+    let mut w = Writer::op(8, 9);
     w.str(&keys.refunds(&r.budget))
         .str(&key)
         .str(&r.budget.window().spec())
@@ -196,8 +218,7 @@ pub(crate) fn refund(keys: &Keys, r: &Refund) -> Op {
         .uint(r.amount)
         .bytes(&r.fingerprint()[..])
         .uint(r.retain.as_millis() as u64)
-        .str(r.id.as_str())
-        .uint(MAX_CLEAR);
+        .str(r.id.as_str());
     w.done(key, 1)
 }
 

@@ -26,9 +26,20 @@ pub(crate) struct Writer(Vec<u8>);
 impl Writer {
     /// An operation of `items` values, the first its code.
     pub(crate) fn op(code: u8, items: u32) -> Self {
-        let mut w = Writer(Vec::with_capacity(96));
+        let mut w = Writer(Vec::with_capacity(128));
         w.array(items).uint(u64::from(code));
         w
+    }
+
+    /// A value of its own (an array of `items`), to be embedded as bytes.
+    pub(crate) fn value(items: u32) -> Self {
+        let mut w = Writer(Vec::with_capacity(64));
+        w.array(items);
+        w
+    }
+
+    pub(crate) fn into_bytes(self) -> Vec<u8> {
+        self.0
     }
 
     pub(crate) fn array(&mut self, len: u32) -> &mut Self {
