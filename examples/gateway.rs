@@ -227,6 +227,8 @@ async fn forward(
     match client.request(Request::from_parts(parts, body)).await {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
+            // The client's connection has a version of its own (an upstream may answer HTTP/1.0).
+            parts.version = http::Version::default();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
         }
