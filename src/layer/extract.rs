@@ -178,6 +178,7 @@ impl RouteMatch {
 
 /// Checks a route pattern: it starts with `/`, and each `{name}` is a whole segment with a name
 /// of letters, digits, `_` or `-`, used once. Answers the parameters' names in order.
+#[cfg_attr(not(feature = "policy"), allow(dead_code))]
 pub(crate) fn pattern_params(pattern: &str) -> Result<Vec<&str>, String> {
     if !pattern.starts_with('/') {
         return Err(format!("a route pattern starts with '/', not {pattern:?}"));

@@ -110,15 +110,14 @@ fn from_toml_error(text: &str, fields: &[Field], err: &toml::de::Error) -> Polic
         .with_position(line, column)
 }
 
-/// A validation error, at the field it names.
+/// A validation error, at the value of the field it names.
 fn place(text: &str, fields: &[Field], err: PolicyError) -> PolicyError {
     let found = err
         .field()
         .and_then(|path| fields.iter().find(|f| f.path == path));
     match found {
         Some(field) => {
-            let at = field.key.as_ref().unwrap_or(&field.value).start;
-            let (line, column) = position(text, at);
+            let (line, column) = position(text, field.value.start);
             err.with_position(line, column)
         }
         None => err,

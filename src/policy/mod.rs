@@ -9,6 +9,9 @@
 //! The policy can be [replaced](PolicyLayer::reload) while requests flow; `examples/gateway.rs`
 //! puts all of it in front of any HTTP service.
 //!
+//! All of it is behind the `policy` feature, on by default: the `toml` parser is the one
+//! dependency it adds, and a build that only reserves from closures can leave it out.
+//!
 //! The same model is built in Rust with [`Policy::new`], [`Route`], [`BudgetRule`] and
 //! [`UniqueRule`]; closures (with [`Routes`](crate::Routes)) stay for what data cannot express
 //! (a price from another service, an account id minted by the request).
