@@ -64,6 +64,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -171,7 +172,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 #[derive(Clone)]
 struct Proxy {
     client: Client<HttpConnector, PolicyBody>,
-    upstream: Upstream,
+    upstream: Arc<Upstream>,
 }
 
 /// The client's address, put in the request's extensions per connection.
@@ -436,7 +437,7 @@ async fn serve<St: Store>(store: St, cfg: Config, metrics: PrometheusHandle) {
         &layer,
         Proxy {
             client,
-            upstream: cfg.upstream.clone(),
+            upstream: Arc::new(cfg.upstream.clone()),
         },
     );
 
