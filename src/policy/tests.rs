@@ -352,3 +352,92 @@ async fn unique_values_are_normalized_and_owned_or_released() {
         ]
     );
 }
+
+mod layer {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::{BodyExt, Full};
+    use tower::{Layer, ServiceExt, service_fn};
+
+    use super::super::*;
+    use super::SHOP;
+    use crate::extract::RoutePattern;
+    use crate::{Hold, MemoryStore};
+
+    /// Answers what it saw: whether the body was read, the route pattern, whether a hold came
+    /// with the request, and the body's length.
+    async fn echo(req: Request<PolicyBody>) -> Result<Response<Full<Bytes>>, Infallible> {
+        let read = req.body().was_read();
+        let pattern = req
+            .extensions()
+            .get::<RoutePattern>()
+            .map_or("-".to_owned(), |p| p.0.to_string());
+        let held = req.extensions().get::<Hold>().is_some();
+        let len = req.into_body().collect().await.unwrap().to_bytes().len();
+        let text = format!("{read} {pattern} {held} {len}");
+        Ok(Response::new(Full::new(Bytes::from(text))))
+    }
+
+    fn post(path: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+        Request::post(path)
+            .header("content-type", "application/json")
+            .body(Full::new(body.into()))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn matched_routes_are_reserved_and_the_rest_passes_unread() {
+        let policy = Policy::from_toml(SHOP).unwrap();
+        let layer = PolicyLayer::new(MemoryStore::new(), &policy).unwrap();
+        let service = layer.layer(service_fn(echo));
+        let call = |req| async {
+            let r = service.clone().oneshot(req).await.unwrap();
+            let status = r.status();
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8(body.to_vec()).unwrap())
+        };
+        let buy = r#"{"product_ids": [100, 100, 100, 100, 100]}"#;
+        let (status, seen) = call(post("/customers/c-1/purchases", buy)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            seen,
+            format!(
+                "true /customers/{{customer_id}}/purchases true {}",
+                buy.len()
+            )
+        );
+        let (status, _) = call(post("/customers/c-1/purchases", r#"{"product_ids": [1]}"#)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        // Not a route: a body far above any limit goes through, unread.
+        let big = vec![b'x'; 1 << 20];
+        let (status, seen) = call(post("/customers/c-1/refunds", big)).await;
+        assert_eq!(
+            (status, seen.as_str()),
+            (StatusCode::OK, "false - false 1048576")
+        );
+
+        // Another policy: the purchase route is gone, the sign-up route stays.
+        let without = Policy::from_toml(&SHOP.replace(
+            "path = \"/customers/{customer_id}/purchases\"",
+            "path = \"/customers/{customer_id}/orders\"",
+        ))
+        .unwrap();
+        layer.reload(&without).unwrap();
+        let (status, seen) =
+            call(post("/customers/c-1/purchases", r#"{"product_ids": [1]}"#)).await;
+        assert_eq!(
+            (status, seen.as_str()),
+            (StatusCode::OK, "false - false 20")
+        );
+        assert_eq!(
+            layer.policy().routes()[0].path(),
+            "/customers/{customer_id}/orders"
+        );
+        // A policy that does not validate leaves the one in force.
+        let broken = Policy::new().route(Route::new(http::Method::POST, "/x"));
+        assert!(layer.reload(&broken).is_err());
+        assert_eq!(layer.policy().routes().len(), 2);
+    }
+}
