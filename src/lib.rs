@@ -71,6 +71,8 @@
 //!   its lease, then settle), [`Hold`] (what the handler sees; the guard that releases on drop),
 //!   [`Rejection`] (every refusal as `application/problem+json`).
 //! - [`Error`]: one opaque error type with [`ErrorKind`] and `is_*` predicates.
+//! - [`policy`] (feature `policy`, on by default): limits as data; a policy file's routes turned
+//!   into the same [`ExtractClaims`], served by [`PolicyLayer`](policy::PolicyLayer).
 //!
 //! # Semantics
 //!
@@ -149,6 +151,8 @@
 mod claim;
 mod error;
 mod layer;
+#[cfg(feature = "policy")]
+pub mod policy;
 mod reservation;
 mod settlement;
 pub mod store;

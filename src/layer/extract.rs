@@ -94,15 +94,14 @@ pub struct Routes {
 
 #[derive(Clone)]
 struct Route {
-    method: Method,
-    pattern: Arc<str>,
+    matcher: RouteMatch,
     extract: Arc<dyn Fn(Request<Bytes>) -> BoxFuture<Extracted> + Send + Sync>,
 }
 
 impl std::fmt::Debug for Routes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
-            .entries(self.routes.iter().map(|r| (&r.method, &*r.pattern)))
+            .entries(self.routes.iter().map(|r| &r.matcher))
             .finish()
     }
 }
@@ -117,8 +116,7 @@ impl Routes {
     pub fn route(mut self, method: Method, pattern: &str, extract: impl ExtractClaims) -> Self {
         let extract = Arc::new(extract);
         self.routes.push(Route {
-            method,
-            pattern: Arc::from(pattern),
+            matcher: RouteMatch::new(method, pattern),
             extract: Arc::new(move |req| Box::pin(extract.extract(req))),
         });
         self
@@ -129,21 +127,85 @@ impl ExtractClaims for Routes {
     type Future = BoxFuture<Extracted>;
 
     fn extract(&self, mut request: Request<Bytes>) -> Self::Future {
-        let path = request.uri().path();
         let route = self
             .routes
             .iter()
-            .find(|r| r.method == request.method() && pattern_matches(&r.pattern, path));
+            .find(|r| r.matcher.matches(request.method(), request.uri().path()));
         match route {
             Some(route) => {
-                request
-                    .extensions_mut()
-                    .insert(RoutePattern(route.pattern.clone()));
+                route.matcher.mark(&mut request);
                 (route.extract)(request)
             }
             None => Box::pin(std::future::ready(Ok((request, Vec::new())))),
         }
     }
+}
+
+/// A method and a route pattern: how [`Routes`] and a policy's routes alike pick the route of a
+/// request, and record it for [`path_param`] and the metrics.
+#[derive(Clone)]
+pub(crate) struct RouteMatch {
+    method: Method,
+    pattern: Arc<str>,
+}
+
+impl std::fmt::Debug for RouteMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.method, self.pattern)
+    }
+}
+
+impl RouteMatch {
+    pub(crate) fn new(method: Method, pattern: &str) -> Self {
+        Self {
+            method,
+            pattern: Arc::from(pattern),
+        }
+    }
+
+    /// Whether a request with this method and path takes this route.
+    pub(crate) fn matches(&self, method: &Method, path: &str) -> bool {
+        self.method == method && pattern_matches(&self.pattern, path)
+    }
+
+    /// Records the route's pattern on a request that took it.
+    pub(crate) fn mark<B>(&self, request: &mut Request<B>) {
+        request
+            .extensions_mut()
+            .insert(RoutePattern(self.pattern.clone()));
+    }
+}
+
+/// Checks a route pattern: it starts with `/`, and each `{name}` is a whole segment with a name
+/// of letters, digits, `_` or `-`, used once. Answers the parameters' names in order.
+#[cfg_attr(not(feature = "policy"), allow(dead_code))]
+pub(crate) fn pattern_params(pattern: &str) -> Result<Vec<&str>, String> {
+    if !pattern.starts_with('/') {
+        return Err(format!("a route pattern starts with '/', not {pattern:?}"));
+    }
+    let mut names: Vec<&str> = Vec::new();
+    for segment in pattern.split('/') {
+        if is_param(segment) {
+            let name = &segment[1..segment.len() - 1];
+            if !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(format!(
+                    "a path parameter's name is letters, digits, '_' or '-', not {name:?}"
+                ));
+            }
+            if names.contains(&name) {
+                return Err(format!("the path parameter {{{name}}} appears twice"));
+            }
+            names.push(name);
+        } else if segment.contains(['{', '}']) {
+            return Err(format!(
+                "a path parameter is a whole segment such as {{name}}, not {segment:?}"
+            ));
+        }
+    }
+    Ok(names)
 }
 
 fn pattern_matches(pattern: &str, path: &str) -> bool {
@@ -466,5 +528,21 @@ mod tests {
         assert!(!pattern_matches("/a/{id}/b", "/a/42/b/c"));
         assert!(!pattern_matches("/a/{id}", "/b/42"));
         assert!(pattern_matches("/healthz", "/healthz"));
+    }
+
+    #[test]
+    fn patterns_are_checked() {
+        assert_eq!(pattern_params("/a/{id}/b/{x_2}").unwrap(), ["id", "x_2"]);
+        assert_eq!(pattern_params("/").unwrap(), Vec::<&str>::new());
+        for bad in [
+            "a/{id}",
+            "/a/{id}/{id}",
+            "/a/x{id}",
+            "/a/{}",
+            "/a/{i d}",
+            "/a/}",
+        ] {
+            assert!(pattern_params(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -1,0 +1,185 @@
+//! A policy route's claims, worked out from a request: the same [`ExtractClaims`] a closure is.
+
+use std::collections::BTreeMap;
+use std::future::{Ready, ready};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request};
+use serde_json::Value;
+
+use super::model::{BudgetRule, Normalize, Number, Table, UniqueRule};
+use super::template::scalar_text;
+use super::{Policy, PolicyError, Route};
+use crate::{Budget, Claim, ExtractClaims, Extracted, MAX_AMOUNT, Rejection, Unique};
+
+/// The claims of one policy route, as an [`ExtractClaims`]: what [`PolicyLayer`](super::PolicyLayer)
+/// puts behind each route, and what a [`Routes`](crate::Routes) table takes beside closures.
+///
+/// The route's path parameters are read from the pattern the request matched, so it expects
+/// [`RoutePattern`](crate::extract::RoutePattern) (set by `PolicyLayer` and `Routes`) or axum's
+/// `MatchedPath`.
+///
+/// ```
+/// use http::Method;
+/// use tower_reserve::Routes;
+/// use tower_reserve::policy::Policy;
+///
+/// let policy = Policy::from_toml(r#"
+///     [[route]]
+///     method = "POST"
+///     path = "/keys/{key}/calls"
+///     [[route.budget]]
+///     key = "calls:{path.key}"
+///     amount = 1
+///     limit = 1000
+///     window = "day"
+/// "#).unwrap();
+/// let mut routes = Routes::new();
+/// for (method, pattern, claims) in policy.route_claims().unwrap() {
+///     routes = routes.route(method, &pattern, claims);
+/// }
+/// # let _ = routes;
+/// ```
+#[derive(Clone)]
+pub struct RouteClaims {
+    inner: Arc<Rules>,
+}
+
+struct Rules {
+    budgets: Vec<BudgetRule>,
+    uniques: Vec<UniqueRule>,
+    tables: Arc<BTreeMap<String, Table>>,
+}
+
+impl std::fmt::Debug for RouteClaims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteClaims")
+            .field("budgets", &self.inner.budgets)
+            .field("uniques", &self.inner.uniques)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Policy {
+    /// Each route's method, pattern and claims, once the policy is [validated](Policy::validate).
+    /// The route's options (lease, body limit, commit statuses...) are not part of its claims:
+    /// [`PolicyLayer`](super::PolicyLayer) applies them; under a [`Routes`](crate::Routes) table,
+    /// the table's layer's options apply.
+    pub fn route_claims(&self) -> Result<Vec<(Method, String, RouteClaims)>, PolicyError> {
+        self.validate()?;
+        let tables = Arc::new(self.tables().clone());
+        Ok(self
+            .routes()
+            .iter()
+            .map(|route| {
+                let claims = RouteClaims::new(route, tables.clone());
+                (route.method().clone(), route.path().to_owned(), claims)
+            })
+            .collect())
+    }
+}
+
+impl RouteClaims {
+    pub(crate) fn new(route: &Route, tables: Arc<BTreeMap<String, Table>>) -> Self {
+        Self {
+            inner: Arc::new(Rules {
+                budgets: route.budgets().to_vec(),
+                uniques: route.uniques().to_vec(),
+                tables,
+            }),
+        }
+    }
+
+    /// The claims of `request`, budgets first, each in the policy's order.
+    fn claims(&self, request: &Request<Bytes>) -> Result<Vec<Claim>, Rejection> {
+        let rules = &*self.inner;
+        let mut claims = Vec::with_capacity(rules.budgets.len() + rules.uniques.len());
+        for rule in &rules.budgets {
+            let key = rule.key().render(request)?;
+            let limit = rules.number(rule.limit(), request)?;
+            let amount = rules.number(rule.amount(), request)?;
+            let budget = Budget::new(key, limit).per(rule.window());
+            claims.push(Claim::spend(budget, amount));
+        }
+        for rule in &rules.uniques {
+            let value = rule.value().render(request)?;
+            let owner = rule.owner().render(request)?;
+            let value = match rule.normalizer() {
+                Normalize::Exact => Unique::new(rule.namespace(), &value),
+                Normalize::Email => Unique::email(rule.namespace(), &value),
+            };
+            claims.push(if rule.releases() {
+                Claim::release_on_commit(value, owner)
+            } else {
+                Claim::own(value, owner)
+            });
+        }
+        Ok(claims)
+    }
+}
+
+impl Rules {
+    fn table(&self, name: &str) -> &Table {
+        // Validation made sure every table named exists.
+        self.tables.get(name).expect("a validated policy's table")
+    }
+
+    fn number(&self, number: &Number, request: &Request<Bytes>) -> Result<u64, Rejection> {
+        match number {
+            Number::Fixed(n) => Ok(*n),
+            Number::Read(source) => source.read_number(request),
+            Number::Lookup {
+                key,
+                table,
+                default,
+            } => {
+                let key = key.render(request)?;
+                self.table(table)
+                    .get(&key)
+                    .copied()
+                    .or(*default)
+                    .ok_or_else(|| unknown(table, Value::String(key)))
+            }
+            Number::Sum { ids, table } => {
+                let ids: Vec<Value> = crate::extract::json_pointer(request, ids)?;
+                let entries = self.table(table);
+                let mut sum: u64 = 0;
+                for id in ids {
+                    let Some(key) = scalar_text(&id) else {
+                        return Err(Rejection::unprocessable(format!(
+                            "an id is a string or a number, not {id}"
+                        )));
+                    };
+                    let Some(&n) = entries.get(&key) else {
+                        return Err(unknown(table, id));
+                    };
+                    sum = sum
+                        .checked_add(n)
+                        .filter(|&s| s <= MAX_AMOUNT)
+                        .ok_or_else(|| {
+                            Rejection::unprocessable(format!(
+                                "the amount is above the largest amount, {MAX_AMOUNT}"
+                            ))
+                        })?;
+                }
+                Ok(sum)
+            }
+        }
+    }
+}
+
+/// `422`: `id` is not in `table`.
+fn unknown(table: &str, id: Value) -> Rejection {
+    Rejection::unprocessable(format!("{id} is not in the table {table:?}"))
+        .with("table", table.to_owned())
+        .with("id", id)
+}
+
+impl ExtractClaims for RouteClaims {
+    type Future = Ready<Extracted>;
+
+    fn extract(&self, request: Request<Bytes>) -> Self::Future {
+        ready(self.claims(&request).map(|claims| (request, claims)))
+    }
+}

@@ -1,0 +1,443 @@
+//! The policy model, its file format and its errors.
+
+use bytes::Bytes;
+use http::Request;
+
+use super::*;
+use crate::extract::RoutePattern;
+use crate::{Claim, ExtractClaims, Rejection, Unique, Window};
+
+const SHOP: &str = include_str!("../../examples/gateway/shop.toml");
+
+/// The complete example in the module docs, as a file.
+fn documented_example() -> String {
+    let docs: String = include_str!("mod.rs")
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .map(|l| l.strip_prefix(' ').unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let start = docs.find("```toml\n").expect("a toml block") + "```toml\n".len();
+    let end = start + docs[start..].find("```").expect("its end");
+    docs[start..end].to_owned()
+}
+
+#[test]
+fn the_documented_example_is_a_valid_policy() {
+    let policy = Policy::from_toml(&documented_example()).unwrap();
+    assert_eq!(policy.routes().len(), 4);
+    assert!(policy.routes()[3].is_shadow());
+    assert_eq!(policy.table_named("plans").unwrap()["pro"], 100_000);
+}
+
+#[test]
+fn the_shop_policy_says_the_shops_two_rules() {
+    let policy = Policy::from_toml(SHOP).unwrap();
+    let products = policy.table_named("products").unwrap();
+    for n in 1..=100u64 {
+        assert_eq!(products[&n.to_string()], n * 100, "product {n}");
+    }
+    let built = Policy::new()
+        .table("products", (1..=100u64).map(|n| (n.to_string(), n * 100)))
+        .route(
+            Route::new(http::Method::POST, "/customers/{customer_id}/purchases").budget(
+                BudgetRule::new(
+                    "customer:{path.customer_id}".parse().unwrap(),
+                    Number::sum("/product_ids", "products"),
+                    Number::Fixed(50_000),
+                ),
+            ),
+        )
+        .route(
+            Route::new(http::Method::POST, "/accounts").unique(
+                UniqueRule::own(
+                    "accounts",
+                    "{body./email}".parse().unwrap(),
+                    "{header.x-account-id}".parse().unwrap(),
+                )
+                .normalize(Normalize::Email),
+            ),
+        );
+    assert_eq!(
+        policy.routes(),
+        built.routes(),
+        "the file and the builder agree"
+    );
+}
+
+/// `(file, line, field, part of the message)` for files that must be refused.
+const BAD: &[(&str, usize, &str, &str)] = &[
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\nshadow = \"yes\"\n",
+        4,
+        "route[0].shadow",
+        "boolean",
+    ),
+    (
+        "[[route]]\nmethod = \"post\"\npath = \"/a\"\n",
+        2,
+        "route[0].method",
+        "capitals",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\nleese = \"1s\"\n",
+        4,
+        "route[0].leese",
+        "unknown field",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\nlease = \"1 minute\"\n",
+        4,
+        "route[0].lease",
+        "not a duration",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n\n[[route.budget]]\nkey = \"{cookie.id}\"\namount = 1\nlimit = 1\n",
+        6,
+        "route[0].budget[0].key",
+        "unknown source",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a/{id}\"\n\n[[route.budget]]\nkey = \"k:{path.customer}\"\namount = 1\nlimit = 1\n",
+        6,
+        "route[0].budget[0].key",
+        "no parameter {customer}",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n\n[[route.budget]]\nkey = \"k\"\namount = 0\nlimit = 1\n",
+        7,
+        "route[0].budget[0].amount",
+        "not within 1 to",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n\n[[route.budget]]\nkey = \"k\"\namount = 1\nlimit = 9007199254740992\n",
+        8,
+        "route[0].budget[0].limit",
+        "9007199254740992 is not within 0 to 9007199254740991",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n\n[[route.budget]]\nkey = \"k\"\namount = -5\nlimit = 1\n",
+        7,
+        "route[0].budget[0].amount",
+        "negative",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n\n[[route.budget]]\nkey = \"k\"\namount = { sum = \"/ids\", table = \"prices\" }\nlimit = 1\n",
+        7,
+        "route[0].budget[0].amount",
+        "no table \"prices\"",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n\n[[route.budget]]\nkey = \"k\"\namount = 1\nlimit = 1\nwindow = \"fortnight\"\n",
+        9,
+        "route[0].budget[0].window",
+        "not a window",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n\n[[route.budget]]\nkey = \"k\"\namount = 1\n",
+        5,
+        "route[0].budget[0]",
+        "missing field `limit`",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n",
+        1,
+        "route[0]",
+        "reserves something",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n[[route.unique]]\nnamespace = \"a{b}\"\nvalue = \"{body./v}\"\nowner = \"o\"\n",
+        5,
+        "route[0].unique[0].namespace",
+        "braces",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"{body./v}\"\nowner = \"o\"\nnormalize = \"lower\"\n",
+        8,
+        "route[0].unique[0].normalize",
+        "unknown variant",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\ncommit = [\"2xx\", 700]\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"o\"\n",
+        4,
+        "route[0].commit[1]",
+        "700 is not a status",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"o\"\n\n[[route]]\nmethod = \"POST\"\npath = \"/a\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"o\"\n",
+        11,
+        "route[1].path",
+        "declared twice",
+    ),
+    (
+        "[tables.products]\n1 = 100\n2 = 9007199254740992\n",
+        3,
+        "tables.products.2",
+        "above the largest amount",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"o\"\nlease = \"0s\"\n",
+        8,
+        "route[0].unique[0].lease",
+        "unknown field",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\nlease = \"2d\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"o\"\n",
+        4,
+        "route[0].lease",
+        "1 ms to 1 day",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"a/{id}\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"o\"\n",
+        3,
+        "route[0].path",
+        "starts with '/'",
+    ),
+];
+
+#[test]
+fn bad_files_are_refused_at_their_line_and_field() {
+    for (text, line, field, message) in BAD {
+        let err = Policy::from_toml(text).expect_err(text);
+        assert_eq!(err.line(), Some(*line), "{text}\n{err}");
+        assert_eq!(err.field(), Some(*field), "{text}\n{err}");
+        assert!(err.message().contains(message), "{text}\n{err}");
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with(&format!("line {line}, column ")) && shown.contains(field),
+            "{shown}"
+        );
+    }
+}
+
+#[test]
+fn syntax_errors_name_their_line() {
+    let err = Policy::from_toml("[[route]]\nmethod = \"POST\npath = \"/a\"\n").unwrap_err();
+    assert_eq!(err.line(), Some(2), "{err}");
+    let err = Policy::load("/nonexistent/policy.toml").unwrap_err();
+    assert!(err.message().contains("cannot read"), "{err}");
+}
+
+fn purchase(customer: &str, body: &'static str, content_type: &str) -> Request<Bytes> {
+    let mut req = Request::post(format!("/customers/{customer}/purchases"))
+        .header("content-type", content_type)
+        .body(Bytes::from_static(body.as_bytes()))
+        .unwrap();
+    req.extensions_mut()
+        .insert(RoutePattern("/customers/{customer_id}/purchases".into()));
+    req
+}
+
+async fn claims_of(claims: &RouteClaims, req: Request<Bytes>) -> Result<Vec<Claim>, Rejection> {
+    claims.extract(req).await.map(|(_, claims)| claims)
+}
+
+fn route_claims(policy: &Policy, i: usize) -> RouteClaims {
+    policy.route_claims().unwrap().swap_remove(i).2
+}
+
+#[tokio::test]
+async fn a_purchase_spends_the_sum_of_its_prices() {
+    let policy = Policy::from_toml(SHOP).unwrap();
+    let claims = route_claims(&policy, 0);
+    let json = "application/json";
+    let got = claims_of(
+        &claims,
+        purchase("ann", r#"{"product_ids": [20, "3", 20]}"#, json),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        got,
+        [Claim::spend(
+            crate::Budget::new("customer:ann", 50_000),
+            4_300
+        )]
+    );
+    let status = |r: Result<Vec<Claim>, Rejection>| r.unwrap_err().status().as_u16();
+    let unknown = claims_of(&claims, purchase("ann", r#"{"product_ids": [101]}"#, json)).await;
+    let unknown = unknown.unwrap_err();
+    assert_eq!(unknown.status(), 422);
+    assert_eq!(unknown.extra()["id"], 101);
+    assert_eq!(unknown.extra()["table"], "products");
+    let cases = [
+        (r#"{"product_ids": [1"#, json, 400),
+        ("product_ids=1", "text/plain", 415),
+        (r#"{"product_ids": 1}"#, json, 422),
+        (r#"{"product_ids": [true]}"#, json, 422),
+        (r#"{"products": [1]}"#, json, 422),
+    ];
+    for (body, content_type, want) in cases {
+        let got = claims_of(&claims, purchase("ann", body, content_type)).await;
+        assert_eq!(status(got), want, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn sums_above_the_largest_amount_are_refused() {
+    let policy = Policy::new()
+        .table("t", [("big", crate::MAX_AMOUNT), ("one", 1)])
+        .route(
+            Route::new(http::Method::POST, "/customers/{customer_id}/purchases").budget(
+                BudgetRule::new(
+                    "k".parse().unwrap(),
+                    Number::sum("/ids", "t"),
+                    Number::Fixed(crate::MAX_AMOUNT),
+                ),
+            ),
+        );
+    let claims = route_claims(&policy, 0);
+    let json = "application/json";
+    let fits = claims_of(&claims, purchase("a", r#"{"ids": ["big"]}"#, json)).await;
+    assert!(fits.is_ok());
+    let over = claims_of(&claims, purchase("a", r#"{"ids": ["big", "one"]}"#, json)).await;
+    assert_eq!(over.unwrap_err().status(), 422);
+    let many = r#"{"ids": ["big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big","big"]}"#;
+    let overflow = claims_of(&claims, purchase("a", many, json)).await;
+    assert_eq!(overflow.unwrap_err().status(), 422);
+}
+
+#[tokio::test]
+async fn limits_are_fixed_read_or_looked_up() {
+    let policy = Policy::from_toml(&documented_example()).unwrap();
+    let jobs = route_claims(&policy, 3);
+    let req = |plan: &str, limit: &str| {
+        Request::post("/v1/jobs?tenant=t1")
+            .header("x-api-key", "key-9")
+            .header("x-job-cost", "25")
+            .header("x-plan", plan)
+            .header("x-org-call-limit", limit)
+            .header("content-type", "application/json")
+            .body(Bytes::from_static(br#"{"org": {"id": 77}}"#))
+            .unwrap()
+    };
+    let got = claims_of(&jobs, req("pro", "600")).await.unwrap();
+    assert_eq!(
+        got,
+        [
+            Claim::spend(
+                crate::Budget::new("tenant:t1:key-9", 100_000).per(Window::Day),
+                25
+            ),
+            Claim::spend(
+                crate::Budget::new("org:77", 600)
+                    .per(Window::Every(std::time::Duration::from_secs(60))),
+                1
+            ),
+        ]
+    );
+    let unknown_plan = claims_of(&jobs, req("gold", "600")).await.unwrap();
+    assert!(matches!(&unknown_plan[0], Claim::Spend { budget, .. } if budget.limit() == 1000));
+    let bad_limit = claims_of(&jobs, req("pro", "lots")).await;
+    assert_eq!(bad_limit.unwrap_err().status(), 400);
+}
+
+#[tokio::test]
+async fn unique_values_are_normalized_and_owned_or_released() {
+    let policy = Policy::from_toml(&documented_example()).unwrap();
+    let change = route_claims(&policy, 2);
+    let mut req = Request::put("/accounts/acc-1/email")
+        .header("content-type", "application/json")
+        .header("x-current-email", "old@example.com")
+        .body(Bytes::from_static(br#"{"email": " New@Example.COM"}"#))
+        .unwrap();
+    req.extensions_mut()
+        .insert(RoutePattern("/accounts/{account_id}/email".into()));
+    let got = claims_of(&change, req).await.unwrap();
+    assert_eq!(
+        got,
+        [
+            Claim::own(Unique::email("accounts", "new@example.com"), "acc-1"),
+            Claim::release_on_commit(Unique::email("accounts", "old@example.com"), "acc-1"),
+        ]
+    );
+}
+
+mod layer {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::{BodyExt, Full};
+    use tower::{Layer, ServiceExt, service_fn};
+
+    use super::super::*;
+    use super::SHOP;
+    use crate::extract::RoutePattern;
+    use crate::{Hold, MemoryStore};
+
+    /// Answers what it saw: whether the body was read, the route pattern, whether a hold came
+    /// with the request, and the body's length.
+    async fn echo(req: Request<PolicyBody>) -> Result<Response<Full<Bytes>>, Infallible> {
+        let read = req.body().was_read();
+        let pattern = req
+            .extensions()
+            .get::<RoutePattern>()
+            .map_or("-".to_owned(), |p| p.0.to_string());
+        let held = req.extensions().get::<Hold>().is_some();
+        let len = req.into_body().collect().await.unwrap().to_bytes().len();
+        let text = format!("{read} {pattern} {held} {len}");
+        Ok(Response::new(Full::new(Bytes::from(text))))
+    }
+
+    fn post(path: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+        Request::post(path)
+            .header("content-type", "application/json")
+            .body(Full::new(body.into()))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn matched_routes_are_reserved_and_the_rest_passes_unread() {
+        let policy = Policy::from_toml(SHOP).unwrap();
+        let layer = PolicyLayer::new(MemoryStore::new(), &policy).unwrap();
+        let service = layer.layer(service_fn(echo));
+        let call = |req| async {
+            let r = service.clone().oneshot(req).await.unwrap();
+            let status = r.status();
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8(body.to_vec()).unwrap())
+        };
+        let buy = r#"{"product_ids": [100, 100, 100, 100, 100]}"#;
+        let (status, seen) = call(post("/customers/c-1/purchases", buy)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            seen,
+            format!(
+                "true /customers/{{customer_id}}/purchases true {}",
+                buy.len()
+            )
+        );
+        let (status, _) = call(post("/customers/c-1/purchases", r#"{"product_ids": [1]}"#)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        // Not a route: a body far above any limit goes through, unread.
+        let big = vec![b'x'; 1 << 20];
+        let (status, seen) = call(post("/customers/c-1/refunds", big)).await;
+        assert_eq!(
+            (status, seen.as_str()),
+            (StatusCode::OK, "false - false 1048576")
+        );
+
+        // Another policy: the purchase route is gone, the sign-up route stays.
+        let without = Policy::from_toml(&SHOP.replace(
+            "path = \"/customers/{customer_id}/purchases\"",
+            "path = \"/customers/{customer_id}/orders\"",
+        ))
+        .unwrap();
+        layer.reload(&without).unwrap();
+        let (status, seen) =
+            call(post("/customers/c-1/purchases", r#"{"product_ids": [1]}"#)).await;
+        assert_eq!(
+            (status, seen.as_str()),
+            (StatusCode::OK, "false - false 20")
+        );
+        assert_eq!(
+            layer.policy().routes()[0].path(),
+            "/customers/{customer_id}/orders"
+        );
+        // A policy that does not validate leaves the one in force.
+        let broken = Policy::new().route(Route::new(http::Method::POST, "/x"));
+        assert!(layer.reload(&broken).is_err());
+        assert_eq!(layer.policy().routes().len(), 2);
+    }
+}

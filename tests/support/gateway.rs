@@ -1,0 +1,372 @@
+//! The compiled `gateway` example as a child process, and an upstream for it written without
+//! this crate: a plain hyper service that counts and records what reaches it.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use reqwest::Client;
+
+/// The example binary, built once per test run (cheap when it is up to date).
+pub fn gateway_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            // target/<profile>/deps/gateway-<hash> → target/<profile>/examples/gateway
+            let exe = std::env::current_exe().expect("the test binary's path");
+            let profile_dir = exe
+                .parent()
+                .and_then(|deps| deps.parent())
+                .expect("target/<profile>/deps");
+            let release = profile_dir.file_name().is_some_and(|n| n == "release");
+            let mut build = Command::new(env!("CARGO"));
+            build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+                "build",
+                "--quiet",
+                "--example",
+                "gateway",
+            ]);
+            if release {
+                build.arg("--release");
+            }
+            let status = build.status().expect("run cargo build --example gateway");
+            assert!(status.success(), "cargo build --example gateway failed");
+            let binary = profile_dir
+                .join("examples")
+                .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+            assert!(binary.exists(), "no example binary at {}", binary.display());
+            binary
+        })
+        .clone()
+}
+
+/// The shop's policy, as shipped.
+pub fn shop_policy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gateway/shop.toml")
+}
+
+/// One running gateway; killed when dropped.
+pub struct Gateway {
+    child: Child,
+    pub base: String,
+    /// The first line it printed on standard output: it names the store.
+    pub first_line: String,
+    /// Every later line, from standard output and standard error alike.
+    lines: mpsc::Receiver<String>,
+}
+
+impl Gateway {
+    /// Starts the gateway on a free port in front of `upstream` with the policy at `policy`, with
+    /// these extra variables, and waits (bounded) until `/healthz` answers.
+    pub async fn start(upstream: &str, policy: &Path, env: &[(&str, &str)]) -> Gateway {
+        let mut command = Command::new(gateway_binary());
+        command
+            .env_remove("REDIS_URL")
+            .env_remove("REDIS_CLUSTER_URLS")
+            .env("GATEWAY_ADDR", "127.0.0.1:0")
+            .env("GATEWAY_UPSTREAM", upstream)
+            .env("GATEWAY_POLICY", policy)
+            .env("RUST_LOG", "warn,tower_reserve=info")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start the gateway example");
+        let (tx, rx) = mpsc::channel::<String>();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let out_tx = tx.clone();
+        // Each keeps draining its pipe for the process's whole life.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = out_tx.send(format!("out: {line}"));
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("gateway: {line}");
+                let _ = tx.send(format!("err: {line}"));
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut first_line = None;
+        let base = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    let Some(line) = line.strip_prefix("out: ") else {
+                        continue;
+                    };
+                    first_line.get_or_insert_with(|| line.to_owned());
+                    if let Some(addr) = line.strip_prefix("listening on ") {
+                        break addr.trim().to_owned();
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the gateway did not say it was listening within 30 s");
+                }
+            }
+        };
+        let gateway = Gateway {
+            child,
+            base,
+            first_line: first_line.unwrap_or_default(),
+            lines: rx,
+        };
+        let client = client();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(r) = client.get(gateway.url("/healthz")).send().await
+                && r.status() == StatusCode::OK
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "/healthz did not answer 200");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        gateway
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends `SIGHUP`.
+    pub fn hang_up(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("run kill -HUP");
+        assert!(status.success(), "kill -HUP failed");
+    }
+
+    /// Waits (bounded, 10 s) for a line that contains `text`, and answers it.
+    pub fn wait_for_line(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("the gateway printed no line with {text:?} within 10 s"),
+            }
+        }
+    }
+
+    /// The metrics page.
+    pub async fn metrics(&self, client: &Client) -> String {
+        let r = client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("scrape /metrics");
+        assert_eq!(r.status(), StatusCode::OK);
+        r.text().await.expect("a metrics page")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of the sample of `name` whose labels include every one of `labels`
+/// (`outcome="granted"`), 0 when there is none.
+pub fn sample(page: &str, name: &str, labels: &[&str]) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// An HTTP client with a bounded timeout.
+pub fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(20))
+        .pool_max_idle_per_host(64)
+        .build()
+        .expect("a reqwest client")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The upstream
+
+/// A request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+/// A plain hyper HTTP/1 service on a free loopback port, standing for a service in any
+/// language. It answers every request with JSON saying what it received (`201` for `POST`,
+/// `200` otherwise), and records it. Request headers steer it:
+///
+/// - `x-upstream-status: N`: answer status `N` instead;
+/// - `x-upstream-actual: N`: add the response header `reserve-actual: N`;
+/// - `x-upstream-hop: 1`: add hop-by-hop response headers (`Connection: x-hop-res`,
+///   `X-Hop-Res`, `Keep-Alive`, `Proxy-Authenticate`, `Upgrade`, `Trailer`) beside `X-Kept`.
+///
+/// `GET /big` answers 1 MiB of a known pattern, in 64 KiB chunks.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the upstream");
+        let addr = listener.local_addr().expect("the upstream's address");
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let recorded = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let recorded = recorded.clone();
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    answer(req, recorded.clone())
+                });
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, seen, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// What reached the upstream so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen lock").clone()
+    }
+
+    /// How many requests for `path` reached the upstream.
+    pub fn count(&self, path: &str) -> usize {
+        self.seen
+            .lock()
+            .expect("seen lock")
+            .iter()
+            .filter(|s| s.path == path)
+            .count()
+    }
+
+    /// Requests per path.
+    pub fn counts(&self) -> HashMap<String, usize> {
+        let mut out = HashMap::new();
+        for s in self.seen.lock().expect("seen lock").iter() {
+            *out.entry(s.path.clone()).or_default() += 1;
+        }
+        out
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Byte `i` of the `/big` response.
+pub fn big_byte(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+pub const BIG: usize = 1 << 20;
+
+type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn answer(
+    req: Request<Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) -> Result<Response<UpstreamBody>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let path = parts.uri.path().to_owned();
+    seen.lock().expect("seen lock").push(Seen {
+        method: parts.method.to_string(),
+        path: path.clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    if parts.method == hyper::Method::GET && path == "/big" {
+        let chunks: Vec<Result<hyper::body::Frame<Bytes>, Infallible>> = (0..BIG / 65_536)
+            .map(|c| {
+                let chunk: Vec<u8> = (c * 65_536..(c + 1) * 65_536).map(big_byte).collect();
+                Ok(hyper::body::Frame::data(Bytes::from(chunk)))
+            })
+            .collect();
+        let stream = futures_util::stream::iter(chunks);
+        let body = http_body_util::StreamBody::new(stream);
+        return Ok(Response::new(BodyExt::boxed(body)));
+    }
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let status = header("x-upstream-status")
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(if parts.method == hyper::Method::POST {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        });
+    let json = serde_json::json!({ "path": path, "received": body.len() });
+    let mut response = Response::new(BodyExt::boxed(Full::new(Bytes::from(json.to_string()))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert("content-type", "application/json".parse().unwrap());
+    if let Some(actual) = header("x-upstream-actual") {
+        headers.insert("reserve-actual", actual.parse().unwrap());
+    }
+    if header("x-upstream-hop").is_some() {
+        headers.insert("connection", "x-hop-res".parse().unwrap());
+        headers.insert("x-hop-res", "1".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert("proxy-authenticate", "Basic".parse().unwrap());
+        headers.insert("upgrade", "websocket".parse().unwrap());
+        headers.insert("trailer", "x-t".parse().unwrap());
+        headers.insert("x-kept", "yes".parse().unwrap());
+    }
+    Ok(response)
+}
