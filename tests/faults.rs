@@ -429,30 +429,6 @@ async fn client_pause_fails_the_call_within_its_time_limit() {
 // ---------------------------------------------------------------------------------------------
 // 4. Cluster failover under load
 
-/// The slot ranges node `i` serves, from its own `CLUSTER NODES`.
-fn slots_of(cluster: &RedisCluster, i: usize) -> Vec<(u16, u16)> {
-    let nodes = cluster.nodes[i].cli(&["cluster", "nodes"]);
-    let me = nodes
-        .lines()
-        .find(|l| l.contains("myself"))
-        .expect("a myself line");
-    me.split_whitespace()
-        .skip(8)
-        .filter(|r| !r.starts_with('['))
-        .map(|r| match r.split_once('-') {
-            Some((a, b)) => (a.parse().unwrap(), b.parse().unwrap()),
-            None => (r.parse().unwrap(), r.parse().unwrap()),
-        })
-        .collect()
-}
-
-fn keyslot(node: &RedisServer, key: &str) -> u16 {
-    node.cli(&["cluster", "keyslot", key])
-        .trim()
-        .parse()
-        .expect("a slot")
-}
-
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Failover {
     /// SIGKILL a primary; its replica takes over after the node timeout.
@@ -484,11 +460,11 @@ async fn cluster_failover_under_load(how: Failover, wait: bool) -> u64 {
     let primaries = cluster.primaries();
     assert_eq!(primaries.len(), 3, "three primaries");
     let victim = primaries[1];
-    let victim_slots = slots_of(&cluster, victim);
+    let victim_slots = cluster.slots_of(victim);
     let on_victim: Vec<Budget> = budgets
         .iter()
         .filter(|b| {
-            let slot = keyslot(&cluster.nodes[0], b.key());
+            let slot = cluster.keyslot(b.key());
             victim_slots
                 .iter()
                 .any(|&(lo, hi)| (lo..=hi).contains(&slot))

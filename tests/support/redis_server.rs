@@ -259,6 +259,44 @@ impl RedisCluster {
     }
 
     /// Seed URLs of every node.
+    /// The slot ranges node `i` serves, from its own `CLUSTER NODES`.
+    pub fn slots_of(&self, i: usize) -> Vec<(u16, u16)> {
+        let nodes = self.nodes[i].cli(&["cluster", "nodes"]);
+        let me = nodes
+            .lines()
+            .find(|l| l.contains("myself"))
+            .expect("a myself line");
+        me.split_whitespace()
+            .skip(8)
+            .filter(|r| !r.starts_with('['))
+            .map(|r| match r.split_once('-') {
+                Some((a, b)) => (a.parse().unwrap(), b.parse().unwrap()),
+                None => (r.parse().unwrap(), r.parse().unwrap()),
+            })
+            .collect()
+    }
+
+    /// The slot of `key` (its hash tag's, if it has one), as Redis computes it.
+    pub fn keyslot(&self, key: &str) -> u16 {
+        self.nodes[0]
+            .cli(&["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .expect("a slot")
+    }
+
+    /// The index of the node that serves `key`'s slot.
+    pub fn node_of(&self, key: &str) -> usize {
+        let slot = self.keyslot(key);
+        (0..self.nodes.len())
+            .find(|&i| {
+                self.slots_of(i)
+                    .iter()
+                    .any(|&(a, b)| (a..=b).contains(&slot))
+            })
+            .expect("a node serves every slot")
+    }
+
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
     }
