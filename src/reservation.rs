@@ -220,9 +220,13 @@ impl ReservationBuilder {
         self
     }
 
-    /// Binds the reservation to the command's payload (a request body, say): a retry with the
-    /// same id and claims but another payload is then a
-    /// [`Conflict`](crate::ErrorKind::Conflict), not a replay. Only a digest is kept.
+    /// Makes the command's payload (a request body, say) what identifies it, in place of its
+    /// claims: a retry with the same id and payload is the same reservation, whatever claims it
+    /// works out this time (its first attempt's stand; a claim built from a freshly minted id or
+    /// a price that changed meanwhile does not make it another); the same id with another
+    /// payload is a [`Conflict`](crate::ErrorKind::Conflict). This is what an idempotency key
+    /// promises (IETF *The Idempotency-Key HTTP Header Field*: the key and the payload). Only a
+    /// digest is kept.
     pub fn payload(mut self, payload: &[u8]) -> Self {
         let mut digest = [0; 8];
         digest.copy_from_slice(&Sha256::digest(payload)[..8]);
@@ -325,8 +329,12 @@ fn fingerprint(claims: &[Claim], payload: Option<&Fingerprint>) -> Fingerprint {
         h.update(bytes);
     };
     if let Some(payload) = payload {
+        // A payload identifies the command by itself: its claims do not enter.
         field(b"payload");
         field(payload);
+        let mut digest = [0; 8];
+        digest.copy_from_slice(&h.finalize()[..8]);
+        return digest;
     }
     for claim in claims {
         match claim {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use rand::Rng;
@@ -78,6 +78,8 @@ layer_suite!(
     axum_routes_keep_their_own_policies,
     routes_table_keeps_its_own_policies,
     idempotency_keys,
+    idempotency_options,
+    racing_sends_of_one_key_run_once,
     actual_amounts_commit_what_was_used,
     bad_actual_reports_release_the_hold,
     remaining_headers_tell_what_is_left,
@@ -190,6 +192,7 @@ async fn handle(ctl: Ctl, req: Request<RequestBody>) -> Result<Response<Full<Byt
                 .insert(tower_reserve::ACTUAL_HEADER, value);
             Ok(response)
         }
+        "waited-long" => reply(200, held, "a body longer than four bytes"),
         "hold-id" => {
             let id = hold.expect("a hold").id().to_string();
             reply(200, held, id)
@@ -1297,70 +1300,69 @@ async fn routes_table_keeps_its_own_policies<St: Store>(store: St) {
 // ---------------------------------------------------------------------------------------------
 // 7. Idempotency keys
 
-async fn idempotency_keys<St: Store>(store: St) {
-    let budget = new_budget(LIMIT);
-    let ctl = Ctl::default();
-    let b = budget.clone();
-    let svc = ReserveLayer::new(store.clone(), move |req: Request<Bytes>| {
-        let budget = b.clone();
+fn keyed(key: &str, mode: &str, amount: u64) -> Request<Full<Bytes>> {
+    Request::post("/pay")
+        .header("idempotency-key", key)
+        .header("x-mode", mode)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(format!(r#"{{"amount":{amount}}}"#))))
+        .unwrap()
+}
+
+fn json_amount_claims(budget: Budget) -> impl ExtractClaims + Clone {
+    move |req: Request<Bytes>| {
+        let budget = budget.clone();
         async move {
             let amount: u64 = extract::json_pointer(&req, "/amount")?;
             Extracted::Ok((req, vec![Claim::spend(budget, amount)]))
         }
-    })
-    .idempotency_header(HeaderName::from_static("idempotency-key"))
-    .layer(handler(ctl.clone()));
-    let key = fresh("key");
-    let req = |key: &str, mode: &str, amount: u64| {
-        Request::post("/pay")
-            .header("idempotency-key", key)
-            .header("x-mode", mode)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(format!(r#"{{"amount":{amount}}}"#))))
-            .unwrap()
-    };
+    }
+}
 
-    let first = tokio::spawn(call(svc.clone(), req(&key, "wait", 100)));
+async fn idempotency_keys<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let ctl = Ctl::default();
+    let svc = ReserveLayer::new(store.clone(), json_amount_claims(budget.clone()))
+        .idempotency(tower_reserve::Idempotency::new())
+        .layer(handler(ctl.clone()));
+    let key = fresh("key");
+
+    let first = tokio::spawn(call(svc.clone(), keyed(&key, "wait", 100)));
     tokio::time::timeout(Duration::from_secs(5), ctl.started.notified())
         .await
         .expect("the first request runs");
-    // In flight: the same request is refused, another payload is a conflict.
-    call(svc.clone(), req(&key, "ok", 100))
+    // In flight: the same request is refused for now, another payload is a reused key.
+    let a = call(svc.clone(), keyed(&key, "ok", 100)).await;
+    a.problem(409, "Request in flight");
+    assert_eq!(a.headers[http::header::RETRY_AFTER], "1");
+    call(svc.clone(), keyed(&key, "ok", 55))
         .await
-        .problem(409, "Request in flight");
-    call(svc.clone(), req(&key, "ok", 55))
-        .await
-        .problem(422, "Unprocessable content");
+        .problem(422, "Idempotency-Key is already used");
     assert_budget(&store, &budget, 0, 100).await;
     ctl.go.notify_one();
     let a = first.await.unwrap();
-    assert_eq!(a.status, 200);
+    assert_eq!((a.status.as_u16(), &a.body[..]), (200, &b"waited"[..]));
+    assert!(!a.headers.contains_key("idempotency-replayed"));
     assert_budget(&store, &budget, 100, 0).await;
 
-    // Done: the same request is refused, another payload is still a conflict.
-    call(svc.clone(), req(&key, "ok", 100))
+    // Done: the same request gets the first response again, nothing runs or is spent again.
+    let a = call(svc.clone(), keyed(&key, "ok", 100)).await;
+    assert_eq!((a.status.as_u16(), &a.body[..]), (200, &b"waited"[..]));
+    assert_eq!(a.headers["idempotency-replayed"], "true");
+    assert_eq!(a.headers["x-held"], "yes", "its headers too");
+    // The key as a Structured Field string is the same key.
+    let a = call(svc.clone(), keyed(&format!("\"{key}\""), "ok", 100)).await;
+    assert_eq!(a.headers["idempotency-replayed"], "true");
+    // Another body under the same key is another request: refused.
+    call(svc.clone(), keyed(&key, "ok", 55))
         .await
-        .problem(409, "Already settled");
-    call(svc.clone(), req(&key, "ok", 55))
-        .await
-        .problem(422, "Unprocessable content");
-    // The same claims from another body are another request under a reused key.
-    let other_body = Request::post("/pay")
-        .header("idempotency-key", &key)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(
-            br#"{"amount":100,"note":"another order"}"#,
-        )))
-        .unwrap();
-    call(svc.clone(), other_body)
-        .await
-        .problem(422, "Unprocessable content");
+        .problem(422, "Idempotency-Key is already used");
     assert_eq!(ctl.calls(), 1);
     assert_budget(&store, &budget, 100, 0).await;
 
     // Another key, or none, is another request.
     assert_eq!(
-        call(svc.clone(), req(&fresh("key"), "ok", 100))
+        call(svc.clone(), keyed(&fresh("key"), "ok", 100))
             .await
             .status,
         200
@@ -1370,79 +1372,115 @@ async fn idempotency_keys<St: Store>(store: St) {
         .body(Full::new(Bytes::from_static(br#"{"amount":1}"#)))
         .unwrap();
     assert_eq!(call(svc.clone(), no_key).await.status, 200);
-    // A released attempt cannot be replayed either: the key is spent.
-    let released = fresh("key");
-    assert_eq!(
-        call(svc.clone(), req(&released, "bad", 5)).await.status,
-        400
-    );
-    let a = call(svc, req(&released, "ok", 5)).await;
-    assert_eq!(a.status, 409, "{:?}", a.body);
     assert_budget(&store, &budget, 201, 0).await;
-}
 
-// ---------------------------------------------------------------------------------------------
-// 8. Tracing: each request in a span of its own, with its hold id; unique values digested
-
-/// A `tracing` writer into a shared buffer.
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-#[tokio::test(flavor = "current_thread")]
-async fn requests_are_traced_with_their_hold_and_no_raw_values() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
-    // Callsites another test's thread reached first (with no subscriber there) may have cached
-    // that nobody listens: ask every callsite again, now that this thread's subscriber exists.
-    tracing::callsite::rebuild_interest_cache();
-
-    let store = tower_reserve::MemoryStore::new();
-    let svc = ReserveLayer::new(store, |req: Request<Bytes>| async move {
-        let email: String = extract::json_pointer(&req, "/email")?;
-        Extracted::Ok((
-            req,
-            vec![Claim::own(Unique::email("accounts", &email), "acct-1")],
-        ))
-    })
-    .layer(tower::service_fn(|_req: Request<RequestBody>| async {
-        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-    }));
-    let req = Request::post("/accounts")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(
-            br#"{"email":"Secret.Person@Example.com"}"#,
-        )))
-        .unwrap();
-    let answer = svc.oneshot(req).await.unwrap();
-    assert_eq!(answer.status(), 200);
-
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("reserve{"), "a span per request: {logs}");
-    assert!(logs.contains(r#"path="/accounts""#), "{logs}");
-    assert!(logs.contains("reserved"), "{logs}");
-    assert!(logs.contains("settled"), "{logs}");
+    // A failure is replayed too: the client learns it failed, and nothing is held.
+    let failed = fresh("key");
+    let a = call(svc.clone(), keyed(&failed, "bad", 5)).await;
+    assert_eq!((a.status.as_u16(), &a.body[..]), (400, &b"bad"[..]));
+    let a = call(svc.clone(), keyed(&failed, "ok", 5)).await;
+    assert_eq!((a.status.as_u16(), &a.body[..]), (400, &b"bad"[..]));
+    assert_eq!(a.headers["idempotency-replayed"], "true");
+    // A handler that answered nothing (an error of the inner service) left nothing to replay:
+    // the key may be used again.
+    let errored = fresh("key");
     assert!(
-        !logs.to_lowercase().contains("secret.person"),
-        "the address never reaches the logs: {logs}"
+        svc.clone()
+            .oneshot(keyed(&errored, "err", 5))
+            .await
+            .is_err()
     );
-    let digest = Unique::email("accounts", "secret.person@example.com").digest_hex();
-    assert!(logs.contains(&digest), "its digest does: {logs}");
+    assert_eq!(
+        call(svc.clone(), keyed(&errored, "ok", 5)).await.status,
+        200
+    );
+    // Malformed keys.
+    for bad in ["has space", "\"open", ""] {
+        call(svc.clone(), keyed(bad, "ok", 1))
+            .await
+            .problem(400, "Idempotency-Key is not valid");
+    }
+    assert_budget(&store, &budget, 206, 0).await;
+}
+
+async fn idempotency_options<St: Store>(store: St) {
+    let budget = new_budget(LIMIT);
+    let ctl = Ctl::default();
+    let svc = ReserveLayer::new(store.clone(), json_amount_claims(budget.clone()))
+        .idempotency(
+            tower_reserve::Idempotency::new()
+                .required(true)
+                .replay_failures(false)
+                .max_body(4)
+                .scope(|parts| {
+                    parts
+                        .headers
+                        .get("x-tenant")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                }),
+        )
+        .layer(handler(ctl.clone()));
+    // Required.
+    let none = Request::post("/pay")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"amount":1}"#)))
+        .unwrap();
+    call(svc.clone(), none)
+        .await
+        .problem(400, "Idempotency-Key is missing");
+    // Failures may be retried: the retry runs again.
+    let key = fresh("key");
+    assert_eq!(call(svc.clone(), keyed(&key, "bad", 5)).await.status, 400);
+    assert_eq!(call(svc.clone(), keyed(&key, "ok", 5)).await.status, 200);
+    // A response larger than what is kept reaches its client whole; a retry is told it cannot
+    // be replayed, with its status.
+    let key = fresh("key");
+    let a = call(svc.clone(), keyed(&key, "waited-long", 7)).await;
+    assert_eq!(
+        (a.status.as_u16(), &a.body[..]),
+        (200, &b"a body longer than four bytes"[..])
+    );
+    let a = call(svc.clone(), keyed(&key, "waited-long", 7)).await;
+    let json = a.problem(409, "Response not available");
+    assert_eq!(json["original_status"], 200);
+    // Two callers who pick one key never see each other's responses.
+    let key = fresh("key");
+    let mut x = keyed(&key, "hold-id", 1);
+    x.headers_mut()
+        .insert("x-tenant", "tenant-x".parse().unwrap());
+    let mut y = keyed(&key, "hold-id", 1);
+    y.headers_mut()
+        .insert("x-tenant", "tenant-y".parse().unwrap());
+    let (x, y) = (call(svc.clone(), x).await, call(svc.clone(), y).await);
+    assert_eq!((x.status, y.status), (StatusCode::OK, StatusCode::OK));
+    assert_ne!(x.body, y.body, "two requests, two holds");
+    assert!(!y.headers.contains_key("idempotency-replayed"));
+    assert_budget(&store, &budget, 14, 0).await;
+}
+
+async fn racing_sends_of_one_key_run_once<St: Store>(store: St) {
+    // 50 sends of one request with one key at once: one runs and is charged; every answer is
+    // either 409 (in flight) or that one response, replayed.
+    let budget = new_budget(LIMIT);
+    let ctl = Ctl::default();
+    let svc = ReserveLayer::new(store.clone(), json_amount_claims(budget.clone()))
+        .idempotency(tower_reserve::Idempotency::new())
+        .layer(handler(ctl.clone()));
+    let key = fresh("key");
+    let answers: Vec<Answer> = futures_util::future::join_all(
+        (0..50).map(|_| call(svc.clone(), keyed(&key, "hold-id", 30))),
+    )
+    .await;
+    assert_eq!(ctl.calls(), 1);
+    let ok: Vec<&Answer> = answers.iter().filter(|a| a.status == 200).collect();
+    assert!(!ok.is_empty());
+    assert!(ok.iter().all(|a| a.body == ok[0].body), "one response");
+    assert!(answers.iter().all(|a| a.status == 200 || a.status == 409));
+    // After it ended, every retry gets that response.
+    let again = call(svc, keyed(&key, "hold-id", 30)).await;
+    assert_eq!(again.body, ok[0].body);
+    assert_budget(&store, &budget, 30, 0).await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,12 +9,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::Rejection;
+use super::idempotency::{BoxBody, Capture, Captured};
 use super::layer::{Disconnect, Options};
 use super::service::Prepared;
 use super::settle::{ACTUAL_HEADER, Actual, Cause, Hold, Settle, SettleGuard};
@@ -53,6 +54,13 @@ pin_project! {
             #[pin]
             deadline: Option<Sleep>,
         },
+        // A keyed request's response is read, to be kept with its hold's settlement.
+        Capturing {
+            capture: Capture,
+            hold: Hold,
+            settlement: Option<Settlement>,
+            cause: Cause,
+        },
         // Commit or release; if this future is dropped first, it finishes in a task of its own.
         Settling { settle: Settle },
         Done,
@@ -87,6 +95,8 @@ enum After<R, E> {
     LeaseRanOut,
     /// The handler's answer could not be kept (its actual amounts did not fit the hold).
     Refused(Rejection),
+    /// The handler's answer, read to be kept for its idempotency key.
+    Captured(Captured),
 }
 
 /// How the layer ends a hold whose handler answered `result`: the settlement to make, or a
@@ -194,18 +204,36 @@ fn finish_detached<F, ResBody, E>(
     (started, first_end_ms): (Instant, u64),
 ) where
     F: Future<Output = Result<Response<ResBody>, E>> + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
 {
     use tracing::Instrument;
     let task = async move {
         // Released if the handler panics in this task.
         let mut guard = SettleGuard::new(hold.clone());
-        // The handler's outcome is turned into the settlement as soon as it is there: the
-        // response (whose body type need not be `Send`) never waits across an await.
+        // The handler's outcome is turned into the settlement as soon as it is there (a keyed
+        // request's response read first, to keep it for retries: nobody else will get it).
         let (decided_hold, decided_options) = (hold.clone(), options.clone());
         let mut decision = Box::pin(async move {
-            let mut outcome = future.await;
-            decide(&decided_hold, &mut outcome, &decided_options)
-                .unwrap_or_else(|_| (decided_hold.settlement(false), Cause::InvalidActual))
+            // The handler's error (its type need not be `Send`) goes before anything is awaited.
+            let (decided, response) = {
+                let mut outcome = future.await;
+                let decided = decide(&decided_hold, &mut outcome, &decided_options);
+                (decided, outcome.ok())
+            };
+            let Ok((settlement, cause)) = decided else {
+                return (decided_hold.settlement(false), Cause::InvalidActual);
+            };
+            match (&decided_options.idempotency, response) {
+                (Some(idempotency), Some(response)) if decided_hold.is_named() => {
+                    let (parts, body) = response.into_parts();
+                    let body = body.map_err(Into::into).boxed_unsync();
+                    let mut capture = Capture::new(parts, body, idempotency.max_body);
+                    let captured = std::future::poll_fn(|cx| capture.poll_capture(cx)).await;
+                    (idempotency.keep(settlement, &captured), cause)
+                }
+                _ => (settlement, cause),
+            }
         });
         let (settlement, cause) = loop {
             let at = deadline(started, first_end_ms, &options, &hold);
@@ -237,6 +265,8 @@ impl<S, B, ResBody> Future for ResponseFuture<S, B>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 
@@ -292,7 +322,29 @@ where
                             return Poll::Ready(result.map(|r| r.map(ResponseBody::inner)));
                         }
                         let timed = !this.span.is_disabled();
-                        let (settle, after) = match decide(&hold, &mut result, this.options) {
+                        let decided = decide(&hold, &mut result, this.options);
+                        if let (Ok((settlement, cause)), Some(idempotency), true, Ok(_)) = (
+                            &decided,
+                            &this.options.idempotency,
+                            hold.is_named(),
+                            &result,
+                        ) {
+                            // A keyed request: its response is read first, then kept with the
+                            // settlement, so that a retry gets it again.
+                            let Ok(response) = result else {
+                                unreachable!("matched Ok")
+                            };
+                            let (parts, body) = response.into_parts();
+                            let body = body.map_err(Into::into).boxed_unsync();
+                            this.state.set(State::Capturing {
+                                capture: Capture::new(parts, body, idempotency.max_body),
+                                hold,
+                                settlement: Some(settlement.clone()),
+                                cause: *cause,
+                            });
+                            continue;
+                        }
+                        let (settle, after) = match decided {
                             Ok((settlement, cause)) => (
                                 Settle::new(&hold, settlement, cause, timed),
                                 After::Handler(result),
@@ -345,6 +397,36 @@ where
                     // Setting the state drops the handler's future: it is cancelled here.
                     this.state.set(State::Settling { settle });
                 }
+                StateProj::Capturing {
+                    capture,
+                    hold,
+                    settlement,
+                    cause,
+                } => {
+                    let captured = ready!(capture.poll_capture(cx));
+                    let timed = !this.span.is_disabled();
+                    let idempotency = this
+                        .options
+                        .idempotency
+                        .as_ref()
+                        .expect("capturing for an idempotency key");
+                    let (settle, after) = match captured {
+                        Captured::Failed => (
+                            Settle::layer(hold, false, Cause::ErrorResponse, timed),
+                            After::Refused(Rejection::response_failed()),
+                        ),
+                        captured => {
+                            let settlement = settlement.take().expect("set with Capturing");
+                            let settlement = idempotency.keep(settlement, &captured);
+                            (
+                                Settle::new(hold, settlement, *cause, timed),
+                                After::Captured(captured),
+                            )
+                        }
+                    };
+                    *this.after = Some(after);
+                    this.state.set(State::Settling { settle });
+                }
                 StateProj::Settling { settle } => {
                     let settled = ready!(Pin::new(&mut *settle).poll(cx));
                     let commit = settle.commits();
@@ -353,6 +435,12 @@ where
                         After::LeaseRanOut => this.options.reject(Rejection::lease_ran_out()),
                         After::Refused(rejection) => this.options.reject(rejection),
                         After::Handler(Err(err)) => return Poll::Ready(Err(err)),
+                        After::Captured(captured) => match settled {
+                            Err(err) if commit => {
+                                this.options.reject(Rejection::commit_failed(&err))
+                            }
+                            _ => return Poll::Ready(Ok(captured.into_response())),
+                        },
                         After::Handler(Ok(response)) => match settled {
                             Err(err) if commit => {
                                 this.options.reject(Rejection::commit_failed(&err))
@@ -384,8 +472,11 @@ mod body {
         pub enum ResponseBody<B> {
             /// The inner service's body.
             Inner { #[pin] body: B },
-            /// A rejection's problem document.
+            /// A rejection's problem document, or a response replayed for an idempotency key.
             Problem { #[pin] body: Full<Bytes> },
+            /// A response the layer read to keep it for an idempotency key: what was read, then
+            /// the rest, if the body was larger than what is kept.
+            Read { head: Option<Bytes>, rest: Option<BoxBody> },
         }
     }
 }
@@ -395,6 +486,11 @@ impl<B: std::fmt::Debug> std::fmt::Debug for ResponseBody<B> {
         match self {
             ResponseBody::Inner { body } => f.debug_tuple("Inner").field(body).finish(),
             ResponseBody::Problem { body } => f.debug_tuple("Problem").field(body).finish(),
+            ResponseBody::Read { head, rest } => f
+                .debug_struct("Read")
+                .field("head", head)
+                .field("rest", &rest.is_some())
+                .finish(),
         }
     }
 }
@@ -406,6 +502,13 @@ impl<B> ResponseBody<B> {
 
     pub(crate) fn problem(body: Full<Bytes>) -> Self {
         ResponseBody::Problem { body }
+    }
+
+    pub(crate) fn read(head: Bytes, rest: Option<BoxBody>) -> Self {
+        ResponseBody::Read {
+            head: Some(head),
+            rest,
+        }
     }
 }
 
@@ -424,6 +527,15 @@ where
         match self.project() {
             BodyProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
             BodyProj::Problem { body } => body.poll_frame(cx).map_err(|never| match never {}),
+            BodyProj::Read { head, rest } => {
+                if let Some(head) = head.take().filter(|h| !h.is_empty()) {
+                    return Poll::Ready(Some(Ok(Frame::data(head))));
+                }
+                match rest {
+                    Some(rest) => Pin::new(rest).poll_frame(cx),
+                    None => Poll::Ready(None),
+                }
+            }
         }
     }
 
@@ -431,6 +543,10 @@ where
         match self {
             ResponseBody::Inner { body } => body.is_end_stream(),
             ResponseBody::Problem { body } => body.is_end_stream(),
+            ResponseBody::Read { head, rest } => {
+                head.as_ref().is_none_or(Bytes::is_empty)
+                    && rest.as_ref().is_none_or(|r| r.is_end_stream())
+            }
         }
     }
 
@@ -438,6 +554,21 @@ where
         match self {
             ResponseBody::Inner { body } => body.size_hint(),
             ResponseBody::Problem { body } => body.size_hint(),
+            ResponseBody::Read { head, rest } => {
+                let head = head.as_ref().map_or(0, |h| h.len() as u64);
+                match rest {
+                    None => SizeHint::with_exact(head),
+                    Some(rest) => {
+                        let r = rest.size_hint();
+                        let mut hint = SizeHint::new();
+                        hint.set_lower(r.lower() + head);
+                        if let Some(upper) = r.upper() {
+                            hint.set_upper(upper + head);
+                        }
+                        hint
+                    }
+                }
+            }
         }
     }
 }

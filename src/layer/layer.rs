@@ -12,6 +12,7 @@ use tower_layer::Layer;
 
 use super::Rejection;
 use super::extract::ExtractClaims;
+use super::idempotency::Idempotency;
 use super::service::Reserve;
 use super::settle::SettleStore;
 use crate::Store;
@@ -59,7 +60,7 @@ pub(crate) struct Options {
     pub(crate) commit_in_background: bool,
     pub(crate) fail_open: bool,
     pub(crate) retry_after_secs: u64,
-    pub(crate) idempotency_header: Option<HeaderName>,
+    pub(crate) idempotency: Option<Arc<Idempotency>>,
     pub(crate) on_disconnect: Disconnect,
     pub(crate) shadow: bool,
     pub(crate) remaining_headers: bool,
@@ -192,7 +193,7 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
                 commit_in_background: false,
                 fail_open: false,
                 retry_after_secs: 1,
-                idempotency_header: None,
+                idempotency: None,
                 on_disconnect: Disconnect::default(),
                 shadow: false,
                 remaining_headers: false,
@@ -256,12 +257,18 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
         self
     }
 
-    /// Takes the hold id from this request header (e.g. `Idempotency-Key`), digested with the
-    /// method and path: a retry finds its first attempt's hold (`409` while in flight or
-    /// already settled, `422` with another payload).
-    pub fn idempotency_header(mut self, name: HeaderName) -> Self {
-        self.options.idempotency_header = Some(name);
+    /// Idempotency keys, as [`Idempotency`] says: a retry of a request that ended gets its
+    /// response again, from the store (`409` while the first is in flight, `422` for the key
+    /// with another body).
+    pub fn idempotency(mut self, idempotency: Idempotency) -> Self {
+        self.options.idempotency = Some(Arc::new(idempotency));
         self
+    }
+
+    /// Idempotency keys from this header, with [`Idempotency`]'s other defaults (optional, kept
+    /// 24 hours, scoped by method and path).
+    pub fn idempotency_header(self, name: HeaderName) -> Self {
+        self.idempotency(Idempotency::new().header(name))
     }
 
     /// What happens to the handler, and its hold, when its request goes away while it runs

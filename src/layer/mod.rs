@@ -10,6 +10,7 @@
 mod body;
 pub mod extract;
 mod future;
+pub mod idempotency;
 #[allow(clippy::module_inception)]
 mod layer;
 mod metrics;
@@ -21,6 +22,7 @@ mod settle;
 pub use self::body::RequestBody;
 pub use self::extract::{ExtractClaims, Extracted, Routes};
 pub use self::future::{ResponseBody, ResponseFuture};
+pub use self::idempotency::Idempotency;
 pub use self::layer::{DEFAULT_BODY_LIMIT, Disconnect, ReserveLayer, Validate};
 pub use self::rejection::{PROBLEM_TYPES, Rejection, RejectionKind};
 pub use self::service::Reserve;

@@ -59,6 +59,16 @@ pub enum RejectionKind {
     /// A request with the same idempotency key is still being handled (`409`, with
     /// `Retry-After`).
     InFlight,
+    /// A route that requires an idempotency key got none (`400`).
+    IdempotencyKeyMissing,
+    /// The idempotency key is not 1 to 255 visible ASCII characters, bare or as a Structured
+    /// Field string (`400`).
+    IdempotencyKeyInvalid,
+    /// The idempotency key was used before with another request (`422`).
+    IdempotencyKeyReused,
+    /// The request with this idempotency key has ended, but its response cannot be replayed (it
+    /// was too large to keep) (`409`).
+    IdempotentResponseUnavailable,
     /// The handler succeeded but its hold could not be committed (`500`).
     CommitFailed,
     /// The handler's response reported actual amounts that do not fit its hold (above what was
@@ -132,6 +142,18 @@ impl Rejection {
             RejectionKind::Unavailable => Some(problem_type!("#variant.Unavailable")),
             RejectionKind::LeaseRanOut => Some(problem_type!("#variant.LeaseRanOut")),
             RejectionKind::InFlight => Some(problem_type!("#variant.InFlight")),
+            RejectionKind::IdempotencyKeyMissing => {
+                Some(problem_type!("#variant.IdempotencyKeyMissing"))
+            }
+            RejectionKind::IdempotencyKeyInvalid => {
+                Some(problem_type!("#variant.IdempotencyKeyInvalid"))
+            }
+            RejectionKind::IdempotencyKeyReused => {
+                Some(problem_type!("#variant.IdempotencyKeyReused"))
+            }
+            RejectionKind::IdempotentResponseUnavailable => {
+                Some(problem_type!("#variant.IdempotentResponseUnavailable"))
+            }
             RejectionKind::CommitFailed => Some(problem_type!("#variant.CommitFailed")),
             RejectionKind::InvalidActual => Some(problem_type!("#variant.InvalidActual")),
             RejectionKind::BadRequest
@@ -228,6 +250,57 @@ impl Rejection {
             "Commit failed",
             format!("the handler succeeded but its reservation could not be committed: {err}"),
         )
+    }
+
+    /// `500`: the handler's response failed while the layer read it; nothing was kept.
+    pub(crate) fn response_failed() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal server error",
+            "the response could not be read; nothing was kept",
+        )
+    }
+
+    pub(crate) fn idempotency_key_missing() -> Self {
+        Self::of(
+            RejectionKind::IdempotencyKeyMissing,
+            StatusCode::BAD_REQUEST,
+            "Idempotency-Key is missing",
+            "this request needs an Idempotency-Key header",
+        )
+    }
+
+    pub(crate) fn idempotency_key_invalid() -> Self {
+        Self::of(
+            RejectionKind::IdempotencyKeyInvalid,
+            StatusCode::BAD_REQUEST,
+            "Idempotency-Key is not valid",
+            "an Idempotency-Key is 1 to 255 visible ASCII characters, bare or quoted",
+        )
+    }
+
+    pub(crate) fn idempotency_key_reused() -> Self {
+        Self::of(
+            RejectionKind::IdempotencyKeyReused,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Idempotency-Key is already used",
+            "this idempotency key was used with another request",
+        )
+    }
+
+    /// `409`: the request with this key has ended; its response (of `status`, if known) cannot
+    /// be replayed.
+    pub(crate) fn idempotent_response_unavailable(status: Option<StatusCode>) -> Self {
+        let r = Self::of(
+            RejectionKind::IdempotentResponseUnavailable,
+            StatusCode::CONFLICT,
+            "Response not available",
+            "the request with this idempotency key has ended, but its response cannot be replayed",
+        );
+        match status {
+            Some(status) => r.with("original_status", status.as_u16()),
+            None => r,
+        }
     }
 
     pub(crate) fn invalid_actual(err: &Error) -> Self {

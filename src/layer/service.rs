@@ -15,6 +15,7 @@ use super::Rejection;
 use super::body::RequestBody;
 use super::extract::ExtractClaims;
 use super::future::{ResponseBody, ResponseFuture};
+use super::idempotency;
 use super::layer::{Options, Shared};
 use super::metrics::{self, SharedString};
 use super::settle::{Hold, SettleStore};
@@ -62,7 +63,7 @@ where
     ReqBody: Body + Send + 'static,
     ReqBody::Data: Send,
     ReqBody::Error: Into<BoxError>,
-    ResBody: Body<Data = Bytes>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
     type Response = Response<ResponseBody<ResBody>>;
@@ -122,6 +123,12 @@ where
 {
     let options = &shared.options;
     let reject = |rejection: Rejection| Prepared::Reject(options.reject(rejection));
+    let (parts, body) = request.into_parts();
+    let key = match idempotency_key(&parts, options) {
+        Ok(key) => key,
+        Err(rejection) => return reject(rejection),
+    };
+    let request = Request::from_parts(parts, body);
     let mut request = match read_body(request, options.body_limit).await {
         Ok(request) => request,
         Err(rejection) => return reject(rejection),
@@ -140,7 +147,7 @@ where
     if claims.is_empty() {
         return Prepared::Pass(request.map(RequestBody::new));
     }
-    let (reservation, named) = match build(&request, claims, options) {
+    let (reservation, named) = match build(&request, claims, key, options) {
         Ok(built) => built,
         Err(rejection) => {
             metrics::reservation(&route, "invalid");
@@ -193,27 +200,40 @@ where
     }
 }
 
+/// The idempotency key of a request, with what it is looked up within (method, path, the
+/// caller's scope): read before the body, so that a bad key costs nothing more.
+fn idempotency_key(
+    parts: &http::request::Parts,
+    options: &Options,
+) -> Result<Option<HoldId>, Rejection> {
+    let Some(idempotency) = &options.idempotency else {
+        return Ok(None);
+    };
+    let Some(key) = idempotency.key_of(&parts.headers)? else {
+        return Ok(None);
+    };
+    let scope = idempotency.scope_of(parts);
+    Ok(Some(HoldId::derive([
+        parts.method.as_str().as_bytes(),
+        parts.uri.path().as_bytes(),
+        scope.as_bytes(),
+        key.as_bytes(),
+    ])))
+}
+
 /// The reservation of `claims`, and whether its id is the caller's (an idempotency key).
 fn build(
     request: &Request<Bytes>,
     claims: Vec<Claim>,
+    key: Option<HoldId>,
     options: &Options,
 ) -> Result<(Reservation, bool), Rejection> {
     let mut builder = Reservation::builder().lease(options.lease);
-    let mut named = false;
-    if let Some(name) = &options.idempotency_header
-        && let Some(key) = request.headers().get(name)
-    {
-        // The key names the hold; the body binds it, so that the key reused for another
-        // request is told apart from a retry (IETF Idempotency-Key: 422).
-        builder = builder
-            .id(HoldId::derive([
-                request.method().as_str().as_bytes(),
-                request.uri().path().as_bytes(),
-                key.as_bytes(),
-            ]))
-            .payload(request.body());
-        named = true;
+    let named = key.is_some();
+    if let Some(id) = key {
+        // The key names the hold; the body identifies the request, so that the key reused for
+        // another request is told apart from a retry (IETF Idempotency-Key: 422).
+        builder = builder.id(id).payload(request.body());
     }
     match builder.claims(claims).build() {
         Ok(reservation) => Ok((reservation, named)),
@@ -314,18 +334,25 @@ fn answer_of<St, E, B>(
         }
         Err(err) if err.is_conflict() => {
             metrics::reservation(&route, "conflict");
-            reject(Rejection::unprocessable(
-                "this idempotency key was used with another request",
-            ))
+            reject(Rejection::idempotency_key_reused())
         }
         Err(err) => {
-            metrics::reservation(&route, "settled");
+            // A retry of a request that has ended: its response again, if it was kept.
             tracing::debug!(hold = %reservation.id(), error = %err, "retry of a request that has ended");
-            reject(Rejection::new(
-                http::StatusCode::CONFLICT,
-                "Already settled",
-                "a request with this idempotency key has already ended",
-            ))
+            match err.memo().map(idempotency::replay) {
+                Some(Ok(response)) => {
+                    metrics::reservation(&route, "replayed");
+                    Prepared::Reject(response)
+                }
+                Some(Err(rejection)) => {
+                    metrics::reservation(&route, "settled");
+                    reject(rejection)
+                }
+                None => {
+                    metrics::reservation(&route, "settled");
+                    reject(Rejection::idempotent_response_unavailable(None))
+                }
+            }
         }
     }
 }

@@ -252,10 +252,20 @@ impl Hold {
         } else {
             Settlement::release()
         };
-        if !(self.inner.named || self.is_deferred()) {
+        // Who can ask for this hold again: the caller, by a deferred hold's id; a retry with the
+        // idempotency key that names it, after a commit (a key's response is kept by the
+        // capture that settles it). A release of a named hold with no response to keep leaves
+        // nothing to replay: its key may be used again.
+        let kept = self.is_deferred() || (commit && self.inner.named);
+        if !kept {
             settlement = settlement.forget();
         }
         settlement
+    }
+
+    /// Whether the hold's id is the caller's (an idempotency key).
+    pub(crate) fn is_named(&self) -> bool {
+        self.inner.named
     }
 
     /// Resolves what a response reported (an [`Actual`] or the actual-amount header's values) to

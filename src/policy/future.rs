@@ -57,6 +57,8 @@ impl<S, ResBody> Future for PolicyFuture<S>
 where
     S: Service<Request<PolicyBody>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
+    ResBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    ResBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 

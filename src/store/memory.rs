@@ -295,7 +295,6 @@ enum Resolved {
         budget: String,
         spec: Cow<'static, str>,
         amount: u64,
-        limit: u64,
         /// When the budget's window ends; `None` for a lifetime budget.
         window_ends: Option<u64>,
     },
@@ -471,27 +470,25 @@ impl MemoryStore {
             if let Some(err) = refusal(record, reservation, now) {
                 return Err(err);
             }
-            // A retry of a live hold: the same hold, with the budgets as they stand now.
+            // A retry of a live hold: the same hold, with what the retry's own budget claims
+            // have left now (with a payload, a retry may work out other claims than its first
+            // attempt).
             let expires_at = record.expires_at;
-            let budgets: Vec<Option<(u16, BudgetKey, u64)>> = record
-                .claims
+            let remaining = reservation
+                .claims()
                 .iter()
                 .map(|c| match c {
-                    Resolved::Spend {
-                        slot, key, limit, ..
-                    } => Some((*slot, key.clone(), *limit)),
+                    Claim::Spend { budget, .. } => {
+                        let slot = c.slot();
+                        let key = budget_key(budget.key(), &budget.window().slot(now).suffix);
+                        Some(
+                            locked
+                                .shard(slot)
+                                .budget_cell(&key, now)
+                                .map_or(budget.limit(), |cell| cell.remaining(budget.limit())),
+                        )
+                    }
                     _ => None,
-                })
-                .collect();
-            let remaining = budgets
-                .into_iter()
-                .map(|b| {
-                    b.map(|(slot, key, limit)| {
-                        locked
-                            .shard(slot)
-                            .budget_cell(&key, now)
-                            .map_or(limit, |cell| cell.remaining(limit))
-                    })
                 })
                 .collect();
             return Ok(Reserved::Granted(Grant {
@@ -530,7 +527,6 @@ impl MemoryStore {
                         budget: budget.key().to_owned(),
                         spec: budget.window().spec(),
                         amount: *amount,
-                        limit: budget.limit(),
                         window_ends: window.ends_at_ms,
                     });
                 }

@@ -44,15 +44,17 @@ local function check_claims(id, claims, e, now, now_text)
   return state, nil
 end
 
--- The budgets left now, for a retry of a live hold (each budget's limit as the retry gives it).
+-- The answer to a retry of a live hold: the same hold, with what the retry's own budget claims
+-- have left now (a retry may work out other claims than its first attempt: with a payload, the
+-- payload identifies the reservation).
 local function replay(r, nonce, claims, now, now_text)
   local out = { 'G', r.e, (r.nonce == nonce) and 0 or 1 }
-  for i, c in ipairs(claims_of(r)) do
+  for i, c in ipairs(claims) do
     if c[1] == 'b' then
-      local b = load_budget(c.key, {})
+      local b = load_budget(c[2] .. window(c[5], now), {})
       expire(b, now, now_text)
       save_budget(b)
-      out[3 + i] = remaining(b, claims[i][4])
+      out[3 + i] = remaining(b, c[4])
     else
       out[3 + i] = -1
     end
