@@ -1,5 +1,8 @@
 //! The shop: a customer may not buy more than a fixed amount in total, and an e-mail address
-//! belongs to one account at a time. The HTTP contract is in `shared/shop-api.md`.
+//! belongs to one account at a time. It is the crate's scenario end to end, its end-to-end test
+//! target and its load-test target; this page is its whole HTTP contract.
+//!
+//! # Starting it
 //!
 //! ```text
 //! cargo run --release --example shop
@@ -9,11 +12,96 @@
 //! | variable | meaning | default |
 //! | --- | --- | --- |
 //! | `SHOP_ADDR` | address to listen on | `127.0.0.1:3000` |
-//! | `REDIS_URL` | one Redis node | unset: the embedded in-memory store |
+//! | `REDIS_URL` | one Redis node, e.g. `redis://127.0.0.1:6379/` | unset |
 //! | `REDIS_CLUSTER_URLS` | comma-separated Redis Cluster seed nodes | unset |
-//! | `SHOP_BUDGET_CENTS` | every customer's lifetime spend limit | `50000` |
-//! | `SHOP_LEASE_MS` | how long a hold lives if nobody settles it | `30000` |
-//! | `SHOP_FAULTS` | `1` turns on the `X-Simulate` request header | off |
+//! | `SHOP_BUDGET_CENTS` | every customer's lifetime spend limit, in cents | `50000` ($500) |
+//! | `SHOP_LEASE_MS` | how long a hold lives if nobody commits or releases it | `30000` |
+//! | `SHOP_FAULTS` | `1` turns on the `X-Simulate` request header (below) | off |
+//! | `RUST_LOG` | what is logged (to stderr) | `info` |
+//!
+//! With neither Redis variable set it runs on the embedded in-memory store and says so in its
+//! first line. With one set it uses Redis and fails fast, with a clear message, when Redis cannot
+//! be reached at start-up. It prints the address it listens on once it accepts connections.
+//! Ctrl-C or SIGTERM stops it: it stops accepting and lets the requests in flight finish.
+//!
+//! # Catalogue
+//!
+//! Product `n`, for `n` in `1..=10000`, costs `n * 100` cents. Any other id is unknown. The price
+//! lookup is asynchronous, as a product repository would be, and happens in the middleware's
+//! claims extractor before the handler runs: the amount is fixed when it is reserved.
+//!
+//! # Endpoints
+//!
+//! All request and response bodies are JSON. Every error is `application/problem+json`
+//! (RFC 9457) with at least `type`, `title`, `status` and `detail`; a detail never carries an
+//! internal error's text (that goes to the log).
+//!
+//! | method and path | body | success | errors |
+//! | --- | --- | --- | --- |
+//! | `POST /customers/{customer_id}/purchases` | `{"product_ids": [u64, ...]}` (1 to 100 ids, repeats allowed) | `201` `{"purchase_id", "customer_id", "amount_cents", "remaining_cents"}` | `403` over budget, the body also holding `requested_cents` and `remaining_cents`; `422` unknown product or empty/oversized list; `400` malformed JSON; `415` not JSON; `413` body over 64 KiB; `503` store unavailable, with `Retry-After` |
+//! | `GET /customers/{customer_id}/budget` | | `200` `{"limit_cents", "spent_cents", "held_cents", "remaining_cents"}` | `503` |
+//! | `DELETE /customers/{customer_id}/purchases/{purchase_id}` | | `200` `{"purchase_id", "customer_id", "refunded_cents", "remaining_cents"}`: the purchase is cancelled and its amount is back in the budget, once; a repeat answers `200` with the same `refunded_cents` and gives nothing back again | `404` unknown purchase, or a purchase of another customer; `503` |
+//! | `POST /accounts` | `{"email", "name"}` | `201` `{"account_id", "email", "name"}`, `email` as normalized | `409` e-mail taken; `422` not an e-mail address; `400`, `415`, `413`, `503` as above |
+//! | `GET /accounts/{account_id}` | | `200` `{"account_id", "email", "name"}` | `404` |
+//! | `PUT /accounts/{account_id}/email` | `{"email"}` | `200` the account | `409` taken (the old address stays the account's); `404`; `422` |
+//! | `DELETE /accounts/{account_id}` | | `204`, and its address is free again | `404` |
+//! | `GET /healthz` | | `200` | |
+//! | `GET /metrics` | | `200`, the middleware's counters and latencies in the Prometheus text format | |
+//!
+//! `customer_id` is 1 to 64 characters of `[A-Za-z0-9_-]`; anything else is `422`.
+//!
+//! E-mail addresses are normalized before they are claimed: surrounding white space trimmed,
+//! the whole address lower-cased. `" Ann@Example.COM"` and `"ann@example.com"` are the same
+//! address. Changing an account's address claims the new one and frees the old one only if the
+//! change succeeds.
+//!
+//! A purchase's amount is held while the handler runs and becomes spent only when the handler
+//! succeeds. On every other outcome the hold is released: the handler fails, panics, the client
+//! goes away, or the server dies (then the lease runs out). `held_cents` returns to `0` once
+//! nothing is in flight.
+//!
+//! A cancelled purchase's amount goes back to the budget as a refund of its own (the purchase is
+//! not undone): once, however many times and from however many shops the cancellation is sent.
+//!
+//! # `X-Simulate` (only with `SHOP_FAULTS=1`)
+//!
+//! On `POST /customers/{customer_id}/purchases` and `POST /accounts`, after the reservation is
+//! made and inside the handler:
+//!
+//! | value | the handler |
+//! | --- | --- |
+//! | `decline` | answers `402` (payment declined): the hold is released |
+//! | `panic` | panics: the response is `500`, the hold is released |
+//! | `sleep=MS` | waits `MS` milliseconds, then succeeds |
+//!
+//! # `Idempotency-Key`
+//!
+//! `POST /customers/{customer_id}/purchases` and `POST /accounts` accept an optional
+//! `Idempotency-Key` request header (1 to 255 visible ASCII characters, bare or as a quoted
+//! Structured Field string; anything else is `400`), as in the IETF draft *The Idempotency-Key
+//! HTTP Header Field*:
+//!
+//! - A retry with the same key and the same body, after the first request finished, gets the
+//!   first request's response again (same status, same body: the same `purchase_id` or
+//!   `account_id`), with the response header `Idempotency-Replayed: true`. Nothing is reserved,
+//!   spent or claimed again. A failed first request (a declined payment, say) is replayed as
+//!   failed. This holds across restarts of the shop when it runs on Redis.
+//! - While the first request with that key is still being handled: `409`, with `Retry-After`.
+//! - The same key with another body: `422`.
+//! - A key is kept for 24 hours.
+//!
+//! Keys of one customer's purchases and keys of sign-ups are separate: the same key on two
+//! different paths names two different requests.
+//!
+//! # What the shop keeps
+//!
+//! Claims live in the store; the shop keeps no record per purchase. A purchase id carries the
+//! purchase's amount, signed (HMAC-SHA256) together with the customer's id by a key that the
+//! shops sharing a store share through it: a cancellation checks the id instead of looking it up,
+//! and an id of another customer, or one made up, is `404`. A cancellation is recorded in the
+//! store as an owned value, so that it counts once for good. Accounts live in the process, as an
+//! aggregate would in the application's own database; only their addresses' claims are in the
+//! store.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -28,13 +116,19 @@ use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::json;
+use sha2::Sha256;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_reserve::{
-    Budget, Claim, Disconnect, Extracted, Hold, MemoryStore, RedisStore, Rejection, RejectionKind,
-    ReserveLayer, Store, Unique, extract, normalize_email,
+    Budget, Claim, Disconnect, Extracted, Hold, HoldId, Idempotency, MAX_RETAIN, MemoryStore,
+    RedisStore, Refund, Rejection, RejectionKind, Reservation, ReserveLayer, Reserved, Store,
+    Unique, extract, normalize_email,
 };
 
 /// The configuration read from the environment.
@@ -60,6 +154,8 @@ impl Default for Config {
 
 /// The unique namespace of account e-mail addresses.
 const EMAILS: &str = "accounts";
+/// The unique namespace of cancelled purchases.
+const CANCELLED: &str = "cancelled-purchases";
 /// The most product ids one purchase may name.
 const MAX_ITEMS: usize = 100;
 /// The catalogue's highest product id.
@@ -174,6 +270,119 @@ async fn price(product_id: u64) -> Option<u64> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Purchase ids: signed, so that a cancellation needs no record of the purchase
+
+/// Issues and checks purchase ids: 12 random bytes, the amount, and an HMAC-SHA256 tag (16
+/// bytes) over both and the customer's id, in URL-safe base64.
+#[derive(Clone)]
+struct PurchaseIds {
+    key: Arc<[u8; 32]>,
+}
+
+/// Bytes of an id before its tag: the nonce and the amount.
+const ID_BODY: usize = 12 + 8;
+/// Bytes of the tag kept in an id.
+const ID_TAG: usize = 16;
+
+impl PurchaseIds {
+    fn mac(&self, customer_id: &str, body: &[u8]) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key[..]).expect("HMAC takes any key");
+        mac.update(&(customer_id.len() as u64).to_be_bytes());
+        mac.update(customer_id.as_bytes());
+        mac.update(body);
+        mac
+    }
+
+    /// A new purchase id for `amount_cents` bought by `customer_id`.
+    fn issue(&self, customer_id: &str, amount_cents: u64) -> String {
+        let mut raw = Vec::with_capacity(ID_BODY + ID_TAG);
+        raw.extend_from_slice(&rand::random::<[u8; 12]>());
+        raw.extend_from_slice(&amount_cents.to_be_bytes());
+        let tag = self.mac(customer_id, &raw).finalize().into_bytes();
+        raw.extend_from_slice(&tag[..ID_TAG]);
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// The amount of a purchase id this shop issued to `customer_id`; `None` for any other text.
+    fn amount(&self, customer_id: &str, purchase_id: &str) -> Option<u64> {
+        let raw = URL_SAFE_NO_PAD.decode(purchase_id).ok()?;
+        if raw.len() != ID_BODY + ID_TAG {
+            return None;
+        }
+        let (body, tag) = raw.split_at(ID_BODY);
+        self.mac(customer_id, body)
+            .verify_truncated_left(tag)
+            .ok()?;
+        Some(u64::from_be_bytes(body[12..].try_into().ok()?))
+    }
+}
+
+/// The key purchase ids are signed with, kept in the store as the owner of a unique value: the
+/// first shop to start on a store makes it, and every shop sharing the store (and every restart)
+/// reads the same one.
+async fn signing_key<St: Store>(store: &St) -> Result<[u8; 32], String> {
+    let slot = Unique::new("shop", "purchase-id-key");
+    for _ in 0..100 {
+        if let Some(text) = store.owner(&slot).await.map_err(|e| e.to_string())? {
+            return URL_SAFE_NO_PAD
+                .decode(&text)
+                .ok()
+                .and_then(|raw| raw.try_into().ok())
+                .ok_or_else(|| "the stored purchase id key is malformed".to_owned());
+        }
+        let key: [u8; 32] = rand::random();
+        let claim = Claim::own(slot.clone(), URL_SAFE_NO_PAD.encode(key));
+        let reservation = Reservation::builder()
+            .claim(claim)
+            .build()
+            .map_err(|e| e.to_string())?;
+        match store
+            .reserve(&reservation)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Reserved::Granted(grant) => {
+                store.commit(&grant.id).await.map_err(|e| e.to_string())?;
+                return Ok(key);
+            }
+            // Another shop is making it right now: read it once it is there.
+            Reserved::Denied(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    Err("no purchase id key could be made or read".to_owned())
+}
+
+/// Gives a purchase's amount back to its customer's budget, once for good: a refund whose id
+/// comes from the purchase's (so a retry, or a cancellation racing it, counts once while the
+/// refund's record is kept), then recorded as an owned value (so it counts once after that).
+async fn cancel_once<St: Store>(
+    store: &St,
+    budget: &Budget,
+    customer_id: &str,
+    purchase_id: &str,
+    amount_cents: u64,
+) -> Result<(), tower_reserve::Error> {
+    let cancelled = Unique::new(CANCELLED, purchase_id);
+    if store.owner(&cancelled).await?.is_some() {
+        return Ok(());
+    }
+    let refund_id = HoldId::new(format!("cancel:{purchase_id}"))?;
+    let refund = Refund::new(refund_id, budget.clone(), amount_cents).retain(MAX_RETAIN);
+    store.refund(&refund).await?;
+    let reservation = Reservation::builder()
+        .claim(Claim::own(cancelled, customer_id))
+        .build()?;
+    match store.reserve(&reservation).await? {
+        Reserved::Granted(grant) => {
+            store.commit(&grant.id).await?;
+        }
+        // Another cancellation of the same purchase records it.
+        Reserved::Denied(_) => {}
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Accounts: the aggregate lives in the app, the e-mail claims in the store.
 
 #[derive(Debug, Clone)]
@@ -224,6 +433,7 @@ fn customer_budget(customer_id: &str, cfg: &Config) -> Budget {
 #[derive(Debug, Clone)]
 struct Purchase {
     customer_id: String,
+    budget: Budget,
     amount_cents: u64,
 }
 
@@ -284,10 +494,12 @@ struct AppState<St> {
     store: St,
     cfg: Arc<Config>,
     accounts: Accounts,
+    purchase_ids: PurchaseIds,
 }
 
-/// The shop's router, on any store.
-pub fn app<St: Store>(store: St, cfg: Config) -> Router {
+/// The shop's router, on any store; `purchase_id_key` signs purchase ids (see
+/// [`signing_key`]).
+fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
     let cfg = Arc::new(cfg);
     let accounts: Accounts = Arc::default();
 
@@ -319,9 +531,11 @@ pub fn app<St: Store>(store: St, cfg: Config) -> Router {
                         .checked_add(p)
                         .ok_or_else(|| Rejection::unprocessable("the amount is too large"))?;
                 }
-                let claim = Claim::spend(customer_budget(&customer_id, &cfg), amount);
+                let budget = customer_budget(&customer_id, &cfg);
+                let claim = Claim::spend(budget.clone(), amount);
                 req.extensions_mut().insert(Purchase {
                     customer_id,
+                    budget,
                     amount_cents: amount,
                 });
                 Extracted::Ok((req, vec![claim]))
@@ -330,6 +544,7 @@ pub fn app<St: Store>(store: St, cfg: Config) -> Router {
         .lease(cfg.lease)
         // The contract: a request whose client went away leaves nothing behind.
         .on_disconnect(Disconnect::Release)
+        .idempotency(Idempotency::new())
         .error_handler(render_rejection)
     };
 
@@ -350,6 +565,7 @@ pub fn app<St: Store>(store: St, cfg: Config) -> Router {
     })
     .lease(cfg.lease)
     .on_disconnect(Disconnect::Release)
+    .idempotency(Idempotency::new())
     .error_handler(render_rejection);
 
     let change_layer = {
@@ -413,6 +629,9 @@ pub fn app<St: Store>(store: St, cfg: Config) -> Router {
         store,
         cfg,
         accounts,
+        purchase_ids: PurchaseIds {
+            key: Arc::new(purchase_id_key),
+        },
     };
     let catch_panic = CatchPanicLayer::custom(panic_response);
 
@@ -423,6 +642,10 @@ pub fn app<St: Store>(store: St, cfg: Config) -> Router {
             post(purchase::<St>)
                 .layer::<_, Infallible>(catch_panic)
                 .route_layer(purchase_layer),
+        )
+        .route(
+            "/customers/{customer_id}/purchases/{purchase_id}",
+            delete(cancel::<St>),
         )
         .route("/customers/{customer_id}/budget", get(budget::<St>))
         .route(
@@ -491,16 +714,19 @@ async fn healthz() -> impl IntoResponse {
 
 async fn purchase<St: Store>(
     State(state): State<AppState<St>>,
-    Extension(hold): Extension<Hold>,
+    hold: Hold,
     Extension(purchase): Extension<Purchase>,
     headers: HeaderMap,
 ) -> Response {
     if let Some(response) = simulate(&state.cfg, &headers).await {
         return response;
     }
-    let remaining = hold.remaining().first().copied().flatten().unwrap_or(0);
+    let remaining = hold.remaining_of(&purchase.budget).unwrap_or(0);
+    let purchase_id = state
+        .purchase_ids
+        .issue(&purchase.customer_id, purchase.amount_cents);
     let body = json!({
-        "purchase_id": uuid::Uuid::new_v4().simple().to_string(),
+        "purchase_id": purchase_id,
         "customer_id": purchase.customer_id,
         "amount_cents": purchase.amount_cents,
         "remaining_cents": remaining,
@@ -525,17 +751,67 @@ async fn budget<St: Store>(State(state): State<AppState<St>>, req: Request<Body>
             "remaining_cents": status.remaining,
         }))
         .into_response(),
-        Err(err) => {
-            let mut response = problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Reservation store unavailable",
-                format!("the budget could not be read: {err}"),
-            );
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            response
-        }
+        Err(err) => store_failed(&err),
+    }
+}
+
+/// A store error as a problem: `503` with `Retry-After` when the store could not be reached, `500`
+/// otherwise; the error's own text goes to the log only.
+fn store_failed(err: &tower_reserve::Error) -> Response {
+    if !err.is_unavailable() {
+        tracing::error!(error = %err, "the store refused a call");
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal server error",
+            "the request could not be completed",
+        );
+    }
+    tracing::warn!(error = %err, "the store is unavailable");
+    let mut response = problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Reservation store unavailable",
+        "the reservation store cannot be reached; try again shortly",
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// Cancels a purchase: its amount goes back to the budget, once.
+async fn cancel<St: Store>(
+    State(state): State<AppState<St>>,
+    Path((customer_id, purchase_id)): Path<(String, String)>,
+) -> Response {
+    if !valid_customer_id(&customer_id) {
+        return unprocessable("a customer id is 1 to 64 characters of [A-Za-z0-9_-]");
+    }
+    let Some(amount_cents) = state.purchase_ids.amount(&customer_id, &purchase_id) else {
+        return not_found(format!(
+            "customer {customer_id:?} has no purchase {purchase_id:?}"
+        ));
+    };
+    let budget = customer_budget(&customer_id, &state.cfg);
+    let cancelled = cancel_once(
+        &state.store,
+        &budget,
+        &customer_id,
+        &purchase_id,
+        amount_cents,
+    )
+    .await;
+    if let Err(err) = cancelled {
+        return store_failed(&err);
+    }
+    match state.store.budget(&budget).await {
+        Ok(status) => Json(json!({
+            "purchase_id": purchase_id,
+            "customer_id": customer_id,
+            "refunded_cents": amount_cents,
+            "remaining_cents": status.remaining,
+        }))
+        .into_response(),
+        Err(err) => store_failed(&err),
     }
 }
 
@@ -630,7 +906,25 @@ fn config() -> Config {
     }
 }
 
-async fn serve(router: Router, addr: &str) {
+/// Serves the shop on `store` until Ctrl-C or SIGTERM.
+async fn serve<St: Store>(store: St, cfg: Config, addr: &str, metrics: PrometheusHandle) {
+    let key = signing_key(&store).await.unwrap_or_else(|e| {
+        fail(&format!(
+            "cannot read the purchase id key from the store: {e}"
+        ))
+    });
+    let render = metrics.clone();
+    let router =
+        app(store, cfg, key).route("/metrics", get(move || std::future::ready(render.render())));
+    // Histograms are drained into their summaries here, not on each request.
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            metrics.run_upkeep();
+        }
+    });
+
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .unwrap_or_else(|e| fail(&format!("cannot listen on {addr}: {e}")));
@@ -682,6 +976,13 @@ fn redact(url: &str) -> String {
 
 #[tokio::main]
 async fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     let cfg = config();
     let addr = std::env::var("SHOP_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let redis_url = std::env::var("REDIS_URL")
@@ -690,62 +991,55 @@ async fn main() {
     let cluster = std::env::var("REDIS_CLUSTER_URLS")
         .ok()
         .filter(|v| !v.trim().is_empty());
+    let settings = format!(
+        "budget {} cents per customer, lease {} ms, faults {}",
+        cfg.budget_cents,
+        cfg.lease.as_millis(),
+        if cfg.faults { "on" } else { "off" }
+    );
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .unwrap_or_else(|e| fail(&format!("cannot install the metrics recorder: {e}")));
 
-    if cluster.is_some() && redis_url.is_some() {
-        fail("set REDIS_URL (one node) or REDIS_CLUSTER_URLS (a Cluster), not both");
-    }
-    if let Some(urls) = cluster {
-        let seeds: Vec<String> = urls
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(str::to_owned)
-            .collect();
-        let shown: Vec<String> = seeds.iter().map(|u| redact(u)).collect();
-        println!(
-            "store: Redis Cluster via {} (budget {} cents per customer, lease {} ms, faults {})",
-            shown.join(","),
-            cfg.budget_cents,
-            cfg.lease.as_millis(),
-            if cfg.faults { "on" } else { "off" }
-        );
-        let store = RedisStore::builder()
-            .prefix("shop")
-            .connect_cluster(&seeds)
-            .await
-            .unwrap_or_else(|e| {
-                fail(&format!(
-                    "cannot reach the Redis Cluster at {}: {e}",
-                    shown.join(",")
-                ))
-            });
-        serve(app(store, cfg), &addr).await;
-        return;
-    }
-    match redis_url {
-        Some(url) => {
+    match (redis_url, cluster) {
+        (Some(_), Some(_)) => {
+            fail("set REDIS_URL (one node) or REDIS_CLUSTER_URLS (a Cluster), not both")
+        }
+        (None, Some(urls)) => {
+            let seeds: Vec<String> = urls
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(str::to_owned)
+                .collect();
+            let shown = seeds
+                .iter()
+                .map(|u| redact(u))
+                .collect::<Vec<_>>()
+                .join(",");
+            println!("store: Redis Cluster via {shown} ({settings})");
+            let store = RedisStore::builder()
+                .prefix("shop")
+                .connect_cluster(&seeds)
+                .await
+                .unwrap_or_else(|e| {
+                    fail(&format!("cannot reach the Redis Cluster at {shown}: {e}"))
+                });
+            serve(store, cfg, &addr, metrics).await;
+        }
+        (Some(url), None) => {
             let shown = redact(&url);
-            println!(
-                "store: Redis at {shown} (budget {} cents per customer, lease {} ms, faults {})",
-                cfg.budget_cents,
-                cfg.lease.as_millis(),
-                if cfg.faults { "on" } else { "off" }
-            );
+            println!("store: Redis at {shown} ({settings})");
             let store = RedisStore::builder()
                 .prefix("shop")
                 .connect(&url)
                 .await
                 .unwrap_or_else(|e| fail(&format!("cannot reach Redis at {shown}: {e}")));
-            serve(app(store, cfg), &addr).await;
+            serve(store, cfg, &addr, metrics).await;
         }
-        None => {
-            println!(
-                "store: embedded in-memory store, for this process only (budget {} cents per customer, lease {} ms, faults {})",
-                cfg.budget_cents,
-                cfg.lease.as_millis(),
-                if cfg.faults { "on" } else { "off" }
-            );
-            serve(app(MemoryStore::new(), cfg), &addr).await;
+        (None, None) => {
+            println!("store: embedded in-memory store, for this process only ({settings})");
+            serve(MemoryStore::new(), cfg, &addr, metrics).await;
         }
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! | metric | labels |
 //! | --- | --- |
-//! | `tower_reserve_reservations_total` | `route`, `outcome`: `granted`, `denied`, `in_flight`, `conflict`, `settled`, `invalid`, `unavailable` |
+//! | `tower_reserve_reservations_total` | `route`, `outcome`: `granted`, `denied`, `in_flight`, `conflict`, `replayed` (an idempotent retry answered from the store), `settled` (a retry of an ended request with nothing to replay), `invalid`, `unavailable` |
 //! | `tower_reserve_denials_total` | `route`, `reason`: `over_budget`, `taken`, `not_owner`; `mode`: `enforce`, `shadow` |
 //! | `tower_reserve_settlements_total` | `route`, `result`: `committed`, `released`, `expired`, `failed`; `cause`: `success`, `error_response`, `handler_error`, `panic`, `dropped`, `lease`, `invalid_actual` |
 //! | `tower_reserve_store_errors_total` | `route`, `op`: `reserve`, `check`, `commit`, `release` |
