@@ -206,6 +206,15 @@ impl BudgetCell {
                 _ => break,
             }
         }
+        self.free_if_idle();
+    }
+
+    /// An emptied `BTreeMap` keeps its node; a budget with nothing in flight keeps no
+    /// allocation, so that idle budgets cost their key and their counts only.
+    fn free_if_idle(&mut self) {
+        if self.buckets.is_empty() {
+            self.buckets = BTreeMap::new();
+        }
     }
 
     /// Holds `amount` until `expires_at`.
@@ -222,6 +231,7 @@ impl BudgetCell {
             if let Some(sum) = self.buckets.remove(&end) {
                 self.held -= sum;
             }
+            self.free_if_idle();
             return false;
         }
         if let Some(sum) = self.buckets.get_mut(&end) {
@@ -231,6 +241,7 @@ impl BudgetCell {
             }
         }
         self.held -= amount;
+        self.free_if_idle();
         true
     }
 
