@@ -71,6 +71,7 @@ store_suite!(
     claims_on_many_keys_are_all_or_nothing,
     holds_ending_together_settle_one_by_one,
     one_window_spelled_two_ways_is_one_budget,
+    many_budgets_and_values_from_many_threads,
 );
 
 async fn one_window_spelled_two_ways_is_one_budget<S: Store>(store: &S) {
@@ -279,6 +280,109 @@ async fn concurrent_reservations_never_exceed_the_limit<S: Store>(store: &S) {
     }
     let s = status(store, &budget).await;
     assert_eq!((s.spent, s.held), (granted_sum, 0));
+}
+
+/// Eight threads, each with a runtime of its own, reserve across 24 budgets and 24 values at
+/// once (one to three budgets and maybe a value per reservation), then commit or release at
+/// random. Every budget ends with exactly what its commits spent and nothing held, never above
+/// its limit, and every value with the one owner whose claim committed.
+async fn many_budgets_and_values_from_many_threads<S: Store>(store: &S) {
+    const THREADS: usize = 8;
+    const PER_THREAD: usize = 150;
+    const LIMIT: u64 = 6_000;
+    let run = fresh("crowd");
+    let budgets: Vec<Budget> = (0..24)
+        .map(|i| Budget::new(format!("{run}-b{i}"), LIMIT))
+        .collect();
+    let values: Vec<Unique> = (0..24)
+        .map(|i| Unique::new(format!("{run}-names"), &format!("name-{i}")))
+        .collect();
+
+    // What each thread committed: amounts per budget, and the values it came to own.
+    type Tally = (Vec<u64>, Vec<(usize, String)>);
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (store, budgets, values) = (store.clone(), budgets.clone(), values.clone());
+            tokio::task::spawn_blocking(move || -> Tally {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let mut spent = vec![0u64; budgets.len()];
+                    let mut owned = Vec::new();
+                    for i in 0..PER_THREAD {
+                        let (picked, amounts, value, commit) = {
+                            let mut rng = rand::rng();
+                            let n = rng.random_range(1..=3);
+                            let picked =
+                                rand::seq::index::sample(&mut rng, budgets.len(), n).into_vec();
+                            let amounts: Vec<u64> =
+                                picked.iter().map(|_| rng.random_range(1..=400)).collect();
+                            let value = rng
+                                .random_bool(0.3)
+                                .then(|| rng.random_range(0..values.len()));
+                            (picked, amounts, value, rng.random_bool(0.6))
+                        };
+                        let owner = format!("t{t}-{i}");
+                        let mut claims: Vec<Claim> = picked
+                            .iter()
+                            .zip(&amounts)
+                            .map(|(&b, &a)| Claim::spend(budgets[b].clone(), a))
+                            .collect();
+                        if let Some(v) = value {
+                            claims.push(Claim::own(values[v].clone(), owner.clone()));
+                        }
+                        let r = Reservation::builder()
+                            .lease(LONG)
+                            .claims(claims)
+                            .build()
+                            .unwrap();
+                        let Reserved::Granted(grant) = store.reserve(&r).await.unwrap() else {
+                            continue;
+                        };
+                        if commit {
+                            assert_eq!(store.commit(&grant.id).await.unwrap(), Settled::Applied);
+                            for (&b, &a) in picked.iter().zip(&amounts) {
+                                spent[b] += a;
+                            }
+                            owned.extend(value.map(|v| (v, owner)));
+                        } else {
+                            assert_eq!(store.release(&grant.id).await.unwrap(), Settled::Applied);
+                        }
+                    }
+                    (spent, owned)
+                })
+            })
+        })
+        .collect();
+    let mut spent = vec![0u64; budgets.len()];
+    let mut owners: Vec<Vec<String>> = vec![Vec::new(); values.len()];
+    for thread in threads {
+        let (thread_spent, thread_owned) = thread.await.unwrap();
+        for (total, s) in spent.iter_mut().zip(thread_spent) {
+            *total += s;
+        }
+        for (v, owner) in thread_owned {
+            owners[v].push(owner);
+        }
+    }
+    for (budget, &committed) in budgets.iter().zip(&spent) {
+        let s = status(store, budget).await;
+        assert_eq!((s.spent, s.held), (committed, 0), "{}", budget.key());
+        assert!(s.spent <= LIMIT);
+    }
+    assert!(
+        spent.iter().filter(|&&s| s > LIMIT / 2).count() > 0,
+        "the crowd must press on the limits: {spent:?}"
+    );
+    for (value, committed) in values.iter().zip(&owners) {
+        assert!(committed.len() <= 1, "one owner: {committed:?}");
+        assert_eq!(
+            store.owner(value).await.unwrap(),
+            committed.first().cloned()
+        );
+    }
 }
 
 async fn one_of_many_concurrent_claims_on_a_value_wins<S: Store>(store: &S) {
