@@ -5,7 +5,7 @@
 //! read "$480 of $500 spent" both pass, and two sign-ups that both read "address free" both take
 //! it. `tower-reserve` makes the check and the claim one atomic step. A tower layer works out a
 //! request's *claims* (spend an amount against a budget; own a value in a set), reserves them
-//! all in one step (one Lua script on Redis), and only then runs the handler. A `2xx` commits the
+//! all in one step (one Lua function on Redis), and only then runs the handler. A `2xx` commits the
 //! *hold*; anything else releases it: an error, a panic, a client that went away, a timeout. A
 //! process that dies leaves holds that end with their lease.
 //!
@@ -65,7 +65,7 @@
 //!   [`Unique`], [`Claim`]) and how they are grouped ([`Reservation`]) and answered ([`Reserved`],
 //!   [`Grant`], [`Denial`], [`Settled`]). All input is checked here, before any store sees it.
 //! - [`store`]: the [`Store`] trait and its two implementations, [`MemoryStore`] (embedded, the
-//!   default without Redis) and [`RedisStore`] (Lua scripts in `src/store/lua/`).
+//!   default without Redis) and [`RedisStore`] (Redis Functions in `src/store/lua/`).
 //! - `layer/`: [`extract`] (request → claims, [`ExtractClaims`], [`Routes`]), [`ReserveLayer`] and
 //!   [`Reserve`] (body within a limit, checks, reserve), [`ResponseFuture`] (the handler under
 //!   its lease, then settle), [`Hold`] (what the handler sees; the guard that releases on drop),
@@ -84,12 +84,27 @@
 //!
 //! - **Reserve** checks every claim and holds them all, or none: a budget grants when
 //!   `spent + held + amount <= limit`; a value grants when nobody else owns it and no other hold
-//!   has it in flight (the owner claiming its own value again succeeds). A denial names the first
-//!   claim that failed and why. The same id with the same claims answers the same hold
-//!   (`replayed`); with other claims, [`ErrorKind::Conflict`].
+//!   has it in flight. One hold at a time has a value in flight, whatever it claims of it: an
+//!   owner claiming its own value again, or releasing it, waits for no one but is refused
+//!   (`Taken`) while another hold has it in flight. A denial names the first claim that failed
+//!   and why. The same id with the same claims (or, with a payload, the same payload) answers the
+//!   same hold (`replayed`); with other claims, [`ErrorKind::Conflict`].
 //! - **Commit** makes the hold permanent: held becomes spent, held values become owned,
 //!   release-on-commit values are freed (an e-mail change swaps two addresses in one step).
 //!   **Release** gives everything back. **Extend** renews the lease. All three are idempotent.
+//! - **A partial commit** spends what was used, not what was held:
+//!   [`Settlement::commit`]`().actual(&budget, used)` spends `used` of the hold's amount on that
+//!   budget and gives the rest back in the same step (`0` spends nothing). More than was held is
+//!   refused with [`ErrorKind::ExceedsHold`] and changes nothing: reserve the most a command may
+//!   cost. In the layer, a handler reports its actual amount with [`Hold::set_actual`], an
+//!   [`Actual`] response extension or the [`ACTUAL_HEADER`] response header.
+//! - **A refund** gives an amount back after it was spent ([`Store::refund`], [`Refund`]): an order
+//!   cancelled after its purchase committed. It is a movement of its own, as a reversing
+//!   transfer is, never an undoing of the commit: the caller says how much, and its id makes a
+//!   retried refund count once. It never takes `spent` below zero ([`ErrorKind::ExceedsSpent`],
+//!   nothing changed); on a windowed budget it goes to the current window, or to the window of
+//!   [`Refund::in_window_of`] (a window that has ended takes nothing back:
+//!   [`ErrorKind::Expired`]).
 //! - **The lease** bounds every hold. When it ends the hold's capacity is back, with no
 //!   background process and no caller: a budget counts its holds per 100 ms of lease ends, and
 //!   the next call on that budget gives back every such bucket whose end has passed, so an
@@ -99,8 +114,19 @@
 //!   refused with [`ErrorKind::Expired`] instead of spending what may since have been granted to
 //!   another. The layer cancels a handler that outlives its lease (less a margin).
 //! - **Release before reserve** succeeds and leaves a tombstone that refuses the late reserve.
-//!   Settled records and tombstones expire after a retention period (10 minutes by default), so
-//!   memory follows what is in flight, not history.
+//! - **Retention follows who can ask again.** A settled hold's record is kept, with its memo
+//!   (what its settler kept with it, such as the response an idempotency key replays), only if
+//!   someone can ask for that id again: the store keeps it for the retention period
+//!   ([`store::DEFAULT_RETAIN`], 10 minutes, or [`Settlement::retain`]) unless the settlement says
+//!   [`Settlement::forget`]. The layer forgets the holds whose ids it generated at random (no one
+//!   can name them again) and keeps those whose ids were named: ids given by the caller,
+//!   idempotency keys (kept as long as [`Idempotency::keep_for`]), deferred holds. Memory follows
+//!   what is in flight, and what may be asked again, not history. Tombstones and refunds' records
+//!   are kept for their own retention.
+//! - **What a limit belongs to.** A limit is not stored: it travels with each claim, and each
+//!   claim is checked against its own. Two routes that use one budget key with different limits
+//!   share one counter and each checks its own limit. Give each budget its limit in one place
+//!   (one function that builds the [`Budget`], or a [`policy`] file).
 //! - **Input** is checked before anything is written: amounts and limits are integer minor units,
 //!   1 to 2^53 - 1 (exact in Lua's doubles); keys 1 to 512 bytes; at most 64 claims, two of which
 //!   may not target one key.
@@ -109,42 +135,69 @@
 //!
 //! | the handler | the hold |
 //! | --- | --- |
-//! | answers `2xx` (or what [`ReserveLayer::commit_if`] accepts) | committed before the response leaves (or in the background, by option); a failed commit becomes a `500` |
+//! | answers `2xx` (or what [`ReserveLayer::commit_if`] accepts) | committed before the response leaves (or in the background, by option), with its actual amounts if it reported any; a failed commit becomes a `500` |
 //! | answers anything else, or returns `Err` | released before the response leaves |
 //! | panics | released: by the response of tower-http's `CatchPanic` placed inside this layer, or by the drop guard when the panic unwinds through it |
-//! | is dropped (client gone, outer timeout) | released by the drop guard, in a spawned task |
+//! | its client goes away | [`Disconnect::Finish`] (the default): the handler runs on in a task of its own and its outcome settles the hold, so that work done is never undone by a dropped connection; [`Disconnect::Release`]: the handler is dropped and the hold released |
+//! | is dropped by an outer timeout | released by the drop guard, in a spawned task |
 //! | outlives its lease | cancelled, released, `503` |
 //! | calls [`Hold::defer`] | left alone: commit or release later by id |
 //! | its process dies | nothing runs; the lease ends and the capacity is back |
 //!
+//! A request whose client leaves while its reservation is still on its way to the store is
+//! handled too: the grant that arrives after it left is released.
+//!
+//! **Idempotency keys** ([`Idempotency`]): a retried request gets the first one's response
+//! again, from the store, in every process that shares it; `409` while the first is in flight,
+//! `422` for a key reused with another body. [`Idempotency`] lists the IETF draft's requirements
+//! one by one against what the layer does.
+//!
+//! # Redis
+//!
+//! [`RedisStore`] needs Redis 7.0 or later: its Lua is one library of Redis Functions
+//! (`src/store/lua/`), loaded with `FUNCTION LOAD` at connect time and again by the first call
+//! that finds it missing (a restarted node, a promoted replica, `FUNCTION FLUSH`); a node that
+//! restarts from its append-only file has it already. Each operation is one run of one
+//! function; the operations that requests ask of one node while a call is in flight there go
+//! together in the next call. Keys must not be evicted: the store checks `maxmemory-policy` at
+//! connect time and refuses any policy but `noeviction` (an evicted budget would grant its limit
+//! again), unless [`RedisStoreBuilder::allow_eviction`] says otherwise. Keys that can end (holds,
+//! settled records, windowed budgets) carry their own expiry; lifetime budgets and owned values
+//! stay until removed.
+//!
 //! # Redis Cluster
 //!
 //! Every key of one budget or one unique value carries one hash tag, so it lives on one slot
-//! (budget keys and namespaces may not contain braces for that reason). A reservation whose
-//! claims all share a slot would fit one script, but its hold must also be found by id alone, so
-//! on a Cluster each reservation writes a small *manifest* in its id's own slot, listing its
-//! *slot groups*; each group is reserved by the same script as on one node, with a hold record
-//! of its own.
+//! (budget keys and namespaces may not contain braces for that reason). A hold's record lives in
+//! its id's slot: an id may name its slot (`name@slot`), and the ids the layer generates are
+//! placed at the slot of the reservation's first claim, so that a reservation whose claims share
+//! a slot is one operation on one node, exactly as on one Redis.
 //!
-//! - **Reserve** opens the manifest, then reserves the groups in order. When a later group is
-//!   denied (or fails), the groups already held are given back and the manifest removed, so the
-//!   caller sees all or nothing and may retry the same id. In between, another reader may see an
-//!   earlier group's amounts as held for the time of a few round trips; it never sees them as
-//!   spent. If the process dies between groups, their leases give everything back.
-//! - **Commit** and **release** read the manifest and fan out to every group, each idempotent,
-//!   then record the outcome on the manifest; a retry after a crash finishes the job. A reader
-//!   may see one group committed before the next. The manifest's lease ends first (it is written
-//!   first), so a commit that starts within it commits every group unless a group's lease ends
-//!   during the fan-out itself; those groups are refused and released, and the commit answers
-//!   [`ErrorKind::Expired`].
-//! - **Failover and restarts**: a script missing on a node (a restart, a promoted replica,
-//!   `SCRIPT FLUSH`) costs one `SCRIPT LOAD` and a retry. Redis replicates asynchronously: a
-//!   commit acknowledged by a primary that dies before replicating it is lost with it, and the
-//!   budget grants that amount again. [`RedisStoreBuilder::wait_for_replicas`] makes each commit
-//!   wait (Redis `WAIT`) until replicas acknowledge it: a commit answered after they did survives
-//!   the primary's death. A `WAIT` that times out is logged, not turned into an error (the
-//!   primary has applied the commit and cannot take it back), so under that option an `Ok`
-//!   without a warning means replicated; an `Ok` with one means applied on the primary only.
+//! A reservation across slots pays for more. Its *home* record, in its id's slot, holds the
+//! claims of that slot and lists the other *groups*; each group is held under a record of its
+//! own in its own slot, with a lease 100 ms longer than the home's.
+//!
+//! - **Reserve**: the home first, then every other group at once, then the home is marked held.
+//!   The home decides: a second attempt with the same id meanwhile is told the hold is in flight
+//!   ([`ErrorKind::InFlight`]), never granted twice. When a group is denied (or fails), what this
+//!   attempt held is given back and its records removed, so the caller sees all or nothing and
+//!   may retry the same id. In between, another reader may see an earlier group's amounts as
+//!   held for a few round trips; never as spent. If the process dies between groups, their leases
+//!   give everything back.
+//! - **Commit and release** are decided at the home, then carried to the other groups at once.
+//!   A commit that the home accepted within its lease finds every group still held (their leases
+//!   end later); a commit the home refused as expired releases them. A group that could not
+//!   follow (its node unreachable) makes the answer an error that names the groups not yet
+//!   settled; settling again finishes the job, each group being idempotent.
+//! - **Extend** renews the home first, then the groups, so that the home's lease always ends
+//!   first.
+//! - **Failover**: Redis replicates asynchronously: a commit acknowledged by a primary that dies
+//!   before replicating it is lost with it, and the budget grants that amount again.
+//!   [`RedisStoreBuilder::wait_for_replicas`] makes each commit wait (Redis `WAIT`) until replicas
+//!   acknowledge it: a commit answered after they did survives the primary's death. A `WAIT`
+//!   that times out is logged, not turned into an error (the primary has applied the commit and
+//!   cannot take it back), so under that option an `Ok` without a warning means replicated; an
+//!   `Ok` with one means applied on the primary only.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -1,35 +1,5 @@
 //! Idempotency keys: a retried request gets the first one's response again, from the store, in
-//! every process that shares it.
-//!
-//! The IETF draft *The Idempotency-Key HTTP Header Field* (draft-ietf-httpapi-idempotency-key-
-//! header), requirement by requirement:
-//!
-//! | the draft | here |
-//! | --- | --- |
-//! | the key is a Structured Field String | read as one (`"..."`, with `\"` and `\\` escapes), or bare as many clients send it (visible ASCII); 1 to 255 characters; anything else is `400` |
-//! | a resource that requires a key answers `400` when it is missing | [`Idempotency::required`] (off by default) |
-//! | a key reused with another request payload is refused with `422` | the request body is the payload: a key with another body is `422` (`IdempotencyKeyReused`) |
-//! | a retry while the first request is still being processed is refused with `409` | `409` (`InFlight`) with `Retry-After` |
-//! | a retry of a request that completed gets its result again | the first response (status, headers, body) is kept with the hold's record in the store and answered again, marked `Idempotency-Replayed: true`; nothing is reserved, spent or run again |
-//! | errors as problem details (RFC 9457), each with its own type | every refusal above is `application/problem+json` with a `type` of its own ([`RejectionKind`](super::RejectionKind)) |
-//! | keys expire; the resource publishes for how long | kept for [`Idempotency::keep_for`] (24 hours by default); publish it in your API's documentation |
-//! | a fingerprint of the request may bind the key | the key is bound to the method, the path, the scope ([`Idempotency::scope`]) and a digest of the body |
-//! | keys must not let one client see another's result | the key is looked up within its scope: method and path always, and the caller's identity when [`Idempotency::scope`] names it (say, from an authentication layer's request extension) |
-//!
-//! What is kept: the response's status, its headers but those of one connection or one response
-//! (`Connection`, `Keep-Alive`, `Transfer-Encoding`, `Upgrade`, `TE`, `Trailer`, `Proxy-*`,
-//! `Content-Length`, `Date`, `Set-Cookie`, the `RateLimit` fields), and its body up to
-//! [`Idempotency::max_body`]. A response with a larger body reaches its client whole but is kept
-//! without its body: a retry is then answered `409` (`IdempotentResponseUnavailable`), with the
-//! first response's status. Trailers are not kept.
-//!
-//! What is replayed: a request whose handler answered. A handler that failed (any status that
-//! did not commit) is replayed too, so that the client learns it failed, unless
-//! [`Idempotency::replay_failures`] is off: then its key may be used again. A request that never
-//! got an answer of its handler (the handler returned an error, panicked without a response,
-//! outlived its lease, or its client went away and it was cancelled) leaves nothing to replay:
-//! its key may be used again. Keys apply to requests the layer reserves for (requests with
-//! claims).
+//! every process that shares it; see [`Idempotency`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,8 +19,37 @@ pub const REPLAYED_HEADER: &str = "idempotency-replayed";
 
 type Scope = Arc<dyn Fn(&http::request::Parts) -> Option<String> + Send + Sync>;
 
-/// How a [`ReserveLayer`](super::ReserveLayer) treats idempotency keys; see the [module
-/// docs](self) for what it does against the IETF draft, requirement by requirement.
+/// How a [`ReserveLayer`](super::ReserveLayer) treats idempotency keys.
+///
+/// The IETF draft *The Idempotency-Key HTTP Header Field* (draft-ietf-httpapi-idempotency-key-
+/// header), requirement by requirement:
+///
+/// | the draft | here |
+/// | --- | --- |
+/// | the key is a Structured Field String | read as one (`"..."`, with `\"` and `\\` escapes), or bare as many clients send it (visible ASCII); 1 to 255 characters; anything else is `400` |
+/// | a resource that requires a key answers `400` when it is missing | [`Idempotency::required`] (off by default) |
+/// | a key reused with another request payload is refused with `422` | the request body is the payload: a key with another body is `422` (`IdempotencyKeyReused`) |
+/// | a retry while the first request is still being processed is refused with `409` | `409` (`InFlight`) with `Retry-After` |
+/// | a retry of a request that completed gets its result again | the first response (status, headers, body) is kept with the hold's record in the store and answered again, marked `Idempotency-Replayed: true`; nothing is reserved, spent or run again |
+/// | errors as problem details (RFC 9457), each with its own type | every refusal above is `application/problem+json` with a `type` of its own ([`RejectionKind`](super::RejectionKind)) |
+/// | keys expire; the resource publishes for how long | kept for [`Idempotency::keep_for`] (24 hours by default); publish it in your API's documentation |
+/// | a fingerprint of the request may bind the key | the key is bound to the method, the path, the scope ([`Idempotency::scope`]) and a digest of the body |
+/// | keys must not let one client see another's result | the key is looked up within its scope: method and path always, and the caller's identity when [`Idempotency::scope`] names it (say, from an authentication layer's request extension) |
+///
+/// What is kept: the response's status, its headers but those of one connection or one response
+/// (`Connection`, `Keep-Alive`, `Transfer-Encoding`, `Upgrade`, `TE`, `Trailer`, `Proxy-*`,
+/// `Content-Length`, `Date`, `Set-Cookie`, the `RateLimit` fields), and its body up to
+/// [`Idempotency::max_body`]. A response with a larger body reaches its client whole but is kept
+/// without its body: a retry is then answered `409` (`IdempotentResponseUnavailable`), with the
+/// first response's status. Trailers are not kept.
+///
+/// What is replayed: a request whose handler answered. A handler that failed (any status that
+/// did not commit) is replayed too, so that the client learns it failed, unless
+/// [`Idempotency::replay_failures`] is off: then its key may be used again. A request that never
+/// got an answer of its handler (the handler returned an error, panicked without a response,
+/// outlived its lease, or its client went away and it was cancelled) leaves nothing to replay:
+/// its key may be used again. Keys apply to requests the layer reserves for (requests with
+/// claims).
 ///
 /// ```
 /// use std::time::Duration;
