@@ -916,11 +916,11 @@ async fn serve<St: Store>(store: St, cfg: Config, addr: &str, metrics: Prometheu
     let render = metrics.clone();
     let router =
         app(store, cfg, key).route("/metrics", get(move || std::future::ready(render.render())));
-    // Histograms are drained into their summaries here, not on each request.
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(5));
+    // Histograms are drained into their summaries here, not on each request: on a thread of
+    // its own, so that the work never delays a request.
+    std::thread::spawn(move || {
         loop {
-            every.tick().await;
+            std::thread::sleep(Duration::from_secs(5));
             metrics.run_upkeep();
         }
     });
