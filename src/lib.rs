@@ -162,9 +162,9 @@ pub use claim::{
 };
 pub use error::{Error, ErrorKind};
 pub use layer::{
-    ACTUAL_HEADER, Actual, DEFAULT_BODY_LIMIT, Disconnect, ExtractClaims, Extracted, Hold,
-    PROBLEM_TYPES, Rejection, RejectionKind, RequestBody, Reserve, ReserveLayer, ResponseBody,
-    ResponseFuture, Routes, Validate, extract,
+    ACTUAL_HEADER, Actual, BudgetOf, DEFAULT_BODY_LIMIT, Disconnect, ExtractClaims, Extracted,
+    Hold, PROBLEM_TYPES, Rejection, RejectionKind, RequestBody, Reserve, ReserveLayer,
+    ResponseBody, ResponseFuture, Routes, Spend, Usage, Validate, extract, usage,
 };
 pub use reservation::{
     BudgetStatus, Denial, DenialReason, Grant, HoldId, MAX_CLAIMS, MAX_LEASE, Reservation,
