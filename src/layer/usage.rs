@@ -31,7 +31,9 @@ type AmountFn = dyn Fn(&Request<Bytes>) -> Result<u64, Rejection> + Send + Sync;
 ///
 /// The function reads the request as the layer's extractors do, so [`extract`](crate::extract)'s
 /// helpers work in it. For a usage read the body is empty: a budget that a usage endpoint shows
-/// reads only the request's head (its path, headers, query).
+/// reads only the request's head (its path, headers, query). It is synchronous: a limit that
+/// takes a call to another service to find is looked up in an extractor closure of its own (or
+/// kept in a table the function reads).
 ///
 /// ```
 /// use bytes::Bytes;
@@ -219,14 +221,24 @@ impl<St: Store, B> Service<Request<B>> for Usage<St> {
 }
 
 fn usage_response(status: &BudgetStatus) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({
-        "limit": status.limit,
-        "spent": status.spent,
-        "held": status.held,
-        "remaining": status.remaining,
-        "resets_at": status.resets_at_ms.map(rfc3339),
-    });
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    /// The members in the order a reader expects them.
+    #[derive(serde::Serialize)]
+    struct Body {
+        limit: u64,
+        spent: u64,
+        held: u64,
+        remaining: u64,
+        resets_at: Option<String>,
+    }
+    let body = serde_json::to_vec(&Body {
+        limit: status.limit,
+        spent: status.spent,
+        held: status.held,
+        remaining: status.remaining,
+        resets_at: status.resets_at_ms.map(rfc3339),
+    })
+    .expect("a usage document serializes");
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
     headers.insert(
