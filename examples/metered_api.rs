@@ -173,8 +173,7 @@ async fn run_job(hold: Hold, Json(job): Json<Job>) -> Result<Response, Rejection
         .budgets()
         .next()
         .expect("the jobs route spends credits");
-    let budget = budget.clone();
-    if hold.set_actual(&budget, cost).is_err() {
+    if hold.set_actual(budget, cost).is_err() {
         // Above what was reserved: refused, and the error response releases the hold.
         return Err(Rejection::new(
             StatusCode::UNPROCESSABLE_ENTITY,
