@@ -8,41 +8,43 @@
 //! ```
 //!
 //! `POST /tenants/{tenant}/jobs` spends CPU seconds against a daily quota (premium tenants get
-//! more); `POST /usernames` claims a username. `GET` routes are not reserved.
+//! more); `POST /usernames` claims a username; `GET /tenants/{tenant}/quota` shows the quota, read
+//! through the same [`BudgetOf`] the jobs route reserves by. `GET` routes are not reserved.
 
 use std::borrow::Cow;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
+use axum::routing::{get_service, post};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use tower_reserve::{
-    Budget, Claim, Extracted, Hold, MemoryStore, ReserveLayer, Store, Unique, Window, extract,
+    Budget, BudgetOf, Claim, Extracted, Hold, MemoryStore, ReserveLayer, Unique, Window, extract,
+    usage,
 };
 
-/// A per-key limit, as a read model would answer it.
-async fn daily_quota(tenant: &str) -> u64 {
-    tokio::task::yield_now().await;
-    if tenant.starts_with("premium-") {
-        36_000
-    } else {
-        3_600
-    }
+/// A tenant's daily quota of CPU seconds: the one place its key, limit and window are decided,
+/// for the jobs route and the quota read alike.
+fn cpu_quota() -> BudgetOf {
+    BudgetOf::new(|req: &Request<Bytes>| {
+        let tenant = extract::path_param(req, "tenant")?;
+        let limit = if tenant.starts_with("premium-") {
+            36_000
+        } else {
+            3_600
+        };
+        Ok(Budget::new(format!("cpu:{tenant}"), limit).per(Window::Day))
+    })
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = MemoryStore::new();
 
-    let jobs = ReserveLayer::new(store.clone(), |req: Request<Bytes>| async move {
-        let tenant = extract::path_param(&req, "tenant")?.to_owned();
-        let seconds: u64 = extract::json_pointer(&req, "/cpu_seconds")?;
-        let budget =
-            Budget::new(format!("cpu:{tenant}"), daily_quota(&tenant).await).per(Window::Day);
-        Extracted::Ok((req, vec![Claim::spend(budget, seconds)]))
-    })
+    let jobs = ReserveLayer::new(
+        store.clone(),
+        cpu_quota().spend(|req: &Request<Bytes>| extract::json_pointer(req, "/cpu_seconds")),
+    )
     .lease(Duration::from_secs(5));
 
     let usernames = ReserveLayer::new(store.clone(), |req: Request<Bytes>| async move {
@@ -55,25 +57,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = Router::new()
         .route(
             "/tenants/{tenant}/jobs",
-            post(|hold: axum::Extension<Hold>| async move {
-                (StatusCode::CREATED, format!("job accepted, {:?} seconds left today\n", hold.remaining()[0]))
+            post(|hold: Hold| async move {
+                let left = hold
+                    .budgets()
+                    .next()
+                    .and_then(|(b, _)| hold.remaining_of(b));
+                (
+                    StatusCode::CREATED,
+                    format!("job accepted, {left:?} seconds left today\n"),
+                )
             })
             .route_layer(jobs),
         )
-        .route("/usernames", post(|| async { (StatusCode::CREATED, "username taken for you\n") }).route_layer(usernames))
+        .route(
+            "/usernames",
+            post(|| async { (StatusCode::CREATED, "username taken for you\n") })
+                .route_layer(usernames),
+        )
         .route(
             "/tenants/{tenant}/quota",
-            get(|State(store): State<MemoryStore>, Path(tenant): Path<String>| async move {
-                let budget = Budget::new(format!("cpu:{tenant}"), daily_quota(&tenant).await).per(Window::Day);
-                match store.budget(&budget).await {
-                    Ok(s) => Ok(Json(serde_json::json!({
-                        "limit": s.limit, "spent": s.spent, "held": s.held, "remaining": s.remaining,
-                    }))),
-                    Err(e) => Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
-                }
-            }),
-        )
-        .with_state(store);
+            get_service(usage(store, cpu_quota())),
+        );
 
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3002".to_owned());
     let listener = tokio::net::TcpListener::bind(&addr).await?;

@@ -57,6 +57,65 @@
 //! # let _ = service;
 //! ```
 //!
+//! # A budget the route knows, shown to the client
+//!
+//! A [`BudgetOf`] decides a route's budget (its key, limit and window) from the request in one
+//! place. The claims spend from it ([`BudgetOf::spend`]) and [`usage`] answers its state, so a
+//! usage endpoint can never show another limit than the one the route enforces. A handler that
+//! learns what the work really cost commits that much ([`Hold::set_actual`]); the rest of what
+//! was held goes back in the same step. `examples/metered_api.rs` is the whole of it.
+//!
+//! ```
+//! use axum::{Json, Router, routing::{get_service, post}};
+//! use bytes::Bytes;
+//! use http::{Request, StatusCode};
+//! use tower_reserve::{
+//!     Budget, BudgetOf, Hold, MemoryStore, Rejection, ReserveLayer, Window, extract, usage,
+//! };
+//!
+//! // Each API key has 10 000 credits a month; no key is `401`.
+//! let credits = BudgetOf::new(|req: &Request<Bytes>| {
+//!     let key = extract::header(req, "x-api-key")
+//!         .map_err(|r| r.with_status(StatusCode::UNAUTHORIZED))?;
+//!     Ok(Budget::new(format!("credits:{key}"), 10_000).per(Window::Month))
+//! });
+//! let store = MemoryStore::new();
+//! // A job reserves the most it may cost...
+//! let jobs = ReserveLayer::new(
+//!     store.clone(),
+//!     credits.spend(|req: &Request<Bytes>| extract::json_pointer(req, "/max_cost")),
+//! )
+//! .remaining_headers(true);
+//! // ...and commits what it used.
+//! async fn run(hold: Hold, Json(job): Json<serde_json::Value>) -> Result<String, Rejection> {
+//!     let used = job["used"].as_u64().unwrap_or(0);
+//!     let (budget, held) = hold.budgets().next().expect("one budget");
+//!     hold.set_actual(budget, used).map_err(|_| {
+//!         Rejection::unprocessable(format!("used {used}, more than the {held} reserved"))
+//!     })?;
+//!     Ok(format!("{used} credits"))
+//! }
+//! let app: Router = Router::new()
+//!     .route("/jobs", post(run).route_layer(jobs))
+//!     .route("/usage", get_service(usage(store, credits)));
+//! ```
+//!
+//! # What clients are told
+//!
+//! Every refusal is a [`Rejection`], rendered as `application/problem+json` (RFC 9457) with a
+//! stable, plain `detail`. What the client sent is named (a missing header, the JSON pointer
+//! that found nothing, serde's description of the client's own JSON: `invalid type: string "x",
+//! expected u64 at line 1 column 12`), and nothing else: never a store's error (`redis: broken
+//! pipe`), which claim of the extractor's failed and why (`claim 0: an amount must be at least
+//! 1`), or a hold's id. Those go to the logs, through `tracing`, inside the request's span: a
+//! store that cannot be reached is a `503` with `Retry-After` and a warning, a commit that fails
+//! a `500` and a warning, claims that cannot be reserved a `422` and a debug line. A route that
+//! cannot read a path parameter its pattern does not have is the server's mistake: `500`.
+//!
+//! A helper's status is a default: [`Rejection::with_status`] gives a route its own (`401` for a
+//! missing API key, above). With the `axum` feature a `Rejection` is an axum response too, so
+//! `Result<_, Rejection>` is a handler's return type.
+//!
 //! # Layout
 //!
 //! The folders follow a request: request → claims → store → handler → settle.
@@ -69,7 +128,8 @@
 //! - `layer/`: [`extract`] (request → claims, [`ExtractClaims`], [`Routes`]), [`ReserveLayer`] and
 //!   [`Reserve`] (body within a limit, checks, reserve), [`ResponseFuture`] (the handler under
 //!   its lease, then settle), [`Hold`] (what the handler sees; the guard that releases on drop),
-//!   [`Rejection`] (every refusal as `application/problem+json`).
+//!   [`Rejection`] (every refusal as `application/problem+json`), [`BudgetOf`] and [`usage`] (a
+//!   route's budget in one place, and the read that shows it).
 //! - [`Error`]: one opaque error type with [`ErrorKind`] and `is_*` predicates.
 //! - [`policy`] (feature `policy`, on by default): limits as data; a policy file's routes turned
 //!   into the same [`ExtractClaims`], served by [`PolicyLayer`](policy::PolicyLayer).
@@ -123,10 +183,6 @@
 //!   idempotency keys (kept as long as [`Idempotency::keep_for`]), deferred holds. Memory follows
 //!   what is in flight, and what may be asked again, not history. Tombstones and refunds' records
 //!   are kept for their own retention.
-//! - **What a limit belongs to.** A limit is not stored: it travels with each claim, and each
-//!   claim is checked against its own. Two routes that use one budget key with different limits
-//!   share one counter and each checks its own limit. Give each budget its limit in one place
-//!   (one function that builds the [`Budget`], or a [`policy`] file).
 //! - **Input** is checked before anything is written: amounts and limits are integer minor units,
 //!   1 to 2^53 - 1 (exact in Lua's doubles); keys 1 to 512 bytes; at most 64 claims, two of which
 //!   may not target one key.
@@ -151,6 +207,41 @@
 //! again, from the store, in every process that shares it; `409` while the first is in flight,
 //! `422` for a key reused with another body. [`Idempotency`] lists the IETF draft's requirements
 //! one by one against what the layer does.
+//!
+//! ## What a limit belongs to
+//!
+//! A budget's limit is not stored: it travels with each claim, and each reserve checks the
+//! claim's own limit against what is spent and held on the budget's key and window. So two
+//! routes that name one key (and window) with different limits share one counter, and each
+//! checks its own limit against it: with `Budget::new("acme", 500)` on one route and
+//! `Budget::new("acme", 1_000)` on another, after 600 spent the first refuses everything and the
+//! second grants up to 400 more. That is what lets a limit change (a plan upgraded) take effect
+//! on the next request with nothing to migrate; it is a surprise when two places build the same
+//! key's budget differently. Build each key's budget in one place: one function (or one
+//! [`BudgetOf`], or one [`policy`] rule) used by every route that spends from it and by whatever
+//! shows it ([`usage`], [`policy::Policy::budgets_of`]). The windows are part of the budget's
+//! identity: `acme` per day and `acme` for all time are two counters.
+//!
+//! ```
+//! use tower_reserve::{Budget, Claim, MemoryStore, Reservation, Reserved, Store};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_reserve::Error> {
+//! let store = MemoryStore::new();
+//! let spend = |limit, amount| {
+//!     Reservation::builder()
+//!         .claim(Claim::spend(Budget::new("acme", limit), amount))
+//!         .build()
+//! };
+//! let held = store.reserve(&spend(1_000, 600)?).await?;
+//! let Reserved::Granted(grant) = held else { unreachable!() };
+//! store.commit(&grant.id).await?;
+//! // One counter, each claim's own limit.
+//! assert!(matches!(store.reserve(&spend(500, 1)?).await?, Reserved::Denied(_)));
+//! assert!(matches!(store.reserve(&spend(1_000, 400)?).await?, Reserved::Granted(_)));
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # Redis
 //!
@@ -201,6 +292,11 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+// The README's Rust blocks are compiled with the doc tests, so what it shows keeps building.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 mod claim;
 mod error;
 mod layer;
@@ -215,9 +311,9 @@ pub use claim::{
 };
 pub use error::{Error, ErrorKind};
 pub use layer::{
-    ACTUAL_HEADER, Actual, DEFAULT_BODY_LIMIT, Disconnect, ExtractClaims, Extracted, Hold,
-    Idempotency, PROBLEM_TYPES, Rejection, RejectionKind, RequestBody, Reserve, ReserveLayer,
-    ResponseBody, ResponseFuture, Routes, Validate, extract,
+    ACTUAL_HEADER, Actual, BudgetOf, DEFAULT_BODY_LIMIT, Disconnect, ExtractClaims, Extracted,
+    Hold, Idempotency, PROBLEM_TYPES, Rejection, RejectionKind, RequestBody, Reserve, ReserveLayer,
+    ResponseBody, ResponseFuture, Routes, Spend, Usage, Validate, extract, usage,
 };
 pub use reservation::{
     BudgetStatus, Denial, DenialReason, Grant, HoldId, MAX_CLAIMS, MAX_LEASE, Reservation,

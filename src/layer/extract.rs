@@ -1,4 +1,31 @@
 //! Request → claims: the strategy that works out what a request needs, and building blocks for it.
+//!
+//! # What the client is told
+//!
+//! Each helper answers a [`Rejection`] the client may see: `400` for a missing header, query or
+//! path parameter, `415` for a body that is not JSON, `400` for malformed JSON, `422` for JSON of
+//! the wrong shape. Their details name only what the client sent or should have sent (the
+//! header's name, the JSON pointer); a JSON error keeps serde's words, which describe the
+//! client's own input (`invalid type: string "x", expected u64 at line 1 column 12`). Nothing of
+//! the server's internals (a store's error, which claim of the extractor failed) ever goes into a
+//! client's problem: those go to the logs.
+//!
+//! The status is the helper's choice; the route may choose another with
+//! [`Rejection::with_status`], e.g. `401` for a missing API key:
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, StatusCode};
+//! use tower_reserve::{Budget, Claim, Extracted, MemoryStore, ReserveLayer, extract};
+//!
+//! let layer = ReserveLayer::new(MemoryStore::new(), |req: Request<Bytes>| async move {
+//!     let key = extract::header(&req, "x-api-key")
+//!         .map_err(|r| r.with_status(StatusCode::UNAUTHORIZED))?
+//!         .to_owned();
+//!     Extracted::Ok((req, vec![Claim::spend(Budget::new(key, 1_000), 1)]))
+//! });
+//! # let _ = layer;
+//! ```
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -6,7 +33,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Request, header};
+use http::{Method, Request, StatusCode, header};
 use serde::Deserialize;
 use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -241,7 +268,10 @@ fn route_pattern<B>(request: &Request<B>) -> Option<&str> {
 }
 
 /// The path segment named `{name}` in the route pattern the request matched (from [`Routes`] or
-/// axum's `MatchedPath`).
+/// axum's `MatchedPath`); `400` when the segment is empty.
+///
+/// A route that knows no pattern, or whose pattern has no `{name}`, is the server's mistake, not
+/// the client's: `500`, with a plain detail for the client and the cause in the logs.
 ///
 /// ```
 /// use http::Request;
@@ -250,30 +280,37 @@ fn route_pattern<B>(request: &Request<B>) -> Option<&str> {
 /// let mut req = Request::post("/customers/c-42/purchases").body(()).unwrap();
 /// req.extensions_mut().insert(RoutePattern("/customers/{id}/purchases".into()));
 /// assert_eq!(path_param(&req, "id").unwrap(), "c-42");
+/// assert_eq!(path_param(&req, "order").unwrap_err().status(), 500);
 /// ```
 pub fn path_param<'a, B>(request: &'a Request<B>, name: &str) -> Result<&'a str, Rejection> {
+    let misconfigured = |why: &str| {
+        tracing::error!(parameter = name, path = request.uri().path(), "{why}");
+        Rejection::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal server error",
+            "the server could not read this route's parameters",
+        )
+    };
     let pattern = route_pattern(request).ok_or_else(|| {
-        Rejection::bad_request(format!(
-            "no route pattern is known to read the path parameter {name:?}"
-        ))
+        misconfigured("no route pattern is known to read the path parameter from (use Routes or axum's routing)")
     })?;
     let wanted = format!("{{{name}}}");
     let index = pattern
         .split('/')
         .position(|segment| segment == wanted)
-        .ok_or_else(|| {
-            Rejection::bad_request(format!("the route has no path parameter {name:?}"))
-        })?;
+        .ok_or_else(|| misconfigured("the route's pattern has no such path parameter"))?;
     request
         .uri()
         .path()
         .split('/')
         .nth(index)
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| Rejection::bad_request(format!("the path parameter {name:?} is missing")))
+        .ok_or_else(|| Rejection::bad_request(format!("the path parameter {name} is missing")))
 }
 
-/// A header's value as text; `400` when it is missing or not visible ASCII.
+/// A header's value as text; `400` when it is missing or not visible ASCII. Another status for
+/// the route (`401` for a missing API key) is one [`Rejection::with_status`] away:
+/// `extract::header(&req, "x-api-key").map_err(|r| r.with_status(StatusCode::UNAUTHORIZED))?`.
 pub fn header<'a, B>(request: &'a Request<B>, name: &str) -> Result<&'a str, Rejection> {
     request
         .headers()

@@ -18,6 +18,7 @@ mod rejection;
 mod remaining;
 mod service;
 mod settle;
+mod usage;
 
 pub use self::body::RequestBody;
 pub use self::extract::{ExtractClaims, Extracted, Routes};
@@ -27,3 +28,4 @@ pub use self::layer::{DEFAULT_BODY_LIMIT, Disconnect, ReserveLayer, Validate};
 pub use self::rejection::{PROBLEM_TYPES, Rejection, RejectionKind};
 pub use self::service::Reserve;
 pub use self::settle::{ACTUAL_HEADER, Actual, Hold};
+pub use self::usage::{BudgetOf, Spend, Usage, usage};

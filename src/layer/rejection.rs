@@ -243,12 +243,15 @@ impl Rejection {
         r
     }
 
+    /// `500`: the handler succeeded but its hold could not be committed. The store's error goes
+    /// to the logs, never to the client.
     pub(crate) fn commit_failed(err: &Error) -> Self {
+        tracing::warn!(error = %err, "the handler succeeded but its hold could not be committed");
         Self::of(
             RejectionKind::CommitFailed,
             StatusCode::INTERNAL_SERVER_ERROR,
             "Commit failed",
-            format!("the handler succeeded but its reservation could not be committed: {err}"),
+            "the handler succeeded but its reservation could not be committed",
         )
     }
 
@@ -317,8 +320,13 @@ impl Rejection {
         )
     }
 
+    /// `422`: the claims worked out from the request cannot be reserved (an amount of zero or
+    /// above [`MAX_AMOUNT`](crate::MAX_AMOUNT), an empty or over-long key, ...). Which claim and
+    /// why is internal (the claims are the extractor's, not the client's), so it goes to the
+    /// logs; the client gets one stable detail.
     pub(crate) fn invalid_claims(err: &Error) -> Self {
-        Self::unprocessable(err.to_string())
+        tracing::debug!(error = %err, "the request's claims cannot be reserved");
+        Self::unprocessable("the request asks for an amount or a value that cannot be reserved")
     }
 
     pub(crate) fn denied(key: String, namespace: String, reason: &DenialReason) -> Self {
@@ -380,8 +388,30 @@ impl Rejection {
         self
     }
 
-    /// Sets the `status`.
+    /// Sets the `status`. A problem of type `about:blank` whose title is its status's phrase
+    /// (the [`extract`](crate::extract) helpers' `400`, say) takes the new status's phrase as its
+    /// title, as RFC 9457 asks of `about:blank`; any other title stays.
+    ///
+    /// ```
+    /// use http::{Request, StatusCode};
+    /// use tower_reserve::extract;
+    ///
+    /// let req = Request::get("/usage").body(()).unwrap();
+    /// // A missing header is `400`; an API key route answers `401`.
+    /// let r = extract::header(&req, "x-api-key")
+    ///     .map_err(|r| r.with_status(StatusCode::UNAUTHORIZED))
+    ///     .unwrap_err();
+    /// assert_eq!(r.status(), 401);
+    /// assert_eq!(r.title(), "Unauthorized");
+    /// assert_eq!(r.detail(), "the header x-api-key is missing");
+    /// ```
     pub fn with_status(mut self, status: StatusCode) -> Self {
+        if self.0.type_uri == "about:blank"
+            && phrase(self.0.status).is_some_and(|p| self.0.title.eq_ignore_ascii_case(&p))
+            && let Some(title) = phrase(status)
+        {
+            self.0.title = Cow::Owned(title);
+        }
         self.0.status = status;
         self
     }
@@ -457,6 +487,54 @@ impl Rejection {
         }
         response
     }
+}
+
+/// With the `axum` feature, a rejection is an axum response: the same problem document as
+/// [`Rejection::into_response`], `Retry-After` included. So `Result<_, Rejection>` is a handler's
+/// return type, and `?` works on [`extract`](crate::extract)'s helpers in a handler.
+///
+/// ```
+/// use axum::extract::Request;
+/// use axum::http::StatusCode;
+/// use axum::response::{IntoResponse, Response};
+/// use tower_reserve::{Rejection, extract};
+///
+/// async fn handler(req: Request) -> Result<Response, Rejection> {
+///     // A missing header is `400`; this route says `401`.
+///     let key = extract::header(&req, "x-api-key")
+///         .map_err(|r| r.with_status(StatusCode::UNAUTHORIZED))?;
+///     Ok((StatusCode::OK, format!("{} bytes of key", key.len())).into_response())
+/// }
+/// let _: axum::routing::MethodRouter = axum::routing::get(handler);
+/// ```
+#[cfg(feature = "axum")]
+impl axum::response::IntoResponse for Rejection {
+    fn into_response(self) -> axum::response::Response {
+        Rejection::into_response(self).map(axum::body::Body::new)
+    }
+}
+
+/// A status's phrase as this crate writes titles: in sentence case ("Bad request"), words in
+/// capitals kept ("HTTP version not supported"); `422` by its RFC 9110 name.
+fn phrase(status: StatusCode) -> Option<String> {
+    let reason = match status {
+        StatusCode::UNPROCESSABLE_ENTITY => "Unprocessable Content",
+        _ => status.canonical_reason()?,
+    };
+    let mut out = String::with_capacity(reason.len());
+    for (i, word) in reason.split(' ').enumerate() {
+        if i > 0 {
+            out.push(' ');
+            if word.len() > 1 && word.bytes().all(|b| b.is_ascii_uppercase()) {
+                out.push_str(word);
+            } else {
+                out.push_str(&word.to_ascii_lowercase());
+            }
+        } else {
+            out.push_str(word);
+        }
+    }
+    Some(out)
 }
 
 impl std::fmt::Display for Rejection {

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::model::{BudgetRule, Normalize, Number, Table, UniqueRule};
 use super::template::scalar_text;
 use super::{Policy, PolicyError, Route};
-use crate::{Budget, Claim, ExtractClaims, Extracted, MAX_AMOUNT, Rejection, Unique};
+use crate::{Budget, BudgetOf, Claim, ExtractClaims, Extracted, MAX_AMOUNT, Rejection, Unique};
 
 /// The claims of one policy route, as an [`ExtractClaims`]: what [`PolicyLayer`](super::PolicyLayer)
 /// puts behind each route, and what a [`Routes`](crate::Routes) table takes beside closures.
@@ -78,6 +78,42 @@ impl Policy {
             })
             .collect())
     }
+
+    /// The budgets the route `method pattern` spends from, each as a [`BudgetOf`], once the
+    /// policy is [validated](Policy::validate): what a usage endpoint shows a client, from the
+    /// very rules the route reserves by. Refused when the policy does not validate or has no
+    /// such route.
+    ///
+    /// The key and the limit are read from the usage request as the route reads them from its
+    /// own: a `{path.NAME}` placeholder needs a parameter of that name in the usage route's
+    /// pattern, and a `{body./pointer}` cannot be read (a usage request has no body).
+    ///
+    /// ```
+    /// use http::Method;
+    /// use tower_reserve::{MemoryStore, usage};
+    /// use tower_reserve::policy::Policy;
+    ///
+    /// let policy = Policy::from_toml(r#"
+    ///     [[route]]
+    ///     method = "POST"
+    ///     path = "/keys/{key}/calls"
+    ///     [[route.budget]]
+    ///     key = "calls:{path.key}"
+    ///     amount = 1
+    ///     limit = 1000
+    ///     window = "day"
+    /// "#).unwrap();
+    /// let calls = policy.budgets_of(&Method::POST, "/keys/{key}/calls").unwrap().remove(0);
+    /// let app: axum::Router = axum::Router::new()
+    ///     .route_service("/keys/{key}/usage", usage(MemoryStore::new(), calls));
+    /// ```
+    pub fn budgets_of(&self, method: &Method, pattern: &str) -> Result<Vec<BudgetOf>, PolicyError> {
+        self.route_claims()?
+            .into_iter()
+            .find(|(m, p, _)| m == method && p == pattern)
+            .map(|(_, _, claims)| claims.budgets())
+            .ok_or_else(|| PolicyError::new(format!("the policy has no route {method} {pattern}")))
+    }
 }
 
 impl RouteClaims {
@@ -91,15 +127,26 @@ impl RouteClaims {
         }
     }
 
+    /// The budgets the route spends from, in the policy's order, each as a [`BudgetOf`]: its key,
+    /// limit and window worked out from a request exactly as the route's claims work them out.
+    /// For a usage read of the route's budget ([`usage`](crate::usage)), without writing the
+    /// budget a second time; see [`Policy::budgets_of`].
+    pub fn budgets(&self) -> Vec<BudgetOf> {
+        (0..self.inner.budgets.len())
+            .map(|i| {
+                let rules = self.inner.clone();
+                BudgetOf::new(move |request| rules.budget(&rules.budgets[i], request))
+            })
+            .collect()
+    }
+
     /// The claims of `request`, budgets first, each in the policy's order.
     fn claims(&self, request: &Request<Bytes>) -> Result<Vec<Claim>, Rejection> {
         let rules = &*self.inner;
         let mut claims = Vec::with_capacity(rules.budgets.len() + rules.uniques.len());
         for rule in &rules.budgets {
-            let key = rule.key().render(request)?;
-            let limit = rules.number(rule.limit(), request)?;
+            let budget = rules.budget(rule, request)?;
             let amount = rules.number(rule.amount(), request)?;
-            let budget = Budget::new(key, limit).per(rule.window());
             claims.push(Claim::spend(budget, amount));
         }
         for rule in &rules.uniques {
@@ -120,6 +167,13 @@ impl RouteClaims {
 }
 
 impl Rules {
+    /// The budget `rule` names for `request`: key, limit and window.
+    fn budget(&self, rule: &BudgetRule, request: &Request<Bytes>) -> Result<Budget, Rejection> {
+        let key = rule.key().render(request)?;
+        let limit = self.number(rule.limit(), request)?;
+        Ok(Budget::new(key, limit).per(rule.window()))
+    }
+
     fn table(&self, name: &str) -> &Table {
         // Validation made sure every table named exists.
         self.tables.get(name).expect("a validated policy's table")

@@ -333,6 +333,54 @@ async fn limits_are_fixed_read_or_looked_up() {
 }
 
 #[tokio::test]
+async fn a_routes_budgets_are_the_ones_its_claims_spend_from() {
+    let policy = Policy::from_toml(&documented_example()).unwrap();
+    let budgets = policy.budgets_of(&http::Method::POST, "/v1/jobs").unwrap();
+    assert_eq!(budgets.len(), 2);
+    let req = || {
+        Request::post("/v1/jobs?tenant=t1")
+            .header("x-api-key", "key-9")
+            .header("x-job-cost", "25")
+            .header("x-plan", "pro")
+            .header("x-org-call-limit", "600")
+            .header("content-type", "application/json")
+            .body(Bytes::from_static(br#"{"org": {"id": 77}}"#))
+            .unwrap()
+    };
+    let claims = claims_of(&route_claims(&policy, 3), req()).await.unwrap();
+    for (budget_of, claim) in budgets.iter().zip(&claims) {
+        let Claim::Spend { budget, .. } = claim else {
+            panic!("a budget claim: {claim:?}");
+        };
+        let of = budget_of.budget(&req()).unwrap();
+        assert_eq!(&of, budget);
+        assert_eq!(of.limit(), budget.limit());
+    }
+    // A usage request: its head only. The first budget reads the head; the second its body.
+    let head = Request::get("/usage?tenant=t1")
+        .header("x-api-key", "key-9")
+        .header("x-plan", "free")
+        .body(Bytes::new())
+        .unwrap();
+    assert_eq!(
+        budgets[0].budget(&head).unwrap(),
+        crate::Budget::new("tenant:t1:key-9", 1000).per(Window::Day)
+    );
+    assert_eq!(budgets[1].budget(&head).unwrap_err().status(), 415);
+    // A route the policy does not have, or a policy that does not validate.
+    let err = policy
+        .budgets_of(&http::Method::GET, "/v1/jobs")
+        .unwrap_err();
+    assert!(err.message().contains("no route GET /v1/jobs"), "{err}");
+    assert!(
+        Policy::new()
+            .route(Route::new(http::Method::POST, "nope"))
+            .budgets_of(&http::Method::POST, "nope")
+            .is_err()
+    );
+}
+
+#[tokio::test]
 async fn unique_values_are_normalized_and_owned_or_released() {
     let policy = Policy::from_toml(&documented_example()).unwrap();
     let change = route_claims(&policy, 2);

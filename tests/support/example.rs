@@ -1,0 +1,130 @@
+//! Any compiled example as a child process on a free loopback port, for end-to-end tests over
+//! HTTP.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use reqwest::Client;
+
+/// The binary of example `name`, built once per test run (cheap when it is up to date), in the
+/// profile the tests run in.
+pub fn example_binary(name: &str) -> PathBuf {
+    static BINARIES: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BINARIES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(binary) = built.get(name) {
+        return binary.clone();
+    }
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/examples/<name>
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let mut build = Command::new(env!("CARGO"));
+    build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+        "build",
+        "--quiet",
+        "--all-features",
+        "--example",
+        name,
+    ]);
+    if release {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo build --example");
+    assert!(status.success(), "cargo build --example {name} failed");
+    let binary = profile_dir
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(binary.exists(), "no example binary at {}", binary.display());
+    built.insert(name.to_owned(), binary.clone());
+    binary
+}
+
+/// One running example; killed when dropped.
+pub struct Example {
+    child: Child,
+    /// `http://127.0.0.1:<port>`, from its `listening on` line.
+    pub base: String,
+    /// What it printed before it listened (the store it uses, say).
+    pub before: Vec<String>,
+}
+
+impl Example {
+    /// Starts example `name` with `addr_var` set to a free loopback port (`127.0.0.1:0`) and
+    /// these variables, and waits (at most 60 s) for its `listening on <url>` line.
+    pub fn start(name: &str, addr_var: &str, env: &[(&str, &str)]) -> Example {
+        let mut command = Command::new(example_binary(name));
+        command
+            .env_remove("REDIS_URL")
+            .env_remove("REDIS_CLUSTER_URLS")
+            .env(addr_var, "127.0.0.1:0")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start the example");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            // Keeps draining stdout for the process's whole life.
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut before = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => match line.strip_prefix("listening on ") {
+                    Some(url) => {
+                        return Example {
+                            child,
+                            base: url.trim().to_owned(),
+                            before,
+                        };
+                    }
+                    None => before.push(line),
+                },
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("{name} did not say it was listening within 60 s: {before:?}");
+                }
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Example {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client with a bounded timeout, and enough connections for a crowd.
+pub fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("a reqwest client")
+}
