@@ -126,9 +126,9 @@ use serde_json::json;
 use sha2::Sha256;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_reserve::{
-    Budget, Claim, Disconnect, Extracted, Hold, HoldId, Idempotency, MAX_RETAIN, MemoryStore,
-    RedisStore, Refund, Rejection, RejectionKind, Reservation, ReserveLayer, Reserved, Store,
-    Unique, extract, normalize_email,
+    Budget, BudgetOf, Claim, Disconnect, Extracted, Hold, HoldId, Idempotency, MAX_RETAIN,
+    MemoryStore, RedisStore, Refund, Rejection, RejectionKind, Reservation, ReserveLayer, Reserved,
+    Store, Unique, extract, normalize_email,
 };
 
 /// The configuration read from the environment.
@@ -164,22 +164,11 @@ const MAX_PRODUCT: u64 = 10_000;
 // ---------------------------------------------------------------------------------------------
 // Problems (RFC 9457)
 
-fn problem(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Response {
-    Rejection::new(status, title, detail.into())
-        .into_response()
-        .into_response()
-}
+// Handlers answer `Result<Response, Rejection>`: a `Rejection` is an axum response, the same
+// problem document the layer answers with.
 
-fn not_found(detail: impl Into<String>) -> Response {
-    problem(StatusCode::NOT_FOUND, "Not found", detail)
-}
-
-fn unprocessable(detail: impl Into<String>) -> Response {
-    problem(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "Unprocessable content",
-        detail,
-    )
+fn not_found(detail: impl Into<String>) -> Rejection {
+    Rejection::new(StatusCode::NOT_FOUND, "Not found", detail.into())
 }
 
 /// Renders the layer's rejections; over-budget answers carry `requested_cents` and
@@ -254,7 +243,7 @@ async fn problems_everywhere(response: Response) -> Response {
     Response::from_parts(parts, Body::from(body))
 }
 
-async fn fallback() -> Response {
+async fn fallback() -> Rejection {
     not_found("no such resource")
 }
 
@@ -425,8 +414,24 @@ fn param<B>(req: &Request<B>, name: &str) -> String {
     extract::path_param(req, name).unwrap_or("").to_owned()
 }
 
-fn customer_budget(customer_id: &str, cfg: &Config) -> Budget {
-    Budget::new(format!("customer:{customer_id}"), cfg.budget_cents)
+/// A customer's budget, from the `{customer_id}` of the request's path: the one place it is
+/// built, for the purchases that spend from it, the budget read and cancellations.
+fn customer_budgets(cfg: &Config) -> BudgetOf {
+    let limit = cfg.budget_cents;
+    BudgetOf::new(move |req: &Request<Bytes>| {
+        let customer_id = extract::path_param(req, "customer_id")?;
+        if !valid_customer_id(customer_id) {
+            return Err(Rejection::unprocessable(
+                "a customer id is 1 to 64 characters of [A-Za-z0-9_-]",
+            ));
+        }
+        Ok(Budget::new(format!("customer:{customer_id}"), limit))
+    })
+}
+
+/// The budget the head of a request names (a read or a cancellation has no body to give).
+fn budget_of_head(budgets: &BudgetOf, head: http::request::Parts) -> Result<Budget, Rejection> {
+    budgets.budget(&Request::from_parts(head, Bytes::new()))
 }
 
 /// What the purchase extractor worked out, for the handler.
@@ -479,11 +484,7 @@ fn checked_email(raw: &str) -> Result<String, Rejection> {
 }
 
 fn account_missing(id: &str) -> Rejection {
-    Rejection::new(
-        StatusCode::NOT_FOUND,
-        "Not found",
-        format!("there is no account {id:?}"),
-    )
+    not_found(format!("there is no account {id:?}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -493,6 +494,7 @@ fn account_missing(id: &str) -> Rejection {
 struct AppState<St> {
     store: St,
     cfg: Arc<Config>,
+    budgets: BudgetOf,
     accounts: Accounts,
     purchase_ids: PurchaseIds,
 }
@@ -503,17 +505,15 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
     let cfg = Arc::new(cfg);
     let accounts: Accounts = Arc::default();
 
+    let budgets = customer_budgets(&cfg);
+
     let purchase_layer = {
-        let shared = cfg.clone();
+        let budgets = budgets.clone();
         ReserveLayer::new(store.clone(), move |mut req: Request<Bytes>| {
-            let cfg = shared.clone();
+            let budget = budgets.budget(&req);
             async move {
+                let budget = budget?;
                 let customer_id = param(&req, "customer_id");
-                if !valid_customer_id(&customer_id) {
-                    return Err(Rejection::unprocessable(
-                        "a customer id is 1 to 64 characters of [A-Za-z0-9_-]",
-                    ));
-                }
                 let body: PurchaseBody = extract::json(&req)?;
                 if body.product_ids.is_empty() || body.product_ids.len() > MAX_ITEMS {
                     return Err(Rejection::unprocessable(format!(
@@ -531,7 +531,6 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
                         .checked_add(p)
                         .ok_or_else(|| Rejection::unprocessable("the amount is too large"))?;
                 }
-                let budget = customer_budget(&customer_id, &cfg);
                 let claim = Claim::spend(budget.clone(), amount);
                 req.extensions_mut().insert(Purchase {
                     customer_id,
@@ -628,6 +627,7 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
     let state = AppState {
         store,
         cfg,
+        budgets,
         accounts,
         purchase_ids: PurchaseIds {
             key: Arc::new(purchase_id_key),
@@ -672,14 +672,14 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
         .layer(axum::middleware::map_response(problems_everywhere))
 }
 
-/// Acts on `X-Simulate` (when faults are on): `Some(response)` when the handler must answer so.
-async fn simulate(cfg: &Config, headers: &HeaderMap) -> Option<Response> {
-    if !cfg.faults {
-        return None;
-    }
-    let value = headers.get("x-simulate")?.to_str().ok()?.trim().to_owned();
+/// Acts on `X-Simulate` (when faults are on): `Err` when the handler must answer so.
+async fn simulate(cfg: &Config, headers: &HeaderMap) -> Result<(), Rejection> {
+    let value = match headers.get("x-simulate").map(|v| v.to_str()) {
+        Some(Ok(value)) if cfg.faults => value.trim().to_owned(),
+        _ => return Ok(()),
+    };
     if value == "decline" {
-        return Some(problem(
+        return Err(Rejection::new(
             StatusCode::PAYMENT_REQUIRED,
             "Payment declined",
             "the payment was declined (simulated); nothing was kept",
@@ -692,20 +692,16 @@ async fn simulate(cfg: &Config, headers: &HeaderMap) -> Option<Response> {
         match ms.trim().parse::<u64>() {
             Ok(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
             Err(_) => {
-                return Some(problem(
-                    StatusCode::BAD_REQUEST,
-                    "Bad request",
-                    format!("X-Simulate: sleep={ms} is not a number of milliseconds"),
-                ));
+                return Err(Rejection::bad_request(format!(
+                    "X-Simulate: sleep={ms} is not a number of milliseconds"
+                )));
             }
         }
-        return None;
+        return Ok(());
     }
-    Some(problem(
-        StatusCode::BAD_REQUEST,
-        "Bad request",
-        format!("unknown X-Simulate value {value:?}: use decline, panic or sleep=MS"),
-    ))
+    Err(Rejection::bad_request(format!(
+        "unknown X-Simulate value {value:?}: use decline, panic or sleep=MS"
+    )))
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -717,10 +713,8 @@ async fn purchase<St: Store>(
     hold: Hold,
     Extension(purchase): Extension<Purchase>,
     headers: HeaderMap,
-) -> Response {
-    if let Some(response) = simulate(&state.cfg, &headers).await {
-        return response;
-    }
+) -> Result<Response, Rejection> {
+    simulate(&state.cfg, &headers).await?;
     let remaining = hold.remaining_of(&purchase.budget).unwrap_or(0);
     let purchase_id = state
         .purchase_ids
@@ -731,98 +725,79 @@ async fn purchase<St: Store>(
         "amount_cents": purchase.amount_cents,
         "remaining_cents": remaining,
     });
-    (StatusCode::CREATED, Json(body)).into_response()
+    Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-async fn budget<St: Store>(State(state): State<AppState<St>>, req: Request<Body>) -> Response {
-    let customer_id = param(&req, "customer_id");
-    if !valid_customer_id(&customer_id) {
-        return unprocessable("a customer id is 1 to 64 characters of [A-Za-z0-9_-]");
-    }
-    match state
-        .store
-        .budget(&customer_budget(&customer_id, &state.cfg))
-        .await
-    {
-        Ok(status) => Json(json!({
-            "limit_cents": status.limit,
-            "spent_cents": status.spent,
-            "held_cents": status.held,
-            "remaining_cents": status.remaining,
-        }))
-        .into_response(),
-        Err(err) => store_failed(&err),
-    }
+async fn budget<St: Store>(
+    State(state): State<AppState<St>>,
+    head: http::request::Parts,
+) -> Result<Response, Rejection> {
+    let budget = budget_of_head(&state.budgets, head)?;
+    let status = state.store.budget(&budget).await.map_err(store_failed)?;
+    Ok(Json(json!({
+        "limit_cents": status.limit,
+        "spent_cents": status.spent,
+        "held_cents": status.held,
+        "remaining_cents": status.remaining,
+    }))
+    .into_response())
 }
 
 /// A store error as a problem: `503` with `Retry-After` when the store could not be reached, `500`
 /// otherwise; the error's own text goes to the log only.
-fn store_failed(err: &tower_reserve::Error) -> Response {
-    if !err.is_unavailable() {
-        tracing::error!(error = %err, "the store refused a call");
-        return problem(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Internal server error",
-            "the request could not be completed",
-        );
+fn store_failed(err: tower_reserve::Error) -> Rejection {
+    if err.is_unavailable() {
+        tracing::warn!(error = %err, "the store is unavailable");
+        return Rejection::unavailable(1);
     }
-    tracing::warn!(error = %err, "the store is unavailable");
-    let mut response = problem(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "Reservation store unavailable",
-        "the reservation store cannot be reached; try again shortly",
-    );
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    response
+    tracing::error!(error = %err, "the store refused a call");
+    Rejection::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Internal server error",
+        "the request could not be completed",
+    )
 }
 
 /// Cancels a purchase: its amount goes back to the budget, once.
 async fn cancel<St: Store>(
     State(state): State<AppState<St>>,
     Path((customer_id, purchase_id)): Path<(String, String)>,
-) -> Response {
-    if !valid_customer_id(&customer_id) {
-        return unprocessable("a customer id is 1 to 64 characters of [A-Za-z0-9_-]");
-    }
-    let Some(amount_cents) = state.purchase_ids.amount(&customer_id, &purchase_id) else {
-        return not_found(format!(
-            "customer {customer_id:?} has no purchase {purchase_id:?}"
-        ));
-    };
-    let budget = customer_budget(&customer_id, &state.cfg);
-    let cancelled = cancel_once(
+    head: http::request::Parts,
+) -> Result<Response, Rejection> {
+    let budget = budget_of_head(&state.budgets, head)?;
+    let amount_cents = state
+        .purchase_ids
+        .amount(&customer_id, &purchase_id)
+        .ok_or_else(|| {
+            not_found(format!(
+                "customer {customer_id:?} has no purchase {purchase_id:?}"
+            ))
+        })?;
+    cancel_once(
         &state.store,
         &budget,
         &customer_id,
         &purchase_id,
         amount_cents,
     )
-    .await;
-    if let Err(err) = cancelled {
-        return store_failed(&err);
-    }
-    match state.store.budget(&budget).await {
-        Ok(status) => Json(json!({
-            "purchase_id": purchase_id,
-            "customer_id": customer_id,
-            "refunded_cents": amount_cents,
-            "remaining_cents": status.remaining,
-        }))
-        .into_response(),
-        Err(err) => store_failed(&err),
-    }
+    .await
+    .map_err(store_failed)?;
+    let status = state.store.budget(&budget).await.map_err(store_failed)?;
+    Ok(Json(json!({
+        "purchase_id": purchase_id,
+        "customer_id": customer_id,
+        "refunded_cents": amount_cents,
+        "remaining_cents": status.remaining,
+    }))
+    .into_response())
 }
 
 async fn sign_up<St: Store>(
     State(state): State<AppState<St>>,
     Extension(sign_up): Extension<SignUp>,
     headers: HeaderMap,
-) -> Response {
-    if let Some(response) = simulate(&state.cfg, &headers).await {
-        return response;
-    }
+) -> Result<Response, Rejection> {
+    simulate(&state.cfg, &headers).await?;
     let account = Account {
         email: sign_up.email,
         name: sign_up.name,
@@ -833,48 +808,43 @@ async fn sign_up<St: Store>(
         .lock()
         .expect("accounts lock")
         .insert(sign_up.account_id, account);
-    (StatusCode::CREATED, Json(body)).into_response()
+    Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
 async fn get_account<St: Store>(
     State(state): State<AppState<St>>,
     Path(account_id): Path<String>,
-) -> Response {
+) -> Result<Response, Rejection> {
     let accounts = state.accounts.lock().expect("accounts lock");
-    match accounts.get(&account_id) {
-        Some(account) => Json(account_json(&account_id, account)).into_response(),
-        None => not_found(format!("there is no account {account_id:?}")),
-    }
+    let account = accounts
+        .get(&account_id)
+        .ok_or_else(|| account_missing(&account_id))?;
+    Ok(Json(account_json(&account_id, account)).into_response())
 }
 
 async fn change_email<St: Store>(
     State(state): State<AppState<St>>,
     Extension(change): Extension<EmailChange>,
-) -> Response {
+) -> Result<Response, Rejection> {
     let mut accounts = state.accounts.lock().expect("accounts lock");
-    match accounts.get_mut(&change.account_id) {
-        Some(account) => {
-            account.email = change.email;
-            Json(account_json(&change.account_id, account)).into_response()
-        }
-        None => not_found(format!("there is no account {:?}", change.account_id)),
-    }
+    let account = accounts
+        .get_mut(&change.account_id)
+        .ok_or_else(|| account_missing(&change.account_id))?;
+    account.email = change.email;
+    Ok(Json(account_json(&change.account_id, account)).into_response())
 }
 
 async fn delete_account<St: Store>(
     State(state): State<AppState<St>>,
-    req: Request<Body>,
-) -> Response {
-    let account_id = param(&req, "account_id");
-    match state
+    Path(account_id): Path<String>,
+) -> Result<StatusCode, Rejection> {
+    state
         .accounts
         .lock()
         .expect("accounts lock")
         .remove(&account_id)
-    {
-        Some(_) => StatusCode::NO_CONTENT.into_response(),
-        None => not_found(format!("there is no account {account_id:?}")),
-    }
+        .ok_or_else(|| account_missing(&account_id))?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1484,6 +1484,46 @@ async fn racing_sends_of_one_key_run_once<St: Store>(store: St) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 8. Tracing: each request in a span of its own, with its hold id; unique values digested
+
+#[tokio::test(flavor = "current_thread")]
+async fn requests_are_traced_with_their_hold_and_no_raw_values() {
+    let (logs, _capturing) = support::capture_logs();
+
+    let store = tower_reserve::MemoryStore::new();
+    let svc = ReserveLayer::new(store, |req: Request<Bytes>| async move {
+        let email: String = extract::json_pointer(&req, "/email")?;
+        Extracted::Ok((
+            req,
+            vec![Claim::own(Unique::email("accounts", &email), "acct-1")],
+        ))
+    })
+    .layer(tower::service_fn(|_req: Request<RequestBody>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    }));
+    let req = Request::post("/accounts")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"email":"Secret.Person@Example.com"}"#,
+        )))
+        .unwrap();
+    let answer = svc.oneshot(req).await.unwrap();
+    assert_eq!(answer.status(), 200);
+
+    let logs = logs.text();
+    assert!(logs.contains("reserve{"), "a span per request: {logs}");
+    assert!(logs.contains(r#"path="/accounts""#), "{logs}");
+    assert!(logs.contains("reserved"), "{logs}");
+    assert!(logs.contains("settled"), "{logs}");
+    assert!(
+        !logs.to_lowercase().contains("secret.person"),
+        "the address never reaches the logs: {logs}"
+    );
+    let digest = Unique::email("accounts", "secret.person@example.com").digest_hex();
+    assert!(logs.contains(&digest), "its digest does: {logs}");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Actual amounts, remaining headers, shadow mode, retention
 
 fn actual_request(mode: &str, amount: u64, actual: &str) -> Request<Full<Bytes>> {

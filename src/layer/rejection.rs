@@ -207,9 +207,11 @@ impl Rejection {
         )
     }
 
-    /// `503`: the store could not be reached or did not answer in time. The cause goes to the
-    /// logs, never to the client.
-    pub(crate) fn unavailable(retry_after_secs: u64) -> Self {
+    /// `503 Service Unavailable` with `Retry-After: retry_after_secs`: the store could not be
+    /// reached or did not answer in time. The cause goes to the logs, never to the client: for a
+    /// handler that calls the store itself (a usage read, a refund) and meets
+    /// [`Error::is_unavailable`](crate::Error::is_unavailable).
+    pub fn unavailable(retry_after_secs: u64) -> Self {
         let mut r = Self::of(
             RejectionKind::Unavailable,
             StatusCode::SERVICE_UNAVAILABLE,

@@ -370,16 +370,25 @@ impl Actual {
 
 #[cfg(feature = "axum")]
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Hold {
-    type Rejection = (http::StatusCode, &'static str);
+    type Rejection = super::Rejection;
 
+    /// A `500` when the request has no hold: the route is not behind a `ReserveLayer` that
+    /// reserved claims (the server's mistake; the cause goes to the logs, not to the client).
     async fn from_request_parts(
         parts: &mut http::request::Parts,
         _state: &S,
     ) -> Result<Self, Self::Rejection> {
-        parts.extensions.get::<Hold>().cloned().ok_or((
-            http::StatusCode::INTERNAL_SERVER_ERROR,
-            "no hold: the route is not behind a ReserveLayer that reserved claims",
-        ))
+        parts.extensions.get::<Hold>().cloned().ok_or_else(|| {
+            tracing::error!(
+                path = parts.uri.path(),
+                "no hold: the route is not behind a ReserveLayer that reserved claims"
+            );
+            super::Rejection::new(
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                "Internal server error",
+                "the request could not be completed",
+            )
+        })
     }
 }
 

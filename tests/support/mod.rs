@@ -47,3 +47,50 @@ pub async fn status<S: Store>(store: &S, budget: &Budget) -> BudgetStatus {
 pub fn kind(result: Result<impl std::fmt::Debug, Error>) -> tower_reserve::ErrorKind {
     result.expect_err("an error").kind()
 }
+
+/// This thread's `tracing` output, as text.
+#[derive(Clone, Default)]
+pub struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures what this thread logs, at every level, until the guard is dropped.
+///
+/// `tracing` caches per callsite whether anyone listens, process-wide. A test on another thread
+/// that reaches a callsite first, where no subscriber is set, can cache "nobody" while this
+/// thread's subscriber is being set. So a global subscriber that listens to everything (and
+/// writes nowhere) is installed first, once: no callsite is ever cached as unwanted.
+pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+    static EVERYTHING: std::sync::Once = std::sync::Once::new();
+    EVERYTHING.call_once(|| {
+        let sink = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(std::io::sink)
+            .finish();
+        tracing::subscriber::set_global_default(sink).expect("no global subscriber yet");
+    });
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
+    (logs, guard)
+}
