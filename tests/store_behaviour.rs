@@ -7,8 +7,8 @@ use std::time::Duration;
 use rand::Rng;
 use support::{denied, fresh, granted, kind, spend, status};
 use tower_reserve::{
-    Budget, Claim, DenialReason, ErrorKind, HoldId, MAX_AMOUNT, Reservation, Reserved, Settled,
-    Store, Unique, Window,
+    Budget, Claim, DenialReason, ErrorKind, HoldId, MAX_AMOUNT, Refund, Reservation, Reserved,
+    Settled, Settlement, Store, Unique, Window,
 };
 
 const LONG: Duration = Duration::from_secs(60);
@@ -72,6 +72,10 @@ store_suite!(
     holds_ending_together_settle_one_by_one,
     one_window_spelled_two_ways_is_one_budget,
     many_budgets_and_values_from_many_threads,
+    a_partial_commit_spends_what_was_used,
+    refunds_count_once_and_never_below_zero,
+    concurrent_retries_of_one_refund_count_once,
+    refunds_racing_purchases_near_the_limit_stay_exact,
 );
 
 async fn one_window_spelled_two_ways_is_one_budget<S: Store>(store: &S) {
@@ -875,4 +879,176 @@ async fn the_largest_amounts_are_exact<S: Store>(store: &S) {
     store.commit(&b.id).await.unwrap();
     let s = status(store, &budget).await;
     assert_eq!((s.spent, s.held, s.remaining), (MAX_AMOUNT, 0, 0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Partial commits and refunds
+
+async fn a_partial_commit_spends_what_was_used<S: Store>(store: &S) {
+    let a = Budget::new(fresh("metered"), 1_000);
+    let b = Budget::new(fresh("metered"), 1_000);
+    let two = |amount_a, amount_b| {
+        Reservation::builder()
+            .lease(LONG)
+            .claim(Claim::spend(a.clone(), amount_a))
+            .claim(Claim::spend(b.clone(), amount_b))
+            .build()
+            .unwrap()
+    };
+    let grant = granted(store, &two(300, 200)).await;
+
+    // Above what was held, or on a budget the hold does not spend from: refused, nothing
+    // changed, the hold still live.
+    let over = Settlement::commit().actual(&a, 301);
+    assert_eq!(
+        kind(store.settle(&grant.id, &over).await),
+        ErrorKind::ExceedsHold
+    );
+    let stranger = Budget::new(fresh("metered"), 1_000);
+    let elsewhere = Settlement::commit().actual(&stranger, 1);
+    assert_eq!(
+        kind(store.settle(&grant.id, &elsewhere).await),
+        ErrorKind::InvalidInput
+    );
+    let s = status(store, &a).await;
+    assert_eq!((s.spent, s.held), (0, 300));
+
+    // 120 of A's 300 is spent and the rest is back in the same step; B, not named, spends all.
+    let used = Settlement::commit().actual(&a, 120);
+    assert_eq!(
+        store.settle(&grant.id, &used).await.unwrap(),
+        Settled::Applied
+    );
+    assert_eq!(
+        store.settle(&grant.id, &used).await.unwrap(),
+        Settled::Replayed
+    );
+    let (sa, sb) = (status(store, &a).await, status(store, &b).await);
+    assert_eq!((sa.spent, sa.held, sa.remaining), (120, 0, 880));
+    assert_eq!((sb.spent, sb.held), (200, 0));
+
+    // Zero used spends nothing on that budget.
+    let grant = granted(store, &two(500, 100)).await;
+    let nothing = Settlement::commit().actual(&a, 0).actual(&b, 100);
+    assert_eq!(
+        store.settle(&grant.id, &nothing).await.unwrap(),
+        Settled::Applied
+    );
+    let (sa, sb) = (status(store, &a).await, status(store, &b).await);
+    assert_eq!((sa.spent, sa.held), (120, 0));
+    assert_eq!((sb.spent, sb.held), (300, 0));
+}
+
+async fn refunds_count_once_and_never_below_zero<S: Store>(store: &S) {
+    let budget = Budget::new(fresh("customer"), 1_000);
+    let grant = granted(store, &spend(&budget, 500, LONG)).await;
+    store.commit(&grant.id).await.unwrap();
+
+    let id = HoldId::new(fresh("refund")).unwrap();
+    let refund = Refund::new(id.clone(), budget.clone(), 200);
+    assert_eq!(store.refund(&refund).await.unwrap(), Settled::Applied);
+    assert_eq!(store.refund(&refund).await.unwrap(), Settled::Replayed);
+    assert_eq!(status(store, &budget).await.spent, 300);
+    // The same id for another amount is another refund: refused.
+    let other = Refund::new(id, budget.clone(), 150);
+    assert_eq!(kind(store.refund(&other).await), ErrorKind::Conflict);
+
+    // More than was spent: refused, nothing changed.
+    let too_much = Refund::new(HoldId::new(fresh("refund")).unwrap(), budget.clone(), 301);
+    assert_eq!(kind(store.refund(&too_much).await), ErrorKind::ExceedsSpent);
+    assert_eq!(status(store, &budget).await.spent, 300);
+    let all = Refund::new(HoldId::new(fresh("refund")).unwrap(), budget.clone(), 300);
+    assert_eq!(store.refund(&all).await.unwrap(), Settled::Applied);
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.remaining), (0, 1_000));
+
+    // A window that has ended takes nothing back; the current one does.
+    let daily = Budget::new(fresh("daily"), 1_000).per(Window::Day);
+    let grant = granted(store, &spend(&daily, 400, LONG)).await;
+    store.commit(&grant.id).await.unwrap();
+    let yesterday = std::time::SystemTime::now() - Duration::from_secs(86_400);
+    let late = Refund::new(HoldId::new(fresh("refund")).unwrap(), daily.clone(), 100)
+        .in_window_of(yesterday);
+    assert_eq!(kind(store.refund(&late).await), ErrorKind::Expired);
+    let now = Refund::new(HoldId::new(fresh("refund")).unwrap(), daily.clone(), 100)
+        .in_window_of(std::time::SystemTime::now());
+    assert_eq!(store.refund(&now).await.unwrap(), Settled::Applied);
+    assert_eq!(status(store, &daily).await.spent, 300);
+}
+
+async fn concurrent_retries_of_one_refund_count_once<S: Store>(store: &S) {
+    let budget = Budget::new(fresh("customer"), 10_000);
+    let grant = granted(store, &spend(&budget, 5_000, LONG)).await;
+    store.commit(&grant.id).await.unwrap();
+    let refund = Refund::new(HoldId::new(fresh("refund")).unwrap(), budget.clone(), 700);
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let (store, refund) = (store.clone(), refund.clone());
+            tokio::spawn(async move { store.refund(&refund).await.unwrap() })
+        })
+        .collect();
+    let mut applied = 0;
+    for task in tasks {
+        if task.await.unwrap() == Settled::Applied {
+            applied += 1;
+        }
+    }
+    assert_eq!(
+        applied, 1,
+        "one of the retries applies, the others replay it"
+    );
+    assert_eq!(status(store, &budget).await.spent, 4_300);
+}
+
+/// A budget spent to its limit; refunds of 100 (each retried) race purchases of 50: the sum
+/// is exact, and at no time is more granted than the limit allows.
+async fn refunds_racing_purchases_near_the_limit_stay_exact<S: Store>(store: &S) {
+    const LIMIT: u64 = 10_000;
+    let budget = Budget::new(fresh("customer"), LIMIT);
+    let grant = granted(store, &spend(&budget, LIMIT, LONG)).await;
+    store.commit(&grant.id).await.unwrap();
+    let refunds: Vec<_> = (0..20)
+        .map(|_| Refund::new(HoldId::new(fresh("refund")).unwrap(), budget.clone(), 100))
+        .collect();
+    let mut tasks = Vec::new();
+    for i in 0..120 {
+        let store = store.clone();
+        let budget = budget.clone();
+        // Each refund is sent twice, as a client that retries would.
+        let refund = (i % 3 == 0).then(|| refunds[(i / 3) % refunds.len()].clone());
+        tasks.push(tokio::spawn(async move {
+            match refund {
+                Some(refund) => {
+                    store.refund(&refund).await.unwrap();
+                    0
+                }
+                None => match store.reserve(&spend(&budget, 50, LONG)).await.unwrap() {
+                    Reserved::Granted(g) => {
+                        store.commit(&g.id).await.unwrap();
+                        50
+                    }
+                    Reserved::Denied(d) => {
+                        assert!(matches!(d.reason, DenialReason::OverBudget { .. }));
+                        0
+                    }
+                },
+            }
+        }));
+    }
+    let mut bought = 0;
+    for task in tasks {
+        bought += task.await.unwrap();
+    }
+    let s = status(store, &budget).await;
+    assert_eq!(
+        s.spent,
+        LIMIT - 20 * 100 + bought,
+        "refunded once each, bought exactly"
+    );
+    assert!(s.spent <= LIMIT);
+    assert_eq!(s.held, 0);
+    assert!(
+        bought <= 2_000,
+        "no more bought than was given back: {bought}"
+    );
 }
