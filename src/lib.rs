@@ -146,9 +146,11 @@
 //!   `spent + held + amount <= limit`; a value grants when nobody else owns it and no other hold
 //!   has it in flight. One hold at a time has a value in flight, whatever it claims of it: an
 //!   owner claiming its own value again, or releasing it, waits for no one but is refused
-//!   (`Taken`) while another hold has it in flight. A denial names the first claim that failed
-//!   and why. The same id with the same claims (or, with a payload, the same payload) answers the
-//!   same hold (`replayed`); with other claims, [`ErrorKind::Conflict`].
+//!   (`Taken`) while another hold has it in flight. [`Store::remove`] frees the ownership, not a
+//!   hold in flight: that hold's commit makes the value its owner's (again). A denial names the
+//!   first claim that failed and why. The same id with the same claims (or, with a payload, the
+//!   same payload) answers the same hold (`replayed`); with other claims,
+//!   [`ErrorKind::Conflict`].
 //! - **Commit** makes the hold permanent: held becomes spent, held values become owned,
 //!   release-on-commit values are freed (an e-mail change swaps two addresses in one step).
 //!   **Release** gives everything back. **Extend** renews the lease. All three are idempotent.

@@ -76,6 +76,7 @@ store_suite!(
     refunds_count_once_and_never_below_zero,
     concurrent_retries_of_one_refund_count_once,
     refunds_racing_purchases_near_the_limit_stay_exact,
+    a_value_removed_while_its_owner_reclaims_it_stays_in_flight,
 );
 
 async fn one_window_spelled_two_ways_is_one_budget<S: Store>(store: &S) {
@@ -1051,4 +1052,44 @@ async fn refunds_racing_purchases_near_the_limit_stay_exact<S: Store>(store: &S)
         bought <= 2_000,
         "no more bought than was given back: {bought}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Removal
+
+/// An owner claiming its own value again has it in flight like any claimant: an operator's
+/// removal meanwhile frees the ownership but not the hold, nobody else can take the value, and
+/// the commit makes it the owner's again (a release leaves it free).
+async fn a_value_removed_while_its_owner_reclaims_it_stays_in_flight<S: Store>(store: &S) {
+    let value = Unique::email(fresh("accounts"), "ann@example.com");
+    let own = |owner: &str| {
+        Reservation::builder()
+            .lease(LONG)
+            .claim(Claim::own(value.clone(), owner))
+            .build()
+            .unwrap()
+    };
+    let first = granted(store, &own("a")).await;
+    store.commit(&first.id).await.unwrap();
+
+    for (settle_by_commit, after) in [(true, Some("a".to_owned())), (false, None)] {
+        let again = granted(store, &own("a")).await;
+        assert_eq!(denied(store, &own("b")).await.reason, DenialReason::Taken);
+        assert!(store.remove(&value).await.unwrap());
+        assert_eq!(store.owner(&value).await.unwrap(), None);
+        assert_eq!(
+            denied(store, &own("b")).await.reason,
+            DenialReason::Taken,
+            "still in flight"
+        );
+        if settle_by_commit {
+            store.commit(&again.id).await.unwrap();
+        } else {
+            store.release(&again.id).await.unwrap();
+        }
+        assert_eq!(store.owner(&value).await.unwrap(), after);
+    }
+    let b = granted(store, &own("b")).await;
+    store.commit(&b.id).await.unwrap();
+    assert_eq!(store.owner(&value).await.unwrap(), Some("b".to_owned()));
 }

@@ -107,6 +107,10 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn owner(&self, value: &Unique) -> impl Future<Output = Result<Option<String>, Error>> + Send;
 
     /// Frees an owned value at once, whoever owns it; answers whether it was owned.
+    ///
+    /// A hold that has the value in flight keeps it: nobody else can claim it until that hold
+    /// ends, its commit makes the value its owner's (again, for an owner that claimed what it
+    /// owned), and its release leaves it free.
     fn remove(&self, value: &Unique) -> impl Future<Output = Result<bool, Error>> + Send;
 }
 
