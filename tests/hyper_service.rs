@@ -120,7 +120,9 @@ async fn bad_bodies_are_refused() {
     big.extend_from_slice(b"\"}");
     let r = post("application/json", big.clone()).await.unwrap();
     problem(r, StatusCode::PAYLOAD_TOO_LARGE).await;
-    let status = chunked_post(&api, &format!("/wallets/{w}/spend"), &big).await;
+    let path = format!("/wallets/{w}/spend");
+    let no_pause = std::time::Duration::ZERO;
+    let status = post_in_chunks(&api, &path, &big, Framing::Chunked, no_pause).await;
     assert_eq!(status, 413);
 
     // Nothing of it was spent: the whole 1000 is left.
@@ -129,41 +131,89 @@ async fn bad_bodies_are_refused() {
     assert_eq!(r.json::<Value>().await.unwrap()["remaining_cents"], 0);
 }
 
-/// POSTs `body` as JSON in 4 KiB chunks (`transfer-encoding: chunked`, no length up front) over a
-/// plain TCP connection, and answers the response's status.
-async fn chunked_post(api: &Example, path: &str, body: &[u8]) -> u16 {
+/// How a body goes out in [`post_in_chunks`].
+#[derive(Clone, Copy)]
+enum Framing {
+    /// `content-length` up front.
+    Declared,
+    /// `transfer-encoding: chunked`, no length up front.
+    Chunked,
+}
+
+/// POSTs `body` as JSON in 4 KiB pieces, `pause` apart, over a plain TCP connection, and answers
+/// the response's status. Every write must go through: a server that answers before the body
+/// is in still reads the rest (within its bounds), so the client sees the answer, not a reset.
+async fn post_in_chunks(
+    api: &Example,
+    path: &str,
+    body: &[u8],
+    framing: Framing,
+    pause: std::time::Duration,
+) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = api.base.trim_start_matches("http://");
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let length = match framing {
+        Framing::Declared => format!("content-length: {}", body.len()),
+        Framing::Chunked => "transfer-encoding: chunked".to_owned(),
+    };
     let head = format!(
-        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n{length}\r\nconnection: close\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    for chunk in body.chunks(4096) {
-        let sent = async {
-            stream
-                .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
-                .await?;
-            stream.write_all(chunk).await?;
-            stream.write_all(b"\r\n").await
-        };
-        // The server may answer 413 and stop reading before the last chunk.
-        if sent.await.is_err() {
-            break;
+    for (n, piece) in body.chunks(4096).enumerate() {
+        let mut bytes = Vec::with_capacity(piece.len() + 16);
+        match framing {
+            Framing::Declared => bytes.extend_from_slice(piece),
+            Framing::Chunked => {
+                bytes.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                bytes.extend_from_slice(piece);
+                bytes.extend_from_slice(b"\r\n");
+            }
         }
+        if let Err(e) = stream.write_all(&bytes).await {
+            panic!("piece {n} of the body could not be sent: {e}");
+        }
+        tokio::time::sleep(pause).await;
     }
-    let _ = stream.write_all(b"0\r\n\r\n").await;
+    if let Framing::Chunked = framing {
+        stream
+            .write_all(b"0\r\n\r\n")
+            .await
+            .expect("the last chunk");
+    }
     let mut response = Vec::new();
     let read = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         stream.read_to_end(&mut response),
     );
-    let _ = read.await.expect("the response within 10 s");
+    read.await
+        .expect("the response within 10 s")
+        .expect("the response, not a reset");
     let text = String::from_utf8_lossy(&response);
     text.strip_prefix("HTTP/1.1 ")
         .and_then(|rest| rest.get(..3))
         .and_then(|code| code.parse().ok())
         .unwrap_or_else(|| panic!("no status line in {text:?}"))
+}
+
+/// A client still sending an oversized body when the 413 is decided (at once, from its
+/// `content-length`, or once 64 KiB have come in) gets the 413, not a connection reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_still_being_sent_gets_its_413() {
+    let api = Example::start("hyper_service", "ADDR", &[]);
+    let w = wallet("slow");
+    let mut big = b"{\"cents\": 1, \"pad\": \"".to_vec();
+    big.resize(200 * 1024, b'x');
+    big.extend_from_slice(b"\"}");
+    let pause = std::time::Duration::from_millis(2);
+    for framing in [Framing::Declared, Framing::Chunked] {
+        let path = format!("/wallets/{w}/spend");
+        let status = post_in_chunks(&api, &path, &big, framing, pause).await;
+        assert_eq!(status, 413);
+    }
+    let r = spend(&api, &client(), &w, 1_000).await;
+    assert_eq!(r.status(), StatusCode::OK, "nothing was spent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -215,6 +215,9 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
     }
 
     /// The most body bytes read to work out claims (default 64 KiB); a larger body gets `413`.
+    /// Before it answers, the layer reads and drops what the client is still sending, up to
+    /// 1 MiB in all and for at most 1 s, so that the client sees the `413` rather than a reset
+    /// connection; a body declared larger than that is answered at once.
     pub fn body_limit(mut self, bytes: usize) -> Self {
         self.options.body_limit = bytes;
         self

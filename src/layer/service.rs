@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -173,6 +173,13 @@ where
     answer_of(&shared, answer, reservation, named, route, request)
 }
 
+/// How much of an oversized body is read and thrown away before the `413` goes out, and for how
+/// long. A client still sending when the answer comes would otherwise have its connection reset
+/// under it and lose the answer (nginx's lingering close solves the same); past either bound the
+/// answer goes at once.
+const DRAIN_BYTES: u64 = 1 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Reads the body, only up to the limit, whatever `Content-Length` claims.
 async fn read_body<B>(request: Request<B>, limit: usize) -> Result<Request<Bytes>, Rejection>
 where
@@ -180,17 +187,22 @@ where
     B::Error: Into<BoxError>,
 {
     let (parts, body) = request.into_parts();
+    let mut body = std::pin::pin!(body);
     let declared = parts
         .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
+    if let Some(len) = declared.filter(|len| *len > limit as u64) {
+        if len <= DRAIN_BYTES {
+            discard(body).await;
+        }
         return Err(Rejection::body_too_large(limit));
     }
-    match Limited::new(body, limit).collect().await {
+    match Limited::new(body.as_mut(), limit).collect().await {
         Ok(collected) => Ok(Request::from_parts(parts, collected.to_bytes())),
         Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+            discard(body).await;
             Err(Rejection::body_too_large(limit))
         }
         Err(err) => {
@@ -198,6 +210,21 @@ where
             Err(Rejection::bad_request("the body could not be read"))
         }
     }
+}
+
+/// Reads what is left of a body and drops it, within [`DRAIN_BYTES`] and [`DRAIN_TIME`].
+async fn discard<B: Body>(mut body: std::pin::Pin<&mut B>) {
+    let drain = async {
+        let mut left = DRAIN_BYTES;
+        while let Some(Ok(frame)) = body.frame().await {
+            let len = frame.data_ref().map_or(0, |data| data.remaining() as u64);
+            match left.checked_sub(len) {
+                Some(rest) => left = rest,
+                None => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
 }
 
 /// The idempotency key of a request, with what it is looked up within (method, path, the
