@@ -4,7 +4,7 @@
 //! `redis-server` that this command starts, so the ratios it prints are measured side by side.
 //!
 //! ```text
-//! cargo bench --bench reserve_load
+//! cargo bench -p tower-reserve-benches --bench reserve_load
 //! ```
 //!
 //! Environment (all optional):
@@ -18,7 +18,7 @@
 //! | `BENCH_OUT` | the Markdown report | `target/bench-load.md` |
 //! | `BENCH_SVG` | the plot of throughput against concurrency | `benches/throughput.svg` |
 
-#[path = "../tests/support/redis_server.rs"]
+#[path = "../../tests/support/redis_server.rs"]
 mod redis_server;
 
 use std::fmt::Write as _;
@@ -34,13 +34,13 @@ use tower_reserve::{Budget, Claim, MAX_AMOUNT, RedisStore, Reservation, Reserved
 /// The script exactly as `RedisStore` sends it.
 const RESERVE_LUA: &str = concat!(
     "#!lua flags=allow-cross-slot-keys\n",
-    include_str!("../src/store/lua/common.lua"),
+    include_str!("../../src/store/lua/common.lua"),
     "\n",
-    include_str!("../src/store/lua/hold.lua"),
+    include_str!("../../src/store/lua/hold.lua"),
     "\n",
-    include_str!("../src/store/lua/budget.lua"),
+    include_str!("../../src/store/lua/budget.lua"),
     "\n",
-    include_str!("../src/store/lua/batch.lua"),
+    include_str!("../../src/store/lua/batch.lua"),
 );
 
 const AMOUNT: u64 = 100;
