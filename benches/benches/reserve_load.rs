@@ -1,7 +1,8 @@
 //! The reservation load command: how close `RedisStore` gets to Redis itself, what a request
-//! costs Redis (commands, memory), and how the crate compares with the two ways people write a
-//! budget check by hand. Everything runs in one process, in one run, against one loopback
-//! `redis-server` that this command starts, so the ratios it prints are measured side by side.
+//! costs Redis (calls, commands, CPU, memory), what a partial commit costs next to a whole one,
+//! and how the crate compares with the two ways people write a budget check by hand. Everything
+//! runs in one process, in one run, against one loopback `redis-server` that this command starts,
+//! so the ratios it prints are measured side by side.
 //!
 //! ```text
 //! cargo bench -p tower-reserve-benches --bench reserve_load
@@ -15,13 +16,16 @@
 //! | `BENCH_SWEEP` | concurrencies of the hand-written comparison (and the plot) | `1,2,4,8,16,32,64` |
 //! | `BENCH_OPS` | requests per run, at most | `20000` |
 //! | `BENCH_SECS` | seconds per run, at most | `3` |
-//! | `BENCH_OUT` | the Markdown report | `target/bench-load.md` |
+//! | `BENCH_SETTLED` | settled purchases of the memory test | `100000` |
+//! | `BENCH_OUT` | the Markdown report | `target/bench-load.md` in the workspace |
 //! | `BENCH_SVG` | the plot of throughput against concurrency | `benches/throughput.svg` |
 
 #[path = "../../tests/support/redis_server.rs"]
 mod redis_server;
 
+use std::ffi::OsStr;
 use std::fmt::Write as _;
+use std::os::unix::ffi::OsStrExt;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,23 +33,23 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
-use tower_reserve::{Budget, Claim, MAX_AMOUNT, RedisStore, Reservation, Reserved, Store, Unique};
+use tower_reserve::{Budget, Claim, RedisStore, Reservation, Reserved, Settlement, Store, Unique};
 
-/// The script exactly as `RedisStore` sends it.
-const RESERVE_LUA: &str = concat!(
-    "#!lua flags=allow-cross-slot-keys\n",
-    include_str!("../../src/store/lua/common.lua"),
-    "\n",
-    include_str!("../../src/store/lua/hold.lua"),
-    "\n",
-    include_str!("../../src/store/lua/budget.lua"),
-    "\n",
-    include_str!("../../src/store/lua/batch.lua"),
-);
-
+/// Cents every request asks.
 const AMOUNT: u64 = 100;
+/// What a partial commit spends of the `AMOUNT` it held.
+const PARTIAL: u64 = 60;
 const LEASE_MS: u64 = 30_000;
+/// The retention the store sends with every call (its default, 10 minutes).
+const RETAIN_MS: u64 = 600_000;
+/// How many budgets the spread-out runs use.
 const MANY: u64 = 10_000;
+/// The limit of budgets that never refuse in these runs. Below 2^31, so that its MessagePack
+/// form (`ce 7f ff ff ff`) has no zero byte: `redis-benchmark` takes its arguments as C strings.
+const BIG: u64 = 0x7fff_ffff;
+/// Reserves per call in the batched `redis-benchmark` run: a MessagePack array of at most 15 is
+/// one byte (`0x9f`); 16 would write a zero byte.
+const RB_BATCH: usize = 10;
 
 fn env_list(name: &str, default: &str) -> Vec<usize> {
     std::env::var(name)
@@ -61,6 +65,17 @@ fn env_num(name: &str, default: u64) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// The workspace's target directory (a bench runs in its package's directory).
+fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        std::path::PathBuf::from,
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driving load
 
 /// One run's outcome.
 #[derive(Default, Clone)]
@@ -91,7 +106,7 @@ impl Run {
     }
 }
 
-/// Which budget request `i` of a run spends against.
+/// Which budget a request spends against.
 #[derive(Clone, Copy, PartialEq)]
 enum Spread {
     Hot,
@@ -120,7 +135,7 @@ impl Spread {
 }
 
 /// Runs `op` from `conc` tasks until `max_ops` requests or `max_time` have passed. `op` answers
-/// whether the request was granted, and how many retries it took.
+/// whether the request was granted, how many retries it took, and whether it gave up.
 async fn drive<F, Fut>(conc: usize, max_ops: u64, max_time: Duration, op: F) -> Run
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
@@ -161,14 +176,65 @@ where
     total
 }
 
-/// The crate: reserve, then commit what was granted (or only reserve, leaving the hold in flight).
+/// What a request does after its reserve.
+#[derive(Clone, Copy, PartialEq)]
+enum Then {
+    /// Nothing: the hold stays in flight.
+    Hold,
+    /// Commit it whole, forgetting the record (as the layer settles the holds it named).
+    Commit,
+    /// Commit `PARTIAL` of the `AMOUNT` held, forgetting the record.
+    CommitPart,
+    /// Commit it whole, keeping the record for the store's retention (as for an id the caller
+    /// named: an idempotency key, a deferred hold).
+    CommitKept,
+    /// Release it, forgetting the record.
+    Release,
+}
+
+impl Then {
+    fn settlement(self, budget: &Budget) -> Option<Settlement> {
+        match self {
+            Then::Hold => None,
+            Then::Commit => Some(Settlement::commit().forget()),
+            Then::CommitPart => Some(Settlement::commit().actual(budget, PARTIAL).forget()),
+            Then::CommitKept => Some(Settlement::commit()),
+            Then::Release => Some(Settlement::release().forget()),
+        }
+    }
+}
+
+/// One request of the crate: reserve `AMOUNT` on `key`, then settle as `then` says.
+async fn crate_once(store: &RedisStore, key: String, limit: u64, then: Then) -> bool {
+    let budget = Budget::new(key, limit);
+    let reservation = Reservation::builder()
+        .lease(Duration::from_millis(LEASE_MS))
+        .claim(Claim::spend(budget.clone(), AMOUNT))
+        .build()
+        .expect("a valid reservation");
+    match store.reserve(&reservation).await {
+        Ok(Reserved::Granted(_)) => {
+            if let Some(settlement) = then.settlement(&budget) {
+                store
+                    .settle(reservation.id(), &settlement)
+                    .await
+                    .expect("settle");
+            }
+            true
+        }
+        Ok(Reserved::Denied(_)) => false,
+        Err(err) => panic!("reserve: {err}"),
+    }
+}
+
+/// The crate under load: `conc` tasks, each request on a budget of `spread`.
 #[allow(clippy::too_many_arguments)]
 async fn run_crate(
     store: &RedisStore,
     tag: &str,
     spread: Spread,
     limit: u64,
-    commit: bool,
+    then: Then,
     conc: usize,
     max_ops: u64,
     max_time: Duration,
@@ -178,26 +244,10 @@ async fn run_crate(
     let mut run = drive(conc, max_ops, max_time, move |_| {
         let store = store2.clone();
         let key = spread.key(&tag2);
-        async move {
-            let reservation = Reservation::builder()
-                .lease(Duration::from_millis(LEASE_MS))
-                .claim(Claim::spend(Budget::new(key, limit), AMOUNT))
-                .build()
-                .expect("a valid reservation");
-            match store.reserve(&reservation).await {
-                Ok(Reserved::Granted(_)) => {
-                    if commit {
-                        store.commit(reservation.id()).await.expect("commit");
-                    }
-                    (true, 0, false)
-                }
-                Ok(Reserved::Denied(_)) => (false, 0, false),
-                Err(err) => panic!("reserve: {err}"),
-            }
-        }
+        async move { (crate_once(&store, key, limit, then).await, 0, false) }
     })
     .await;
-    if commit && limit < MAX_AMOUNT {
+    if then != Then::Hold && limit < BIG {
         let statuses = futures_util::future::join_all(
             spread
                 .keys(tag)
@@ -213,7 +263,9 @@ async fn run_crate(
     run
 }
 
-/// The two hand-written ways.
+// ---------------------------------------------------------------------------------------------
+// The hand-written ways
+
 #[derive(Clone, Copy, PartialEq)]
 enum Hand {
     /// `GET` the total; if there is room, `INCRBY`.
@@ -321,74 +373,131 @@ async fn hand_once(
     }
 }
 
-/// `redis-benchmark` with the very same script by EVALSHA, reserve only, random hold ids.
-fn redis_benchmark(port: u16, sha: &str, spread: Spread, conc: usize, ops: u64) -> Option<Run> {
+// ---------------------------------------------------------------------------------------------
+// redis-benchmark on the store's own library
+
+/// One reserve operation exactly as the store writes it (`ops::reserve`; its shape is in the
+/// header of op 1 in `src/store/lua/hold.lua`), for a hold whose id is random and whose one claim
+/// spends `AMOUNT` on `budget_key`, with `__rand_int__` where redis-benchmark puts a random
+/// number of 12 digits (a placeholder is 12 characters too, so every length stays right).
+fn rb_reserve_op(out: &mut Vec<u8>, budget_key: &str) {
+    use rmp::encode::{write_array_len, write_str, write_str_len, write_uint};
+    // Two placeholders, drawn one by one: 10^8 distinct hold ids with `-r 10000`.
+    let id = "__rand_int____rand_int__";
+    let record = format!("rb:h:{{{id}}}");
+    // The hold record's body, as the store packs it: { claims, groups, spends }.
+    let mut body = Vec::new();
+    write_array_len(&mut body, 3).unwrap();
+    write_array_len(&mut body, 1).unwrap();
+    write_array_len(&mut body, 4).unwrap();
+    write_str(&mut body, "b").unwrap();
+    write_str(&mut body, budget_key).unwrap();
+    write_uint(&mut body, AMOUNT).unwrap();
+    write_str(&mut body, "0").unwrap();
+    write_array_len(&mut body, 0).unwrap();
+    write_array_len(&mut body, 0).unwrap();
+
+    write_array_len(out, 8).unwrap();
+    write_uint(out, 1).unwrap();
+    write_str(out, &record).unwrap();
+    write_str(out, id).unwrap();
+    write_uint(out, LEASE_MS).unwrap();
+    // A claims' fingerprint (16 hex) and the call's nonce (16 hex).
+    write_str(out, "5eed5eed5eed5eed1badcafe1badcafe").unwrap();
+    write_str(out, "hH").unwrap();
+    write_array_len(out, 1).unwrap();
+    write_array_len(out, 5).unwrap();
+    write_str(out, "b").unwrap();
+    write_str(out, budget_key).unwrap();
+    write_uint(out, AMOUNT).unwrap();
+    write_uint(out, BIG).unwrap();
+    write_str(out, "0").unwrap();
+    write_str_len(out, body.len() as u32).unwrap();
+    out.extend_from_slice(&body);
+}
+
+/// A batch of `n` reserves, as the store's worker sends it: the array of its operations.
+fn rb_payload(spread: Spread, n: usize) -> Vec<u8> {
     let budget_key = match spread {
-        Spread::Hot => "rb:b:{rb-hot}".to_owned(),
-        Spread::Many => "rb:b:{rb-__rand_int__}".to_owned(),
+        Spread::Hot => "rb:b:{rb-hot}",
+        // A third placeholder: one of `MANY` budgets.
+        Spread::Many => "rb:b:{rb-__rand_int__}",
     };
-    let lease = LEASE_MS.to_string();
-    let limit = MAX_AMOUNT.to_string();
-    let amount = AMOUNT.to_string();
-    let port = port.to_string();
-    let conc_s = conc.to_string();
-    let ops_s = ops.to_string();
-    let keyspace = MANY.to_string();
-    let args = [
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port,
-        "-c",
-        &conc_s,
-        "-n",
-        &ops_s,
-        "-r",
-        &keyspace,
-        "--csv",
-        "EVALSHA",
-        sha,
-        "2",
-        // Two placeholders: 10^8 distinct hold ids, each drawn independently.
-        "rb:h:{__rand_int____rand_int__}",
-        &budget_key,
-        "__rand_int____rand_int__",
-        &lease,
-        "600000",
-        "fp",
-        "256",
-        "b",
-        &amount,
-        &limit,
-        "0",
-    ];
-    let out = Command::new("redis-benchmark").args(args).output().ok()?;
+    let mut out = Vec::new();
+    rmp::encode::write_array_len(&mut out, n as u32).unwrap();
+    for _ in 0..n {
+        rb_reserve_op(&mut out, budget_key);
+    }
+    assert!(
+        !out.iter().any(|b| matches!(b, 0 | b'\n' | b'\r')),
+        "a redis-benchmark argument cannot hold a zero byte (nor a line break, for its CSV)"
+    );
+    out
+}
+
+/// A `redis-benchmark` run: calls per second and their latency.
+struct RbRun {
+    calls_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// `redis-benchmark` calling the store's function with `batch` random reserves per call, `calls`
+/// calls from `conc` connections, one call in flight on each (no pipelining).
+fn redis_benchmark(
+    port: u16,
+    library: &str,
+    spread: Spread,
+    batch: usize,
+    conc: usize,
+    calls: u64,
+) -> Option<RbRun> {
+    let payload = rb_payload(spread, batch);
+    let retain = RETAIN_MS.to_string();
+    let out = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-c", &conc.to_string(), "-n", &calls.to_string()])
+        .args(["-r", &MANY.to_string(), "--csv"])
+        .args(["FCALL", library, "1", "rb:h:{__rand_int__}"])
+        .arg(OsStr::from_bytes(&payload))
+        .arg(&retain)
+        .output()
+        .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().rev().find(|l| l.starts_with("\"EVALSHA"))?;
+    let line = text.lines().rev().find(|l| l.starts_with("\"FCALL"))?;
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms",
+    // "p99_latency_ms","max_latency_ms": read from the right, whatever the test's name holds.
     let fields: Vec<f64> = line
-        .split("\",\"")
-        .skip(1)
-        .filter_map(|f| f.trim_matches('"').parse().ok())
+        .trim_end_matches('"')
+        .rsplitn(8, "\",\"")
+        .take(7)
+        .map(|f| f.parse().unwrap_or(f64::NAN))
         .collect();
-    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
-    let rps = *fields.first()?;
-    let (p50, p99) = (*fields.get(3)?, *fields.get(5)?);
-    Some(Run {
-        ops,
-        granted: ops,
-        secs: ops as f64 / rps,
-        // Two synthetic points that give back the percentiles it printed.
-        lat_us: vec![(p50 * 1000.0) as u64, (p99 * 1000.0) as u64],
-        ..Run::default()
+    // Reversed: max, p99, p95, p50, min, avg, rps.
+    Some(RbRun {
+        calls_per_s: fields[6],
+        p50_ms: fields[3],
+        p99_ms: fields[1],
     })
 }
 
-fn rb_pct(run: &Run, p: f64) -> f64 {
-    // For redis-benchmark runs `lat_us` holds just [p50, p99].
-    if p < 0.9 {
-        run.lat_us[0] as f64 / 1000.0
-    } else {
-        run.lat_us[1] as f64 / 1000.0
+// ---------------------------------------------------------------------------------------------
+// Looking at Redis
+
+/// The name of the store's library, found anywhere in a `FUNCTION LIST` reply.
+fn library_name(value: &redis::Value) -> Option<String> {
+    use redis::Value;
+    match value {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes)
+            .ok()
+            .filter(|s| s.starts_with("tower_reserve_"))
+            .map(str::to_owned),
+        Value::SimpleString(s) => s.starts_with("tower_reserve_").then(|| s.clone()),
+        Value::Array(items) | Value::Set(items) => items.iter().find_map(library_name),
+        Value::Map(pairs) => pairs
+            .iter()
+            .find_map(|(k, v)| library_name(k).or_else(|| library_name(v))),
+        _ => None,
     }
 }
 
@@ -407,68 +516,28 @@ async fn info(conn: &mut MultiplexedConnection, section: &str) -> String {
         .expect("INFO")
 }
 
-fn info_field(info: &str, name: &str) -> u64 {
+fn info_field(info: &str, name: &str) -> f64 {
     info.lines()
         .find_map(|l| l.strip_prefix(&format!("{name}:")))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0.0)
 }
 
-/// Commands per call from `INFO commandstats`, less the ones this command sends to look.
-async fn command_counts(conn: &mut MultiplexedConnection) -> Vec<(String, u64)> {
-    let text = info(conn, "commandstats").await;
-    text.lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix("cmdstat_")?;
-            let (name, stats) = rest.split_once(':')?;
-            let calls = stats
-                .split(',')
-                .find_map(|kv| kv.strip_prefix("calls="))?
-                .parse()
-                .ok()?;
-            (!matches!(name, "info" | "config" | "config|resetstat"))
-                .then(|| (name.to_owned(), calls))
-        })
-        .collect()
+async fn used_memory(conn: &mut MultiplexedConnection) -> u64 {
+    info_field(&info(conn, "memory").await, "used_memory") as u64
 }
 
-/// How a counted request goes.
-#[derive(Clone, Copy)]
-enum Path {
-    Commit,
-    Release,
-    Denied,
+async fn dbsize(conn: &mut MultiplexedConnection) -> u64 {
+    redis::cmd("DBSIZE")
+        .query_async(conn)
+        .await
+        .expect("DBSIZE")
 }
 
-/// `INFO commandstats` over `n` requests of one path, each spending `AMOUNT` on `key`.
-async fn count_commands(
-    store: &RedisStore,
-    admin: &mut MultiplexedConnection,
-    key: &str,
-    limit: u64,
-    path: Path,
-    n: u64,
-) -> Vec<(String, u64)> {
-    reset_stats(admin).await;
-    for _ in 0..n {
-        let r = Reservation::builder()
-            .claim(Claim::spend(Budget::new(key, limit), AMOUNT))
-            .build()
-            .unwrap();
-        let answer = store.reserve(&r).await;
-        match path {
-            Path::Denied => assert!(matches!(answer, Ok(Reserved::Denied(_)))),
-            Path::Commit | Path::Release => {
-                assert!(matches!(answer, Ok(Reserved::Granted(_))));
-                if matches!(path, Path::Commit) {
-                    store.commit(r.id()).await.unwrap();
-                } else {
-                    store.release(r.id()).await.unwrap();
-                }
-            }
-        }
-    }
-    command_counts(admin).await
+/// The CPU time `redis-server` has used, user and system, in seconds (its own `INFO cpu`).
+async fn redis_cpu(conn: &mut MultiplexedConnection) -> f64 {
+    let text = info(conn, "cpu").await;
+    info_field(&text, "used_cpu_user") + info_field(&text, "used_cpu_sys")
 }
 
 async fn reset_stats(conn: &mut MultiplexedConnection) {
@@ -479,29 +548,170 @@ async fn reset_stats(conn: &mut MultiplexedConnection) {
         .expect("CONFIG RESETSTAT");
 }
 
-/// Commands the client sent (script calls), per request: every other command counted ran
-/// inside a script (Redis 7 counts those too).
-fn client_calls(counts: &[(String, u64)], per: u64) -> f64 {
-    let sent: u64 = counts
+/// One command's line of `INFO commandstats`.
+struct CmdStat {
+    name: String,
+    calls: u64,
+    usec: u64,
+}
+
+/// `INFO commandstats` since the last reset, less the commands this program sends to look.
+async fn command_stats(conn: &mut MultiplexedConnection) -> Vec<CmdStat> {
+    let text = info(conn, "commandstats").await;
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("cmdstat_")?;
+            let (name, stats) = rest.split_once(':')?;
+            let field = |key: &str| -> Option<u64> {
+                stats
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(key))?
+                    .parse()
+                    .ok()
+            };
+            if matches!(name, "info" | "config" | "config|resetstat") {
+                return None;
+            }
+            Some(CmdStat {
+                name: name.to_owned(),
+                calls: field("calls=")?,
+                usec: field("usec=")?,
+            })
+        })
+        .collect()
+}
+
+/// Before and after a piece of work: Redis's CPU and the store's calls and operations.
+struct Meter {
+    cpu: f64,
+    calls: u64,
+    ops: u64,
+}
+
+impl Meter {
+    async fn start(admin: &mut MultiplexedConnection, store: &RedisStore) -> Self {
+        let stats = store.batch_stats();
+        Self {
+            cpu: redis_cpu(admin).await,
+            calls: stats.calls,
+            ops: stats.ops,
+        }
+    }
+
+    /// Redis CPU seconds, store calls and store operations since `start`.
+    async fn stop(self, admin: &mut MultiplexedConnection, store: &RedisStore) -> (f64, u64, u64) {
+        let stats = store.batch_stats();
+        (
+            redis_cpu(admin).await - self.cpu,
+            stats.calls - self.calls,
+            stats.ops - self.ops,
+        )
+    }
+}
+
+fn per_call(ops: u64, calls: u64) -> String {
+    if calls == 0 {
+        return "-".into();
+    }
+    format!("{:.1}", ops as f64 / calls as f64)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Calls, commands and CPU per request, by path
+
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Commit,
+    CommitPart,
+    Release,
+    Denied,
+}
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Path::Commit => "granted, committed whole",
+            Path::CommitPart => "granted, committed in part (60 of 100)",
+            Path::Release => "granted, released",
+            Path::Denied => "denied",
+        }
+    }
+}
+
+/// What one request of a path costs, over `n` requests from `conc` tasks.
+struct PathCost {
+    /// Calls of the function per request.
+    calls: f64,
+    /// Operations per call (the batch size seen).
+    batch: String,
+    /// Commands per request run inside the function.
+    inner: f64,
+    /// Microseconds of Redis CPU per request (`INFO cpu`).
+    cpu_us: f64,
+    /// Microseconds inside the function per request (`INFO commandstats`, FCALL's `usec`).
+    fcall_us: f64,
+    /// Which commands, per request.
+    which: String,
+}
+
+async fn path_cost(
+    store: &RedisStore,
+    admin: &mut MultiplexedConnection,
+    path: Path,
+    conc: usize,
+    n: u64,
+) -> PathCost {
+    let tag = match path {
+        Path::Commit => "pc",
+        Path::CommitPart => "pp",
+        Path::Release => "pr",
+        Path::Denied => "pd",
+    };
+    let (limit, then) = match path {
+        Path::Commit => (BIG, Then::Commit),
+        Path::CommitPart => (BIG, Then::CommitPart),
+        Path::Release => (BIG, Then::Release),
+        Path::Denied => (AMOUNT / 2, Then::Commit),
+    };
+    reset_stats(admin).await;
+    let meter = Meter::start(admin, store).await;
+    let store2 = store.clone();
+    let run = drive(conc, n, Duration::from_secs(300), move |_| {
+        let store = store2.clone();
+        let key = Spread::Many.key(tag);
+        async move { (crate_once(&store, key, limit, then).await, 0, false) }
+    })
+    .await;
+    let (cpu, calls, ops) = meter.stop(admin, store).await;
+    match path {
+        Path::Denied => assert_eq!(run.granted, 0, "every request of the denied path"),
+        _ => assert_eq!(run.granted, run.ops, "every request of a granted path"),
+    }
+    let stats = command_stats(admin).await;
+    let per = |x: u64| x as f64 / run.ops as f64;
+    let fcall = stats.iter().find(|s| s.name == "fcall");
+    let inner: u64 = stats
         .iter()
-        .filter(|(n, _)| n.starts_with("eval") || n.starts_with("script") || n.starts_with("fcall"))
-        .map(|(_, c)| c)
+        .filter(|s| s.name != "fcall")
+        .map(|s| s.calls)
         .sum();
-    sent as f64 / per as f64
-}
-
-fn describe(counts: &[(String, u64)], per: u64) -> (f64, String) {
-    let total: u64 = counts.iter().map(|(_, c)| c).sum();
-    let parts: Vec<String> = counts
+    let which = stats
         .iter()
-        .map(|(n, c)| format!("{} {:.2}", n.to_uppercase(), *c as f64 / per as f64))
-        .collect();
-    (total as f64 / per as f64, parts.join(", "))
+        .filter(|s| s.name != "fcall")
+        .map(|s| format!("{} {:.2}", s.name.to_uppercase(), per(s.calls)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    PathCost {
+        calls: per(fcall.map_or(0, |s| s.calls)),
+        batch: per_call(ops, calls),
+        inner: per(inner),
+        cpu_us: cpu * 1e6 / run.ops as f64,
+        fcall_us: per(fcall.map_or(0, |s| s.usec)),
+        which,
+    }
 }
 
-async fn used_memory(conn: &mut MultiplexedConnection) -> u64 {
-    info_field(&info(conn, "memory").await, "used_memory")
-}
+// ---------------------------------------------------------------------------------------------
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -516,8 +726,15 @@ async fn run_all() {
     let sweep = env_list("BENCH_SWEEP", "1,2,4,8,16,32,64");
     let max_ops = env_num("BENCH_OPS", 20_000);
     let max_time = Duration::from_secs(env_num("BENCH_SECS", 3));
-    let out = std::env::var("BENCH_OUT").unwrap_or_else(|_| "target/bench-load.md".into());
-    let svg = std::env::var("BENCH_SVG").unwrap_or_else(|_| "benches/throughput.svg".into());
+    let settled = env_num("BENCH_SETTLED", 100_000);
+    let out = std::env::var("BENCH_OUT").unwrap_or_else(|_| {
+        target_dir()
+            .join("bench-load.md")
+            .to_string_lossy()
+            .into_owned()
+    });
+    let svg = std::env::var("BENCH_SVG")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/throughput.svg").to_owned());
 
     let server = redis_server::RedisServer::start();
     let port = server.port();
@@ -536,80 +753,113 @@ async fn run_all() {
         .unwrap_or("?")
         .trim()
         .to_owned();
+    // The library the store loaded when it connected: its name is its function's.
+    let libraries: Vec<redis::Value> = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg("tower_reserve_*")
+        .query_async(&mut admin)
+        .await
+        .expect("FUNCTION LIST");
+    let library = libraries
+        .iter()
+        .find_map(library_name)
+        .expect("the store's library is loaded");
 
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Redis {version} on loopback, started by the command; {max_ops} requests or {} s per run, whichever ends first; {AMOUNT} cents per request; lease {} s.\n",
+        "Redis {version} on loopback, started by the command; {max_ops} requests or {} s per run, whichever ends first; {AMOUNT} cents per request; lease {} s. Every request is a fresh reservation with a random hold id, as the layer makes them, and a settled hold's record is forgotten at once, as the layer settles them, unless a row says otherwise.\n",
         max_time.as_secs(),
         LEASE_MS / 1000
     );
 
-    // ---- 1. The crate against redis-benchmark, same script, same concurrency.
-    let sha: String = redis::cmd("SCRIPT")
-        .arg("LOAD")
-        .arg(RESERVE_LUA)
-        .query_async(&mut admin)
-        .await
-        .expect("SCRIPT LOAD");
+    // ---- 1. The crate against redis-benchmark calling the same function.
     let have_rb = Command::new("redis-benchmark")
         .arg("--version")
         .output()
         .is_ok();
-    let _ = writeln!(
-        md,
-        "### RedisStore against redis-benchmark (same Lua script, EVALSHA)\n"
-    );
-    let _ = writeln!(
-        md,
-        "`reserve` is the crate's `RedisStore::reserve` alone (the hold stays in flight), the same work `redis-benchmark` does with the reserve script by EVALSHA; `reserve+commit` adds the commit script call. The ratio is crate `reserve` / `redis-benchmark`, both measured here, one after the other.\n"
-    );
-    let _ = writeln!(
-        md,
-        "| budgets | concurrency | crate reserve/s | p50 ms | p99 ms | crate reserve+commit/s | p50 ms | p99 ms | redis-benchmark EVALSHA/s | p50 ms | p99 ms | ratio crate/redis-benchmark |"
-    );
-    let _ = writeln!(
-        md,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    );
+    let mut rates = String::new();
+    let mut cpu_md = String::new();
     let mut headline_ratio = Vec::new();
     for spread in [Spread::Hot, Spread::Many] {
         for &conc in &headline {
             flushall(&mut admin).await;
+            let meter = Meter::start(&mut admin, &store).await;
             let reserve = run_crate(
-                &store, "r", spread, MAX_AMOUNT, false, conc, max_ops, max_time,
+                &store,
+                "r",
+                spread,
+                BIG,
+                Then::Hold,
+                conc,
+                max_ops,
+                max_time,
             )
             .await;
+            let (r_cpu, r_calls, r_ops) = meter.stop(&mut admin, &store).await;
             flushall(&mut admin).await;
+            let meter = Meter::start(&mut admin, &store).await;
             let both = run_crate(
-                &store, "rc", spread, MAX_AMOUNT, true, conc, max_ops, max_time,
+                &store,
+                "rc",
+                spread,
+                BIG,
+                Then::Commit,
+                conc,
+                max_ops,
+                max_time,
             )
             .await;
-            flushall(&mut admin).await;
-            let rb_ops = ((reserve.rate() * 1.5) as u64)
+            let (b_cpu, b_calls, b_ops) = meter.stop(&mut admin, &store).await;
+            let rb_calls = ((reserve.rate() * 1.5) as u64)
                 .clamp(5_000, 200_000)
                 .min(max_ops * 2);
-            let rb = if have_rb {
-                redis_benchmark(port, &sha, spread, conc, rb_ops)
-            } else {
-                None
-            };
-            let (rb_rate, rb50, rb99, ratio) = match &rb {
-                Some(rb) => {
-                    let ratio = reserve.rate() / rb.rate();
+            let mut rb_single = None;
+            let mut rb_batched = None;
+            if have_rb {
+                flushall(&mut admin).await;
+                let cpu = redis_cpu(&mut admin).await;
+                let rb = redis_benchmark(port, &library, spread, 1, conc, rb_calls);
+                let cpu = (redis_cpu(&mut admin).await - cpu) / rb_calls as f64;
+                rb_single = rb.map(|rb| (rb, cpu));
+                flushall(&mut admin).await;
+                let calls = (rb_calls / RB_BATCH as u64).max(1_000);
+                let cpu = redis_cpu(&mut admin).await;
+                let rb = redis_benchmark(port, &library, spread, RB_BATCH, conc, calls);
+                let cpu = (redis_cpu(&mut admin).await - cpu) / (calls * RB_BATCH as u64) as f64;
+                rb_batched = rb.map(|rb| (rb, cpu));
+            }
+            let (rb_rate, rb50, rb99, ratio, rb_cpu) = match &rb_single {
+                Some((rb, cpu)) => {
+                    let ratio = reserve.rate() / rb.calls_per_s;
                     headline_ratio.push((spread.name(), conc, ratio));
                     (
-                        format!("{:.0}", rb.rate()),
-                        format!("{:.2}", rb_pct(rb, 0.5)),
-                        format!("{:.2}", rb_pct(rb, 0.99)),
+                        format!("{:.0}", rb.calls_per_s),
+                        format!("{:.2}", rb.p50_ms),
+                        format!("{:.2}", rb.p99_ms),
                         format!("**{ratio:.2}**"),
+                        format!("{:.1}", cpu * 1e6),
                     )
                 }
-                None => ("n/a".into(), "".into(), "".into(), "n/a".into()),
+                None => (
+                    "n/a".into(),
+                    "".into(),
+                    "".into(),
+                    "n/a".into(),
+                    "n/a".into(),
+                ),
+            };
+            let (rbb_rate, rbb_cpu) = match &rb_batched {
+                Some((rb, cpu)) => (
+                    format!("{:.0}", rb.calls_per_s * RB_BATCH as f64),
+                    format!("{:.1}", cpu * 1e6),
+                ),
+                None => ("n/a".into(), "n/a".into()),
             };
             let _ = writeln!(
-                md,
-                "| {} | {conc} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {rb_rate} | {rb50} | {rb99} | {ratio} |",
+                rates,
+                "| {} | {conc} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {rb_rate} | {rb50} | {rb99} | {ratio} | {rbb_rate} |",
                 spread.name(),
                 reserve.rate(),
                 reserve.pct(0.5),
@@ -618,48 +868,99 @@ async fn run_all() {
                 both.pct(0.5),
                 both.pct(0.99),
             );
+            let _ = writeln!(
+                cpu_md,
+                "| {} | {conc} | {} | {:.1} | {} | {:.1} | {rb_cpu} | {rbb_cpu} |",
+                spread.name(),
+                per_call(r_ops, r_calls),
+                r_cpu * 1e6 / reserve.ops as f64,
+                per_call(b_ops, b_calls),
+                b_cpu * 1e6 / both.ops as f64,
+            );
             eprintln!("crate vs redis-benchmark: {} c={conc} done", spread.name());
         }
     }
+    let _ = writeln!(
+        md,
+        "### RedisStore against redis-benchmark (the store's own function, FCALL)\n"
+    );
+    let _ = writeln!(
+        md,
+        "`reserve` is the crate's `RedisStore::reserve` alone (the hold stays in flight); `purchase` adds the commit (reserve + commit, the record forgotten). `redis-benchmark` calls the very function the store loaded (`FCALL {library} 1 <key> <operations> {RETAIN_MS}`) with a payload written here exactly as the store writes it: one reserve of a fresh random hold id (two `__rand_int__` placeholders: 10^8 ids) on the hot budget or on one of 10,000 (a third placeholder in the budget key), `-r {MANY}`, one call in flight per connection. A placeholder is 12 characters and redis-benchmark writes 12 digits in its place, so the MessagePack lengths stay right; the limit ({BIG}) is chosen so that the payload holds no zero byte (arguments are C strings). The last column sends {RB_BATCH} such reserves per call, as the store's worker does under load: Redis's own ceiling for this work. The ratio is crate `reserve` / `redis-benchmark` (one reserve per call), both measured here, one after the other.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| budgets | concurrency | crate reserve/s | p50 ms | p99 ms | crate purchases/s | p50 ms | p99 ms | redis-benchmark reserves/s | p50 ms | p99 ms | ratio crate/redis-benchmark | redis-benchmark, {RB_BATCH} per call: reserves/s |"
+    );
+    let _ = writeln!(
+        md,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    md.push_str(&rates);
+    let _ = writeln!(
+        md,
+        "\nWhat the same runs cost Redis: operations per call (the store's `batch_stats()`: the batch size seen) and `redis-server` CPU (`INFO cpu`, user + system) per request.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| budgets | concurrency | crate reserve: operations/call | Redis µs/reserve | crate purchase: operations/call | Redis µs/purchase | redis-benchmark (1 per call): Redis µs/reserve | redis-benchmark ({RB_BATCH} per call): Redis µs/reserve |"
+    );
+    let _ = writeln!(
+        md,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    md.push_str(&cpu_md);
 
-    // ---- 2. Commands per request.
+    // ---- 2. Calls, commands and CPU per request, by path; partial against whole commits.
+    let seq_n = 1_000u64;
+    let conc_n = max_ops.max(2_000);
     flushall(&mut admin).await;
-    let n = 1_000u64;
-    // Load the scripts once (a first call may cost a SCRIPT LOAD), then count.
-    let warm = Reservation::builder()
-        .claim(Claim::spend(Budget::new("cmd-warm", 1_000), AMOUNT))
-        .build()
-        .unwrap();
-    store.reserve(&warm).await.unwrap();
-    store.commit(warm.id()).await.unwrap();
-    store
-        .release(&tower_reserve::HoldId::random())
-        .await
-        .unwrap();
-    let granted = count_commands(&store, &mut admin, "cmd-ok", MAX_AMOUNT, Path::Commit, n).await;
-    let released =
-        count_commands(&store, &mut admin, "cmd-ok2", MAX_AMOUNT, Path::Release, n).await;
-    let denied = count_commands(&store, &mut admin, "cmd-full", 50, Path::Denied, n).await;
+    // Warm up (a first call may load the library).
+    let _ = path_cost(&store, &mut admin, Path::Commit, 1, 50).await;
+    let mut paths = Vec::new();
+    for (conc, n) in [(1usize, seq_n), (32, conc_n)] {
+        for path in [Path::Commit, Path::CommitPart, Path::Release, Path::Denied] {
+            flushall(&mut admin).await;
+            paths.push((
+                path,
+                conc,
+                n,
+                path_cost(&store, &mut admin, path, conc, n).await,
+            ));
+        }
+        eprintln!("costs by path at {conc} concurrent: done");
+    }
     let _ = writeln!(
         md,
-        "\n### Redis commands per request (`INFO commandstats`, {n} requests each)\n"
+        "\n### Calls, commands and Redis CPU per request, by path (`INFO commandstats`, `INFO cpu`)\n"
     );
     let _ = writeln!(
         md,
-        "| path | commands sent/request (round trips) | all commands/request, scripts' own included | which |"
+        "Requests spread over {MANY} budgets, one at a time ({seq_n} requests) and 32 at once ({conc_n}). A partial commit spends {PARTIAL} of the {AMOUNT} cents held and gives the rest back in the same operation. *Calls* are the function calls (`FCALL`) per request, which batching brings below the operations per request; *commands* are those the function runs, which Redis 7 counts too.\n"
     );
-    let _ = writeln!(md, "| --- | ---: | ---: | --- |");
-    for (name, counts) in [
-        ("granted, committed (reserve + commit)", &granted),
-        ("granted, released (reserve + release)", &released),
-        ("denied (reserve only)", &denied),
-    ] {
-        let (per, which) = describe(counts, n);
-        let sent = client_calls(counts, n);
-        let _ = writeln!(md, "| {name} | {sent:.2} | {per:.2} | {which} |");
+    let _ = writeln!(
+        md,
+        "| path | at once | calls/request | operations/call | commands run/request | Redis CPU µs/request | µs inside the function/request | which commands, per request |"
+    );
+    let _ = writeln!(
+        md,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
+    for (path, conc, _, c) in &paths {
+        let _ = writeln!(
+            md,
+            "| {} | {conc} | {:.2} | {} | {:.2} | {:.1} | {:.1} | {} |",
+            path.name(),
+            c.calls,
+            c.batch,
+            c.inner,
+            c.cpu_us,
+            c.fcall_us,
+            c.which
+        );
     }
 
-    // ---- 3. Memory per hold in flight and per owned value.
+    // ---- 3. Memory: holds in flight, owned values, and what settled purchases leave.
     let holds = 100_000u64;
     flushall(&mut admin).await;
     let before = used_memory(&mut admin).await;
@@ -667,29 +968,23 @@ async fn run_all() {
         &store,
         "mem",
         Spread::Hot,
-        MAX_AMOUNT,
-        false,
+        BIG,
+        Then::Hold,
         32,
         holds,
         Duration::from_secs(300),
     )
     .await;
     let after = used_memory(&mut admin).await;
-    let keys_holds: u64 = redis::cmd("DBSIZE").query_async(&mut admin).await.unwrap();
-    let per_hold = (after.saturating_sub(before)) as f64 / holds as f64;
+    let keys_holds = dbsize(&mut admin).await;
+    let per_hold = after.saturating_sub(before) as f64 / holds as f64;
 
     flushall(&mut admin).await;
-    let owned_store = RedisStore::builder()
-        .prefix("bench")
-        .retain(Duration::from_millis(1))
-        .connect(&url)
-        .await
-        .unwrap();
     let before = used_memory(&mut admin).await;
     let next = Arc::new(AtomicU64::new(0));
-    let owned_store2 = owned_store.clone();
+    let store2 = store.clone();
     let _ = drive(32, holds, Duration::from_secs(300), move |_| {
-        let store = owned_store2.clone();
+        let store = store2.clone();
         let i = next.fetch_add(1, Ordering::Relaxed);
         async move {
             let r = Reservation::builder()
@@ -700,54 +995,106 @@ async fn run_all() {
                 .build()
                 .unwrap();
             assert!(matches!(store.reserve(&r).await, Ok(Reserved::Granted(_))));
-            store.commit(r.id()).await.unwrap();
+            store
+                .settle(r.id(), &Settlement::commit().forget())
+                .await
+                .unwrap();
             (true, 0, false)
         }
     })
     .await;
-    // The settled records expire 1 ms after the commit: let Redis remove them (SCAN deletes the
-    // expired keys it meets), so what is left is what an owned value costs for good.
-    let settle_by = Instant::now() + Duration::from_secs(20);
-    let mut keys_owned: u64;
-    loop {
-        let mut cursor = 0u64;
-        loop {
-            let (next, _keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut admin)
-                .await
-                .unwrap();
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
-        keys_owned = redis::cmd("DBSIZE").query_async(&mut admin).await.unwrap();
-        if keys_owned <= holds || Instant::now() > settle_by {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     let after = used_memory(&mut admin).await;
-    let per_value = (after.saturating_sub(before)) as f64 / holds as f64;
+    let keys_owned = dbsize(&mut admin).await;
+    let per_value = after.saturating_sub(before) as f64 / holds as f64;
+
+    // Settled purchases: first one purchase on each of `MANY` budgets (their own state), then
+    // `settled` more on the same budgets. What is left beyond the budgets is what settled holds
+    // leave behind.
+    flushall(&mut admin).await;
+    let m0 = used_memory(&mut admin).await;
+    let next = Arc::new(AtomicU64::new(0));
+    let store2 = store.clone();
+    let _ = drive(32, MANY, Duration::from_secs(300), move |_| {
+        let store = store2.clone();
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let granted = crate_once(&store, format!("m-{i}"), BIG, Then::Commit).await;
+            (granted, 0, false)
+        }
+    })
+    .await;
+    let m1 = used_memory(&mut admin).await;
+    let k1 = dbsize(&mut admin).await;
+    let forgot = run_crate(
+        &store,
+        "m",
+        Spread::Many,
+        BIG,
+        Then::Commit,
+        32,
+        settled,
+        Duration::from_secs(600),
+    )
+    .await;
+    let m2 = used_memory(&mut admin).await;
+    let k2 = dbsize(&mut admin).await;
+    let kept = run_crate(
+        &store,
+        "m",
+        Spread::Many,
+        BIG,
+        Then::CommitKept,
+        32,
+        settled,
+        Duration::from_secs(600),
+    )
+    .await;
+    let m3 = used_memory(&mut admin).await;
+    let k3 = dbsize(&mut admin).await;
+    let per_budget = m1.saturating_sub(m0) as f64 / MANY as f64;
+    let per_forgot = (m2 as f64 - m1 as f64) / forgot.ops as f64;
+    let per_kept = (m3 as f64 - m2 as f64) / kept.ops as f64;
     let _ = writeln!(
         md,
-        "\n### Redis memory (`INFO memory` `used_memory`, before and after {holds})\n"
+        "\n### Redis memory (`INFO memory` `used_memory` and `DBSIZE`, before and after)\n"
     );
     let _ = writeln!(md, "| what | bytes each | keys each | target |");
     let _ = writeln!(md, "| --- | ---: | ---: | ---: |");
     let _ = writeln!(
         md,
-        "| hold in flight (one spend claim, one budget) | {per_hold:.0} | {:.2} | < 200 |",
+        "| hold in flight (one spend claim, one hot budget; {holds}) | {per_hold:.0} | {:.2} | < 200 |",
         keys_holds as f64 / holds as f64
     );
     let _ = writeln!(
         md,
-        "| owned unique value (e-mail, committed, settled record expired) | {per_value:.0} | {:.2} | < 150 |",
+        "| owned unique value (an e-mail, committed, record forgotten; {holds}) | {per_value:.0} | {:.2} | < 150 |",
         keys_owned as f64 / holds as f64
     );
+    let _ = writeln!(
+        md,
+        "| a budget's own state (one purchase on each of {MANY}) | {per_budget:.0} | {:.2} | - |",
+        k1 as f64 / MANY as f64
+    );
+    let _ = writeln!(
+        md,
+        "| **a settled purchase**, record forgotten as the layer does ({} more on those budgets) | **{per_forgot:.1}** | {:.4} | 0 |",
+        forgot.ops,
+        (k2 as f64 - k1 as f64) / forgot.ops as f64
+    );
+    let _ = writeln!(
+        md,
+        "| a settled purchase whose record is kept for the retention period (an id the caller named; {} more) | {per_kept:.0} | {:.2} | - |",
+        kept.ops,
+        (k3 as f64 - k2 as f64) / kept.ops as f64
+    );
+    let _ = writeln!(
+        md,
+        "\nAfter {} settled purchases on {MANY} budgets, Redis held **{k2} keys** (the budgets: {k1}) and {:.1} MB, of which {:.1} MB is the budgets' own state.",
+        forgot.ops + MANY,
+        (m2 - m0) as f64 / 1e6,
+        (m1 - m0) as f64 / 1e6,
+    );
+    eprintln!("memory: done");
 
     // ---- 4. The hand-written ways against the crate, same budgets, same load.
     // Each budget's limit is half of what its requests ask for on average, so half should be
@@ -767,7 +1114,7 @@ async fn run_all() {
     );
     let _ = writeln!(
         md,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let mut plot: Vec<(&str, Vec<(usize, f64)>)> = vec![
         ("tower-reserve (RedisStore)", Vec::new()),
@@ -788,41 +1135,29 @@ async fn run_all() {
                     Spread::Hot => max_ops / 2 * AMOUNT,
                     Spread::Many => AMOUNT,
                 };
+                let hand =
+                    |way| run_hand(&client, way, "cmp", spread, limit, conc, max_ops, max_time);
                 let run = match k {
                     0 => {
-                        run_crate(&store, "cmp", spread, limit, true, conc, max_ops, max_time).await
-                    }
-                    1 => {
-                        run_hand(
-                            &client,
-                            Hand::CheckThenAct,
+                        run_crate(
+                            &store,
                             "cmp",
                             spread,
                             limit,
+                            Then::Commit,
                             conc,
                             max_ops,
                             max_time,
                         )
                         .await
                     }
-                    _ => {
-                        run_hand(
-                            &client,
-                            Hand::Optimistic,
-                            "cmp",
-                            spread,
-                            limit,
-                            conc,
-                            max_ops,
-                            max_time,
-                        )
-                        .await
-                    }
+                    1 => hand(Hand::CheckThenAct).await,
+                    _ => hand(Hand::Optimistic).await,
                 };
                 if spread == Spread::Hot {
                     plot[k].1.push((conc, run.rate()));
                 }
-                over.push((spread.name(), *way, conc, run.over_cents, run.rate()));
+                over.push((*way, run.over_cents));
                 let _ = writeln!(
                     md,
                     "| {} | {way} | {conc} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} |",
@@ -845,16 +1180,40 @@ async fn run_all() {
     for (spread, conc, ratio) in &headline_ratio {
         let _ = writeln!(
             summary,
-            "- crate `reserve` / `redis-benchmark` EVALSHA, {spread}, {conc} concurrent: **{ratio:.2}** (target 0.7)"
+            "- crate `reserve` / `redis-benchmark` FCALL of the same function, {spread}, {conc} concurrent: **{ratio:.2}**"
         );
     }
-    let (g, _) = describe(&granted, n);
-    let (d, _) = describe(&denied, n);
+    let find = |path: Path, conc: usize| {
+        paths
+            .iter()
+            .find(|(p, c, _, _)| *p == path && *c == conc)
+            .map(|(_, _, _, cost)| cost)
+            .expect("a measured path")
+    };
+    let (whole1, part1) = (find(Path::Commit, 1), find(Path::CommitPart, 1));
+    let (whole32, part32) = (find(Path::Commit, 32), find(Path::CommitPart, 32));
     let _ = writeln!(
         summary,
-        "- Redis commands sent per granted request (reserve + commit): **{:.2}** script calls ({g:.2} counting the commands the scripts run); per denied request: **{:.2}** ({d:.2})",
-        client_calls(&granted, n),
-        client_calls(&denied, n)
+        "- a purchase (reserve + commit): **{:.2}** function calls one at a time, **{:.2}** at 32 concurrent ({} operations per call); **{:.1} µs** of `redis-server` CPU at 32 concurrent (target ≤ 8 µs)",
+        whole1.calls, whole32.calls, whole32.batch, whole32.cpu_us
+    );
+    let _ = writeln!(
+        summary,
+        "- a partial commit against a whole one: **{:.2}** against **{:.2}** calls per purchase, {:.2} against {:.2} commands run, {:.1} against {:.1} µs of Redis CPU one at a time ({:.1} against {:.1} at 32 concurrent)",
+        part1.calls,
+        whole1.calls,
+        part1.inner,
+        whole1.inner,
+        part1.cpu_us,
+        whole1.cpu_us,
+        part32.cpu_us,
+        whole32.cpu_us
+    );
+    let _ = writeln!(
+        summary,
+        "- Redis memory left by a settled purchase (record forgotten): **{per_forgot:.1} B** and **{:.4}** keys each, beyond the budgets' own state ({per_budget:.0} B per budget): after {} settled purchases, {k2} keys for {MANY} budgets",
+        (k2 as f64 - k1 as f64) / forgot.ops as f64,
+        forgot.ops + MANY
     );
     let _ = writeln!(
         summary,
@@ -862,8 +1221,8 @@ async fn run_all() {
     );
     let worst = |way: &str| {
         over.iter()
-            .filter(|o| o.1 == way)
-            .map(|o| o.3)
+            .filter(|o| o.0 == way)
+            .map(|o| o.1)
             .max()
             .unwrap_or(0)
     };
