@@ -19,6 +19,7 @@
 //! | `BENCH_SETTLED` | settled purchases of the memory test | `100000` |
 //! | `BENCH_OUT` | the Markdown report | `target/bench-load.md` in the workspace |
 //! | `BENCH_SVG` | the plot of throughput against concurrency | `benches/throughput.svg` |
+//! | `BENCH_FACTS` | a file for the headline numbers as `name=value` lines (for `scripts/bench`) | unset |
 
 #[path = "../../tests/support/redis_server.rs"]
 mod redis_server;
@@ -1233,6 +1234,32 @@ async fn run_all() {
         worst("check-then-act"),
         worst("optimistic")
     );
+
+    if let Ok(path) = std::env::var("BENCH_FACTS") {
+        let facts = [
+            ("settled_purchases", (forgot.ops + MANY) as f64),
+            ("settled_budgets", MANY as f64),
+            ("settled_keys", k2 as f64),
+            ("settled_bytes_per_purchase", per_forgot),
+            (
+                "settled_keys_per_purchase",
+                (k2 as f64 - k1 as f64) / forgot.ops as f64,
+            ),
+            ("budget_bytes", per_budget),
+            ("purchase_calls_1", whole1.calls),
+            ("purchase_calls_32", whole32.calls),
+            ("purchase_redis_cpu_us_32", whole32.cpu_us),
+            ("whole_redis_cpu_us_1", whole1.cpu_us),
+            ("partial_redis_cpu_us_1", part1.cpu_us),
+            ("whole_calls_1", whole1.calls),
+            ("partial_calls_1", part1.calls),
+        ];
+        let text: String = facts
+            .iter()
+            .map(|(name, value)| format!("{name}={value:.4}\n"))
+            .collect();
+        std::fs::write(&path, text).expect("write the facts");
+    }
 
     let report = format!("{summary}\n{md}");
     std::fs::write(&out, &report).expect("write the load report");
