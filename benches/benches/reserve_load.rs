@@ -482,6 +482,50 @@ fn redis_benchmark(
     })
 }
 
+/// The commands a purchase runs in the store's function, one at a time (reserve: `TIME`,
+/// `SET .. NX GET`, `HMGET`, `HSET`; commit: `TIME`, `GETDEL`, `HMGET`, `HSET`), in one plain
+/// script without the store's logic: what Redis itself needs for a purchase.
+const FLOOR_LUA: &str = "redis.call('TIME')
+redis.call('SET', KEYS[1], ARGV[1], 'PX', 630000, 'NX', 'GET')
+redis.call('HMGET', KEYS[2], 'spent', 'held', 'n', 'c', 't', 'x1')
+redis.call('HSET', KEYS[2], 'held', '100', 'c', '1', 'n', '1700000000000', 'spent', '0')
+redis.call('TIME')
+redis.call('GETDEL', KEYS[1])
+redis.call('HMGET', KEYS[2], 'spent', 'held', 'n', 'c', 't', 'x1')
+redis.call('HSET', KEYS[2], 'held', '0', 'c', '0', 'spent', '100')
+return 1";
+
+/// `redis-server` CPU per call, in microseconds, of `redis-benchmark` sending `script` by
+/// EVALSHA with `keys` (`__rand_int__` placeholders, `-r MANY`) and `args`: 8 connections, 16
+/// calls pipelined on each, as the store's batches amortize a call's reading and writing.
+async fn script_cost(
+    admin: &mut MultiplexedConnection,
+    port: u16,
+    script: &str,
+    keys: &[&str],
+    args: &[&str],
+    calls: u64,
+) -> Option<f64> {
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(script)
+        .query_async(admin)
+        .await
+        .ok()?;
+    let before = redis_cpu(admin).await;
+    let out = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-c", "8", "-P", "16", "-n", &calls.to_string()])
+        .args(["-r", &MANY.to_string(), "-q"])
+        .args(["EVALSHA", &sha, &keys.len().to_string()])
+        .args(keys)
+        .args(args)
+        .output()
+        .ok()?;
+    out.status.success().then_some(())?;
+    Some((redis_cpu(admin).await - before) * 1e6 / calls as f64)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Looking at Redis
 
@@ -960,6 +1004,31 @@ async fn run_all() {
             c.which
         );
     }
+    let floor_calls = max_ops.max(20_000) * 2;
+    flushall(&mut admin).await;
+    let empty = script_cost(&mut admin, port, "return 1", &[], &[], floor_calls).await;
+    flushall(&mut admin).await;
+    let record = "H".repeat(70);
+    let floor = script_cost(
+        &mut admin,
+        port,
+        FLOOR_LUA,
+        &["rb:h:{__rand_int____rand_int__}", "rb:b:{rb-__rand_int__}"],
+        &[&record],
+        floor_calls,
+    )
+    .await;
+    let whole32_cpu = paths
+        .iter()
+        .find(|(p, c, _, _)| *p == Path::Commit && *c == 32)
+        .map_or(0.0, |(_, _, _, cost)| cost.cpu_us);
+    if let (Some(empty), Some(floor)) = (empty, floor) {
+        let _ = writeln!(
+            md,
+            "\nFor scale, Redis's own floor on this machine, measured the same way (`INFO cpu` around `redis-benchmark`: 8 connections, 16 calls pipelined on each, as batches amortize a call): an empty script (`EVALSHA` of `return 1`) costs **{empty:.1} µs** per call; the eight commands of a purchase (reserve: `TIME`, `SET .. NX GET`, `HMGET`, `HSET`; commit: `TIME`, `GETDEL`, `HMGET`, `HSET`) in one plain script without the store's logic, **{floor:.1} µs**; the store's function, **{whole32_cpu:.1} µs** per purchase at 32 at once."
+        );
+    }
+    eprintln!("floor: done");
 
     // ---- 3. Memory: holds in flight, owned values, and what settled purchases leave.
     let holds = 100_000u64;
@@ -1198,6 +1267,13 @@ async fn run_all() {
         "- a purchase (reserve + commit): **{:.2}** function calls one at a time, **{:.2}** at 32 concurrent ({} operations per call); **{:.1} µs** of `redis-server` CPU at 32 concurrent (target ≤ 8 µs)",
         whole1.calls, whole32.calls, whole32.batch, whole32.cpu_us
     );
+    if let (Some(empty), Some(floor)) = (empty, floor) {
+        let _ = writeln!(
+            summary,
+            "- Redis's own floor on this machine: an empty script **{empty:.1} µs** per call, a purchase's eight commands in one plain script **{floor:.1} µs**, against **{:.1} µs** per purchase for the store's function at 32 concurrent",
+            whole32.cpu_us
+        );
+    }
     let _ = writeln!(
         summary,
         "- a partial commit against a whole one: **{:.2}** against **{:.2}** calls per purchase, {:.2} against {:.2} commands run, {:.1} against {:.1} µs of Redis CPU one at a time ({:.1} against {:.1} at 32 concurrent)",
@@ -1253,6 +1329,8 @@ async fn run_all() {
             ("partial_redis_cpu_us_1", part1.cpu_us),
             ("whole_calls_1", whole1.calls),
             ("partial_calls_1", part1.calls),
+            ("floor_empty_us", empty.unwrap_or(f64::NAN)),
+            ("floor_purchase_us", floor.unwrap_or(f64::NAN)),
         ];
         let text: String = facts
             .iter()
