@@ -7,13 +7,14 @@
 //!   note, when `redis-server` is not installed).
 //!
 //! Besides criterion's own output, writes a Markdown table (ns per request, ratio to bare,
-//! heap allocations per request) to `$BENCH_OUT` (default `target/bench-overhead.md`).
+//! heap allocations per request) to `$BENCH_OUT` (default `target/bench-overhead.md` in the
+//! workspace).
 //!
 //! ```text
-//! cargo bench --bench overhead
+//! cargo bench -p tower-reserve-benches --bench overhead
 //! ```
 
-#[path = "../tests/support/redis_server.rs"]
+#[path = "../../tests/support/redis_server.rs"]
 mod redis_server;
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -388,6 +389,7 @@ fn main() {
     }
 
     let mut criterion = Criterion::default()
+        .output_directory(&criterion_home())
         .configure_from_args()
         .sample_size(30)
         .warm_up_time(Duration::from_millis(500))
@@ -424,14 +426,25 @@ fn main() {
     write_report(&cases, &allocs, redis_server.is_some());
 }
 
+/// The workspace's target directory (a bench runs in its package's directory, not the
+/// workspace's).
+fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        std::path::PathBuf::from,
+    )
+}
+
+/// Where criterion keeps its results: `$CRITERION_HOME`, or `criterion` in the target directory.
+fn criterion_home() -> std::path::PathBuf {
+    std::env::var_os("CRITERION_HOME")
+        .map_or_else(|| target_dir().join("criterion"), std::path::PathBuf::from)
+}
+
 /// Criterion's median estimate of one case, in nanoseconds.
 fn median_ns(name: &str) -> Option<f64> {
-    let home = std::env::var("CRITERION_HOME").unwrap_or_else(|_| {
-        let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-        format!("{target}/criterion")
-    });
-    let text =
-        std::fs::read_to_string(format!("{home}/overhead/{name}/new/estimates.json")).ok()?;
+    let file = criterion_home().join(format!("overhead/{name}/new/estimates.json"));
+    let text = std::fs::read_to_string(file).ok()?;
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
     json.pointer("/median/point_estimate")?.as_f64()
 }
@@ -474,7 +487,12 @@ fn write_report(cases: &[Case], all_allocs: &[f64], with_redis: bool) {
     if !with_redis {
         md.push_str("\n`redis-server` was not found: the Redis cases were skipped.\n");
     }
-    let out = std::env::var("BENCH_OUT").unwrap_or_else(|_| "target/bench-overhead.md".into());
+    let out = std::env::var("BENCH_OUT").unwrap_or_else(|_| {
+        target_dir()
+            .join("bench-overhead.md")
+            .to_string_lossy()
+            .into_owned()
+    });
     std::fs::write(&out, &md).expect("write the overhead report");
     println!("\n{md}\n(written to {out})");
 }
