@@ -185,7 +185,7 @@ async fn redis_300_concurrent_purchases_reach_the_upstream_25_times() {
 #[tokio::test]
 async fn an_unreachable_redis_stops_the_gateway_with_a_message() {
     let upstream = Upstream::start().await;
-    let output = std::process::Command::new(support::gateway::gateway_binary())
+    let output = std::process::Command::new(support::example::example_binary("gateway"))
         .env("GATEWAY_ADDR", "127.0.0.1:0")
         .env("GATEWAY_UPSTREAM", upstream.url())
         .env("GATEWAY_POLICY", shop_policy())

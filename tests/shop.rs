@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{Value, json};
+use support::example::example_binary;
 use support::redis_server::RedisServer;
-use support::shop::{Shop, client, shop_binary};
+use support::shop::{Shop, client};
 
 /// A customer id of its own for each case.
 fn customer(prefix: &str) -> String {
@@ -312,8 +313,7 @@ async fn a_dead_shops_holds_run_out_with_their_lease() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // The server dies (SIGKILL) with the hold in flight.
-    let _ = doomed.child.kill();
-    let _ = doomed.child.wait();
+    doomed.kill();
     assert!(
         in_flight.await.unwrap().is_err(),
         "the request died with the shop"
@@ -640,7 +640,7 @@ async fn redis_outage_is_503_and_the_shop_recovers() {
 // Start-up
 
 fn run_to_exit(env: &[(&str, &str)]) -> (bool, String) {
-    let mut command = Command::new(shop_binary());
+    let mut command = Command::new(example_binary("shop"));
     command
         .env_remove("REDIS_URL")
         .env_remove("REDIS_CLUSTER_URLS")

@@ -55,14 +55,26 @@ pub struct Example {
     child: Child,
     /// `http://127.0.0.1:<port>`, from its `listening on` line.
     pub base: String,
-    /// What it printed before it listened (the store it uses, say).
+    /// What it printed on standard output before it listened (the store it uses, say).
     pub before: Vec<String>,
+    /// Every later line, from standard output and (when piped) standard error alike.
+    lines: mpsc::Receiver<String>,
 }
 
 impl Example {
     /// Starts example `name` with `addr_var` set to a free loopback port (`127.0.0.1:0`) and
     /// these variables, and waits (at most 60 s) for its `listening on <url>` line.
     pub fn start(name: &str, addr_var: &str, env: &[(&str, &str)]) -> Example {
+        Self::spawn(
+            name,
+            Self::command(name, addr_var, env),
+            Duration::from_secs(60),
+        )
+    }
+
+    /// The command that starts example `name` on a free loopback port: no Redis from the test's
+    /// environment, standard output piped, standard error inherited, then these variables.
+    pub fn command(name: &str, addr_var: &str, env: &[(&str, &str)]) -> Command {
         let mut command = Command::new(example_binary(name));
         command
             .env_remove("REDIS_URL")
@@ -75,27 +87,53 @@ impl Example {
         for (k, v) in env {
             command.env(k, v);
         }
+        command
+    }
+
+    /// Spawns `command` (example `name`) and waits, at most `within`, for its `listening on`
+    /// line. Its pipes are drained for its whole life; what it writes to a piped standard
+    /// error is also echoed to the test's.
+    pub fn spawn(name: &str, mut command: Command, within: Duration) -> Example {
         let mut child = command.spawn().expect("start the example");
+        let (out_tx, out_rx) = mpsc::channel::<String>();
+        let (tx, lines) = mpsc::channel::<String>();
         let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel::<String>();
+        let later = tx.clone();
         std::thread::spawn(move || {
-            // Keeps draining stdout for the process's whole life.
+            let mut listening = false;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                let _ = tx.send(line);
+                // Up to the `listening on` line, stdout goes to `before`; then to `lines`.
+                let _ = if listening {
+                    later.send(line)
+                } else {
+                    listening = line.starts_with("listening on ");
+                    out_tx.send(line)
+                };
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(60);
+        if let Some(stderr) = child.stderr.take() {
+            let name = name.to_owned();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("{name}: {line}");
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + within;
         let mut before = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
+            match out_rx.recv_timeout(left) {
                 Ok(line) => match line.strip_prefix("listening on ") {
                     Some(url) => {
                         return Example {
                             child,
                             base: url.trim().to_owned(),
                             before,
+                            lines,
                         };
                     }
                     None => before.push(line),
@@ -103,10 +141,50 @@ impl Example {
                 Err(_) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    panic!("{name} did not say it was listening within 60 s: {before:?}");
+                    panic!("{name} did not say it was listening within {within:?}: {before:?}");
                 }
             }
         }
+    }
+
+    /// Waits (bounded, 10 s) until `GET /healthz` answers `200`.
+    pub async fn wait_healthy(&self) {
+        let client = client();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(r) = client.get(self.url("/healthz")).send().await
+                && r.status() == reqwest::StatusCode::OK
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "/healthz did not answer 200");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits (bounded, 10 s) for a line, printed after it listened, that contains `text`, and
+    /// answers it.
+    pub fn wait_for_line(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no line with {text:?} within 10 s"),
+            }
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills it now, and waits for it to end.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -116,8 +194,7 @@ impl Example {
 
 impl Drop for Example {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

@@ -3,13 +3,11 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -18,38 +16,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use reqwest::Client;
 
-/// The example binary, built once per test run (cheap when it is up to date).
-pub fn gateway_binary() -> PathBuf {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY
-        .get_or_init(|| {
-            // target/<profile>/deps/gateway-<hash> → target/<profile>/examples/gateway
-            let exe = std::env::current_exe().expect("the test binary's path");
-            let profile_dir = exe
-                .parent()
-                .and_then(|deps| deps.parent())
-                .expect("target/<profile>/deps");
-            let release = profile_dir.file_name().is_some_and(|n| n == "release");
-            let mut build = Command::new(env!("CARGO"));
-            build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-                "build",
-                "--quiet",
-                "--example",
-                "gateway",
-            ]);
-            if release {
-                build.arg("--release");
-            }
-            let status = build.status().expect("run cargo build --example gateway");
-            assert!(status.success(), "cargo build --example gateway failed");
-            let binary = profile_dir
-                .join("examples")
-                .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-            assert!(binary.exists(), "no example binary at {}", binary.display());
-            binary
-        })
-        .clone()
-}
+use super::example::Example;
 
 /// The shop's policy, as shipped.
 pub fn shop_policy() -> PathBuf {
@@ -58,101 +25,43 @@ pub fn shop_policy() -> PathBuf {
 
 /// One running gateway; killed when dropped.
 pub struct Gateway {
-    child: Child,
+    app: Example,
     pub base: String,
     /// The first line it printed on standard output: it names the store.
     pub first_line: String,
-    /// Every later line, from standard output and standard error alike.
-    lines: mpsc::Receiver<String>,
 }
 
 impl Gateway {
     /// Starts the gateway on a free port in front of `upstream` with the policy at `policy`, with
     /// these extra variables, and waits (bounded) until `/healthz` answers.
     pub async fn start(upstream: &str, policy: &Path, env: &[(&str, &str)]) -> Gateway {
-        let mut command = Command::new(gateway_binary());
+        let log = ("RUST_LOG", "warn,tower_reserve=info");
+        let mut command = Example::command(
+            "gateway",
+            "GATEWAY_ADDR",
+            &[("GATEWAY_UPSTREAM", upstream), log],
+        );
         command
-            .env_remove("REDIS_URL")
-            .env_remove("REDIS_CLUSTER_URLS")
-            .env("GATEWAY_ADDR", "127.0.0.1:0")
-            .env("GATEWAY_UPSTREAM", upstream)
             .env("GATEWAY_POLICY", policy)
-            .env("RUST_LOG", "warn,tower_reserve=info")
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            command.env(k, v);
+            .stderr(Stdio::piped())
+            .envs(env.iter().copied());
+        let app = Example::spawn("gateway", command, Duration::from_secs(30));
+        app.wait_healthy().await;
+        Gateway {
+            base: app.base.clone(),
+            first_line: app.before.first().cloned().unwrap_or_default(),
+            app,
         }
-        let mut child = command.spawn().expect("start the gateway example");
-        let (tx, rx) = mpsc::channel::<String>();
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let out_tx = tx.clone();
-        // Each keeps draining its pipe for the process's whole life.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = out_tx.send(format!("out: {line}"));
-            }
-        });
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("gateway: {line}");
-                let _ = tx.send(format!("err: {line}"));
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut first_line = None;
-        let base = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    let Some(line) = line.strip_prefix("out: ") else {
-                        continue;
-                    };
-                    first_line.get_or_insert_with(|| line.to_owned());
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        break addr.trim().to_owned();
-                    }
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("the gateway did not say it was listening within 30 s");
-                }
-            }
-        };
-        let gateway = Gateway {
-            child,
-            base,
-            first_line: first_line.unwrap_or_default(),
-            lines: rx,
-        };
-        let client = client();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(r) = client.get(gateway.url("/healthz")).send().await
-                && r.status() == StatusCode::OK
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "/healthz did not answer 200");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        gateway
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        self.app.url(path)
     }
 
     /// Sends `SIGHUP`.
     pub fn hang_up(&self) {
         let status = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
+            .args(["-HUP", &self.app.pid().to_string()])
             .status()
             .expect("run kill -HUP");
         assert!(status.success(), "kill -HUP failed");
@@ -160,15 +69,7 @@ impl Gateway {
 
     /// Waits (bounded, 10 s) for a line that contains `text`, and answers it.
     pub fn wait_for_line(&self, text: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(text) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("the gateway printed no line with {text:?} within 10 s"),
-            }
-        }
+        self.app.wait_for_line(text)
     }
 
     /// The metrics page.
@@ -180,13 +81,6 @@ impl Gateway {
             .expect("scrape /metrics");
         assert_eq!(r.status(), StatusCode::OK);
         r.text().await.expect("a metrics page")
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
