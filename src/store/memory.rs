@@ -10,8 +10,9 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use super::clock::Clock;
 use super::{DEFAULT_RETAIN, HOLD_BUCKET_MS, MAX_EXPIRED_PER_CALL, Store, check_set_spent};
 use crate::reservation::{Denial, DenialReason, Fingerprint, Grant};
 use crate::{
@@ -59,6 +60,7 @@ pub struct MemoryStore {
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
     retain_ms: u64,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -82,17 +84,55 @@ impl MemoryStore {
     }
 
     fn with_retain_ms(retain_ms: u64) -> Self {
+        Self::with(retain_ms, Clock::default())
+    }
+
+    fn with(retain_ms: u64, clock: Clock) -> Self {
         Self {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 retain_ms,
+                clock,
             }),
         }
     }
 
     /// Keeps settled records and tombstones for `retain` instead.
     pub fn retain(self, retain: Duration) -> Self {
-        Self::with_retain_ms(retain.as_millis().max(1) as u64)
+        Self::with(retain.as_millis().max(1) as u64, self.inner.clock.clone())
+    }
+
+    /// An empty store whose clock a test moves with [`MemoryStore::advance_clock`] (feature
+    /// `test-clock`, for tests and simulation only): leases, retentions and windows pass in one
+    /// step.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_reserve::{Budget, Claim, MemoryStore, Reservation, Reserved, Store};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let store = MemoryStore::with_test_clock();
+    /// let budget = Budget::new("customer-42", 100);
+    /// let hold = Reservation::builder()
+    ///     .lease(Duration::from_secs(10))
+    ///     .claim(Claim::spend(budget.clone(), 100))
+    ///     .build()?;
+    /// let Reserved::Granted(_) = store.reserve(&hold).await? else { panic!() };
+    /// store.advance_clock(Duration::from_secs(11));
+    /// assert_eq!(store.budget(&budget).await?.remaining, 100);
+    /// # Ok::<_, tower_reserve::Error>(())
+    /// # }).unwrap();
+    /// ```
+    #[cfg(feature = "test-clock")]
+    pub fn with_test_clock() -> Self {
+        Self::with(DEFAULT_RETAIN.as_millis() as u64, Clock::test())
+    }
+
+    /// Moves a test clock ahead (see [`MemoryStore::with_test_clock`]); on a store with the
+    /// system's clock it does nothing.
+    #[cfg(feature = "test-clock")]
+    pub fn advance_clock(&self, by: Duration) {
+        self.inner.clock.advance(by);
     }
 
     /// Locks the shards of `slots` (any order, repeats allowed) in ascending order, each swept of
@@ -101,7 +141,7 @@ impl MemoryStore {
         let mut shards: Vec<usize> = slots.into_iter().map(shard_of).collect();
         shards.sort_unstable();
         shards.dedup();
-        let now = now_ms();
+        let now = self.inner.clock.now_ms();
         let guards = shards
             .into_iter()
             .map(|i| {
@@ -122,12 +162,9 @@ fn shard_of(slot: u16) -> usize {
     slot as usize & (SHARDS - 1)
 }
 
-/// The wall clock in Unix milliseconds: the embedded store's clock, and the layer's estimate of
-/// when a window resets.
+/// The wall clock in Unix milliseconds: the layer's estimate of when a window resets.
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    super::clock::system_ms()
 }
 
 /// The shards one operation holds, by index.
@@ -692,9 +729,11 @@ impl MemoryStore {
             }
         };
         if replay {
-            // Settled the same way before: a memo not yet kept is kept now.
+            // Settled the same way before: a memo not yet kept is kept now, and the record is
+            // kept at least as long as this settlement asks.
             let memo = record.memo.take().or_else(|| settlement.memo.clone());
             let phase = record.phase;
+            let retain_ms = retain_ms.map(|ms| ms.max(record.drop_at.saturating_sub(now)));
             keep(
                 locked.shard(record_slot),
                 id,
@@ -928,7 +967,7 @@ fn keep(
     };
     record.phase = phase;
     record.memo = memo;
-    record.drop_at = record.drop_at.max(now + retain_ms);
+    record.drop_at = now + retain_ms;
     shard.put_record(id.clone(), record);
 }
 

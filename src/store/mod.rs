@@ -15,6 +15,7 @@ use crate::{
     Budget, BudgetStatus, Error, HoldId, Refund, Reservation, Reserved, Settled, Settlement, Unique,
 };
 
+mod clock;
 mod memory;
 mod redis;
 

@@ -94,3 +94,23 @@ pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
     tracing::callsite::rebuild_interest_cache();
     (logs, guard)
 }
+
+/// A store whose clock the test moves (feature `test-clock`): leases, retentions and windows
+/// pass in one step.
+pub trait Advance: Store {
+    fn advance(&self, by: Duration) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl Advance for tower_reserve::MemoryStore {
+    async fn advance(&self, by: Duration) {
+        self.advance_clock(by);
+    }
+}
+
+impl Advance for tower_reserve::RedisStore {
+    async fn advance(&self, by: Duration) {
+        self.advance_clock(by)
+            .await
+            .expect("advance the store's clock");
+    }
+}

@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
 
-use super::connection::Conn;
+use super::connection::{CallArgs, Conn};
 use super::protocol::{self, Op};
 use crate::{Error, ErrorKind};
 
@@ -71,16 +71,15 @@ struct Job {
 const QUEUE: usize = 8_192;
 
 impl Batcher {
-    /// A worker for one node; `retain_ms` is the store's retention of settled records, which
-    /// every call carries.
+    /// A worker for one node; every call carries `args`.
     pub(crate) fn spawn(
         conn: Conn,
         limits: Limits,
         counters: Arc<Counters>,
-        retain_ms: u64,
+        args: CallArgs,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(work(rx, conn, limits, counters, retain_ms));
+        tokio::spawn(work(rx, conn, limits, counters, args));
         Self { tx }
     }
 
@@ -111,7 +110,7 @@ async fn work(
     conn: Conn,
     limits: Limits,
     counters: Arc<Counters>,
-    retain_ms: u64,
+    args: CallArgs,
 ) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut in_flight = FuturesUnordered::new();
@@ -130,7 +129,7 @@ async fn work(
             }
             counters.calls.fetch_add(1, Ordering::Relaxed);
             counters.ops.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-            in_flight.push(send(conn.clone(), jobs, limits.wait_for, retain_ms));
+            in_flight.push(send(conn.clone(), jobs, limits.wait_for, args.clone()));
         }
         if in_flight.is_empty() {
             if !open && waiting.is_empty() {
@@ -177,11 +176,11 @@ async fn send(
     conn: Conn,
     jobs: Vec<Job>,
     wait_for: Option<(usize, Duration)>,
-    retain_ms: u64,
+    args: CallArgs,
 ) -> (Vec<Job>, Result<Bytes, Error>) {
     let payload = protocol::batch(jobs.iter().map(|j| &j.op.bytes[..]));
     let key = jobs[0].op.key.as_str();
-    let reply = conn.run_batch(key, &payload, retain_ms).await;
+    let reply = conn.run_batch(key, &payload, &args).await;
     if reply.is_ok()
         && let Some((replicas, timeout)) = wait_for
         && jobs.iter().any(|j| j.commits)

@@ -20,7 +20,7 @@ use redis::Value;
 
 use super::RedisStore;
 use super::batch::{Batcher, Counters, Limits};
-use super::connection::Conn;
+use super::connection::{CallArgs, Conn};
 use super::ops::{self, Mode, Nonce, ReserveArgs, SettleAnswer};
 use super::protocol::Op;
 use crate::claim::SLOTS;
@@ -100,7 +100,7 @@ pub(crate) struct Router {
     refreshed: tokio::sync::Mutex<Instant>,
     limits: Limits,
     counters: Arc<Counters>,
-    retain_ms: u64,
+    args: CallArgs,
 }
 
 impl Router {
@@ -108,7 +108,7 @@ impl Router {
         conn: Conn,
         limits: Limits,
         counters: Arc<Counters>,
-        retain_ms: u64,
+        args: CallArgs,
     ) -> Result<Self, Error> {
         let map = load(&conn).await?;
         Ok(Self {
@@ -118,7 +118,7 @@ impl Router {
             refreshed: tokio::sync::Mutex::new(Instant::now()),
             limits,
             counters,
-            retain_ms,
+            args,
         })
     }
 
@@ -138,7 +138,7 @@ impl Router {
             self.conn.clone(),
             self.limits,
             self.counters.clone(),
-            self.retain_ms,
+            self.args.clone(),
         );
         batchers.insert(node.to_owned(), b.clone());
         b

@@ -11,6 +11,7 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr
 use redis::{Cmd, FromRedisValue, Value};
 
 use super::protocol::protocol;
+use crate::store::clock::Clock;
 use crate::{Error, ErrorKind};
 
 /// The store's library of Redis Functions: the shared prelude, the operations, and the batch
@@ -28,22 +29,54 @@ pub(crate) struct Library {
     code: String,
 }
 
-pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
-    const SOURCES: &str = concat!(
-        include_str!("../lua/common.lua"),
-        "\n",
-        include_str!("../lua/hold.lua"),
-        "\n",
-        include_str!("../lua/budget.lua"),
-        "\n",
-        include_str!("../lua/batch.lua"),
-    );
-    use sha2::Digest;
-    let version = crate::claim::hex(&sha2::Sha256::digest(SOURCES.as_bytes())[..6]);
-    let name = format!("tower_reserve_{version}");
-    let code = format!("#!lua name={name}\nlocal FUNCTION_NAME = '{name}'\n{SOURCES}");
-    Library { name, code }
+const SOURCES: &str = concat!(
+    include_str!("../lua/common.lua"),
+    "\n",
+    include_str!("../lua/hold.lua"),
+    "\n",
+    include_str!("../lua/budget.lua"),
+    "\n",
+    include_str!("../lua/batch.lua"),
+);
+
+impl Library {
+    fn build(suffix: &str, sources: &str) -> Self {
+        use sha2::Digest;
+        let version = crate::claim::hex(&sha2::Sha256::digest(SOURCES.as_bytes())[..6]);
+        let name = format!("tower_reserve_{version}{suffix}");
+        let code = format!("#!lua name={name}\nlocal FUNCTION_NAME = '{name}'\n{sources}");
+        Library { name, code }
+    }
+
+    /// The library a store with `clock` calls.
+    fn of(clock: &Clock) -> &'static Library {
+        #[cfg(feature = "test-clock")]
+        if clock.is_test() {
+            return &TEST_LIBRARY;
+        }
+        let _ = clock;
+        &LIBRARY
+    }
+}
+
+pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| Library::build("", SOURCES));
+
+/// The library of a store with a test clock: the same, shifted by what each call carries.
+#[cfg(feature = "test-clock")]
+static TEST_LIBRARY: LazyLock<Library> = LazyLock::new(|| {
+    const OFF: &str = "local TEST_CLOCK = false";
+    assert!(SOURCES.contains(OFF), "common.lua declares TEST_CLOCK");
+    Library::build("_test", &SOURCES.replace(OFF, "local TEST_CLOCK = true"))
 });
+
+/// What every call of the store's function carries besides its operations.
+#[derive(Debug, Clone)]
+pub(crate) struct CallArgs {
+    /// The store's retention of settled records.
+    pub(crate) retain_ms: u64,
+    /// The store's clock.
+    pub(crate) clock: Clock,
+}
 
 /// One node through a reconnecting multiplexed connection, or a Cluster through redis-rs's
 /// cluster client (which follows MOVED and ASK, and reloads its slot map after a failover).
@@ -56,22 +89,25 @@ pub(crate) enum Conn {
 impl Conn {
     /// Runs one batch (a MessagePack array of operations), routed by `key` on a Cluster; answers
     /// the function's MessagePack answer.
-    /// `retain_ms` is the store's retention of settled records.
     pub(crate) async fn run_batch(
         &self,
         key: &str,
         payload: &[u8],
-        retain_ms: u64,
+        args: &CallArgs,
     ) -> Result<Bytes, Error> {
+        let library = Library::of(&args.clock);
         let mut call = redis::cmd("FCALL");
-        call.arg(&LIBRARY.name)
+        call.arg(&library.name)
             .arg(1)
             .arg(key)
             .arg(payload)
-            .arg(retain_ms);
+            .arg(args.retain_ms);
+        if args.clock.is_test() {
+            call.arg(args.clock.shift_ms());
+        }
         let reply = match self.query::<Value>(&call).await {
             Err(err) if is_missing(&err) => {
-                self.load_library().await?;
+                self.load_library(&args.clock).await?;
                 self.query::<Value>(&call).await?
             }
             reply => reply?,
@@ -82,10 +118,12 @@ impl Conn {
         }
     }
 
-    /// Loads the library (on every primary of a Cluster).
-    pub(crate) async fn load_library(&self) -> Result<(), Error> {
+    /// Loads the library of a store with `clock` (on every primary of a Cluster).
+    pub(crate) async fn load_library(&self, clock: &Clock) -> Result<(), Error> {
         let mut load = redis::cmd("FUNCTION");
-        load.arg("LOAD").arg("REPLACE").arg(&LIBRARY.code);
+        load.arg("LOAD")
+            .arg("REPLACE")
+            .arg(&Library::of(clock).code);
         self.query::<Value>(&load).await?;
         Ok(())
     }

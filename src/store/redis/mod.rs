@@ -25,15 +25,18 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use self::batch::{Batcher, Counters, Limits};
 use self::cluster::Router;
-use self::connection::{Conn, check_server};
+use self::connection::{CallArgs, Conn, check_server};
 use self::keys::Keys;
 use self::ops::{Mode, Nonce, ReserveArgs};
 use self::protocol::Op;
 use super::{DEFAULT_RETAIN, Store, check_set_spent};
+use crate::store::clock::Clock;
 use crate::{
     Budget, BudgetStatus, Error, ErrorKind, HoldId, Refund, Reservation, Reserved, Settled,
     Settlement, Unique,
 };
+#[cfg(feature = "test-clock")]
+use redis::Value;
 
 /// A [`Store`] on Redis (one node or a Cluster), shared by every process that uses the same
 /// Redis and key prefix.
@@ -68,6 +71,7 @@ pub struct RedisStore {
 
 struct Inner {
     engine: Engine,
+    conn: Conn,
     keys: Keys,
     config: Config,
     counters: Arc<Counters>,
@@ -85,6 +89,7 @@ struct Config {
     timeout: Duration,
     limits: Limits,
     allow_eviction: bool,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -111,6 +116,7 @@ impl Default for RedisStoreBuilder {
                 timeout: Duration::from_secs(2),
                 limits: Limits::default(),
                 allow_eviction: false,
+                clock: Clock::default(),
             },
         }
     }
@@ -178,6 +184,23 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Gives the store a clock that the test moves with [`RedisStore::advance_clock`] (feature
+    /// `test-clock`, for tests and simulation only). The store then loads a library of its own,
+    /// which adds the clock's shift to the server's `TIME`; the store's own library has no way
+    /// to be shifted.
+    #[cfg(feature = "test-clock")]
+    pub fn test_clock(mut self) -> Self {
+        self.config.clock = crate::store::clock::Clock::test();
+        self
+    }
+
+    fn call_args(&self) -> CallArgs {
+        CallArgs {
+            retain_ms: self.config.retain_ms,
+            clock: self.config.clock.clone(),
+        }
+    }
+
     fn check_prefix(&self) -> Result<(), Error> {
         if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
             return Err(Error::invalid(
@@ -218,17 +241,18 @@ impl RedisStoreBuilder {
                 conn.clone(),
                 self.config.limits,
                 counters.clone(),
-                self.config.retain_ms,
+                self.call_args(),
             )
             .await?;
             for node in router.nodes() {
                 check_server(&conn, &node, self.config.allow_eviction).await?;
             }
-            conn.load_library().await?;
-            Ok(router)
+            conn.load_library(&self.config.clock).await?;
+            Ok((router, conn))
         })
         .await?;
-        Ok(self.build(Engine::Cluster(Box::new(router)), counters))
+        let (router, conn) = router;
+        Ok(self.build(Engine::Cluster(Box::new(router)), conn, counters))
     }
 
     /// Connects to one Redis node and checks it, failing fast when it does not answer.
@@ -245,7 +269,7 @@ impl RedisStoreBuilder {
         let conn = with_timeout(timeout, async {
             let conn = Conn::Node(ConnectionManager::new_with_config(client, manager).await?);
             check_server(&conn, url, self.config.allow_eviction).await?;
-            conn.load_library().await?;
+            conn.load_library(&self.config.clock).await?;
             Ok(conn)
         })
         .await?;
@@ -254,15 +278,16 @@ impl RedisStoreBuilder {
             conn.clone(),
             self.config.limits,
             counters.clone(),
-            self.config.retain_ms,
+            self.call_args(),
         );
-        Ok(self.build(Engine::Node(batcher), counters))
+        Ok(self.build(Engine::Node(batcher), conn, counters))
     }
 
-    fn build(self, engine: Engine, counters: Arc<Counters>) -> RedisStore {
+    fn build(self, engine: Engine, conn: Conn, counters: Arc<Counters>) -> RedisStore {
         RedisStore {
             inner: Arc::new(Inner {
                 engine,
+                conn,
                 keys: Keys::new(self.prefix),
                 config: self.config,
                 counters,
@@ -313,6 +338,37 @@ impl RedisStore {
         }
     }
 
+    /// Moves a test clock ahead (see [`RedisStoreBuilder::test_clock`]): the store's function
+    /// sees `by` more on its clock, and every key of this store's prefix that expires has its
+    /// expiry brought `by` nearer (those it passes go at once), so that leases, retentions and
+    /// windows pass as they would have. On a store with the system's clock it changes nothing.
+    /// Meant for a quiet moment between a test's steps: an operation that runs meanwhile may
+    /// see the new clock with the old expiries.
+    #[cfg(feature = "test-clock")]
+    pub async fn advance_clock(&self, by: Duration) -> Result<(), Error> {
+        if !self.inner.config.clock.is_test() {
+            return Ok(());
+        }
+        self.inner.config.clock.advance(by);
+        let mut shorten = redis::cmd("EVAL");
+        shorten
+            .arg(SHORTEN_EXPIRIES)
+            .arg(0)
+            .arg(format!("{}:*", self.keys().prefix()))
+            .arg(by.as_millis() as u64);
+        let conn = &self.inner.conn;
+        match &self.inner.engine {
+            Engine::Node(_) => conn.query::<Value>(&shorten).await?,
+            Engine::Cluster(router) => {
+                for node in router.nodes() {
+                    conn.query_node::<Value>(&node, shorten.clone()).await?;
+                }
+                Value::Nil
+            }
+        };
+        Ok(())
+    }
+
     fn keys(&self) -> &Keys {
         &self.inner.keys
     }
@@ -341,6 +397,24 @@ impl RedisStore {
         (!plan.groups.is_empty()).then_some(plan)
     }
 }
+
+/// Brings every expiry of the keys matching ARGV[1] on this node ARGV[2] ms nearer; those it
+/// passes go at once.
+#[cfg(feature = "test-clock")]
+const SHORTEN_EXPIRIES: &str = r#"#!lua flags=allow-cross-slot-keys
+local cursor, by = '0', tonumber(ARGV[2])
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = page[1]
+  for _, key in ipairs(page[2]) do
+    local ttl = redis.call('PTTL', key)
+    if ttl > 0 then
+      if ttl <= by then redis.call('DEL', key) else redis.call('PEXPIRE', key, ttl - by) end
+    end
+  end
+until cursor == '0'
+return 0
+"#;
 
 impl Store for RedisStore {
     async fn reserve(&self, reservation: &Reservation) -> Result<Reserved, Error> {
