@@ -410,19 +410,13 @@ where
                         .idempotency
                         .as_ref()
                         .expect("capturing for an idempotency key");
-                    let (settle, after) = match captured {
-                        Captured::Failed => (
-                            Settle::layer(hold, false, Cause::ErrorResponse, timed),
-                            After::Refused(Rejection::response_failed()),
-                        ),
-                        captured => {
-                            let settlement = settlement.take().expect("set with Capturing");
-                            let settlement = idempotency.keep(settlement, &captured);
-                            (
-                                Settle::new(hold, settlement, *cause, timed),
-                                After::Captured(captured),
-                            )
-                        }
+                    // One rule, here and for a handler finished on its own: Idempotency::keep.
+                    let settlement = settlement.take().expect("set with Capturing");
+                    let settlement = idempotency.keep(settlement, &captured);
+                    let settle = Settle::new(hold, settlement, *cause, timed);
+                    let after = match captured {
+                        Captured::Failed => After::Refused(Rejection::response_failed()),
+                        captured => After::Captured(captured),
                     };
                     *this.after = Some(after);
                     this.state.set(State::Settling { settle });
@@ -491,6 +485,16 @@ impl<B: std::fmt::Debug> std::fmt::Debug for ResponseBody<B> {
                 .field("head", head)
                 .field("rest", &rest.is_some())
                 .finish(),
+        }
+    }
+}
+
+/// An empty body, as tower-http's layers that answer on their own (`TimeoutLayer`) require of
+/// the service's response body.
+impl<B> Default for ResponseBody<B> {
+    fn default() -> Self {
+        ResponseBody::Problem {
+            body: Full::default(),
         }
     }
 }

@@ -34,22 +34,33 @@ type Scope = Arc<dyn Fn(&http::request::Parts) -> Option<String> + Send + Sync>;
 /// | errors as problem details (RFC 9457), each with its own type | every refusal above is `application/problem+json` with a `type` of its own ([`RejectionKind`](super::RejectionKind)) |
 /// | keys expire; the resource publishes for how long | kept for [`Idempotency::keep_for`] (24 hours by default); publish it in your API's documentation |
 /// | a fingerprint of the request may bind the key | the key is bound to the method, the path, the scope ([`Idempotency::scope`]) and a digest of the body |
-/// | keys must not let one client see another's result | the key is looked up within its scope: method and path always, and the caller's identity when [`Idempotency::scope`] names it (say, from an authentication layer's request extension) |
+/// | keys must not let one client see another's result | the key is looked up within its scope, with no configuration: method and path, the caller's credentials (`Authorization`, `Proxy-Authorization`, `Cookie`), the request's claims' targets (whose budgets, which values: two callers whose claims differ never share a key), and the caller's identity when [`Idempotency::scope`] names it (say, from an authentication layer's request extension) |
 ///
 /// What is kept: the response's status, its headers but those of one connection or one response
 /// (`Connection`, `Keep-Alive`, `Transfer-Encoding`, `Upgrade`, `TE`, `Trailer`, `Proxy-*`,
-/// `Content-Length`, `Date`, `Set-Cookie`, the `RateLimit` fields), and its body up to
-/// [`Idempotency::max_body`]. A response with a larger body reaches its client whole but is kept
-/// without its body: a retry is then answered `409` (`IdempotentResponseUnavailable`), with the
-/// first response's status. Trailers are not kept.
+/// `Content-Length`, `Date`, the `RateLimit` fields) and those that hand out credentials
+/// (`Set-Cookie`, `Authentication-Info`, `Proxy-Authentication-Info`, and any that
+/// [`Idempotency::never_replay`] names), and its body up to [`Idempotency::max_body`]. A
+/// response too large to keep (its body, or its headers and body together past
+/// [`MAX_MEMO`](crate::MAX_MEMO)) reaches its client whole and is kept without its body (or
+/// headers): a retry is then answered `409` (`IdempotentResponseUnavailable`), with the first
+/// response's status. Trailers are not kept.
 ///
-/// What is replayed: a request whose handler answered. A handler that failed (any status that
-/// did not commit) is replayed too, so that the client learns it failed, unless
-/// [`Idempotency::replay_failures`] is off: then its key may be used again. A request that never
-/// got an answer of its handler (the handler returned an error, panicked without a response,
-/// outlived its lease, or its client went away and it was cancelled) leaves nothing to replay:
-/// its key may be used again. Keys apply to requests the layer reserves for (requests with
-/// claims).
+/// What is replayed: a request whose handler answered. A handler that failed with a client
+/// error (a `4xx`, or any other status that did not commit but a `5xx`) is replayed too, so that
+/// the client learns it failed, unless [`Idempotency::replay_failures`] is off: then its key may
+/// be used again. A server error (`5xx`: a panic caught by tower-http's `CatchPanic`, an
+/// upstream that failed) is the server's, not the request's: it is never kept, and a retry runs
+/// again. A request that never got an answer of its handler (the handler returned an error,
+/// panicked, outlived its lease, or its client went away and it was cancelled) leaves nothing to
+/// replay either: its key may be used again. Keys apply to requests the layer reserves for
+/// (requests with claims).
+///
+/// The status decides the hold, the body does not: a response whose status commits and whose
+/// body then fails (a stream that broke) is committed, since its work was done, as it is for a
+/// request without a key, whose body streams after the commit; it is kept without a response
+/// (a retry is told `409`, `IdempotentResponseUnavailable`), and its client gets a `500`. The
+/// same holds whether the client waits for it or has gone away.
 ///
 /// ```
 /// use std::time::Duration;
@@ -79,6 +90,7 @@ pub struct Idempotency {
     pub(crate) max_body: usize,
     pub(crate) replay_failures: bool,
     pub(crate) scope: Option<Scope>,
+    pub(crate) never_replay: Vec<HeaderName>,
 }
 
 impl std::fmt::Debug for Idempotency {
@@ -110,6 +122,7 @@ impl Idempotency {
             max_body: 64 * 1024,
             replay_failures: true,
             scope: None,
+            never_replay: Vec::new(),
         }
     }
 
@@ -145,6 +158,14 @@ impl Idempotency {
     /// again: a retry runs the handler again.
     pub fn replay_failures(mut self, yes: bool) -> Self {
         self.replay_failures = yes;
+        self
+    }
+
+    /// A response header that is never kept for a replay (beside `Set-Cookie`,
+    /// `Authentication-Info` and the others listed above): one that hands the caller a
+    /// credential or a secret, say, that a retry must not receive again.
+    pub fn never_replay(mut self, name: HeaderName) -> Self {
+        self.never_replay.push(name);
         self
     }
 
@@ -231,6 +252,8 @@ fn kept(name: &HeaderName) -> bool {
             | "content-length"
             | "date"
             | "set-cookie"
+            | "authentication-info"
+            | "proxy-authentication-info"
             | "ratelimit"
             | "ratelimit-policy"
             | REPLAYED_HEADER
@@ -238,14 +261,22 @@ fn kept(name: &HeaderName) -> bool {
 }
 
 /// A response as kept in the store: `[1, status, [[name, value], ...], body or nil]` in
-/// MessagePack; a body of `None` means it was too large to keep.
-pub(crate) fn encode(status: StatusCode, headers: &HeaderMap, body: Option<&[u8]>) -> Vec<u8> {
+/// MessagePack; a body of `None` means it was too large to keep. Headers in `omit` are left out.
+pub(crate) fn encode(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: Option<&[u8]>,
+    omit: &[HeaderName],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + body.map_or(0, <[u8]>::len));
     let write = "writing to a Vec";
     rmp::encode::write_array_len(&mut out, 4).expect(write);
     rmp::encode::write_uint(&mut out, 1).expect(write);
     rmp::encode::write_uint(&mut out, u64::from(status.as_u16())).expect(write);
-    let headers: Vec<_> = headers.iter().filter(|(n, _)| kept(n)).collect();
+    let headers: Vec<_> = headers
+        .iter()
+        .filter(|(n, _)| kept(n) && !omit.contains(n))
+        .collect();
     rmp::encode::write_array_len(&mut out, headers.len() as u32).expect(write);
     for (name, value) in headers {
         rmp::encode::write_array_len(&mut out, 2).expect(write);
@@ -393,33 +424,59 @@ impl Captured {
         }
     }
 
-    /// What the store keeps: the response, with its body if it was read whole.
-    pub(crate) fn memo(&self) -> Option<Vec<u8>> {
+    /// What the store keeps: the response, with its body if it was read whole, within
+    /// [`MAX_MEMO`](crate::MAX_MEMO) as a whole: without its body if they do not fit together,
+    /// and without its headers too if they alone do not.
+    pub(crate) fn memo(&self, omit: &[HeaderName]) -> Option<Vec<u8>> {
+        let (parts, body) = match self {
+            Captured::Whole(parts, body) => (parts, Some(&body[..])),
+            Captured::Partial(parts, _, _) => (parts, None),
+            Captured::Failed => return None,
+        };
+        let whole = encode(parts.status, &parts.headers, body, omit);
+        if whole.len() <= crate::MAX_MEMO {
+            return Some(whole);
+        }
+        let headers = encode(parts.status, &parts.headers, None, omit);
+        if headers.len() <= crate::MAX_MEMO {
+            return Some(headers);
+        }
+        Some(encode(parts.status, &HeaderMap::new(), None, omit))
+    }
+
+    /// The status the handler answered, if it answered.
+    fn status(&self) -> Option<StatusCode> {
         match self {
-            Captured::Whole(parts, body) => Some(encode(parts.status, &parts.headers, Some(body))),
-            Captured::Partial(parts, _, _) => Some(encode(parts.status, &parts.headers, None)),
+            Captured::Whole(parts, _) | Captured::Partial(parts, _, _) => Some(parts.status),
             Captured::Failed => None,
         }
     }
 }
 
 impl Idempotency {
-    /// The settlement of a keyed request whose response was captured: the response is kept with
-    /// the record for the key's lifetime (a failure's too, unless failures may be retried).
+    /// The settlement of a keyed request whose response was captured, in place or in a task of
+    /// its own alike: a commit is kept for the key's lifetime, with its response if it could be
+    /// read (its body failed: without, and the retry is told the response is unavailable); a
+    /// client error is kept with its response unless failures may be retried; a server error,
+    /// or a failure whose body failed, is forgotten (its key may be used again).
     pub(crate) fn keep(
         &self,
         settlement: crate::Settlement,
         captured: &Captured,
     ) -> crate::Settlement {
-        let Some(memo) = captured.memo() else {
-            return settlement.forget();
-        };
-        if settlement.is_commit() || self.replay_failures {
-            settlement
-                .memo(memo)
-                .retain(self.keep_for.min(crate::MAX_RETAIN))
-        } else {
-            settlement.forget()
+        let keep_for = self.keep_for.min(crate::MAX_RETAIN);
+        if settlement.is_commit() {
+            return match captured.memo(&self.never_replay) {
+                Some(memo) => settlement.memo(memo).retain(keep_for),
+                None => settlement.retain(keep_for),
+            };
+        }
+        let server_error = captured.status().is_none_or(|s| s.is_server_error());
+        match captured.memo(&self.never_replay) {
+            Some(memo) if self.replay_failures && !server_error => {
+                settlement.memo(memo).retain(keep_for)
+            }
+            _ => settlement.forget(),
         }
     }
 }
@@ -462,7 +519,11 @@ mod tests {
         headers.insert("location", HeaderValue::from_static("/orders/7"));
         headers.insert("set-cookie", HeaderValue::from_static("session=1"));
         headers.insert("date", HeaderValue::from_static("today"));
-        let memo = encode(StatusCode::CREATED, &headers, Some(b"{\"id\":7}"));
+        headers.insert(
+            "authentication-info",
+            HeaderValue::from_static("nextnonce=\"abc\""),
+        );
+        let memo = encode(StatusCode::CREATED, &headers, Some(b"{\"id\":7}"), &[]);
         let response = replay(&memo).unwrap();
         assert_eq!(response.status(), 201);
         assert_eq!(response.headers()["content-type"], "application/json");
@@ -470,7 +531,16 @@ mod tests {
         assert_eq!(response.headers()[REPLAYED_HEADER], "true");
         assert!(!response.headers().contains_key("set-cookie"));
         assert!(!response.headers().contains_key("date"));
-        let too_large = encode(StatusCode::CREATED, &headers, None);
+        assert!(!response.headers().contains_key("authentication-info"));
+        let omitted = encode(
+            StatusCode::CREATED,
+            &headers,
+            None,
+            &[HeaderName::from_static("location")],
+        );
+        let omitted = replay(&omitted).unwrap_err();
+        assert_eq!(omitted.status(), 409);
+        let too_large = encode(StatusCode::CREATED, &headers, None, &[]);
         assert_eq!(replay(&too_large).unwrap_err().status(), 409);
         assert_eq!(replay(b"junk").unwrap_err().status(), 409);
     }

@@ -73,10 +73,15 @@ pub(crate) struct Options {
 /// the card) with only its answer lost. Releasing its hold then gives back capacity that was
 /// really used, and the budget undercounts; finishing it lets the handler's own outcome settle
 /// the hold, so the budget counts exactly what happened. That is why [`Disconnect::Finish`] is
-/// the default: it keeps spend budgets exact. Its cost is that work goes on for a client that
-/// left (bounded by the lease, as always). [`Disconnect::Release`] suits handlers that are
-/// cancellation-safe (nothing happens until their last step) and routes whose contract says a
-/// request the client abandoned must leave nothing behind.
+/// the default: it keeps spend budgets exact, and a client cannot get work for free by hanging
+/// up just before its answer. Its cost is that work goes on for a client that left (bounded by
+/// the lease, as always), and that a client that was told it failed (a `504` from a timeout
+/// outside this layer, which drops the request just as a client that left does) may still be
+/// charged: on metered routes, give clients an [`Idempotency`](super::Idempotency) key so that
+/// the retry gets the result instead of paying twice, or put the timeout inside this layer,
+/// where it cancels the handler and the hold is released. [`Disconnect::Release`] suits
+/// handlers that are cancellation-safe (nothing happens until their last step) and routes whose
+/// contract says a request the client abandoned must leave nothing behind.
 ///
 /// ```
 /// use bytes::Bytes;

@@ -262,7 +262,7 @@ impl Rejection {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Internal server error",
-            "the response could not be read; nothing was kept",
+            "the response could not be read to its end",
         )
     }
 

@@ -228,36 +228,79 @@ async fn discard<B: Body>(mut body: std::pin::Pin<&mut B>) {
 }
 
 /// The idempotency key of a request, with what it is looked up within (method, path, the
-/// caller's scope): read before the body, so that a bad key costs nothing more.
+/// caller's credentials and scope): read before the body, so that a bad key costs nothing more.
+/// The claims join the scope once they are known ([`build`]).
 fn idempotency_key(
     parts: &http::request::Parts,
     options: &Options,
-) -> Result<Option<HoldId>, Rejection> {
+) -> Result<Option<ScopedKey>, Rejection> {
     let Some(idempotency) = &options.idempotency else {
         return Ok(None);
     };
     let Some(key) = idempotency.key_of(&parts.headers)? else {
         return Ok(None);
     };
-    let scope = idempotency.scope_of(parts);
-    Ok(Some(HoldId::derive([
-        parts.method.as_str().as_bytes(),
-        parts.uri.path().as_bytes(),
-        scope.as_bytes(),
-        key.as_bytes(),
-    ])))
+    let mut scoped = vec![
+        parts.method.as_str().as_bytes().to_vec(),
+        parts.uri.path().as_bytes().to_vec(),
+        idempotency.scope_of(parts).into_bytes(),
+    ];
+    for name in CREDENTIALS {
+        for value in parts.headers.get_all(name) {
+            scoped.push(value.as_bytes().to_vec());
+        }
+        scoped.push(Vec::new());
+    }
+    scoped.push(key.into_bytes());
+    Ok(Some(ScopedKey(scoped)))
+}
+
+/// The request headers that say who the caller is: two callers who differ in any never share an
+/// idempotency key (only a digest of them is kept, in the hold's id).
+const CREDENTIALS: [http::header::HeaderName; 3] = [
+    http::header::AUTHORIZATION,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::COOKIE,
+];
+
+/// An idempotency key with what it is looked up within, before the claims join it.
+struct ScopedKey(Vec<Vec<u8>>);
+
+impl ScopedKey {
+    /// The hold's id: the key within its scope and the targets of the request's claims (whose
+    /// budgets, which values), so that two callers whose claims differ never share a key, and a
+    /// retry that works out other amounts or owners (a freshly minted id) still finds its hold.
+    fn id(self, claims: &[Claim]) -> HoldId {
+        let mut parts = self.0;
+        for claim in claims {
+            match claim {
+                Claim::Spend { budget, .. } => {
+                    parts.push(b"b".to_vec());
+                    parts.push(budget.key().as_bytes().to_vec());
+                    parts.push(budget.window().spec().as_bytes().to_vec());
+                }
+                Claim::Own { value, .. } | Claim::ReleaseOnCommit { value, .. } => {
+                    parts.push(b"u".to_vec());
+                    parts.push(value.namespace().as_bytes().to_vec());
+                    parts.push(value.digest_hex().as_bytes().to_vec());
+                }
+            }
+        }
+        HoldId::derive(parts)
+    }
 }
 
 /// The reservation of `claims`, and whether its id is the caller's (an idempotency key).
 fn build(
     request: &Request<Bytes>,
     claims: Vec<Claim>,
-    key: Option<HoldId>,
+    key: Option<ScopedKey>,
     options: &Options,
 ) -> Result<(Reservation, bool), Rejection> {
     let mut builder = Reservation::builder().lease(options.lease);
     let named = key.is_some();
-    if let Some(id) = key {
+    if let Some(key) = key {
+        let id = key.id(&claims);
         // The key names the hold; the body identifies the request, so that the key reused for
         // another request is told apart from a retry (IETF Idempotency-Key: 422).
         builder = builder.id(id).payload(request.body());
