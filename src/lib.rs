@@ -166,7 +166,8 @@
 //!   retried refund count once. It never takes `spent` below zero ([`ErrorKind::ExceedsSpent`],
 //!   nothing changed); on a windowed budget it goes to the current window, or to the window of
 //!   [`Refund::in_window_of`] (a window that has ended takes nothing back:
-//!   [`ErrorKind::Expired`]).
+//!   [`ErrorKind::Expired`]). A refund id counts once for as long as its record is kept
+//!   ([`Refund::retain`]), whatever window a retry lands in.
 //! - **The lease** bounds every hold. When it ends the hold's capacity is back, with no
 //!   background process and no caller: a budget counts its holds per 100 ms of lease ends, and
 //!   the next call on that budget gives back every such bucket whose end has passed, so an
@@ -196,8 +197,8 @@
 //! | answers `2xx` (or what [`ReserveLayer::commit_if`] accepts) | committed before the response leaves (or in the background, by option), with its actual amounts if it reported any; a failed commit becomes a `500` |
 //! | answers anything else, or returns `Err` | released before the response leaves |
 //! | panics | released: by the response of tower-http's `CatchPanic` placed inside this layer, or by the drop guard when the panic unwinds through it |
-//! | its client goes away | [`Disconnect::Finish`] (the default): the handler runs on in a task of its own and its outcome settles the hold, so that work done is never undone by a dropped connection; [`Disconnect::Release`]: the handler is dropped and the hold released |
-//! | is dropped by an outer timeout | released by the drop guard, in a spawned task |
+//! | its client goes away | [`Disconnect::Finish`] (the default): the handler runs on in a task of its own and its outcome settles the hold, so that work done is never undone by a dropped connection (nor is work got for free by hanging up just before the answer); [`Disconnect::Release`]: the handler is dropped and the hold released |
+//! | is dropped by an outer timeout (tower-http's `TimeoutLayer` outside this layer) | the same as a client that went away: the layer cannot tell them apart. With [`Disconnect::Finish`] the client told `504` is charged if the handler then succeeds: give metered routes an [`Idempotency`] key, so that the retry gets the result instead of paying twice, or put the timeout inside the layer (then the handler is cancelled and released), or choose [`Disconnect::Release`] |
 //! | outlives its lease | cancelled, released, `503` |
 //! | calls [`Hold::defer`] | left alone: commit or release later by id |
 //! | its process dies | nothing runs; the lease ends and the capacity is back |
@@ -278,12 +279,27 @@
 //!   held for a few round trips; never as spent. If the process dies between groups, their leases
 //!   give everything back.
 //! - **Commit and release** are decided at the home, then carried to the other groups at once.
-//!   A commit that the home accepted within its lease finds every group still held (their leases
-//!   end later); a commit the home refused as expired releases them. A group that could not
-//!   follow (its node unreachable) makes the answer an error that names the groups not yet
-//!   settled; settling again finishes the job, each group being idempotent.
+//!   Before the home accepts a commit, every group's lease is made to last at least 30 seconds
+//!   more (a group that has ended already makes the commit expire, and the hold is released
+//!   everywhere): so a commit the home accepted finds every group still held, however slow a
+//!   group's node was until then. The bound this rests on: the commit reaches each group within
+//!   those 30 seconds (a group node paused longer than that, between the two steps, loses its
+//!   part, and the answer says so). A commit the home refused as expired releases the groups. A
+//!   group that could not follow (its node unreachable) makes the answer an error that names
+//!   the groups not yet settled; settling again finishes the job, each group being idempotent.
+//!   A forgotten settlement ([`Settlement::forget`]) drops the home's record once every group
+//!   has followed, as on one node.
 //! - **Extend** renews the home first, then the groups, so that the home's lease always ends
 //!   first.
+//! - **Slots that move**: every operation reads each key it may write before its first write,
+//!   so that a key its node no longer serves (a slot migrating) fails it before anything
+//!   changed; it is sent again where the slot now lives.
+//! - **Calls sent twice**: a call whose answer was lost (a timeout, a dropped connection, the
+//!   Cluster client sending it again) can run twice. Reserves are idempotent by their call's
+//!   nonce, settlements by the hold's id (and a forgotten one answers its own call again for a
+//!   few seconds), refunds by their id, and the rest (`set_spent`, `remove`) by a nonce of their
+//!   own. A reserve whose answer was lost is given back by the store, and a tombstone refuses
+//!   that call should it still arrive, so that the id may be reserved again at once.
 //! - **Failover**: Redis replicates asynchronously: a commit acknowledged by a primary that dies
 //!   before replicating it is lost with it, and the budget grants that amount again.
 //!   [`RedisStoreBuilder::wait_for_replicas`] makes each commit wait (Redis `WAIT`) until replicas

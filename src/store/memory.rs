@@ -173,6 +173,12 @@ struct Locked<'a> {
 }
 
 impl Locked<'_> {
+    /// Whether the shard of `slot` is locked.
+    fn holds(&self, slot: u16) -> bool {
+        let i = shard_of(slot);
+        self.guards.iter().any(|(j, _)| *j == i)
+    }
+
     fn shard(&mut self, slot: u16) -> &mut Shard {
         let i = shard_of(slot);
         let at = self
@@ -203,7 +209,8 @@ struct Shard {
     budgets: HashMap<BudgetKey, BudgetCell>,
     values: HashMap<String, ValueCell>,
     records: HashMap<HoldId, Record>,
-    refunds: HashMap<(BudgetKey, HoldId), RefundRecord>,
+    /// By the budget's key (whatever the window: a refund id counts once) and the refund's id.
+    refunds: HashMap<(String, HoldId), RefundRecord>,
     deadlines: BTreeSet<(u64, Expiring)>,
 }
 
@@ -212,7 +219,7 @@ enum Expiring {
     Record(HoldId),
     Value(String),
     Budget(BudgetKey),
-    Refund(BudgetKey, HoldId),
+    Refund(String, HoldId),
 }
 
 #[derive(Default, Debug)]
@@ -400,10 +407,17 @@ impl Shard {
                     if let Some(cell) = self.budgets.get_mut(&key)
                         && cell.drop_at == Some(at)
                     {
-                        // Holds still in it keep it (their leases moved it on).
+                        // Holds still in it keep it (their leases moved it on), and so does what
+                        // is left to clear (a bounded amount per call): it is looked at again
+                        // when its next bucket ends.
                         cell.expire_buckets(now);
                         if cell.held == 0 {
                             self.budgets.remove(&key);
+                        } else {
+                            let next = cell.buckets.first_key_value().map_or(now, |(end, _)| *end);
+                            let again = next.max(now + 1);
+                            cell.drop_at = Some(again);
+                            self.deadlines.insert((again, Expiring::Budget(key)));
                         }
                     }
                 }
@@ -666,23 +680,25 @@ impl MemoryStore {
     /// Locks the record's shard and its claims' shards. The claims are learned from the record
     /// under its own shard's lock first; if they live elsewhere, everything is locked again in
     /// order (and the record read again by the caller).
+    ///
+    /// The record may change between the two (settled and reserved again with other claims):
+    /// then it is locked again, until the shards held are those of the record found.
     fn lock_hold(&self, id: &HoldId) -> (Locked<'_>, u64) {
         let record_slot = id.slot();
-        let (mut locked, now) = self.lock([record_slot]);
-        let others: Vec<u16> = match locked.shard(record_slot).records.get(id) {
-            Some(record) => record
-                .claims
-                .iter()
-                .map(Resolved::slot)
-                .filter(|s| shard_of(*s) != shard_of(record_slot))
-                .collect(),
-            None => Vec::new(),
-        };
-        if others.is_empty() {
-            return (locked, now);
+        let mut slots = vec![record_slot];
+        loop {
+            let (mut locked, now) = self.lock(slots.iter().copied());
+            let claimed: Vec<u16> = match locked.shard(record_slot).records.get(id) {
+                Some(record) => record.claims.iter().map(Resolved::slot).collect(),
+                None => Vec::new(),
+            };
+            let missing: Vec<u16> = claimed.into_iter().filter(|s| !locked.holds(*s)).collect();
+            if missing.is_empty() {
+                return (locked, now);
+            }
+            drop(locked);
+            slots.extend(missing);
         }
-        drop(locked);
-        self.lock(std::iter::once(record_slot).chain(others))
     }
 
     fn settle_sync(&self, id: &HoldId, settlement: &Settlement) -> Result<Settled, Error> {
@@ -857,12 +873,7 @@ impl MemoryStore {
                 "a refund cannot go to a window still to come",
             ));
         }
-        let window = budget.window().slot(at);
-        if window.ends_at_ms.is_some_and(|ends| ends <= now) {
-            return Err(Error::refused(ErrorKind::Expired, &refund.id));
-        }
-        let key = budget_key(budget.key(), &window.suffix);
-        let record_key = (key.clone(), refund.id.clone());
+        let record_key = (budget.key().to_owned(), refund.id.clone());
         if let Some(done) = shard.refunds.get(&record_key) {
             return if done.fingerprint == refund.fingerprint() {
                 Ok(Settled::Replayed)
@@ -870,6 +881,11 @@ impl MemoryStore {
                 Err(Error::refused(ErrorKind::Conflict, &refund.id))
             };
         }
+        let window = budget.window().slot(at);
+        if window.ends_at_ms.is_some_and(|ends| ends <= now) {
+            return Err(Error::refused(ErrorKind::Expired, &refund.id));
+        }
+        let key = budget_key(budget.key(), &window.suffix);
         let spent = shard.budget_cell(&key, now).map_or(0, |c| c.spent);
         if refund.amount > spent {
             return Err(Error::refused(ErrorKind::ExceedsSpent, &refund.id));
@@ -1118,5 +1134,57 @@ impl Store for MemoryStore {
 
     async fn remove(&self, value: &Unique) -> Result<bool, Error> {
         self.remove_sync(value)
+    }
+}
+
+#[cfg(all(test, feature = "test-clock"))]
+mod tests {
+    use super::*;
+    use crate::Window;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    /// A windowed budget whose drop deadline comes with more expired buckets than one call
+    /// clears keeps a deadline, and goes once they are all cleared: nothing is left behind.
+    #[test]
+    fn a_windowed_budget_with_many_expired_buckets_still_goes() {
+        let store = MemoryStore::with_test_clock();
+        let budget =
+            Budget::new("many-buckets", 1_000_000).per(Window::Every(Duration::from_secs(60)));
+        block_on(async {
+            // Holds in twice as many buckets as one call clears, each 100 ms apart.
+            for i in 0..(2 * MAX_EXPIRED_PER_CALL as u64) {
+                let r = Reservation::builder()
+                    .lease(Duration::from_millis(100 * (i + 1)))
+                    .claim(Claim::spend(budget.clone(), 1))
+                    .build()
+                    .unwrap();
+                assert!(matches!(
+                    store.reserve(&r).await.unwrap(),
+                    Reserved::Granted(_)
+                ));
+            }
+        });
+        let slot = crate::claim::slot_of(budget.key().as_bytes());
+        let cells = |store: &MemoryStore| {
+            store.inner.shards[shard_of(slot)]
+                .lock()
+                .unwrap()
+                .budgets
+                .len()
+        };
+        assert_eq!(cells(&store), 1);
+        // Past the window, its grace and every lease: the sweeps of later calls take it.
+        store.advance_clock(Duration::from_secs(3_600));
+        for _ in 0..4 {
+            let _ = store.lock([slot]);
+        }
+        assert_eq!(cells(&store), 0);
     }
 }

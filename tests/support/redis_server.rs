@@ -200,6 +200,9 @@ impl RedisCluster {
                         // rather than after Redis's default five-second delay.
                         "--repl-diskless-sync-delay",
                         "0",
+                        // Fault tests pause a node with DEBUG SLEEP.
+                        "--enable-debug-command",
+                        "local",
                     ],
                     free_cluster_port,
                 )

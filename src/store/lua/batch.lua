@@ -1,8 +1,9 @@
 -- The store's one function: runs a batch of operations in order, each as atomic as if it ran alone
 -- (a function call is atomic as a whole), and answers each on its own.
 -- args[1] = MessagePack array of operations (see hold.lua and budget.lua), args[2] = the store's
--- retention of settled records (ms), args[3] = a test clock's shift (ms; read by a test library
--- only); the answer is the MessagePack array of their answers, in order. One TIME for the whole batch.
+-- retention of settled records (ms), args[3] = how long a forgotten hold and a call nonce answer a
+-- retry (ms), args[4] = a test clock's shift (ms; read by a test library only); the answer is the
+-- MessagePack array of their answers, in order. One TIME for the whole batch.
 --
 -- It is a Redis Function, not a script: the library (everything above) is run once, when it is
 -- loaded, so that a call pays only for its operations.
@@ -17,7 +18,8 @@ local OPS = { reserve, settle, extend, mark, forget, budget, set_spent, refund, 
 local function run(keys, args)
   TEXT = {}
   RETAIN = tonumber(args[2])
-  if TEST_CLOCK then SHIFT = tonumber(args[3]) end
+  ANSWER_MS = tonumber(args[3])
+  if TEST_CLOCK then SHIFT = tonumber(args[4]) end
   local ops = cmsgpack.unpack(args[1])
   local now, now_text = now_ms()
   local out = {}

@@ -1,45 +1,59 @@
 -- Operations on budgets (read one, seed its spent amount, refund into it) and on owned values
 -- (who owns one, remove one).
 
+-- Operations that are not idempotent by themselves (setting a spent amount, removing an owned
+-- value: a retry after a commit in between would undo the commit) carry a random call nonce; a
+-- call that ran leaves '<key>#<nonce>' with its answer for ANSWER_MS, so that the same call sent
+-- again (its answer was lost, or the Cluster client sent it twice) is answered, not run again.
+-- '#' is in no key's name.
+local function ran_before(key, nonce)
+  return redis.call('GET', key .. '#' .. nonce)
+end
+
+local function ran(key, nonce, answer)
+  redis.call('SET', key .. '#' .. nonce, answer, 'PX', num(ANSWER_MS))
+end
+
 -- Op 6. { 6, budget base key, window spec } -> { spent, held, window end or -1 }
 local function budget(op, now, now_text)
   local suffix, ends = window(op[3], now)
   local b = load_budget(op[2] .. suffix, {})
   expire(b, now, now_text)
-  save_budget(b)
   return { b.spent, b.held, ends or -1 }
 end
 
--- Op 7. { 7, budget base key, window spec, spent } -> { 'OK' }
-local function set_spent(op, now)
+-- Op 7. { 7, budget base key, window spec, spent, call nonce } -> { 'OK' }
+local function set_spent(op, now, now_text)
   local suffix, ends = window(op[3], now)
-  local b = load_budget(op[2] .. suffix, {})
+  local key = op[2] .. suffix
+  if ran_before(key, op[5]) then return { 'OK' } end
+  local b = load_budget(key, {})
+  expire(b, now, now_text)
   b.spent = op[4]
   b.spent_changed = true
   b.changed = true
   if ends then keep_until(b, ends + WINDOW_GRACE_MS) end
   save_budget(b)
+  ran(key, op[5], '1')
   return { 'OK' }
 end
 
--- Op 8. { 8, refund key head, budget base key, window spec, at (0: now), amount, fingerprint,
---         retain, refund id }
--- The refund's record is <head><window>:<id>, beside the budget, kept `retain` ms so that a retry
--- counts once.
+-- Op 8. { 8, refund record, budget base key, window spec, at (0: now), amount, fingerprint,
+--         retain }
+-- The refund's record ('<p>:f:{budget}#<id>', beside the budget, whatever window the refund goes
+-- to) is kept `retain` ms, so that a retry counts once; its fingerprint covers the window spec.
 -- Answers { 'OK', 'applied' | 'replayed' } | { 'E', 'conflict' | 'exceeds_spent' | 'expired' | 'future' }
 local function refund(op, now, now_text)
-  local head, base, spec, at, amount, fp = op[2], op[3], op[4], op[5], op[6], op[7]
-  local retain, id = op[8], op[9]
+  local key, base, spec, at, amount, fp, retain = op[2], op[3], op[4], op[5], op[6], op[7], op[8]
   if at == 0 then at = now end
   if at > now + 1000 then return { 'E', 'future' } end
-  local suffix, ends = window(spec, at)
-  if ends and ends <= now then return { 'E', 'expired' } end
-  local key = head .. suffix .. ':' .. id
   local done = redis.call('GET', key)
   if done then
     if done == fp then return { 'OK', 'replayed' } end
     return { 'E', 'conflict' }
   end
+  local suffix, ends = window(spec, at)
+  if ends and ends <= now then return { 'E', 'expired' } end
   local b = load_budget(base .. suffix, {})
   expire(b, now, now_text)
   if amount > b.spent then return { 'E', 'exceeds_spent' } end
@@ -58,7 +72,12 @@ local function owner(op, now)
   return {}
 end
 
--- Op 11. { 11, value key } -> { 1 } if it was owned, { 0 } if not: frees a value at once.
+-- Op 11. { 11, value key, call nonce } -> { 1 } if it was owned, { 0 } if not: frees a value at
+-- once.
 local function remove(op, now)
-  return { redis.call('DEL', op[2]) }
+  local before = ran_before(op[2], op[3])
+  if before then return { tonumber(before) } end
+  local owned = redis.call('DEL', op[2])
+  ran(op[2], op[3], tostring(owned))
+  return { owned }
 end

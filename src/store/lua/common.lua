@@ -131,7 +131,10 @@ end
 -- so that writing one formats nothing and reading one cuts it at known places:
 --   <phase><fingerprint: 16 hex><nonce: 16 hex><lease end: 13 digits><start: 13 digits><body>
 --   phase: H held, P held but still reserving its other slot groups (a Cluster home record),
---          C committed, R released, T tombstone (released before reserved), X expired
+--          C committed, R released, X expired, T tombstone (released before reserved: with a
+--          zero nonce it refuses every reserve of the id; with a call's nonce, only that call's,
+--          whose answer was lost and whose hold was given back), F forgotten (settled, then
+--          dropped; see below)
 --   nonce: which call reserved it, so that a call's own retried request is not taken for another
 --          attempt's
 --   start: when it was reserved (windowed budgets are found again by it)
@@ -140,6 +143,12 @@ end
 --          groups: on a Cluster, the records of a reservation's other slot groups (home only)
 --          spends: a Cluster home's list of every group's budget claims { base key, spec, amount },
 --                  to check a commit's actual amounts against
+-- A forgotten hold leaves, for ANSWER_MS only, 'F', zeros, the settling call's nonce and 'c' or
+-- 'r': the same call sent again (its answer was lost) is answered as it was; to everyone else the
+-- hold is gone, as if nothing were left.
+--
+-- Key names are injective: records are '<p>:h:{tag}name' (the id's own) or '<p>:g:{tag}id' (a
+-- slot group), a record's memo '<p>:m:{tag}name', and none of the parts may hold a brace.
 
 local function record(phase, fp, nonce, ends, start, body)
   return phase .. fp .. nonce .. ends .. start .. body
@@ -148,6 +157,25 @@ end
 -- A tombstone: phase T, then 58 zeros (the head's width; a function library may call no library
 -- function while it loads, so this is spelled out).
 local TOMBSTONE = 'T0000000000000000000000000000000000000000000000000000000000'
+local ZEROS = '0000000000000000'
+
+-- A tombstone that refuses one reserve call only: the one with `nonce`.
+local function tombstone_for(nonce)
+  return 'T' .. ZEROS .. nonce .. '00000000000000000000000000'
+end
+
+-- What a forgotten hold leaves for the call that forgot it: `outcome` 'c' or 'r'.
+local function forgotten(nonce, outcome)
+  return 'F' .. ZEROS .. nonce .. outcome
+end
+
+-- The key of a record's memo ('<p>:h:{..}..' -> '<p>:m:{..}..'); nil for a slot group's record,
+-- which keeps none.
+local function memo_key(key)
+  local brace = string.find(key, '{', 1, true)
+  if string.sub(key, brace - 2, brace - 2) ~= 'h' then return nil end
+  return string.sub(key, 1, brace - 3) .. 'm' .. string.sub(key, brace - 1)
+end
 
 local function parse(raw)
   local e_text = string.sub(raw, 34, 46)
@@ -191,9 +219,13 @@ local function with_phase(r, phase)
 end
 
 -- ---------------------------------------------------------------------------------------------
--- Budgets: read once, changed in memory, written once (save_budget). Times are compared as
--- text where they can be: milliseconds since 1970 are 13 digits until the year 2286, and equal-
--- length digit strings order as their numbers do, so no conversion is needed to compare them.
+-- Budgets: read, changed in memory, and written by save_budget alone. Nothing an operation does
+-- to a budget reaches Redis before its save, so an operation that returns early (a denial, a
+-- check, a refused refund) leaves the budget exactly as it was: its state cannot be
+-- half-written. Operations read every key they touch before their first write, so that a key
+-- this node does not serve (a slot moving) fails the operation before it changed anything.
+-- Times are compared as text where they can be: milliseconds since 1970 are 13 digits until the
+-- year 2286, and equal-length digit strings order as their numbers do.
 
 -- Bucket counts and whether a field holds one, without conversions.
 local COUNT = { ['0'] = 0, ['1'] = 1, ['2'] = 2, ['3'] = 3, ['4'] = 4 }
@@ -213,13 +245,10 @@ local function load_budget(bkey, ends)
   local c = v[4] and (COUNT[v[4]] or tonumber(v[4])) or 0
   local b = {
     key = bkey, spent = v[1] and tonumber(v[1]) or 0, held = 0, n = v[3] or '', c = c,
-    t = v[5] and tonumber(v[5]) or 0, exists = v[1] or v[4],
+    t = v[5] and tonumber(v[5]) or 0, exists = v[1] or v[4], x = {},
   }
   if c > 0 then b.held = tonumber(v[2]) or 0 end
-  if #ends > 0 then
-    b.x = {}
-    for i, T in ipairs(ends) do b.x[T] = v[5 + i] and tonumber(v[5 + i]) end
-  end
+  for i, T in ipairs(ends) do b.x[T] = v[5 + i] and tonumber(v[5 + i]) end
   return b
 end
 
@@ -241,21 +270,61 @@ local function spend(b, amount)
   b.changed = true
 end
 
--- With exactly one bucket left in the sorted set, goes back to keeping it in `held` and `n`.
-local function collapse(b)
-  local zkey = b.key .. ':h'
-  local only = redis.call('ZRANGE', zkey, 0, 0)[1]
-  redis.call('DEL', zkey)
-  if only then
-    del_field(b, 'x' .. only)
-    if b.x then b.x[only] = nil end
-    b.n = only
-  end
+-- The bucket ends the sorted set gains and loses when the budget is saved. `gone`: the whole set
+-- goes (then `add` is what the new one holds).
+local function zset_of(b)
+  if not b.z then b.z = { add = {}, rem = {}, gone = false } end
+  return b.z
 end
 
--- The earliest bucket end, from the sorted set (two buckets or more).
+local function zadd(b, T)
+  local z = zset_of(b)
+  z.add[T] = true
+  z.rem[T] = nil
+end
+
+local function zrem(b, T)
+  local z = zset_of(b)
+  z.add[T] = nil
+  if not z.gone then z.rem[T] = true end
+end
+
+-- The sorted set goes whole: one bucket or none is left, kept in `held` and `n`.
+local function zgone(b)
+  b.z = { add = {}, rem = {}, gone = true }
+end
+
+-- The earliest bucket end the sorted set will hold once saved ('' if none): the first of its
+-- members this operation did not remove (at most as many reads past the start as it removed),
+-- or one it added, whichever is earlier.
 local function earliest(b)
-  b.n = redis.call('ZRANGE', b.key .. ':h', 0, 0)[1] or ''
+  local z = zset_of(b)
+  local first = nil
+  for T in pairs(z.add) do
+    if not first or T < first then first = T end
+  end
+  if not z.gone then
+    local removed = 0
+    for _ in pairs(z.rem) do removed = removed + 1 end
+    for _, T in ipairs(redis.call('ZRANGE', b.key .. ':h', 0, removed)) do
+      if not z.rem[T] then
+        if not first or T < first then first = T end
+        break
+      end
+    end
+  end
+  return first or ''
+end
+
+-- With exactly one bucket left, goes back to keeping it in `held` and `n`.
+local function collapse(b)
+  local only = earliest(b)
+  zgone(b)
+  if only ~= '' then
+    del_field(b, 'x' .. only)
+    b.x[only] = nil
+    b.n = only
+  end
 end
 
 -- How many expired buckets of one budget an operation clears at most (MAX_EXPIRED_PER_CALL in
@@ -265,7 +334,12 @@ local MAX_CLEAR = 64
 -- The store's retention of settled records, in ms: sent with each batch (batch.lua sets it).
 local RETAIN = 600000
 
--- Gives back up to MAX_CLEAR buckets whose end has passed (`now` and its text).
+-- How long a forgotten hold still answers a retry of the settlement that forgot it, in ms: sent
+-- with each batch (batch.lua sets it).
+local ANSWER_MS = 4000
+
+-- Gives back up to MAX_CLEAR buckets whose end has passed (`now` and its text). Called right
+-- after load_budget, before anything else changed the budget.
 local function expire(b, now, now_text)
   if b.c == 0 or b.n > now_text then return end
   b.changed = true
@@ -273,29 +347,27 @@ local function expire(b, now, now_text)
     b.held, b.c = 0, 0
     return
   end
-  local zkey = b.key .. ':h'
-  local due = redis.call('ZRANGEBYSCORE', zkey, '-inf', now_text, 'LIMIT', 0, MAX_CLEAR)
+  local due = redis.call('ZRANGEBYSCORE', b.key .. ':h', '-inf', now_text, 'LIMIT', 0, MAX_CLEAR)
   if #due > 0 then
     local fields = {}
     for i, T in ipairs(due) do fields[i] = 'x' .. T end
     local sum = 0
     for _, v in ipairs(redis.call('HMGET', b.key, unpack(fields))) do sum = sum + (tonumber(v) or 0) end
-    redis.call('HDEL', b.key, unpack(fields))
-    redis.call('ZREM', zkey, unpack(due))
     for _, T in ipairs(due) do
-      if b.x then b.x[T] = nil end
-      if b.set then b.set['x' .. T] = nil end
+      del_field(b, 'x' .. T)
+      b.x[T] = nil
+      zrem(b, T)
     end
     b.held = math.max(0, b.held - sum)
     b.c = math.max(0, b.c - #due)
   end
   if b.c == 0 then
-    redis.call('DEL', zkey)
+    zgone(b)
     b.held = 0
   elseif b.c == 1 then
     collapse(b)
   else
-    earliest(b)
+    b.n = earliest(b)
   end
 end
 
@@ -314,20 +386,18 @@ local function hold_in(b, T, amount)
     -- The same bucket: its sum is `held`.
   elseif b.c == 1 then
     -- A second bucket: both go into the sorted set, their sums into fields of their own.
-    redis.call('ZADD', b.key .. ':h', b.n, b.n, T, T)
-    b.zset_new = true
+    zadd(b, b.n)
+    zadd(b, T)
     set_field(b, 'x' .. b.n, num(b.held))
     set_field(b, 'x' .. T, num(amount))
-    b.x = b.x or {}
     b.x[b.n], b.x[T] = b.held, amount
     b.c = 2
     if T < b.n then b.n = T end
-  elseif b.x and b.x[T] then
+  elseif b.x[T] then
     b.x[T] = b.x[T] + amount
     set_field(b, 'x' .. T, num(b.x[T]))
   else
-    redis.call('ZADD', b.key .. ':h', T, T)
-    b.x = b.x or {}
+    zadd(b, T)
     b.x[T] = amount
     set_field(b, 'x' .. T, num(amount))
     b.c = b.c + 1
@@ -348,7 +418,7 @@ local function take_out(b, T, amount, now_text)
     if b.held <= 0 then b.held, b.c = 0, 0 end
     return true
   end
-  local x = b.x and b.x[T]
+  local x = b.x[T]
   if not x then return false end
   b.changed = true
   b.held = math.max(0, b.held - amount)
@@ -360,12 +430,12 @@ local function take_out(b, T, amount, now_text)
   end
   b.x[T] = nil
   del_field(b, 'x' .. T)
-  redis.call('ZREM', b.key .. ':h', T)
+  zrem(b, T)
   b.c = b.c - 1
   if b.c == 1 then
     collapse(b)
   elseif T == b.n then
-    earliest(b)
+    b.n = earliest(b)
   end
   return true
 end
@@ -380,11 +450,28 @@ local function keep_until(b, at)
   end
 end
 
--- Writes what changed, in one command (two when a bucket's field goes). A lifetime budget with
--- nothing spent and nothing held is deleted: there is nothing to remember. A key a write creates
--- gets its expiry at once (windowed budgets).
+-- Writes what changed: the hash in one command (two when a bucket's field goes), the sorted set
+-- in one or two. A lifetime budget with nothing spent and nothing held is deleted: there is
+-- nothing to remember. A key a write creates gets its expiry at once (windowed budgets).
 local function save_budget(b)
   if not b.changed then return end
+  local zkey = b.key .. ':h'
+  local z = b.z
+  if z then
+    if z.gone then
+      redis.call('DEL', zkey)
+    else
+      local rem = {}
+      for T in pairs(z.rem) do rem[#rem + 1] = T end
+      if #rem > 0 then redis.call('ZREM', zkey, unpack(rem)) end
+    end
+    local add = {}
+    for T in pairs(z.add) do
+      add[#add + 1] = T
+      add[#add + 1] = T
+    end
+    if #add > 0 then redis.call('ZADD', zkey, unpack(add)) end
+  end
   if b.t == 0 and b.spent <= 0 and b.c == 0 then
     if b.exists then redis.call('DEL', b.key) end
     return
@@ -408,14 +495,8 @@ local function save_budget(b)
   end
   if b.t > 0 then
     if b.expire or not b.exists then redis.call('PEXPIREAT', b.key, server_time(b.t)) end
-    if b.c >= 2 and (b.expire or b.zset_new) then redis.call('PEXPIREAT', b.key .. ':h', server_time(b.t)) end
+    if b.c >= 2 and (b.expire or (z and next(z.add))) then
+      redis.call('PEXPIREAT', zkey, server_time(b.t))
+    end
   end
-end
-
--- ---------------------------------------------------------------------------------------------
--- Unique values
-
--- Clears `id`'s in-flight marker on a value, if it is `id`'s.
-local function clear_pending(ukey, id)
-  if redis.call('GET', ukey .. ':p') == id then redis.call('DEL', ukey .. ':p') end
 end

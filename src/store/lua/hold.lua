@@ -1,20 +1,34 @@
 -- Operations on holds: reserve, check, settle, extend, and, for a reservation across slots on a
--- Cluster, mark (its other groups are held) and forget (undo a group of a denied reservation).
+-- Cluster, mark (its other groups are held) and forget (give back what one call held).
 -- Each takes its operation (an array, decoded from MessagePack), the batch's `now` and its text,
 -- and answers an array. A claim to check is { 'b', budget base key, amount, limit, window spec }
 -- or { 'u' or 'r', value key, owner }.
+--
+-- Each operation reads every key it may write before its first write, and each budget is
+-- written by its save alone (common.lua): an operation refused half-way, or whose keys this node
+-- no longer serves, has changed nothing.
+
+-- What a settled record answers, by phase.
+local WHY = { C = 'committed', R = 'released', T = 'released', X = 'expired' }
 
 -- The answer to a retry of a record that is settled: with its memo, if its settler left one.
 local function refuse(key, r)
-  local why = ({ C = 'committed', R = 'released', T = 'released', X = 'expired' })[r.s]
-  if r.s == 'T' then return { 'E', why } end
-  local memo = redis.call('GET', key .. ':m')
+  local why = WHY[r.s]
+  local mkey = memo_key(key)
+  if r.s == 'T' or not mkey then return { 'E', why } end
+  local memo = redis.call('GET', mkey)
   if memo then return { 'E', why, memo } end
   return { 'E', why }
 end
 
--- Reads and checks every claim, writing nothing (expired buckets aside). Answers the state to
--- hold them, or a denial naming the first claim that failed.
+-- Whether a record stands for nothing to a reserve: a forgotten hold, or a tombstone left for
+-- another call than `nonce` (a reserve whose answer was lost, given back since).
+local function stands_for_nothing(r, nonce)
+  return r.s == 'F' or (r.s == 'T' and r.nonce ~= ZEROS and r.nonce ~= nonce)
+end
+
+-- Reads and checks every claim, writing nothing. Answers the budgets and values to hold them
+-- (state.budgets by claim index), or a denial naming the first claim that failed.
 local function check_claims(id, claims, e, now, now_text)
   local state = { budgets = {}, remaining = {} }
   local T = bucket(e)
@@ -25,6 +39,8 @@ local function check_claims(id, claims, e, now, now_text)
       expire(b, now, now_text)
       local left = remaining(b, c[4])
       if c[3] > left then return nil, { 'D', i, 'budget', left } end
+      -- A second bucket creates the sorted set: read it first (see the top of this file).
+      if b.c == 1 and b.n ~= T then redis.call('EXISTS', b.key .. ':h') end
       b.window_ends = ends
       state.budgets[i] = b
       state.remaining[i] = left - c[3]
@@ -53,7 +69,6 @@ local function replay(r, nonce, claims, now, now_text)
     if c[1] == 'b' then
       local b = load_budget(c[2] .. window(c[5], now), {})
       expire(b, now, now_text)
-      save_budget(b)
       out[3 + i] = remaining(b, c[4])
     else
       out[3 + i] = -1
@@ -62,27 +77,56 @@ local function replay(r, nonce, claims, now, now_text)
   return out
 end
 
--- Gives back whatever a hold still holds.
-local function undo(r, id, now, now_text)
+-- Reads what settling a hold's claims needs: each budget with the hold taken out of it (and,
+-- committing, what it spends added), each value with its owner and in-flight marker. Writes
+-- nothing; `write_settled` writes it.
+local function read_settled(r, commit, actuals, now, now_text)
   local T = bucket(r.e)
+  local plan = {}
   for _, c in ipairs(claims_of(r)) do
     if c[1] == 'b' then
       local b = load_budget(c.key, { T })
       expire(b, now, now_text)
-      take_out(b, T, c[3], now_text)
-      save_budget(b)
+      if take_out(b, T, c[3], now_text) and commit then
+        local actual = nil
+        for _, a in ipairs(actuals) do
+          if a[1] == c[2] and a[2] == c[4] then actual = a[3] end
+        end
+        spend(b, math.min(actual or c[3], c[3]))
+      end
+      plan[#plan + 1] = { b = b }
     else
-      clear_pending(c[2], id)
+      local v = redis.call('MGET', c[2], c[2] .. ':p')
+      plan[#plan + 1] = { c = c, owner = v[1], pending = v[2] }
+    end
+  end
+  return plan
+end
+
+-- Writes what read_settled planned for hold `id`: committing, held values become their owners'
+-- (again, for an owner that claimed what it owned, even if an operator removed it meanwhile)
+-- and release-on-commit values are freed; either way the hold's in-flight markers go.
+local function write_settled(plan, id, commit)
+  for _, p in ipairs(plan) do
+    if p.b then
+      save_budget(p.b)
+    elseif p.pending == id then
+      local c = p.c
+      if commit and c[1] == 'u' then
+        redis.call('SET', c[2], c[3])
+      elseif commit and p.owner == c[3] then
+        redis.call('DEL', c[2])
+      end
+      redis.call('DEL', c[2] .. ':p')
+    elseif commit and p.c[1] == 'r' and p.owner == p.c[3] then
+      redis.call('DEL', p.c[2])
     end
   end
 end
 
--- The actual amount `actuals` names for a budget claim (by base key and window spec), if any.
-local function actual_for(actuals, c)
-  for _, a in ipairs(actuals) do
-    if a[1] == c[2] and a[2] == c[4] then return a[3] end
-  end
-  return nil
+-- Gives back whatever a hold still holds.
+local function undo(r, id, now, now_text)
+  write_settled(read_settled(r, false, {}, now, now_text), id, false)
 end
 
 -- Op 1. { 1, record, id, lease, fingerprint and nonce (32 hex), mode, claims, body }
@@ -95,20 +139,21 @@ end
 local function reserve(op, now, now_text)
   local key, id, lease, fpnonce, mode, claims, body = op[2], op[3], op[4], op[5], op[6], op[7], op[8]
   local fp, nonce = string.sub(fpnonce, 1, 16), string.sub(fpnonce, 17)
-  local ttl = num(lease + RETAIN)
   local e = now + lease
   local e_text = num(e)
   if #e_text ~= 13 or #now_text ~= 13 then
     return { 'X', 'the server clock is outside the years 2001 to 2286' }
   end
-  local raw = string.sub(mode, 2) .. fpnonce .. e_text .. now_text .. body
   mode = string.sub(mode, 1, 1)
-  -- Written at once (nothing is there, as a rule), taken back below if the claims are denied.
-  local old = redis.call('SET', key, raw, 'PX', ttl, 'NX', 'GET')
+  local old = redis.call('GET', key)
   if old then
     local r = parse(old)
-    if mode == 'h' or (r.nonce == nonce and now < r.e) then
-      if r.s == 'T' then return { 'E', 'released' } end
+    if stands_for_nothing(r, nonce) then
+      -- Replaced below.
+    elseif r.s == 'T' then
+      -- A tombstone refuses the id's own record, and a group's only the call it was left for.
+      if mode == 'h' or r.nonce == nonce then return { 'E', 'released' } end
+    elseif mode == 'h' or (r.nonce == nonce and now < r.e) then
       if r.f ~= fp then return { 'E', 'conflict' } end
       if r.s == 'H' or r.s == 'P' then
         if now >= r.e then return { 'E', 'expired' } end
@@ -118,15 +163,12 @@ local function reserve(op, now, now_text)
       end
       return refuse(key, r)
     end
-    -- A group record of an earlier attempt: its home decided that attempt; this one replaces it.
-    redis.call('SET', key, raw, 'PX', ttl)
+    -- Otherwise a group record of an earlier attempt: its home decided that attempt; this one
+    -- replaces it.
   end
 
   local state, denial = check_claims(id, claims, e, now, now_text)
-  if denial then
-    redis.call('DEL', key)
-    return denial
-  end
+  if denial then return denial end
   local T = bucket(e)
   for i, c in ipairs(claims) do
     local b = state.budgets[i]
@@ -138,6 +180,8 @@ local function reserve(op, now, now_text)
       redis.call('SET', c[2] .. ':p', id, 'PX', num(lease))
     end
   end
+  redis.call('SET', key, string.sub(op[6], 2) .. fpnonce .. e_text .. now_text .. body,
+    'PX', num(lease + RETAIN))
   local out = { 'G', e, 0 }
   for i, x in ipairs(state.remaining) do out[3 + i] = x end
   return out
@@ -150,13 +194,15 @@ local function check(op, now, now_text)
   local old = redis.call('GET', key)
   if old then
     local r = parse(old)
-    if r.s == 'T' then return { 'E', 'released' } end
-    if r.f ~= fp then return { 'E', 'conflict' } end
-    if r.s == 'H' or r.s == 'P' then
-      if now >= r.e then return { 'E', 'expired' } end
-      return replay(r, '', claims, now, now_text)
+    if not stands_for_nothing(r, '') then
+      if r.s == 'T' then return { 'E', 'released' } end
+      if r.f ~= fp then return { 'E', 'conflict' } end
+      if r.s == 'H' or r.s == 'P' then
+        if now >= r.e then return { 'E', 'expired' } end
+        return replay(r, '', claims, now, now_text)
+      end
+      return refuse(key, r)
     end
-    return refuse(key, r)
   end
   local state, denial = check_claims(id, claims, now + lease, now, now_text)
   if denial then return denial end
@@ -165,131 +211,136 @@ local function check(op, now, now_text)
   return out
 end
 
--- Keeps a settled record (`keep` ms) with its memo. With `keep` 0 the record is already gone
--- (settle took it), and no memo is kept.
-local function keep_record(key, raw, keep, memo)
-  if keep == 0 then return end
-  redis.call('SET', key, raw, 'PX', num(keep))
-  if memo then redis.call('SET', key .. ':m', memo, 'PX', num(keep)) end
+-- Keeps `key` at least `keep` ms from now; answers false when it does not exist.
+local function keep_at_least(key, keep)
+  local ttl = redis.call('PTTL', key)
+  if ttl == -2 then return false end
+  if ttl >= 0 and ttl < keep then redis.call('PEXPIRE', key, num(keep)) end
+  return true
 end
 
 -- Op 2. { 2, record, id, how, keep ms (0: forget), memo ('' for none),
---         actuals { { budget base key, window spec, amount } } }
--- how: 'c' commit or 'r' release, then '1' strict or '0'. strict: actual amounts must each name a budget of this hold (a whole hold, or a Cluster home,
--- which checks them against every group's); a group applies those that name its own budgets.
+--         actuals { { budget base key, window spec, amount } }, call nonce (16 hex) }
+-- how: 'c' commit or 'r' release; then '1' strict or '0': strict, actual amounts must each name
+-- a budget of this hold (a whole hold, or a Cluster home, which checks them against every
+-- group's), else a group applies those that name its own budgets; then '1' when a Cluster home's
+-- groups were made sure to outlive the commit (see cluster.rs), else '0'.
 -- Answers { 'OK', 'applied' | 'replayed' | 'tombstoned', groups }
 --       | { 'E', 'unknown' | 'committed' | 'released' | 'expired' | 'in_flight' | 'exceeds'
---              | 'not_held', groups }
+--              | 'not_held' | 'prepare', groups, memo? }
+-- 'prepare': a commit of a home with groups that were not made sure of: nothing changed.
 local function settle(op, now, now_text)
-  local key, id, how, keep, memo, actuals = op[2], op[3], op[4], op[5], op[6], op[7]
-  local commit, strict, retain = string.sub(how, 1, 1) == 'c', string.sub(how, 2) == '1', RETAIN
+  local key, id, how, keep, memo, actuals, nonce = op[2], op[3], op[4], op[5], op[6], op[7], op[8]
+  local commit = string.sub(how, 1, 1) == 'c'
+  local strict, prepared = string.sub(how, 2, 2) == '1', string.sub(how, 3, 3) == '1'
   if memo == '' then memo = nil end
-  -- A record to forget is taken at once; what must stay is put back below.
-  local raw = redis.call(keep == 0 and 'GETDEL' or 'GET', key)
-  if not raw then
+  local mkey = memo_key(key)
+  local raw = redis.call('GET', key)
+  local r = raw and parse(raw)
+  if r and r.s == 'F' and r.nonce == nonce then return { 'OK', 'applied', {} } end
+  -- What a forgotten hold or a lost reserve call left is nothing to anyone else.
+  if r and stands_for_nothing(r, '') then r = nil end
+  if not r then
     if commit then return { 'E', 'unknown', {} } end
     -- Released before reserved: the tombstone refuses the late reserve (and is always kept).
-    redis.call('SET', key, TOMBSTONE, 'PX', num(math.max(keep, retain)))
+    redis.call('SET', key, TOMBSTONE, 'PX', num(math.max(keep, RETAIN)))
     return { 'OK', 'tombstoned', {} }
   end
-  local r = parse(raw)
   if r.s ~= 'H' then
-    -- Not held: nothing changes, and a record taken to be forgotten goes back if it must stay
-    -- (a tombstone; a reservation still reserving; one settled the other way).
-    local same = (commit and r.s == 'C') or (not commit and r.s ~= 'C' and r.s ~= 'P')
-    if keep == 0 and (r.s == 'T' or not same) then
-      redis.call('SET', key, raw, 'PX', num(retain))
-    elseif same and r.s ~= 'T' then
-      -- Settled the same way before: a memo not yet kept is kept now.
-      if memo then redis.call('SET', key .. ':m', memo, 'PX', num(math.max(keep, retain)), 'NX') end
-      if keep == 0 then redis.call('DEL', key .. ':m') end
-    end
     if r.s == 'P' then return { 'E', 'in_flight', {} } end
-    if not same then return { 'E', refuse(key, r)[2], groups_of(r) } end
+    local same = (commit and r.s == 'C') or (not commit and r.s ~= 'C')
+    if not same then return { 'E', WHY[r.s], groups_of(r) } end
+    if r.s ~= 'T' then
+      -- Settled the same way before. A retry that forgets drops the record; one that keeps it
+      -- keeps it (and its memo, or this one if none was kept) at least as long as it asks.
+      if keep == 0 then
+        redis.call('DEL', key)
+        if mkey then redis.call('DEL', mkey) end
+      else
+        local kept = mkey and keep_at_least(mkey, keep)
+        if memo and mkey and not kept then redis.call('SET', mkey, memo, 'PX', num(keep)) end
+        keep_at_least(key, keep)
+      end
+    end
     return { 'OK', 'replayed', groups_of(r) }
   end
 
   local groups = groups_of(r)
-  -- A home with groups is always kept: a commit that did not reach every group is finished by
-  -- a retry, which needs the list.
-  if #groups > 0 and keep == 0 then keep = retain end
+  if commit and now < r.e and #groups > 0 and not prepared then
+    return { 'E', 'prepare', groups }
+  end
+  -- A home with groups is kept until they have followed: a commit that did not reach every
+  -- group is finished by a retry, which needs the list (cluster.rs drops it afterwards when
+  -- the settlement forgets).
+  if #groups > 0 and keep == 0 then keep = RETAIN end
   if commit and now >= r.e then
     -- The lease ran out: whatever is still held goes back now.
     undo(r, id, now, now_text)
-    redis.call('SET', key, with_phase(r, 'X'), 'PX', num(retain))
+    redis.call('SET', key, with_phase(r, 'X'), 'PX', num(RETAIN))
     return { 'E', 'expired', groups }
   end
-  local claims = claims_of(r)
-  if commit then
-    if strict then
-      -- Check every actual amount before changing anything: against this record's claims, and
-      -- a Cluster home's list of every group's budget claims.
-      for _, a in ipairs(actuals) do
-        local held = nil
-        for _, c in ipairs(claims) do
-          if c[1] == 'b' and a[1] == c[2] and a[2] == c[4] then held = c[3] end
-        end
-        for _, v in ipairs(r.v or {}) do
-          if v[1] == a[1] and v[2] == a[2] then held = v[3] end
-        end
-        if not held or a[3] > held then
-          if keep == 0 then redis.call('SET', key, raw, 'PX', num(retain)) end
-          return { 'E', held and 'exceeds' or 'not_held', groups }
-        end
+  if commit and strict then
+    -- Every actual amount is checked before anything changes: against this record's claims,
+    -- and a Cluster home's list of every group's budget claims.
+    local claims = claims_of(r)
+    for _, a in ipairs(actuals) do
+      local held = nil
+      for _, c in ipairs(claims) do
+        if c[1] == 'b' and a[1] == c[2] and a[2] == c[4] then held = c[3] end
       end
-    end
-    local T = bucket(r.e)
-    for _, c in ipairs(claims) do
-      if c[1] == 'b' then
-        local b = load_budget(c.key, { T })
-        expire(b, now, now_text)
-        if take_out(b, T, c[3], now_text) then
-          spend(b, math.min(actual_for(actuals, c) or c[3], c[3]))
-        end
-        save_budget(b)
-      elseif c[1] == 'u' then
-        -- Held in flight by this hold: the owner's now (again, for an owner that claimed what it
-        -- owned, even if an operator removed it meanwhile).
-        if redis.call('GET', c[2] .. ':p') == id then
-          redis.call('SET', c[2], c[3])
-          redis.call('DEL', c[2] .. ':p')
-        end
-      else
-        clear_pending(c[2], id)
-        if redis.call('GET', c[2]) == c[3] then redis.call('DEL', c[2]) end
+      for _, v in ipairs(r.v or {}) do
+        if v[1] == a[1] and v[2] == a[2] then held = v[3] end
       end
+      if not held or a[3] > held then return { 'E', held and 'exceeds' or 'not_held', groups } end
     end
-    keep_record(key, with_phase(r, 'C'), keep, memo)
+  end
+  local plan = read_settled(r, commit, actuals, now, now_text)
+  local kept_memo = keep > 0 and memo and mkey
+  if kept_memo then redis.call('EXISTS', mkey) end
+  -- Writes, every key read above.
+  write_settled(plan, id, commit)
+  if keep == 0 then
+    redis.call('SET', key, forgotten(nonce, commit and 'c' or 'r'), 'PX', num(ANSWER_MS))
   else
-    undo(r, id, now, now_text)
-    keep_record(key, with_phase(r, 'R'), keep, memo)
+    redis.call('SET', key, with_phase(r, commit and 'C' or 'R'), 'PX', num(keep))
+    if kept_memo then redis.call('SET', mkey, memo, 'PX', num(keep)) end
   end
   return { 'OK', 'applied', groups }
 end
 
--- Op 3. { 3, record, id, lease }
+-- Op 3. { 3, record, id, lease, at least ('1') or exactly ('0') }: renews a live hold's lease to
+-- `lease` from now (at least: never shortened, for a slot group, whose lease must outlast its
+-- home's).
 -- Answers { 'OK', new lease end, groups } | { 'E', why }
 local function extend(op, now, now_text)
-  local key, id, lease = op[2], op[3], op[4]
+  local key, id, lease, at_least = op[2], op[3], op[4], op[5] == '1'
   local raw = redis.call('GET', key)
   if not raw then return { 'E', 'unknown' } end
   local r = parse(raw)
+  if stands_for_nothing(r, '') then return { 'E', 'unknown' } end
   if r.s == 'P' then return { 'E', 'in_flight' } end
   if r.s ~= 'H' then return refuse(key, r) end
   if now >= r.e then return { 'E', 'expired' } end
   local e = now + lease
+  if at_least and e <= r.e then return { 'OK', r.e, groups_of(r) } end
   local old_T, new_T = bucket(r.e), bucket(e)
+  local budgets, values = {}, {}
   for _, c in ipairs(claims_of(r)) do
     if c[1] == 'b' then
       local b = load_budget(c.key, { old_T, new_T })
       expire(b, now, now_text)
-      if take_out(b, old_T, c[3], now_text) then hold_in(b, new_T, c[3]) end
+      if take_out(b, old_T, c[3], now_text) then
+        if b.c == 1 and b.n ~= new_T then redis.call('EXISTS', b.key .. ':h') end
+        hold_in(b, new_T, c[3])
+      end
       if b.t > 0 then keep_until(b, e + WINDOW_GRACE_MS) end
-      save_budget(b)
+      budgets[#budgets + 1] = b
     elseif redis.call('GET', c[2] .. ':p') == id then
-      redis.call('PEXPIRE', c[2] .. ':p', num(lease))
+      values[#values + 1] = c[2] .. ':p'
     end
   end
+  for _, b in ipairs(budgets) do save_budget(b) end
+  for _, pkey in ipairs(values) do redis.call('PEXPIRE', pkey, num(lease)) end
   local rest = string.sub(raw, 47)
   redis.call('SET', key, record('H', r.f, r.nonce, num(e), '', rest), 'PX', num(lease + RETAIN))
   return { 'OK', e, r.g or {} }
@@ -306,17 +357,20 @@ local function mark(op, now)
   return { 'OK' }
 end
 
--- Op 5. { 5, record, id, nonce }: undoes and removes a record of a denied
--- reservation across slots (this attempt's only), so that the id may be reserved again.
+-- Op 5. { 5, record, id, nonce }: gives back what one reserve call held under `record` (a call
+-- denied elsewhere, or whose answer was lost), and leaves a tombstone that refuses that call,
+-- should it still arrive. Another call's record is left alone.
 local function forget(op, now, now_text)
   local key, id, nonce = op[2], op[3], op[4]
   local raw = redis.call('GET', key)
   if raw then
     local r = parse(raw)
-    if r.nonce == nonce and (r.s == 'H' or r.s == 'P') then
+    if r.nonce ~= nonce or not (r.s == 'H' or r.s == 'P') then
+      if not stands_for_nothing(r, nonce) then return { 'OK' } end
+    else
       undo(r, id, now, now_text)
-      redis.call('DEL', key)
     end
   end
+  redis.call('SET', key, tombstone_for(nonce), 'PX', num(RETAIN))
   return { 'OK' }
 end

@@ -23,14 +23,16 @@ use crate::{Error, ErrorKind};
 /// How big one call may get, and how many may be in flight to one node at once.
 ///
 /// A script blocks every other client of its node while it runs, and cannot be killed once it has
-/// written, so a batch is bounded both in operations and in work (claims). At most 128
-/// operations or 256 claims: with each budget clearing at most `MAX_EXPIRED_PER_CALL` expired
-/// buckets per call, the worst batch runs in a few milliseconds, far from Redis's `BUSY`
-/// threshold (5 s), and a typical one (a purchase is one claim) in well under one.
+/// written, so a batch is bounded in operations, in work (claims) and in bytes. At most 128
+/// operations, 256 claims or 256 KiB (memos can be large; an operation larger than that goes
+/// alone): with each budget clearing at most `MAX_EXPIRED_PER_CALL` expired buckets per call,
+/// the worst batch runs in a few milliseconds, far from Redis's `BUSY` threshold (5 s), and
+/// well within a call's timeout, and a typical one (a purchase is one claim) in well under one.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     pub(crate) max_ops: usize,
     pub(crate) max_work: usize,
+    pub(crate) max_bytes: usize,
     pub(crate) in_flight: usize,
     /// After a call that committed: wait for this many replicas, this long (Redis `WAIT`).
     pub(crate) wait_for: Option<(usize, Duration)>,
@@ -41,6 +43,7 @@ impl Default for Limits {
         Self {
             max_ops: 128,
             max_work: 256,
+            max_bytes: 256 << 10,
             in_flight: 2,
             wait_for: None,
         }
@@ -155,18 +158,21 @@ async fn work(
 /// given up (it was told the store was unavailable; sending it now could only surprise it).
 fn next_batch(waiting: &mut VecDeque<Job>, limits: &Limits) -> Vec<Job> {
     let mut jobs = Vec::new();
-    let mut work = 0;
+    let (mut work, mut bytes) = (0, 0);
     while let Some(job) = waiting.front() {
         if job.answer.is_closed() {
             waiting.pop_front();
             continue;
         }
         if !jobs.is_empty()
-            && (jobs.len() >= limits.max_ops || work + job.op.work > limits.max_work)
+            && (jobs.len() >= limits.max_ops
+                || work + job.op.work > limits.max_work
+                || bytes + job.op.bytes.len() > limits.max_bytes)
         {
             break;
         }
         work += job.op.work;
+        bytes += job.op.bytes.len();
         jobs.push(waiting.pop_front().expect("front exists"));
     }
     jobs

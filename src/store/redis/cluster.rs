@@ -27,13 +27,17 @@ use crate::claim::SLOTS;
 use crate::reservation::Denial;
 use crate::{Claim, Error, ErrorKind, HoldId, Reservation, Reserved, Settled, Settlement};
 
-/// How much longer a slot group's lease is than its home's: a commit decided at the home just
-/// before the lease ends must still find the groups held, across the fan-out's round trip and
-/// the difference between the nodes' clocks (milliseconds where clocks are synchronised). Kept
-/// to one bucket of lease ends, so that what a group holds comes back at most 200 ms after the
-/// lease (100 ms for a hold on one slot). The layer commits at least its margin before the lease
-/// ends, far inside it.
+/// How much longer a slot group's lease is than its home's, so that the home's lease always
+/// ends first (across the difference between the nodes' clocks, milliseconds where clocks are
+/// synchronised). Kept to one bucket of lease ends, so that what a group holds comes back at
+/// most 200 ms after the lease (100 ms for a hold on one slot) when its process died.
 pub(crate) const GROUP_GRACE: Duration = Duration::from_millis(100);
+
+/// How long a commit has, once its home made sure of every group, to reach them all: before the
+/// home commits, each group's lease is made to last at least this long from then. A group whose
+/// node stops answering for longer than this between the two steps loses its part of the
+/// commit (the answer names it); this is the bound the design rests on.
+pub(crate) const COMMIT_WINDOW: Duration = Duration::from_secs(30);
 
 /// Which primary serves each slot, from `CLUSTER SLOTS`.
 struct SlotMap {
@@ -238,7 +242,15 @@ pub(crate) async fn reserve(
             nonce: &nonce,
         },
     );
-    let answer = store.call(home, false).await?;
+    let answer = match store.call(home, false).await {
+        Ok(answer) => answer,
+        Err(err) => {
+            if err.is_unavailable() {
+                store.abandon(id, vec![store.keys().record(id)], nonce);
+            }
+            return Err(err);
+        }
+    };
     let mut grant = match ops::reserved(&answer, r, &plan.home)? {
         Reserved::Denied(d) => return Ok(Reserved::Denied(d)),
         Reserved::Granted(g) => g,
@@ -277,6 +289,7 @@ pub(crate) async fn reserve(
     let mut denial: Option<Denial> = None;
     let mut failure: Option<Error> = None;
     let mut to_forget: Vec<&String> = Vec::new();
+    // Every group granted, or whose answer was lost, is forgotten if the reservation fails.
     for ((record, indices), answer) in plan.groups.iter().zip(answers) {
         match answer {
             Ok(Reserved::Granted(g)) => {
@@ -298,23 +311,24 @@ pub(crate) async fn reserve(
         }
     }
     if denial.is_none() && failure.is_none() {
-        let answer = store
+        let marked = store
             .call(ops::mark(store.keys().record(id), &nonce), false)
-            .await?;
-        ops::ok(&answer, id)?;
-        return Ok(Reserved::Granted(grant));
+            .await
+            .and_then(|answer| ops::ok(&answer, id));
+        match marked {
+            Ok(()) => return Ok(Reserved::Granted(grant)),
+            Err(err) => failure = Some(err),
+        }
     }
-    // All or nothing: this attempt's groups and home go, so that the id may be retried. What a
-    // failed call leaves behind ends with its lease.
-    join_all(
-        to_forget
-            .iter()
-            .map(|record| store.call(ops::forget((*record).clone(), id, &nonce), false)),
-    )
-    .await;
-    let _ = store
-        .call(ops::forget(store.keys().record(id), id, &nonce), false)
-        .await;
+    // All or nothing: what this attempt held goes, home last, and tombstones refuse its calls
+    // that may still arrive, so that the id may be reserved again at once. What cannot be
+    // reached now is given back in the background, or by its lease.
+    let mut records: Vec<String> = to_forget.into_iter().cloned().collect();
+    records.push(store.keys().record(id));
+    let left = store.forget_all(id, records, &nonce).await;
+    if !left.is_empty() {
+        store.abandon(id, left, nonce);
+    }
     match (denial, failure) {
         (Some(d), _) => Ok(Reserved::Denied(d)),
         (None, Some(err)) => Err(err),
@@ -371,19 +385,26 @@ pub(crate) async fn settle_groups(
     settlement: &Settlement,
     home: SettleAnswer,
 ) -> Result<Settled, Error> {
-    let release = Settlement::release();
-    let follow = match &home.result {
-        Ok(_) => settlement,
-        Err(err) if err.is_expired() && settlement.is_commit() => &release,
+    let mut follow = match &home.result {
+        Ok(_) => settlement.clone(),
+        Err(err) if err.is_expired() && settlement.is_commit() => Settlement::release(),
         Err(_) => return home.result,
     };
-    let retain_ms = store.retain_ms();
-    let answers = join_all(home.groups.iter().map(|record| async {
+    // The memo lives at the home alone.
+    follow.memo = None;
+    let follow = &follow;
+    let args = ops::SettleArgs {
         // Groups keep their records for the retention period: a retry finishes the job.
-        let op = ops::settle(store.keys(), record.clone(), id, follow, retain_ms, false);
-        let answer = store.call(op, follow.is_commit()).await?;
-        ops::settled(&answer, id)?.result
-    }))
+        keep_ms: store.retain_ms(),
+        strict: false,
+        prepared: false,
+        nonce: rand::random(),
+    };
+    let answers = join_all(
+        home.groups
+            .iter()
+            .map(|record| async { store.settle_record(record, id, follow, args).await?.result }),
+    )
     .await;
     let mut missed: Vec<(&String, Error)> = Vec::new();
     for (record, answer) in home.groups.iter().zip(answers) {
@@ -418,6 +439,34 @@ pub(crate) async fn settle_groups(
     ))
 }
 
+/// Makes sure, before a home commits, that each of its groups lasts at least [`COMMIT_WINDOW`]
+/// from now, so that the commit, once the home accepted it, finds every group held. Answers
+/// `false` when a group has ended already (or is unknown): it cannot follow a commit. A group
+/// that cannot be reached is an error, and nothing is committed.
+pub(crate) async fn prepare_groups(
+    store: &RedisStore,
+    id: &HoldId,
+    groups: &[String],
+) -> Result<bool, Error> {
+    let lease_ms = COMMIT_WINDOW.as_millis() as u64;
+    let answers = join_all(groups.iter().map(|record| async {
+        let op = ops::extend(record.clone(), id, lease_ms, true);
+        let answer = store.call(op, false).await?;
+        ops::extended(&answer, id).map(drop)
+    }))
+    .await;
+    let mut unavailable = None;
+    for answer in answers {
+        match answer {
+            Ok(()) => {}
+            Err(err) if err.is_expired() || err.is_unknown_hold() => return Ok(false),
+            Err(err) if err.is_unavailable() => unavailable = Some(err),
+            Err(err) => return Err(err),
+        }
+    }
+    unavailable.map_or(Ok(true), Err)
+}
+
 /// Extends a home's other groups after the home (so that the home's lease always ends first).
 pub(crate) async fn extend_groups(
     store: &RedisStore,
@@ -427,7 +476,7 @@ pub(crate) async fn extend_groups(
 ) -> Result<(), Error> {
     let lease_ms = (lease + GROUP_GRACE).as_millis() as u64;
     let answers = join_all(groups.iter().map(|record| async {
-        let op = ops::extend(record.clone(), id, lease_ms);
+        let op = ops::extend(record.clone(), id, lease_ms, true);
         let answer = store.call(op, false).await?;
         ops::extended(&answer, id).map(drop)
     }))

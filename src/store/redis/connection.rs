@@ -74,6 +74,9 @@ static TEST_LIBRARY: LazyLock<Library> = LazyLock::new(|| {
 pub(crate) struct CallArgs {
     /// The store's retention of settled records.
     pub(crate) retain_ms: u64,
+    /// How long a forgotten hold (and a call that is not idempotent by itself) still answers
+    /// the same call sent again: longer than the store retries a call whose answer was lost.
+    pub(crate) answer_ms: u64,
     /// The store's clock.
     pub(crate) clock: Clock,
 }
@@ -101,7 +104,8 @@ impl Conn {
             .arg(1)
             .arg(key)
             .arg(payload)
-            .arg(args.retain_ms);
+            .arg(args.retain_ms)
+            .arg(args.answer_ms);
         if args.clock.is_test() {
             call.arg(args.clock.shift_ms());
         }

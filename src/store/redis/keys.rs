@@ -30,9 +30,10 @@ impl Keys {
         }
     }
 
-    /// The record of one slot group of a reservation across slots: in the slot of `tag`.
+    /// The record of one slot group of a reservation across slots: in the slot of `tag`. Its
+    /// type (`g`) keeps it apart from every id's own record.
     pub(crate) fn group_record(&self, tag: &str, id: &HoldId) -> String {
-        format!("{}:h:{{{tag}}}:{id}", self.prefix)
+        format!("{}:g:{{{tag}}}{id}", self.prefix)
     }
 
     /// A budget's key without its window's suffix (the scripts add it).
@@ -40,9 +41,10 @@ impl Keys {
         format!("{}:b:{{{}}}", self.prefix, budget.key())
     }
 
-    /// The head of a budget's refund records (the scripts add the window and the refund's id).
-    pub(crate) fn refunds(&self, budget: &Budget) -> String {
-        format!("{}:f:{{{}}}", self.prefix, budget.key())
+    /// A refund's record: beside its budget, one for every window (a refund id counts once
+    /// whatever window it lands in). `#` is in no id and no budget key's window.
+    pub(crate) fn refund(&self, budget: &Budget, id: &HoldId) -> String {
+        format!("{}:f:{{{}}}#{id}", self.prefix, budget.key())
     }
 
     pub(crate) fn unique(&self, value: &Unique) -> String {
@@ -107,5 +109,21 @@ mod tests {
         assert_eq!(slot_of(tag.as_bytes()), slot);
         assert!(keys.budget(&budget).contains("{customer-42}"));
         assert_eq!(keys.record(&HoldId::new("plain").unwrap()), "p:h:{plain}");
+    }
+
+    #[test]
+    fn no_two_ids_share_a_key() {
+        // A memo is its record's key with another type, in the Lua: `x:m@5`'s record must not be
+        // `x@5`'s memo, and no group record any id's own.
+        let keys = Keys::new("p".into());
+        let memo = |record: String| record.replacen(":h:", ":m:", 1);
+        let a = keys.record(&HoldId::new("x@5").unwrap());
+        let b = keys.record(&HoldId::new("x:m@5").unwrap());
+        assert_ne!(memo(a.clone()), b);
+        assert_ne!(a, b);
+        let tag = slot_tag(5);
+        let group = keys.group_record(tag, &HoldId::new("y").unwrap());
+        assert_ne!(group, keys.record(&HoldId::new(":y@5").unwrap()));
+        assert_ne!(group, keys.record(&HoldId::new("y@5").unwrap()));
     }
 }

@@ -48,8 +48,9 @@ use redis::Value;
 /// operation on one node, as on a single node (see the [crate docs](crate#redis-cluster)).
 ///
 /// Connections are multiplexed and re-established after Redis restarts (redis-rs). Each call is
-/// bounded by a timeout; past it the call fails as [`ErrorKind::Unavailable`] and whatever it
-/// may have held ends with its lease. Needs Redis 7.0 or later, with `maxmemory-policy
+/// bounded by a timeout; past it the call fails as [`ErrorKind::Unavailable`]. A settlement whose
+/// answer was lost is sent again (a call that landed answers as it did); a reserve whose answer
+/// was lost is given back in the background, so that its id may be reserved again. Needs Redis 7.0 or later, with `maxmemory-policy
 /// noeviction` (checked at connect time; see [`RedisStoreBuilder::allow_eviction`]).
 ///
 /// ```no_run
@@ -197,6 +198,8 @@ impl RedisStoreBuilder {
     fn call_args(&self) -> CallArgs {
         CallArgs {
             retain_ms: self.config.retain_ms,
+            // Longer than the store tries one call again (`RedisStore::settle_record`).
+            answer_ms: (self.config.timeout * (SETTLE_TRIES + 1)).as_millis() as u64 + 1_000,
             clock: self.config.clock.clone(),
         }
     }
@@ -388,6 +391,92 @@ impl RedisStore {
         with_timeout(self.inner.config.timeout, call).await
     }
 
+    /// Sends an operation that carries its call's nonce, again while its answer is lost: the
+    /// same call is answered as it was, never run twice.
+    async fn call_again_if_lost(&self, op: impl Fn() -> Op) -> Result<Bytes, Error> {
+        let mut tries = 1;
+        loop {
+            match self.call(op(), false).await {
+                Err(err) if err.is_unavailable() && tries < SETTLE_TRIES => {
+                    tokio::time::sleep(Duration::from_millis(50 * tries as u64)).await;
+                    tries += 1;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    /// Gives back, in a task of its own, whatever reserve calls whose answers were lost may have
+    /// held under `records` (each call's nonce), and leaves tombstones that refuse those calls
+    /// should they still arrive: the id may be reserved again at once. Tried a few times, then
+    /// left to the leases.
+    fn abandon(&self, id: &HoldId, records: Vec<String>, nonce: Nonce) {
+        let (store, id) = (self.clone(), id.clone());
+        let give_back = async move {
+            let mut left = records;
+            for attempt in 0..ABANDON_TRIES {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                left = store.forget_all(&id, left, &nonce).await;
+                if left.is_empty() {
+                    return;
+                }
+            }
+            tracing::warn!(hold = %id, records = ?left, "could not give back a reserve whose answer was lost; its lease will");
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(give_back);
+        }
+    }
+
+    /// Forgets what the reserve call `nonce` held under each of `records`, at once; answers the
+    /// records that could not be reached.
+    async fn forget_all(&self, id: &HoldId, records: Vec<String>, nonce: &Nonce) -> Vec<String> {
+        let answers = futures_util::future::join_all(
+            records
+                .iter()
+                .map(|record| self.call(ops::forget(record.clone(), id, nonce), false)),
+        )
+        .await;
+        records
+            .into_iter()
+            .zip(answers)
+            .filter(|(_, answer)| answer.as_ref().is_err_and(Error::is_unavailable))
+            .map(|(record, _)| record)
+            .collect()
+    }
+
+    /// Settles one record, trying again (the same call, with its nonce) while its answer is lost:
+    /// a call that landed is answered as it was, even when it forgot the record.
+    async fn settle_record(
+        &self,
+        record: &str,
+        id: &HoldId,
+        settlement: &Settlement,
+        args: ops::SettleArgs,
+    ) -> Result<ops::SettleAnswer, Error> {
+        let op = ops::settle(self.keys(), record.to_owned(), id, settlement, args);
+        let mut tries = 1;
+        loop {
+            match self.call(op.clone(), settlement.is_commit()).await {
+                Ok(answer) => {
+                    let mut answer = ops::settled(&answer, id)?;
+                    if tries > 1 && matches!(answer.result, Ok(Settled::Replayed)) {
+                        // The lost first try is what settled it.
+                        answer.result = Ok(Settled::Applied);
+                    }
+                    return Ok(answer);
+                }
+                Err(err) if err.is_unavailable() && tries < SETTLE_TRIES => {
+                    tokio::time::sleep(Duration::from_millis(50 * tries as u64)).await;
+                    tries += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
     /// The plan of a reservation on a Cluster whose claims do not all share its id's slot.
     fn across_slots(&self, r: &Reservation) -> Option<cluster::Plan> {
         let Engine::Cluster(_) = self.inner.engine else {
@@ -397,6 +486,13 @@ impl RedisStore {
         (!plan.groups.is_empty()).then_some(plan)
     }
 }
+
+/// How many times the store sends a settlement (or another call that carries its nonce) whose
+/// answer was lost.
+const SETTLE_TRIES: u32 = 3;
+
+/// How many times the store tries to give back a reserve whose answer was lost.
+const ABANDON_TRIES: u32 = 5;
 
 /// Brings every expiry of the keys matching ARGV[1] on this node ARGV[2] ms nearer; those it
 /// passes go at once.
@@ -435,7 +531,19 @@ impl Store for RedisStore {
                 nonce: &nonce,
             },
         );
-        let answer = self.call(op, false).await?;
+        let answer = match self.call(op, false).await {
+            Ok(answer) => answer,
+            Err(err) => {
+                if err.is_unavailable() {
+                    self.abandon(
+                        reservation.id(),
+                        vec![self.keys().record(reservation.id())],
+                        nonce,
+                    );
+                }
+                return Err(err);
+            }
+        };
         ops::reserved(&answer, reservation, &all)
     }
 
@@ -459,25 +567,45 @@ impl Store for RedisStore {
         let keep_ms = settlement
             .retain_for(Duration::from_millis(self.retain_ms()))
             .map_or(0, |d| d.as_millis().max(1) as u64);
-        let op = ops::settle(
-            self.keys(),
-            self.keys().record(id),
-            id,
-            settlement,
+        let record = self.keys().record(id);
+        let mut args = ops::SettleArgs {
             keep_ms,
-            true,
-        );
-        let answer = self.call(op, settlement.is_commit()).await?;
-        let home = ops::settled(&answer, id)?;
+            strict: true,
+            prepared: false,
+            nonce: rand::random(),
+        };
+        let mut home = self.settle_record(&record, id, settlement, args).await?;
+        if home.prepare {
+            // A home with groups commits only once every group is sure to outlive the commit.
+            if !cluster::prepare_groups(self, id, &home.groups).await? {
+                // A group has ended: no commit can reach it, so the hold goes back everywhere.
+                let release = Settlement::release();
+                let released = ops::SettleArgs {
+                    keep_ms: self.retain_ms(),
+                    ..args
+                };
+                let home = self.settle_record(&record, id, &release, released).await?;
+                cluster::settle_groups(self, id, &release, home).await?;
+                return Err(Error::refused(ErrorKind::Expired, id));
+            }
+            args.prepared = true;
+            home = self.settle_record(&record, id, settlement, args).await?;
+        }
         if home.groups.is_empty() {
             return home.result;
         }
-        cluster::settle_groups(self, id, settlement, home).await
+        let result = cluster::settle_groups(self, id, settlement, home).await?;
+        if keep_ms == 0 {
+            // Every group followed: the home, kept for them, goes as the settlement asked.
+            args.keep_ms = 0;
+            self.settle_record(&record, id, settlement, args).await?;
+        }
+        Ok(result)
     }
 
     async fn extend(&self, id: &HoldId, lease: Duration) -> Result<u64, Error> {
         crate::reservation::check_lease(lease)?;
-        let op = ops::extend(self.keys().record(id), id, lease.as_millis() as u64);
+        let op = ops::extend(self.keys().record(id), id, lease.as_millis() as u64, false);
         let answer = self.call(op, false).await?;
         let (until, groups) = ops::extended(&answer, id)?;
         if !groups.is_empty() {
@@ -500,8 +628,9 @@ impl Store for RedisStore {
 
     async fn set_spent(&self, budget: &Budget, spent: u64) -> Result<(), Error> {
         check_set_spent(budget, spent)?;
+        let nonce: Nonce = rand::random();
         let answer = self
-            .call(ops::set_spent(self.keys(), budget, spent), false)
+            .call_again_if_lost(|| ops::set_spent(self.keys(), budget, spent, &nonce))
             .await?;
         ops::ok(&answer, &HoldId::random())
     }
@@ -516,7 +645,10 @@ impl Store for RedisStore {
 
     async fn remove(&self, value: &Unique) -> Result<bool, Error> {
         value.validate()?;
-        let answer = self.call(ops::remove(self.keys(), value), false).await?;
+        let nonce: Nonce = rand::random();
+        let answer = self
+            .call_again_if_lost(|| ops::remove(self.keys(), value, &nonce))
+            .await?;
         ops::removed(&answer)
     }
 }

@@ -139,23 +139,37 @@ pub(crate) fn check(keys: &Keys, r: &Reservation, record: String, indices: &[usi
     w.done(record, indices.len().max(1))
 }
 
-/// Op 2: settle one record. `keep_ms` 0 forgets it; `strict` checks actual amounts against it.
+/// How a record is settled, besides the settlement itself.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SettleArgs {
+    /// How long the record is kept; 0 forgets it.
+    pub(crate) keep_ms: u64,
+    /// Whether actual amounts must each name a budget of this record (a whole hold, or a home).
+    pub(crate) strict: bool,
+    /// Whether a home's groups were made sure to outlive its commit.
+    pub(crate) prepared: bool,
+    /// This call's own: its retry is answered as it was, even after the record was forgotten.
+    pub(crate) nonce: Nonce,
+}
+
+/// Op 2: settle one record.
 pub(crate) fn settle(
     keys: &Keys,
     record: String,
     id: &HoldId,
     s: &Settlement,
-    keep_ms: u64,
-    strict: bool,
+    a: SettleArgs,
 ) -> Op {
-    let how = match (s.is_commit(), strict) {
-        (true, true) => "c1",
-        (true, false) => "c0",
-        (false, true) => "r1",
-        (false, false) => "r0",
-    };
-    let mut w = Writer::op(2, 7);
-    w.str(&record).str(id.as_str()).str(how).uint(keep_ms);
+    let flag = |yes: bool| if yes { '1' } else { '0' };
+    let how: String = [
+        if s.is_commit() { 'c' } else { 'r' },
+        flag(a.strict),
+        flag(a.prepared),
+    ]
+    .into_iter()
+    .collect();
+    let mut w = Writer::op(2, 8);
+    w.str(&record).str(id.as_str()).str(&how).uint(a.keep_ms);
     match &s.memo {
         Some(memo) => w.bytes(memo),
         None => w.str(""),
@@ -167,13 +181,17 @@ pub(crate) fn settle(
             .str(&budget.window().spec())
             .uint(*amount);
     }
+    w.str(&hex(&a.nonce[..]));
     w.done(record, 1)
 }
 
-/// Op 3: extend one record's lease.
-pub(crate) fn extend(record: String, id: &HoldId, lease_ms: u64) -> Op {
-    let mut w = Writer::op(3, 4);
-    w.str(&record).str(id.as_str()).uint(lease_ms);
+/// Op 3: extend one record's lease to `lease_ms` from now; `at_least`: never shorten it.
+pub(crate) fn extend(record: String, id: &HoldId, lease_ms: u64, at_least: bool) -> Op {
+    let mut w = Writer::op(3, 5);
+    w.str(&record)
+        .str(id.as_str())
+        .uint(lease_ms)
+        .str(if at_least { "1" } else { "0" });
     w.done(record, 1)
 }
 
@@ -199,26 +217,28 @@ pub(crate) fn budget(keys: &Keys, budget: &Budget) -> Op {
     w.done(key, 1)
 }
 
-/// Op 7: set a budget's spent amount.
-pub(crate) fn set_spent(keys: &Keys, budget: &Budget, spent: u64) -> Op {
+/// Op 7: set a budget's spent amount (`nonce`: this call's, so that its retry is not run twice).
+pub(crate) fn set_spent(keys: &Keys, budget: &Budget, spent: u64, nonce: &Nonce) -> Op {
     let key = keys.budget(budget);
-    let mut w = Writer::op(7, 4);
-    w.str(&key).str(&budget.window().spec()).uint(spent);
+    let mut w = Writer::op(7, 5);
+    w.str(&key)
+        .str(&budget.window().spec())
+        .uint(spent)
+        .str(&hex(&nonce[..]));
     w.done(key, 1)
 }
 
 /// Op 8: a refund.
 pub(crate) fn refund(keys: &Keys, r: &Refund) -> Op {
     let key = keys.budget(&r.budget);
-    let mut w = Writer::op(8, 9);
-    w.str(&keys.refunds(&r.budget))
+    let mut w = Writer::op(8, 8);
+    w.str(&keys.refund(&r.budget, &r.id))
         .str(&key)
         .str(&r.budget.window().spec())
         .uint(r.window_at_ms.unwrap_or(0))
         .uint(r.amount)
         .bytes(&r.fingerprint()[..])
-        .uint(r.retain.as_millis() as u64)
-        .str(r.id.as_str());
+        .uint(r.retain.as_millis() as u64);
     w.done(key, 1)
 }
 
@@ -230,11 +250,11 @@ pub(crate) fn owner(keys: &Keys, value: &Unique) -> Op {
     w.done(key, 1)
 }
 
-/// Op 11: free a value.
-pub(crate) fn remove(keys: &Keys, value: &Unique) -> Op {
+/// Op 11: free a value (`nonce`: this call's, so that its retry is not run twice).
+pub(crate) fn remove(keys: &Keys, value: &Unique, nonce: &Nonce) -> Op {
     let key = keys.unique(value);
-    let mut w = Writer::op(11, 2);
-    w.str(&key);
+    let mut w = Writer::op(11, 3);
+    w.str(&key).str(&hex(&nonce[..]));
     w.done(key, 1)
 }
 
@@ -343,11 +363,20 @@ pub(crate) fn reserved(
 pub(crate) struct SettleAnswer {
     pub(crate) result: Result<Settled, Error>,
     pub(crate) groups: Vec<String>,
+    /// A home's commit waits for its groups to be made sure of (nothing changed yet).
+    pub(crate) prepare: bool,
 }
 
 pub(crate) fn settled(answer: &[u8], id: &HoldId) -> Result<SettleAnswer, Error> {
     let a = Answer::read(answer)?;
     let groups = a.words(2)?;
+    if a.word(0)? == "E" && a.word(1)? == "prepare" {
+        return Ok(SettleAnswer {
+            result: Err(Error::refused(ErrorKind::InFlight, id)),
+            groups,
+            prepare: true,
+        });
+    }
     let result = match a.word(0)? {
         "OK" => match a.word(1)? {
             "applied" => Ok(Settled::Applied),
@@ -357,7 +386,11 @@ pub(crate) fn settled(answer: &[u8], id: &HoldId) -> Result<SettleAnswer, Error>
         },
         _ => Err(refusal(&a, id)),
     };
-    Ok(SettleAnswer { result, groups })
+    Ok(SettleAnswer {
+        result,
+        groups,
+        prepare: false,
+    })
 }
 
 /// An extend's answer: the new lease end, and the home's other groups (to extend next).

@@ -8,7 +8,7 @@ use rmpv::ValueRef;
 use crate::{Error, ErrorKind};
 
 /// One operation for the script, with what routes it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Op {
     /// The operation, as one MessagePack value.
     pub(crate) bytes: Vec<u8>,
