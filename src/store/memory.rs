@@ -1184,6 +1184,7 @@ mod tests {
         store.advance_clock(Duration::from_secs(3_600));
         for _ in 0..4 {
             let _ = store.lock([slot]);
+            store.advance_clock(Duration::from_millis(1));
         }
         assert_eq!(cells(&store), 0);
     }
