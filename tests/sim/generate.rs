@@ -98,7 +98,7 @@ pub struct Gen {
 }
 
 /// Whether `SIM_WITHOUT` (a comma-separated list) leaves `what` out of the generated histories,
-/// to look past a known failure: `window-refunds`, `faults:<name>` (`kill`, `pause`, `stop`,
+/// to look past a known failure: `window-refunds`, `forget`, `check`, `colliding-ids`, `faults:<name>` (`kill`, `pause`, `stop`,
 /// `flush`, `restart`, `migrate`).
 pub fn without(what: &str) -> bool {
     std::env::var("SIM_WITHOUT").is_ok_and(|v| v.split(',').any(|w| w.trim() == what))
@@ -187,6 +187,14 @@ impl Gen {
     }
 
     fn claims(&mut self, m: &Model, hold: usize) -> Vec<Spec> {
+        // A known id mostly retries its own claims (replays, refusals after settling); other
+        // claims make a conflict.
+        if let Some(h) = m.holds.get(&hold)
+            && !h.claims.is_empty()
+            && self.rng.random_bool(0.7)
+        {
+            return h.claims.clone();
+        }
         if let Some(last) = &self.last[hold]
             && self.rng.random_bool(0.25)
         {
@@ -254,6 +262,7 @@ impl Gen {
                         let choices = [r / 2, r * 3, 60_000, 86_400_000];
                         Keep::For(choices[self.rng.random_range(0..choices.len())])
                     }
+                    _ if without("forget") => Keep::Default,
                     _ => Keep::Forget,
                 };
                 Op::Settle {
@@ -268,7 +277,7 @@ impl Gen {
                 hold: self.hold(m, now, true),
                 lease: self.lease(),
             },
-            57..=61 => {
+            57..=61 if !without("check") => {
                 let hold = self.hold(m, now, false);
                 let claims = self.claims(m, hold);
                 Op::Check {

@@ -142,12 +142,13 @@ struct Outcome {
 }
 
 async fn drive<S: Advance>(store: S, env: &mut Env, retain_ms: u64, plan: Plan<'_>) -> Outcome {
-    let shape = shape(retain_ms);
+    let mut shape = shape(retain_ms, matches!(env, Env::Cluster(_)));
+    let u = Universe::new(&mut shape);
     let mut sim = Sim {
         store,
         env,
         worlds: vec![Model::new(shape.clone())],
-        u: Universe::new(&shape),
+        u,
         shift: 0,
         history: Vec::new(),
         record: true,

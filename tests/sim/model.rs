@@ -108,6 +108,10 @@ pub struct Hold {
     /// For each claim, the window index it was held in (0 for values and lifetime budgets).
     pub windows: Vec<u64>,
     pub expires: u64,
+    /// When each claim's hold ends: the lease, from when its group was reserved or extended,
+    /// with a group's grace on a Cluster (a group is reserved after its home, and a slow node
+    /// reserves it later still).
+    pub claim_expires: Vec<u64>,
     /// When the record goes.
     pub drop_at: u64,
     pub memo: Option<Vec<u8>>,
@@ -131,6 +135,33 @@ pub struct Shape {
     pub refunds: usize,
     /// The store's retention of settled records and tombstones, in ms.
     pub retain_ms: u64,
+    /// On a Cluster, how much longer a group's lease is than its home's (the claims of a
+    /// reservation in other slots than its id's); 0 elsewhere.
+    pub group_grace: u64,
+    /// The slot of each hold id's record, each budget's and each value's keys.
+    pub hold_slots: Vec<u16>,
+    pub budget_slots: Vec<u16>,
+    pub value_slots: Vec<u16>,
+}
+
+impl Shape {
+    /// How much longer than its hold's lease a claim is held: a group's grace on a Cluster.
+    pub fn grace(&self, hold: usize, claim: &Spec) -> u64 {
+        if self.group_grace == 0 {
+            return 0;
+        }
+        let slot = match *claim {
+            Spec::Spend { budget, .. } => self.budget_slots[budget],
+            Spec::Own { value, .. } | Spec::ReleaseOnCommit { value, .. } => {
+                self.value_slots[value]
+            }
+        };
+        if slot == self.hold_slots[hold] {
+            0
+        } else {
+            self.group_grace
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,13 +215,14 @@ impl Model {
     pub fn held(&self, b: usize, w: u64, now: u64) -> u64 {
         let mut sum = 0;
         for h in self.holds.values() {
-            if h.phase != Phase::Held || bucket(h.expires) <= now {
+            if h.phase != Phase::Held {
                 continue;
             }
-            for (c, &cw) in h.claims.iter().zip(&h.windows) {
+            for ((c, &cw), &end) in h.claims.iter().zip(&h.windows).zip(&h.claim_expires) {
                 if let Spec::Spend { budget, amount } = *c
                     && budget == b
                     && cw == w
+                    && bucket(end) > now
                 {
                     sum += amount;
                 }
@@ -228,6 +260,10 @@ impl Model {
             add(h.expires);
             add(bucket(h.expires));
             add(h.drop_at);
+            for &end in &h.claim_expires {
+                add(end);
+                add(bucket(end));
+            }
         }
         for r in self.refunds.values() {
             add(r.drop_at);
@@ -252,12 +288,16 @@ impl Model {
         self.boundaries(now, now + 3 * 86_400_000)
     }
 
+    /// `group_now`: when the claims in other slots than the id's were checked (a Cluster's
+    /// groups, after their home); `now` elsewhere.
+    #[allow(clippy::too_many_arguments)]
     pub fn reserve(
         &mut self,
         hold: usize,
         claims: &[Spec],
         lease: u64,
         now: u64,
+        group_now: u64,
         write: bool,
     ) -> Answer {
         self.drop_gone(now);
@@ -293,8 +333,12 @@ impl Model {
         }
         let mut remaining = Vec::new();
         let mut windows = Vec::new();
+        let mut claim_expires = Vec::new();
         for (i, claim) in claims.iter().enumerate() {
             let denied = |reason| Answer::Denied { claim: i, reason };
+            let grace = self.shape.grace(hold, claim);
+            let now = if grace > 0 { group_now } else { now };
+            claim_expires.push(now + lease + grace);
             match *claim {
                 Spec::Spend { budget, amount } => {
                     let left = self.remaining(budget, now);
@@ -330,9 +374,9 @@ impl Model {
         }
         if write {
             let expires = now + lease;
-            for c in claims {
+            for (c, &end) in claims.iter().zip(&claim_expires) {
                 if let Spec::Own { value, .. } | Spec::ReleaseOnCommit { value, .. } = *c {
-                    self.pending[value] = Some((hold, expires));
+                    self.pending[value] = Some((hold, end));
                 }
             }
             self.holds.insert(
@@ -342,6 +386,7 @@ impl Model {
                     claims: claims.to_vec(),
                     windows,
                     expires,
+                    claim_expires,
                     drop_at: expires + self.shape.retain_ms,
                     memo: None,
                 },
@@ -396,6 +441,7 @@ impl Model {
                     claims: Vec::new(),
                     windows: Vec::new(),
                     expires: now,
+                    claim_expires: Vec::new(),
                     drop_at: now + retain,
                     memo: None,
                 },
@@ -499,7 +545,7 @@ impl Model {
     }
 
     /// Extends a live hold to `now + lease`; the answer's lease end is the runner's to check.
-    pub fn extend(&mut self, hold: usize, lease: u64, now: u64) -> Answer {
+    pub fn extend(&mut self, hold: usize, lease: u64, now: u64, group_now: u64) -> Answer {
         self.drop_gone(now);
         let retain = self.shape.retain_ms;
         let Some(h) = self.holds.get_mut(&hold) else {
@@ -516,14 +562,23 @@ impl Model {
         h.expires = new;
         h.drop_at = new + retain;
         let claims = h.claims.clone();
+        let mut ends = Vec::new();
         for c in claims {
+            let grace = self.shape.grace(hold, &c);
+            let end = if grace > 0 {
+                group_now + lease + grace
+            } else {
+                new
+            };
+            ends.push(end);
             if let Spec::Own { value, .. } | Spec::ReleaseOnCommit { value, .. } = c
                 && let Some((p, exp)) = &mut self.pending[value]
                 && *p == hold
             {
-                *exp = new;
+                *exp = end;
             }
         }
+        self.holds.get_mut(&hold).expect("present").claim_expires = ends;
         Answer::Extended
     }
 

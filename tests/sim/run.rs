@@ -25,8 +25,12 @@ pub const OWNERS: [&str; 3] = ["alice", "bob", "carol"];
 /// The shape every case uses: four budgets (two lifetime, one per 2 s, one per day), three
 /// values, eight hold ids (two of them `x@s` and `x:m@s`, whose Redis keys must not meet), four
 /// refund ids.
-pub fn shape(retain_ms: u64) -> Shape {
+pub fn shape(retain_ms: u64, cluster: bool) -> Shape {
     Shape {
+        group_grace: if cluster { 100 } else { 0 },
+        hold_slots: Vec::new(),
+        budget_slots: Vec::new(),
+        value_slots: Vec::new(),
         limits: vec![100, 100, 250, 60],
         windows: vec![Win::Lifetime, Win::Every(2), Win::Day, Win::Lifetime],
         values: 3,
@@ -69,7 +73,8 @@ pub fn slot_of(tag: &str) -> u16 {
 }
 
 impl Universe {
-    pub fn new(shape: &Shape) -> Self {
+    /// The universe of a case; fills in the shape's slots.
+    pub fn new(shape: &mut Shape) -> Self {
         let tag = fresh("sim");
         let budgets: Vec<Budget> = shape
             .limits
@@ -95,7 +100,12 @@ impl Universe {
             format!("{tag}-h1"),
             format!("{tag}-h2"),
             format!("{tag}-x@{s0}"),
-            format!("{tag}-x:m@{s0}"),
+            // `x@s`'s memo key is `x:m@s`'s record on Redis unless key layouts are injective.
+            if crate::generate::without("colliding-ids") {
+                format!("{tag}-w@{s0}")
+            } else {
+                format!("{tag}-x:m@{s0}")
+            },
             format!("{tag}-y@{s2}"),
             format!("{tag}-h6"),
             format!("{tag}-h7:m"),
@@ -107,13 +117,19 @@ impl Universe {
         let refunds = (0..shape.refunds)
             .map(|i| HoldId::new(format!("{tag}-r{i}")).expect("a valid refund id"))
             .collect();
-        Self {
+        let u = Self {
             budgets,
             values,
             ids,
             refunds,
             tag,
-        }
+        };
+        shape.hold_slots = u.ids.iter().map(HoldId::slot).collect();
+        shape.budget_slots = u.budgets.iter().map(|b| slot_of(b.key())).collect();
+        shape.value_slots = (0..shape.values)
+            .map(|value| u.slot(&Spec::Own { value, owner: 0 }))
+            .collect();
+        u
     }
 
     fn claim(&self, spec: &Spec) -> Claim {
@@ -383,19 +399,19 @@ impl<'e, S: Advance> Sim<'e, S> {
         true
     }
 
-    /// Applies `op` to `m` as at `now`.
-    fn apply(m: &mut Model, op: &Op, now: u64) -> Answer {
+    /// Applies `op` to `m` as at `now` (its Cluster groups at `group_now`).
+    fn apply(m: &mut Model, op: &Op, now: u64, group_now: u64) -> Answer {
         match op {
             Op::Reserve {
                 hold,
                 claims,
                 lease,
-            } => m.reserve(*hold, claims, *lease, now, true),
+            } => m.reserve(*hold, claims, *lease, now, group_now, true),
             Op::Check {
                 hold,
                 claims,
                 lease,
-            } => m.reserve(*hold, claims, *lease, now, false),
+            } => m.reserve(*hold, claims, *lease, now, group_now, false),
             Op::Settle {
                 hold,
                 commit,
@@ -403,7 +419,7 @@ impl<'e, S: Advance> Sim<'e, S> {
                 memo,
                 keep,
             } => m.settle(*hold, *commit, *actual, memo.map(memo_bytes), *keep, now),
-            Op::Extend { hold, lease } => m.extend(*hold, *lease, now),
+            Op::Extend { hold, lease } => m.extend(*hold, *lease, now, group_now),
             Op::Refund {
                 refund,
                 amount,
@@ -474,9 +490,27 @@ impl<'e, S: Advance> Sim<'e, S> {
                     c
                 }
             };
+            let mut pairs = Vec::new();
             for &t in &candidates {
+                pairs.push((t, t));
+                // On a Cluster a group is reserved (or extended) after its home: within the
+                // call, but later by as much as a slow node made it.
+                if world.shape.group_grace > 0
+                    && matches!(
+                        op,
+                        Op::Reserve { .. } | Op::Check { .. } | Op::Extend { .. }
+                    )
+                {
+                    let mut later: Vec<u64> = world.boundaries(t, t1);
+                    if t1 > t + 20 {
+                        later.push(t1);
+                    }
+                    pairs.extend(later.into_iter().map(|g| (t, g)));
+                }
+            }
+            for &(t, g) in &pairs {
                 let mut m = world.clone();
-                let want = Self::apply(&mut m, op, t);
+                let want = Self::apply(&mut m, op, t, g);
                 if first.is_none() {
                     first = Some(want.clone());
                 }
