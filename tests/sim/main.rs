@@ -66,6 +66,14 @@ fn config(cases: usize, steps: usize) -> Config {
     }
 }
 
+/// The settings that shape generation, to replay a seed as it ran.
+fn replay_env() -> String {
+    ["SIM_STEPS", "SIM_FAULTS", "SIM_WITHOUT"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v} ")))
+        .collect()
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -326,7 +334,10 @@ fn simulate(name: &str, kind: Kind, cases: usize, steps: usize) {
         };
         let out = rt.block_on(run_with(&mut env, kind, retain_ms, faults, plan));
         let Some(failure) = out.failure else { continue };
-        let replay = format!("SIM_SEED={seed} cargo test --all-features --test sim -- {name}");
+        let replay = format!(
+            "{}SIM_SEED={seed} cargo test --all-features --test sim -- {name}",
+            replay_env()
+        );
         let mut report = format!(
             "\n=== {name}: seed {seed} fails at step {} (store retention {retain_ms} ms)\n{}\n--- history:\n{}\n",
             failure.step,
@@ -377,8 +388,9 @@ fn simulate(name: &str, kind: Kind, cases: usize, steps: usize) {
             .map(|(seed, what)| format!("  seed {seed}: {what}"))
             .collect();
         panic!(
-            "{name}: the store disagrees with the model:\n{}\nreplay one with SIM_SEED=<seed> cargo test --all-features --test sim -- {name}",
-            list.join("\n")
+            "{name}: the store disagrees with the model:\n{}\nreplay one with {}SIM_SEED=<seed> cargo test --all-features --test sim -- {name}",
+            list.join("\n"),
+            replay_env()
         );
     }
 }
