@@ -135,7 +135,7 @@ async fn run_with(
 /// Generate from a seed, or replay a recorded history.
 enum Plan<'a> {
     Generate {
-        rng: StdRng,
+        rng: Box<StdRng>,
         steps: usize,
         faults: bool,
         kind: Kind,
@@ -170,7 +170,7 @@ async fn drive<S: Advance>(store: S, env: &mut Env, retain_ms: u64, plan: Plan<'
             faults,
             kind,
         } => {
-            let mut g = Gen::new(rng, shape.holds, faults, kind);
+            let mut g = Gen::new(*rng, shape.holds, faults, kind);
             let mut failure = None;
             for i in 0..steps {
                 let op = g.step(sim.model(), sim.now());
@@ -327,7 +327,7 @@ fn simulate(name: &str, kind: Kind, cases: usize, steps: usize) {
         let mut rng = StdRng::seed_from_u64(seed);
         let retain_ms = [1_500, 3_000, 5_000][rng.random_range(0..3)];
         let plan = Plan::Generate {
-            rng,
+            rng: Box::new(rng),
             steps: cfg.steps,
             faults,
             kind,
