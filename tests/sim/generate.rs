@@ -95,10 +95,14 @@ pub struct Gen {
     last: Vec<Option<Vec<Spec>>>,
     pub faults: bool,
     pub kind: Kind,
+    /// Whether the last step moved the clock: the next one is then often a reservation, the
+    /// first call to meet what the jump expired.
+    jumped: bool,
 }
 
 /// Whether `SIM_WITHOUT` (a comma-separated list) leaves `what` out of the generated histories,
-/// to look past a known failure: `window-refunds`, `forget`, `check`, `colliding-ids`, `faults:<name>` (`kill`, `pause`, `stop`,
+/// to look past a known failure: `window-refunds`, `forget`, `release-forget`, `retain`, `resettle` (no
+/// settle of a settled id), `check`, `colliding-ids`, `faults:<name>` (`kill`, `pause`, `stop`,
 /// `flush`, `restart`, `migrate`).
 pub fn without(what: &str) -> bool {
     std::env::var("SIM_WITHOUT").is_ok_and(|v| v.split(',').any(|w| w.trim() == what))
@@ -113,6 +117,7 @@ impl Gen {
             last: vec![None; holds],
             faults,
             kind,
+            jumped: false,
         }
     }
 
@@ -229,6 +234,10 @@ impl Gen {
             }
             28..=51 => {
                 let hold = self.hold(m, now, true);
+                if without("resettle") && m.holds.get(&hold).is_some_and(|h| h.phase != Phase::Held)
+                {
+                    return Op::Budget(hold % shape.limits.len());
+                }
                 let commit = self.rng.random_bool(0.7);
                 let actual = match m.holds.get(&hold) {
                     Some(h) if commit && self.rng.random_bool(0.3) => {
@@ -257,12 +266,14 @@ impl Gen {
                 // store's (the two stores differ on a release before reserve with `retain`).
                 let keep = match self.rng.random_range(0..10) {
                     0..=3 => Keep::Default,
-                    4..=6 if commit => {
+                    4..=6 if commit && !without("retain") => {
                         let r = shape.retain_ms;
                         let choices = [r / 2, r * 3, 60_000, 86_400_000];
                         Keep::For(choices[self.rng.random_range(0..choices.len())])
                     }
-                    _ if without("forget") => Keep::Default,
+                    _ if without("forget") || (!commit && without("release-forget")) => {
+                        Keep::Default
+                    }
                     _ => Keep::Forget,
                 };
                 Op::Settle {
@@ -326,7 +337,57 @@ impl Gen {
 
     /// The next step.
     pub fn step(&mut self, m: &Model, now: u64) -> Op {
+        let jumped = std::mem::take(&mut self.jumped);
+        if jumped && self.rng.random_bool(0.5) {
+            // A new id that spends from budgets that have holds, often more than is left.
+            let free: Vec<usize> = (0..self.last.len())
+                .filter(|h| !m.holds.contains_key(h) && self.usable(m, *h))
+                .collect();
+            let hold = if free.is_empty() {
+                self.hold(m, now, false)
+            } else {
+                free[self.rng.random_range(0..free.len())]
+            };
+            let busy: Vec<usize> = m
+                .holds
+                .values()
+                .filter(|h| h.phase == Phase::Held)
+                .flat_map(|h| h.claims.iter())
+                .filter_map(|c| match *c {
+                    Spec::Spend { budget, .. } => Some(budget),
+                    _ => None,
+                })
+                .collect();
+            let mut claims = vec![self.spec(m)];
+            if !busy.is_empty() {
+                let budget = busy[self.rng.random_range(0..busy.len())];
+                let amount = self.rng.random_range(1..=m.shape.limits[budget] + 10);
+                claims.insert(self.rng.random_range(0..=1), Spec::Spend { budget, amount });
+                claims.dedup_by_key(|c| c.target());
+                if claims.len() == 2 && claims[0].target() == claims[1].target() {
+                    claims.pop();
+                }
+            }
+            self.last[hold] = Some(claims.clone());
+            let lease = self.lease();
+            return if self.rng.random_bool(0.8) {
+                Op::Reserve {
+                    hold,
+                    claims,
+                    lease,
+                }
+            } else {
+                Op::Check {
+                    hold,
+                    claims,
+                    lease,
+                }
+            };
+        }
         let roll = self.rng.random_range(0..100);
+        if roll <= 16 {
+            self.jumped = true;
+        }
         match roll {
             0..=13 => {
                 let offsets = [-400, -120, -30, -2, 3, 30, 120, 400, 1_500];

@@ -299,6 +299,7 @@ fn simulate(name: &str, kind: Kind, cases: usize, steps: usize) {
     let started = Instant::now();
     let mut failed: Vec<(u64, String)> = Vec::new();
     let mut n = 0usize;
+    let mut last_history = Vec::new();
     let mut next_seed = {
         let fixed = cfg.seeds.clone();
         let mut i = 0;
@@ -333,6 +334,7 @@ fn simulate(name: &str, kind: Kind, cases: usize, steps: usize) {
             kind,
         };
         let out = rt.block_on(run_with(&mut env, kind, retain_ms, faults, plan));
+        last_history = out.history.clone();
         let Some(failure) = out.failure else { continue };
         let replay = format!(
             "{}SIM_SEED={seed} cargo test --all-features --test sim -- {name}",
@@ -376,6 +378,9 @@ fn simulate(name: &str, kind: Kind, cases: usize, steps: usize) {
         if !cfg.keep_going {
             break;
         }
+    }
+    if std::env::var("SIM_PRINT").is_ok() {
+        eprintln!("{}", last_history.join("\n"));
     }
     eprintln!(
         "{name}: {n} seeds in {:.1} s, {} failed",

@@ -689,25 +689,16 @@ impl<'e, S: Advance> Sim<'e, S> {
         Ok(())
     }
 
-    /// Runs one step of a history, then the audit.
+    /// Runs one step of a history, then the audit. Not after a clock jump: the audit's reads
+    /// clear expired buckets themselves, and the operation after a jump must be the first to
+    /// meet what the jump expired (a denial that clears them and saves nothing, say).
     pub async fn step(&mut self, op: &Op, step: usize) -> Result<(), Failure> {
         let now = self.now();
+        if let Op::Jump { .. } | Op::Advance(_) = op {
+            self.clock(op, now, step).await;
+            return Ok(());
+        }
         match op {
-            Op::Jump { pick, offset } => {
-                let ups = self.model().upcoming(now);
-                let by = if ups.is_empty() {
-                    1_000
-                } else {
-                    let target = ups[pick % ups.len()] as i64 + offset;
-                    (target - now as i64).max(0) as u64
-                };
-                self.line(format!("{step}: clock +{by} ms ({op:?})"));
-                self.advance(by).await;
-            }
-            Op::Advance(by) => {
-                self.line(format!("{step}: clock +{by} ms"));
-                self.advance(*by).await;
-            }
             Op::Together(ops) => {
                 self.line(format!("{step}: together"));
                 self.group(ops, step).await?;
@@ -722,6 +713,24 @@ impl<'e, S: Advance> Sim<'e, S> {
             }
         }
         self.audit(step).await
+    }
+
+    async fn clock(&mut self, op: &Op, now: u64, step: usize) {
+        let by = match op {
+            Op::Jump { pick, offset } => {
+                let ups = self.model().upcoming(now);
+                if ups.is_empty() {
+                    1_000
+                } else {
+                    let target = ups[pick % ups.len()] as i64 + offset;
+                    (target - now as i64).max(0) as u64
+                }
+            }
+            Op::Advance(by) => *by,
+            _ => 0,
+        };
+        self.line(format!("{step}: clock +{by} ms ({op:?})"));
+        self.advance(by).await;
     }
 
     async fn fault(&mut self, fault: Fault, ops: &[Op], step: usize) -> Result<(), Failure> {
