@@ -102,7 +102,8 @@ pub struct Gen {
 
 /// Whether `SIM_WITHOUT` (a comma-separated list) leaves `what` out of the generated histories,
 /// to look past a known failure: `window-refunds`, `forget`, `release-forget`, `retain`, `resettle` (no
-/// settle of a settled id), `check`, `colliding-ids`, `faults:<name>` (`kill`, `pause`, `stop`,
+/// settle of a settled id), `check`, `colliding-ids`, `shared-keys`
+/// (through the layer: each caller its own key names), `faults:<name>` (`kill`, `pause`, `stop`,
 /// `flush`, `restart`, `migrate`).
 pub fn without(what: &str) -> bool {
     std::env::var("SIM_WITHOUT").is_ok_and(|v| v.split(',').any(|w| w.trim() == what))

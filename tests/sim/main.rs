@@ -23,6 +23,7 @@ mod support;
 
 mod env;
 mod generate;
+mod layer;
 mod model;
 mod run;
 
@@ -413,4 +414,77 @@ fn sim_redis() {
 #[test]
 fn sim_cluster() {
     simulate("sim_cluster", Kind::Cluster, 3, 100);
+}
+
+/// Seeds through the layer, on one store; each case a fresh service and keys.
+fn simulate_layer(name: &str, node: bool, cases: usize, steps: usize) {
+    let cfg = config(cases, steps);
+    let rt = runtime();
+    let server = node.then(RedisServer::start);
+    let seeds: Vec<u64> = if cfg.seeds.is_empty() {
+        (0..cfg.cases).map(|_| rand::rng().random()).collect()
+    } else {
+        cfg.seeds.clone()
+    };
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    for (i, seed) in seeds.iter().copied().enumerate() {
+        if cfg.until.is_some_and(|u| Instant::now() >= u) && i > 0 {
+            break;
+        }
+        eprintln!("{name}: seed {seed}");
+        let retain = Duration::from_millis(layer::RETAIN_MS);
+        let result = rt.block_on(async {
+            match &server {
+                None => {
+                    let store = MemoryStore::with_test_clock().retain(retain);
+                    layer::case(store, seed, cfg.steps).await
+                }
+                Some(server) => {
+                    let store = RedisStore::builder()
+                        .test_clock()
+                        .prefix(support::fresh("sim"))
+                        .retain(retain)
+                        .connect(&server.url())
+                        .await
+                        .expect("connect to redis");
+                    layer::case(store, seed, cfg.steps).await
+                }
+            }
+        });
+        if let Err(what) = result {
+            eprintln!(
+                "\n=== {name}: seed {seed} fails (store retention {} ms)\n{what}\n--- replay: {}SIM_SEED={seed} cargo test --all-features --test sim -- {name}\n",
+                layer::RETAIN_MS,
+                replay_env()
+            );
+            failed.push(format!(
+                "  seed {seed}: {}",
+                what.lines().next().unwrap_or("")
+            ));
+            if !cfg.keep_going {
+                break;
+            }
+        }
+    }
+    eprintln!(
+        "{name}: {} failed in {:.1} s",
+        failed.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        failed.is_empty(),
+        "{name}: the layer broke a promise:\n{}\nreplay one with SIM_SEED=<seed> cargo test --all-features --test sim -- {name}",
+        failed.join("\n")
+    );
+}
+
+#[test]
+fn sim_layer_memory() {
+    simulate_layer("sim_layer_memory", false, 20, 60);
+}
+
+#[test]
+fn sim_layer_redis() {
+    simulate_layer("sim_layer_redis", true, 10, 60);
 }
