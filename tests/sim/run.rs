@@ -18,7 +18,7 @@ use crate::model::{Answer, Keep, Model, Phase, Res, Shape, Spec, Win};
 use crate::support::{Advance, fresh};
 
 /// The most states the model keeps at once.
-const WORLDS: usize = 16;
+const WORLDS: usize = 64;
 
 pub const OWNERS: [&str; 3] = ["alice", "bob", "carol"];
 
@@ -545,7 +545,15 @@ impl<'e, S: Advance> Sim<'e, S> {
                 diagnose(op, Some(&first), &got.answer)
             ));
         }
-        kept.truncate(WORLDS);
+        if kept.len() > WORLDS {
+            // The states differ in instants within a call or two; which of them the store is in
+            // is then left to later answers among the ones kept.
+            self.line(format!(
+                "    ({} possible states, {WORLDS} kept)",
+                kept.len()
+            ));
+            kept.truncate(WORLDS);
+        }
         self.worlds = kept;
         Ok(())
     }
