@@ -14,6 +14,9 @@
 //!   `SIM_KEEP_GOING=1` runs on past failures and lists every failing seed at the end, and
 //!   `SIM_WITHOUT=window-refunds,faults:stop` leaves parts out, to look past a known failure.
 //!
+//! `sim_layer_memory` and `sim_layer_redis` do the same through the layer (`layer.rs`): keyed
+//! requests, their replays and what they charge.
+//!
 //! A failure prints its seed, the history up to it, then the shortest history the shrinker found
 //! that still fails (operations removed while the failure stays), and the command that replays
 //! the seed.
@@ -63,7 +66,7 @@ fn config(cases: usize, steps: usize) -> Config {
         steps: env_u64("SIM_STEPS").map_or(steps, |s| s as usize),
         faults: env_u64("SIM_FAULTS") != Some(0),
         keep_going: env_u64("SIM_KEEP_GOING") == Some(1),
-        shrink_for: Duration::from_secs(env_u64("SIM_SHRINK_SECONDS").unwrap_or(45)),
+        shrink_for: Duration::from_secs(env_u64("SIM_SHRINK_SECONDS").unwrap_or(20)),
     }
 }
 
