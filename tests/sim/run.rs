@@ -572,8 +572,33 @@ impl<'e, S: Advance> Sim<'e, S> {
     /// Runs plain operations (at once when they touch nothing in common), judges them, and
     /// settles those whose outcome is unknown by retrying them.
     pub async fn group(&mut self, ops: &[Op], step: usize) -> Result<(), Failure> {
-        let results = self.exec(ops).await;
-        self.judge_all(ops, results, step).await
+        if self.disjoint(ops) {
+            let results = self.exec(ops).await;
+            return self.judge_all(ops, results, step).await;
+        }
+        // One at a time, each judged (and, if its outcome is unknown, settled) before the next
+        // that may touch what it did.
+        for op in ops {
+            let one = std::slice::from_ref(op);
+            let results = self.exec(one).await;
+            self.judge_all(one, results, step).await?;
+        }
+        Ok(())
+    }
+
+    /// The operations of `ops` that touch nothing an earlier one touches: those run during a
+    /// fault, all at once, so that an outcome the fault hides never stands between two answers.
+    fn disjoint_subset(&self, ops: &[Op]) -> Vec<Op> {
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        for op in ops {
+            let f = self.footprint(op);
+            if !f.iter().any(|r| seen.contains(r)) {
+                seen.extend(f);
+                out.push(op.clone());
+            }
+        }
+        out
     }
 
     async fn exec(&self, ops: &[Op]) -> Vec<(u64, u64, Got)> {
@@ -742,6 +767,7 @@ impl<'e, S: Advance> Sim<'e, S> {
     }
 
     async fn fault(&mut self, fault: Fault, ops: &[Op], step: usize) -> Result<(), Failure> {
+        let ops = &self.disjoint_subset(ops)[..];
         match fault {
             Fault::Kill => {
                 let kill = self.env.all_nodes(&["CLIENT", "KILL", "TYPE", "normal"]);
@@ -840,6 +866,7 @@ impl<'e, S: Advance> Sim<'e, S> {
                         keep: Keep::Default,
                     },
                 );
+                ops = self.disjoint_subset(&ops);
                 self.line(format!("    node {node} serves a group of hold {hold}"));
             }
         }
