@@ -114,6 +114,11 @@ impl RedisServer {
         self.child.is_some()
     }
 
+    /// The server's process id, while it runs (to stop and continue it with signals).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The server's port.
     pub fn port(&self) -> u16 {
         self.port

@@ -1,0 +1,268 @@
+//! The simulator through the layer: keyed requests (`Idempotency-Key`) from two callers over a
+//! few keys, handlers that answer, fail or commit their own hold, retries across the store's
+//! retention and the key's `keep_for`, against a model of what the layer promises: a key's first
+//! response replayed to its caller for as long as it is kept, its handler run once and its
+//! amount charged once, another body under it refused, and one caller's key never answering
+//! another caller.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tower::{Layer, ServiceExt};
+use tower_reserve::{
+    Budget, Claim, Extracted, Hold, Idempotency, RequestBody, ReserveLayer, extract,
+};
+
+use crate::run::system_ms;
+use crate::support::{Advance, fresh};
+
+const CALLERS: [&str; 2] = ["alice", "bob"];
+const KEYS: usize = 3;
+const LIMIT: u64 = 100;
+const KEEP_MS: u64 = 8_000;
+pub const RETAIN_MS: u64 = 2_000;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Request {
+        caller: usize,
+        key: usize,
+        /// `ok`: answers 200; `self`: commits its own hold, then answers 200; `bad`: 400.
+        mode: &'static str,
+        amount: u64,
+    },
+    Advance(u64),
+}
+
+/// What a key's first request left, in its caller's scope.
+#[derive(Debug, Clone)]
+struct Kept {
+    amount: u64,
+    status: u16,
+    body: Bytes,
+    /// The record is kept `keep_for` from its settle, some instant of the first request's
+    /// call: until somewhere in `[until_lo, until_hi]`.
+    until_lo: u64,
+    until_hi: u64,
+}
+
+#[derive(Debug, Default)]
+struct Model {
+    spent: [u64; 2],
+    kept: BTreeMap<(usize, usize), Kept>,
+}
+
+fn op(rng: &mut StdRng) -> Op {
+    if rng.random_bool(0.2) {
+        let choices = [RETAIN_MS + 200, KEEP_MS + 200, 1_000, RETAIN_MS / 2];
+        return Op::Advance(choices[rng.random_range(0..choices.len())]);
+    }
+    Op::Request {
+        caller: if rng.random_bool(0.7) { 0 } else { 1 },
+        key: rng.random_range(0..KEYS),
+        mode: ["ok", "ok", "self", "self", "bad"][rng.random_range(0..5)],
+        amount: [10, 30][rng.random_range(0..2)],
+    }
+}
+
+/// One case: a fresh store and service, `steps` operations; answers the history so far and
+/// what went wrong.
+pub async fn case<S: Advance>(store: S, seed: u64, steps: usize) -> Result<(), String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let tag = fresh("layer");
+    let budgets: Vec<Budget> = CALLERS
+        .iter()
+        .map(|c| Budget::new(format!("{tag}-{c}"), LIMIT))
+        .collect();
+    let claims_budgets = budgets.clone();
+    let runs = Arc::new(AtomicU64::new(0));
+    let handler_runs = runs.clone();
+    let svc = ReserveLayer::new(store.clone(), move |req: Request<Bytes>| {
+        let budgets = claims_budgets.clone();
+        async move {
+            let caller = extract::header(&req, "x-caller")?;
+            let i = CALLERS.iter().position(|c| *c == caller).unwrap_or(0);
+            let amount: u64 = extract::json_pointer(&req, "/amount")?;
+            Extracted::Ok((req, vec![Claim::spend(budgets[i].clone(), amount)]))
+        }
+    })
+    .idempotency(Idempotency::new().keep_for(Duration::from_millis(KEEP_MS)))
+    .layer(tower::service_fn(move |req: Request<RequestBody>| {
+        let runs = handler_runs.clone();
+        async move {
+            let n = runs.fetch_add(1, Ordering::SeqCst);
+            let mode = req.headers()["x-mode"].to_str().unwrap_or("").to_owned();
+            let status = match mode.as_str() {
+                "self" => {
+                    let hold = req.extensions().get::<Hold>().expect("a hold").clone();
+                    hold.commit().await.expect("the handler's own commit");
+                    StatusCode::OK
+                }
+                "bad" => StatusCode::BAD_REQUEST,
+                _ => StatusCode::OK,
+            };
+            let mut response = Response::new(Full::new(Bytes::from(format!("run-{n}"))));
+            *response.status_mut() = status;
+            Ok::<_, Infallible>(response)
+        }
+    }));
+
+    let mut model = Model::default();
+    let mut shift = 0u64;
+    let mut history = Vec::new();
+    for step in 0..steps {
+        let op = op(&mut rng);
+        let now = system_ms() + shift;
+        let (caller, key, mode, amount) = match op {
+            Op::Advance(by) => {
+                store.advance(Duration::from_millis(by)).await;
+                shift += by;
+                history.push(format!("{step}: clock +{by} ms"));
+                continue;
+            }
+            Op::Request {
+                caller,
+                key,
+                mode,
+                amount,
+            } => (caller, key, mode, amount),
+        };
+        // Two callers share key names unless told not to (to look past a shared scope).
+        let key_name = if crate::generate::without("shared-keys") {
+            format!("{tag}-{caller}-k{key}")
+        } else {
+            format!("{tag}-k{key}")
+        };
+        let req = Request::post("/pay")
+            .header("idempotency-key", key_name)
+            .header("x-caller", CALLERS[caller])
+            .header("x-mode", mode)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(format!(r#"{{"amount":{amount}}}"#))))
+            .expect("a request");
+        let before = runs.load(Ordering::SeqCst);
+        let response = svc.clone().oneshot(req).await.expect("infallible");
+        let after = system_ms() + shift;
+        let ran = runs.load(Ordering::SeqCst) - before;
+        let status = response.status().as_u16();
+        let replayed = response.headers().contains_key("idempotency-replayed");
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        history.push(format!(
+            "{step}: {op:?} -> {status} {body:?}{} (handler runs: {ran})",
+            if replayed { " replayed" } else { "" }
+        ));
+        let fail = |what: String, history: &[String]| {
+            Err(format!(
+                "step {step}: {what}\n--- history:\n{}",
+                history.join("\n")
+            ))
+        };
+        // The model: the caller's own key, while kept. Where the key's end falls within the
+        // call, the store's answer says which side it fell on.
+        let kept = model.kept.get(&(caller, key)).filter(|k| {
+            if k.until_lo > after {
+                true
+            } else if k.until_hi <= now {
+                false
+            } else {
+                replayed || status == 422
+            }
+        });
+        match kept {
+            Some(k) if k.amount == amount => {
+                if !(replayed && status == k.status && body == k.body && ran == 0) {
+                    return fail(
+                        format!(
+                            "a retry must replay {} {:?} without running the handler",
+                            k.status, k.body
+                        ),
+                        &history,
+                    );
+                }
+            }
+            Some(_) => {
+                if status != 422 || ran != 0 {
+                    return fail(
+                        "a key reused with another body must be 422".into(),
+                        &history,
+                    );
+                }
+            }
+            None => {
+                let left = LIMIT - model.spent[caller];
+                if amount > left {
+                    if status != 403 || ran != 0 {
+                        return fail(
+                            format!("{amount} over what is left ({left}) must be 403"),
+                            &history,
+                        );
+                    }
+                } else {
+                    let want = if mode == "bad" { 400 } else { 200 };
+                    let other = 1 - caller;
+                    if model
+                        .kept
+                        .get(&(other, key))
+                        .is_some_and(|k| k.until_hi > now && (k.amount != amount || k.body == body))
+                        && (replayed || status == 422)
+                    {
+                        return fail(
+                            format!(
+                                "{} was answered from {}'s key (another caller's response, or 422): keys must not let one client see another's result",
+                                CALLERS[caller], CALLERS[other]
+                            ),
+                            &history,
+                        );
+                    }
+                    if replayed || status != want || ran != 1 {
+                        return fail(
+                            format!(
+                                "a first request (or one after its key's keep_for) must run its handler once and answer {want}; a replay here means the key's record outlived its keep_for"
+                            ),
+                            &history,
+                        );
+                    }
+                    if want == 200 {
+                        model.spent[caller] += amount;
+                    }
+                    model.kept.insert(
+                        (caller, key),
+                        Kept {
+                            amount,
+                            status,
+                            body,
+                            until_lo: now + KEEP_MS,
+                            until_hi: after + KEEP_MS,
+                        },
+                    );
+                }
+            }
+        }
+        for (i, b) in budgets.iter().enumerate() {
+            let s = store.budget(b).await.expect("a budget read");
+            if s.spent != model.spent[i] || s.held != 0 {
+                return fail(
+                    format!(
+                        "{}'s budget: spent {} held {}, model spent {} (charged twice, or not at all)",
+                        CALLERS[i], s.spent, s.held, model.spent[i]
+                    ),
+                    &history,
+                );
+            }
+        }
+    }
+    Ok(())
+}
