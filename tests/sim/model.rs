@@ -598,16 +598,18 @@ impl Model {
         if at > now + 1000 {
             return Answer::Err(ErrorKind::InvalidInput, None);
         }
-        let (w, ends) = self.shape.windows[b].at(at);
-        if ends.is_some_and(|e| e <= now) {
-            return Answer::Err(ErrorKind::Expired, None);
-        }
+        // A refund id counts once while its record is kept, whatever window a retry names: the
+        // record answers first.
         if let Some(done) = self.refunds.get(&r) {
             return if done.amount == amount {
                 Answer::Settled(Settled::Replayed)
             } else {
                 Answer::Err(ErrorKind::Conflict, None)
             };
+        }
+        let (w, ends) = self.shape.windows[b].at(at);
+        if ends.is_some_and(|e| e <= now) {
+            return Answer::Err(ErrorKind::Expired, None);
         }
         let spent = self.spent_of(b, w);
         if amount > spent {

@@ -132,9 +132,9 @@ end
 --   <phase><fingerprint: 16 hex><nonce: 16 hex><lease end: 13 digits><start: 13 digits><body>
 --   phase: H held, P held but still reserving its other slot groups (a Cluster home record),
 --          C committed, R released, X expired, T tombstone (released before reserved: with a
---          zero nonce it refuses every reserve of the id; with a call's nonce, only that call's,
---          whose answer was lost and whose hold was given back), F forgotten (settled, then
---          dropped; see below)
+--          zero nonce it refuses every reserve of the id, and its fingerprint is the release
+--          call's nonce; with a reserve call's nonce, only that call, whose answer was lost and
+--          whose hold was given back), F forgotten (settled, then dropped; see below)
 --   nonce: which call reserved it, so that a call's own retried request is not taken for another
 --          attempt's
 --   start: when it was reserved (windowed budgets are found again by it)
@@ -154,10 +154,13 @@ local function record(phase, fp, nonce, ends, start, body)
   return phase .. fp .. nonce .. ends .. start .. body
 end
 
--- A tombstone: phase T, then 58 zeros (the head's width; a function library may call no library
--- function while it loads, so this is spelled out).
-local TOMBSTONE = 'T0000000000000000000000000000000000000000000000000000000000'
 local ZEROS = '0000000000000000'
+
+-- A tombstone that refuses every reserve of the id, left by the release call `nonce` (in the
+-- fingerprint's place, so that the same call sent again is answered as it was).
+local function tombstone(nonce)
+  return 'T' .. nonce .. ZEROS .. '00000000000000000000000000'
+end
 
 -- A tombstone that refuses one reserve call only: the one with `nonce`.
 local function tombstone_for(nonce)

@@ -237,13 +237,15 @@ local function settle(op, now, now_text)
   local mkey = memo_key(key)
   local raw = redis.call('GET', key)
   local r = raw and parse(raw)
+  -- The same call sent again (its answer was lost) is answered as it was.
   if r and r.s == 'F' and r.nonce == nonce then return { 'OK', 'applied', {} } end
+  if r and r.s == 'T' and r.f == nonce then return { 'OK', 'tombstoned', {} } end
   -- What a forgotten hold or a lost reserve call left is nothing to anyone else.
   if r and stands_for_nothing(r, '') then r = nil end
   if not r then
     if commit then return { 'E', 'unknown', {} } end
     -- Released before reserved: the tombstone refuses the late reserve (and is always kept).
-    redis.call('SET', key, TOMBSTONE, 'PX', num(math.max(keep, RETAIN)))
+    redis.call('SET', key, tombstone(nonce), 'PX', num(math.max(keep, RETAIN)))
     return { 'OK', 'tombstoned', {} }
   end
   if r.s ~= 'H' then

@@ -256,15 +256,7 @@ pub(crate) async fn reserve(
         Reserved::Granted(g) => g,
     };
     if grant.replayed {
-        // Another attempt's live hold: answered as a replay, with the budgets as they stand.
-        for (_, indices) in &plan.groups {
-            for &i in indices {
-                if let Claim::Spend { budget, .. } = &r.claims()[i] {
-                    grant.remaining[i] = Some(crate::Store::budget(store, budget).await?.remaining);
-                }
-            }
-        }
-        return Ok(Reserved::Granted(grant));
+        return replayed(store, r, &plan, grant).await;
     }
 
     let group_lease = lease_ms + GROUP_GRACE.as_millis() as u64;
@@ -336,6 +328,24 @@ pub(crate) async fn reserve(
     }
 }
 
+/// A retry of a live hold across slots, answered as a replay, with what every budget claim's
+/// budget has left as it stands (the home answered for its own).
+async fn replayed(
+    store: &RedisStore,
+    r: &Reservation,
+    plan: &Plan,
+    mut grant: crate::Grant,
+) -> Result<Reserved, Error> {
+    for (_, indices) in &plan.groups {
+        for &i in indices {
+            if let Claim::Spend { budget, .. } = &r.claims()[i] {
+                grant.remaining[i] = Some(crate::Store::budget(store, budget).await?.remaining);
+            }
+        }
+    }
+    Ok(Reserved::Granted(grant))
+}
+
 /// Checks a reservation across slots: every group's claims where they live, holding nothing.
 pub(crate) async fn check(
     store: &RedisStore,
@@ -345,7 +355,8 @@ pub(crate) async fn check(
     let home = ops::check(store.keys(), r, store.keys().record(r.id()), &plan.home);
     let answer = store.call(home, false).await?;
     let mut grant = match ops::reserved(&answer, r, &plan.home)? {
-        Reserved::Granted(g) if !g.replayed => g,
+        Reserved::Granted(g) if g.replayed => return replayed(store, r, &plan, g).await,
+        Reserved::Granted(g) => g,
         other => return Ok(other),
     };
     let answers = join_all(plan.groups.iter().map(|(record, indices)| async {
