@@ -59,8 +59,12 @@
 //! error on standard error (`policy: reload refused ...`), and the policy in force stays.
 //! `SIGTERM` or Ctrl-C stops accepting and lets requests in flight finish (10 s at most).
 
+#[path = "gateway/edge.rs"]
+mod edge;
+
 use std::convert::Infallible;
 use std::future::Future;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -69,25 +73,33 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower::{Service, ServiceExt};
+use tower_http::timeout::TimeoutBody;
 use tower_reserve::policy::{Policy, PolicyBody, PolicyLayer, PolicyService};
-use tower_reserve::{ACTUAL_HEADER, MemoryStore, RedisStore, Rejection, ResponseBody, Store};
+use tower_reserve::{
+    ACTUAL_HEADER, Hold, MemoryStore, RedisStore, Rejection, ResponseBody, Store, Unique,
+};
+
+use crate::edge::{BodyFault, ClientBody};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-/// What the upstream answers, or the gateway's own `502`.
+/// What the upstream answers, or the gateway's own `502` and `504`.
 type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
-/// What the client gets: the policy layer's answer, or the gateway's own endpoints'.
+/// What the client gets: the policy layer's answer, or the gateway's own.
 type GatewayBody = Either<ResponseBody<ProxyBody>, Full<Bytes>>;
+
+/// A route's lease when it sets none: the layer's default.
+const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
 // The upstream
@@ -116,14 +128,17 @@ impl Upstream {
                 "GATEWAY_UPSTREAM={url:?}: only http:// upstreams are supported"
             ));
         }
+        let prefix = edge::normalize_path(uri.path())
+            .map_err(|e| format!("GATEWAY_UPSTREAM={url:?}: {}", e.detail()))?;
         Ok(Self {
             scheme: scheme.clone(),
             authority: authority.clone(),
-            prefix: uri.path().trim_end_matches('/').to_owned(),
+            prefix: prefix.trim_end_matches('/').to_owned(),
         })
     }
 
-    /// The upstream URI of a request for `uri`.
+    /// The upstream URI of a request for `uri`, whose path is normalized (`edge::admit`): no
+    /// dot segment is left to climb out of the prefix.
     fn uri_for(&self, uri: &Uri) -> Result<Uri, http::Error> {
         let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
         Uri::builder()
@@ -134,50 +149,18 @@ impl Upstream {
     }
 }
 
-/// Removes the headers that belong to one connection, not to the message (RFC 9110, 7.6.1):
-/// `Connection` and every header it names, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`,
-/// `Transfer-Encoding`, `Upgrade`.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
-    let proxy: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with("proxy-"))
-        .cloned()
-        .collect();
-    for name in proxy {
-        headers.remove(name);
-    }
-}
-
 /// Forwards requests to the upstream: the service the policy layer wraps.
 #[derive(Clone)]
 struct Proxy {
     client: Client<HttpConnector, PolicyBody>,
     upstream: Arc<Upstream>,
+    /// How long the upstream has to answer (its head), and then between two pieces of its body.
+    timeout: Duration,
 }
 
-/// The client's address, put in the request's extensions per connection.
+/// The lease of the route a request took, so that the proxy renews the hold by as much.
 #[derive(Clone, Copy)]
-struct Peer(SocketAddr);
+struct RouteLease(Duration);
 
 impl Service<Request<PolicyBody>> for Proxy {
     type Response = Response<ProxyBody>;
@@ -189,59 +172,131 @@ impl Service<Request<PolicyBody>> for Proxy {
     }
 
     fn call(&mut self, request: Request<PolicyBody>) -> Self::Future {
-        let (client, upstream) = (self.client.clone(), self.upstream.clone());
-        Box::pin(async move { Ok(forward(&client, &upstream, request).await) })
+        let proxy = self.clone();
+        Box::pin(async move { Ok(proxy.forward(request).await) })
     }
 }
 
-async fn forward(
-    client: &Client<HttpConnector, PolicyBody>,
-    upstream: &Upstream,
-    request: Request<PolicyBody>,
-) -> Response<ProxyBody> {
-    let (mut parts, body) = request.into_parts();
-    parts.uri = match upstream.uri_for(&parts.uri) {
-        Ok(uri) => uri,
-        Err(e) => return bad_gateway(format!("the request's path cannot be forwarded: {e}")),
-    };
-    parts.version = http::Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers);
-    if let Some(host) = parts.headers.remove(header::HOST) {
-        parts
-            .headers
-            .insert(HeaderName::from_static("x-forwarded-host"), host);
-    }
-    if let Some(Peer(peer)) = parts.extensions.get::<Peer>().copied() {
-        let forwarded_for = HeaderName::from_static("x-forwarded-for");
-        let value = match parts
-            .headers
-            .get(&forwarded_for)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(earlier) => format!("{earlier}, {}", peer.ip()),
-            None => peer.ip().to_string(),
+impl Proxy {
+    /// Sends the request on and waits for the answer at most the upstream timeout, renewing the
+    /// request's hold (if it has one) all the while: a hold ends by its lease only when the
+    /// gateway is no longer there to renew it.
+    async fn forward(&self, request: Request<PolicyBody>) -> Response<ProxyBody> {
+        let (mut parts, body) = request.into_parts();
+        let hold = parts.extensions.get::<Hold>().cloned();
+        let lease = parts
+            .extensions
+            .get::<RouteLease>()
+            .map_or(DEFAULT_LEASE, |l| l.0);
+        let client_body = parts.extensions.get::<ClientBody>().cloned();
+        parts.uri = match self.upstream.uri_for(&parts.uri) {
+            Ok(uri) => uri,
+            Err(e) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "Bad request",
+                    format!("the request's path cannot be forwarded: {e}"),
+                );
+            }
         };
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            parts.headers.insert(forwarded_for, value);
+        parts.version = http::Version::HTTP_11;
+        // The client's goes on as `X-Forwarded-Host` (`edge::admit`); the client library sets
+        // the upstream's own.
+        parts.headers.remove(header::HOST);
+        let call = self.client.request(Request::from_parts(parts, body));
+        let answered = tokio::select! {
+            answered = tokio::time::timeout(self.timeout, call) => answered,
+            never = renew(hold.clone(), lease) => match never {},
+        };
+        match answered {
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                // The client's connection has a version of its own (an upstream may answer
+                // HTTP/1.0).
+                parts.version = http::Version::default();
+                if let Err(e) = edge::strip_hop_by_hop(&mut parts.headers) {
+                    tracing::warn!(error = %e, "the upstream's Connection header was malformed");
+                    parts.headers.remove(header::CONNECTION);
+                }
+                let body = TimeoutBody::new(self.timeout, body);
+                Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+            }
+            Ok(Err(e)) => {
+                if let Some(fault) = client_body.and_then(|b| b.fault()) {
+                    return ClientBody::rejection(fault)
+                        .into_response()
+                        .map(|body| body.map_err(|never| match never {}).boxed_unsync());
+                }
+                tracing::warn!(error = %e, error_source = ?std::error::Error::source(&e), "the upstream could not be reached");
+                problem(
+                    StatusCode::BAD_GATEWAY,
+                    "Bad gateway",
+                    "the upstream could not be reached".to_owned(),
+                )
+            }
+            Err(_) => self.gave_up(hold).await,
         }
     }
-    match client.request(Request::from_parts(parts, body)).await {
-        Ok(response) => {
-            let (mut parts, body) = response.into_parts();
-            // The client's connection has a version of its own (an upstream may answer HTTP/1.0).
-            parts.version = http::Version::default();
-            strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, error_source = ?std::error::Error::source(&e), "the upstream could not be reached");
-            bad_gateway("the upstream could not be reached".to_owned())
+
+    /// The `504` for an upstream that did not answer in time. It may still carry the request
+    /// out, and nothing can call it back: what the request reserved is committed (the budget
+    /// spent, the values owned), so that the upstream never does more than was reserved.
+    async fn gave_up(&self, hold: Option<Hold>) -> Response<ProxyBody> {
+        let waited = humanize(self.timeout);
+        let detail = match hold {
+            None => format!(
+                "the upstream did not answer within {waited}; it may still carry the request out"
+            ),
+            Some(hold) => {
+                // The layer would release it on a 504: the gateway settles it itself.
+                let hold = hold.defer();
+                match hold.commit().await {
+                    Ok(_) => format!(
+                        "the upstream did not answer within {waited}; it may still carry the request out, so what the request reserved is kept as used"
+                    ),
+                    Err(e) => {
+                        tracing::error!(hold = %hold.id(), error = %e, "could not keep the hold of a request the upstream did not answer");
+                        format!(
+                            "the upstream did not answer within {waited}; it may still carry the request out, and what the request reserved could not be kept"
+                        )
+                    }
+                }
+            }
+        };
+        tracing::warn!(timeout = ?self.timeout, "the upstream did not answer in time");
+        problem(StatusCode::GATEWAY_TIMEOUT, "Gateway timeout", detail)
+    }
+}
+
+/// Renews a hold's lease every third of it, forever (the caller stops it); without a hold it
+/// waits forever.
+async fn renew(hold: Option<Hold>, lease: Duration) -> Infallible {
+    let Some(hold) = hold else {
+        return std::future::pending().await;
+    };
+    let every = (lease / 3).max(Duration::from_millis(1));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = hold.extend(lease).await {
+            tracing::warn!(hold = %hold.id(), error = %e, "could not renew the hold while the upstream works");
         }
     }
 }
 
-fn bad_gateway(detail: String) -> Response<ProxyBody> {
-    Rejection::new(StatusCode::BAD_GATEWAY, "Bad gateway", detail)
+/// `500ms`, `2s`, `1m`, as the settings are written.
+fn humanize(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn problem(status: StatusCode, title: &'static str, detail: String) -> Response<ProxyBody> {
+    Rejection::new(status, title, detail)
         .into_response()
         .map(|body| body.map_err(|never| match never {}).boxed_unsync())
 }
@@ -249,24 +304,33 @@ fn bad_gateway(detail: String) -> Response<ProxyBody> {
 // ---------------------------------------------------------------------------------------------
 // The gateway's own endpoints, then the policy
 
-/// Answers `/healthz` and `/metrics` itself; everything else through the policy to the upstream.
-async fn handle<St: Store>(
-    mut request: Request<Incoming>,
-    peer: SocketAddr,
+/// What every connection's requests share.
+struct Shared<St: Store> {
+    layer: PolicyLayer<St>,
     service: PolicyService<Proxy, St>,
+    store: St,
     metrics: PrometheusHandle,
+    body_timeout: Duration,
+}
+
+/// Admits the request (`edge::admit`); answers `/healthz`, `/readyz` and `/metrics` itself;
+/// everything else goes through the policy to the upstream.
+async fn handle<St: Store>(
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared<St>>,
 ) -> Result<Response<GatewayBody>, Infallible> {
-    if request.method() == Method::GET {
-        match request.uri().path() {
-            "/healthz" => {
-                return Ok(own(
-                    StatusCode::OK,
-                    "application/json",
-                    r#"{"status":"ok"}"#.into(),
-                ));
-            }
+    let (mut parts, body) = request.into_parts();
+    let policy = shared.layer.policy();
+    if let Err(rejection) = edge::admit(&mut parts, &policy, peer) {
+        return Ok(rejection.into_response().map(Either::Right));
+    }
+    if parts.method == Method::GET {
+        match parts.uri.path() {
+            "/healthz" => return Ok(json(StatusCode::OK, r#"{"status":"ok"}"#)),
+            "/readyz" => return Ok(ready(&shared.store).await),
             "/metrics" => {
-                let text = metrics.render();
+                let text = shared.metrics.render();
                 return Ok(own(
                     StatusCode::OK,
                     "text/plain; version=0.0.4",
@@ -276,11 +340,62 @@ async fn handle<St: Store>(
             _ => {}
         }
     }
-    request.extensions_mut().insert(Peer(peer));
-    let mut response = service.oneshot(request).await?;
+    let lease = policy
+        .route_for(&parts.method, parts.uri.path())
+        .and_then(|route| route.lease_setting())
+        .unwrap_or(DEFAULT_LEASE);
+    parts.extensions.insert(RouteLease(lease));
+    // The body's failures are the client's: recorded, so that they are not told as the
+    // upstream's.
+    let client_body = ClientBody::default();
+    parts.extensions.insert(client_body.clone());
+    let body = client_body.watch(TimeoutBody::new(shared.body_timeout, body));
+    let mut response = shared
+        .service
+        .clone()
+        .oneshot(Request::from_parts(parts, body))
+        .await?;
+    // The layer reads a route's body itself and answers 400 when it breaks off: a stalled one
+    // is told as what it is.
+    if response.status() == StatusCode::BAD_REQUEST
+        && client_body.fault() == Some(BodyFault::Stalled)
+    {
+        return Ok(ClientBody::rejection(BodyFault::Stalled)
+            .into_response()
+            .map(Either::Right));
+    }
     // The layer reads and removes it on reserved routes; elsewhere it means nothing.
     response.headers_mut().remove(ACTUAL_HEADER);
     Ok(response.map(Either::Left))
+}
+
+/// `200` when the store answers within 2 s, `503` otherwise: a readiness probe, while `/healthz`
+/// says only that the process serves.
+async fn ready<St: Store>(store: &St) -> Response<GatewayBody> {
+    let probe_value = Unique::new("gateway", "readiness-probe");
+    let probe = store.owner(&probe_value);
+    match tokio::time::timeout(Duration::from_secs(2), probe).await {
+        Ok(Ok(_)) => json(StatusCode::OK, r#"{"status":"ready"}"#),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: the store is unavailable");
+            unready("the store is unavailable")
+        }
+        Err(_) => unready("the store did not answer within 2s"),
+    }
+}
+
+fn unready(detail: &'static str) -> Response<GatewayBody> {
+    Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "Not ready", detail)
+        .into_response()
+        .map(Either::Right)
+}
+
+fn json(status: StatusCode, body: &'static str) -> Response<GatewayBody> {
+    own(
+        status,
+        "application/json",
+        Bytes::from_static(body.as_bytes()),
+    )
 }
 
 fn own(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<GatewayBody> {
@@ -317,6 +432,19 @@ struct Config {
     upstream: Upstream,
     policy_path: PathBuf,
     policy: Policy,
+    limits: Limits,
+}
+
+/// How long the gateway waits on whom, and how many connections it serves.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    /// For a request's head (from the connection's start, or the end of the previous answer),
+    /// and between two pieces of a body.
+    header_timeout: Duration,
+    /// For the upstream's head, and between two pieces of its body.
+    upstream_timeout: Duration,
+    /// Connections served at once; more wait to be accepted.
+    max_connections: usize,
 }
 
 fn required(name: &str) -> String {
@@ -324,6 +452,29 @@ fn required(name: &str) -> String {
         .ok()
         .filter(|v| !v.trim().is_empty())
         .unwrap_or_else(|| fail(&format!("set {name} (see the example's documentation)")))
+}
+
+fn duration(name: &str, default: Duration) -> Duration {
+    match std::env::var(name) {
+        Ok(text) if !text.trim().is_empty() => {
+            edge::parse_duration(&text).unwrap_or_else(|e| fail(&format!("{name}: {e}")))
+        }
+        _ => default,
+    }
+}
+
+/// Connections served at once by default: a quarter of the open-file limit (each proxied
+/// connection takes two descriptors, one to the client and one to the upstream, and the store
+/// and the logs take some), at most 4096.
+fn default_max_connections() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(3)?.parse::<usize>().ok()
+        })
+        .unwrap_or(1024);
+    (soft / 4).clamp(16, 4096)
 }
 
 fn config() -> Config {
@@ -336,11 +487,25 @@ fn config() -> Config {
             policy_path.display()
         ))
     });
+    let max_connections = match std::env::var("GATEWAY_MAX_CONNECTIONS") {
+        Ok(text) if !text.trim().is_empty() => match text.trim().parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => fail(&format!(
+                "GATEWAY_MAX_CONNECTIONS={text:?} is not a positive number"
+            )),
+        },
+        _ => default_max_connections(),
+    };
     Config {
         addr,
         upstream,
         policy_path,
         policy,
+        limits: Limits {
+            header_timeout: duration("GATEWAY_HEADER_TIMEOUT", Duration::from_secs(10)),
+            upstream_timeout: duration("GATEWAY_UPSTREAM_TIMEOUT", Duration::from_secs(30)),
+            max_connections,
+        },
     }
 }
 
@@ -406,8 +571,18 @@ async fn shutdown_signal() {
     }
 }
 
+fn log_end(ended: Result<(), BoxError>) {
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// The most bytes of a request's head (request line and headers): nginx reads heads into 8 KiB
+/// buffers, up to four of them; hyper answers `431` above this.
+const MAX_HEAD_BYTES: usize = 32 * 1024;
+
 async fn serve<St: Store>(store: St, cfg: Config, metrics: PrometheusHandle) {
-    let layer = PolicyLayer::new(store, &cfg.policy)
+    let layer = PolicyLayer::new(store.clone(), &cfg.policy)
         .unwrap_or_else(|e| fail(&format!("the policy is refused: {e}")));
     println!(
         "policy: {} routes from {}, upstream {}://{}{}",
@@ -430,16 +605,27 @@ async fn serve<St: Store>(store: St, cfg: Config, metrics: PrometheusHandle) {
     }
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(cfg.limits.upstream_timeout));
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
         .build(connector);
     let service = tower::Layer::layer(
         &layer,
         Proxy {
             client,
             upstream: Arc::new(cfg.upstream.clone()),
+            timeout: cfg.limits.upstream_timeout,
         },
     );
+    let shared = Arc::new(Shared {
+        layer,
+        service,
+        store,
+        metrics,
+        body_timeout: cfg.limits.header_timeout,
+    });
 
     let listener = tokio::net::TcpListener::bind(&cfg.addr)
         .await
@@ -449,10 +635,32 @@ async fn serve<St: Store>(store: St, cfg: Config, metrics: PrometheusHandle) {
         .unwrap_or_else(|e| fail(&format!("cannot read the listening address: {e}")));
     println!("listening on http://{local}");
 
-    let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let limits = cfg.limits;
+    let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    server
+        .http1()
+        .timer(TokioTimer::new())
+        // Also the keep-alive idle timeout: it runs whenever a connection waits for a head.
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(100);
+    server
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .max_concurrent_streams(100)
+        .keep_alive_interval(limits.header_timeout)
+        .keep_alive_timeout(limits.header_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut stop = std::pin::pin!(shutdown_signal());
     loop {
+        // At the limit the gateway stops accepting: further connections wait in the listen
+        // queue, taking no descriptor, until one ends.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = &mut stop => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -465,16 +673,27 @@ async fn serve<St: Store>(store: St, cfg: Config, metrics: PrometheusHandle) {
             _ = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let (service, metrics) = (service.clone(), metrics.clone());
-        let per_request = hyper::service::service_fn(move |request| {
-            handle(request, peer, service.clone(), metrics.clone())
-        });
+        let started = Arc::new(tokio::sync::Notify::new());
+        let per_request = {
+            let (shared, started) = (shared.clone(), started.clone());
+            hyper::service::service_fn(move |request| {
+                started.notify_one();
+                handle(request, peer, shared.clone())
+            })
+        };
         let connection = server.serve_connection(TokioIo::new(stream), per_request);
         let connection = graceful.watch(connection.into_owned());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            let _slot = slot;
+            let mut connection = std::pin::pin!(connection);
+            // hyper's head timeout starts once it knows the protocol: a connection that does not
+            // get as far as a first request within the head timeout is closed here.
+            tokio::select! {
+                ended = connection.as_mut() => return log_end(ended),
+                _ = started.notified() => {}
+                _ = tokio::time::sleep(limits.header_timeout) => return,
             }
+            log_end(connection.await);
         });
     }
     println!("shutting down: finishing the requests in flight");
@@ -490,6 +709,8 @@ async fn serve<St: Store>(store: St, cfg: Config, metrics: PrometheusHandle) {
 async fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into a log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

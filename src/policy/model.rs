@@ -257,6 +257,11 @@ impl Policy {
         &self.routes
     }
 
+    /// The route a request with this method and path takes: the first that matches.
+    pub fn route_for(&self, method: &Method, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(method, path))
+    }
+
     /// The table `name`.
     pub fn table_named(&self, name: &str) -> Option<&Table> {
         self.tables.get(name)
@@ -387,6 +392,50 @@ impl Route {
     /// Whether the route is in shadow mode.
     pub fn is_shadow(&self) -> bool {
         self.shadow
+    }
+
+    /// The lease the route sets, if it sets one (the layer's default, 30 s, otherwise).
+    pub fn lease_setting(&self) -> Option<Duration> {
+        self.lease
+    }
+
+    /// The body limit the route sets, if it sets one (the layer's default, 64 KiB, otherwise).
+    pub fn body_limit_setting(&self) -> Option<usize> {
+        self.body_limit
+    }
+
+    /// Whether a request with this method and path takes this route, as [`PolicyLayer`]
+    /// matches it (the first route that matches takes a request: see [`Policy::route_for`]).
+    ///
+    /// [`PolicyLayer`]: super::PolicyLayer
+    pub fn matches(&self, method: &Method, path: &str) -> bool {
+        crate::layer::extract::RouteMatch::new(self.method.clone(), &self.path)
+            .matches(method, path)
+    }
+
+    /// Every placeholder the route's claims read (path parameters, headers, query parameters,
+    /// body pointers; a sum's array of ids is read from the body besides), in file order,
+    /// repeats included. A proxy in front can refuse a request that
+    /// sends one of these headers twice, since the claims read only one of its values.
+    pub fn sources(&self) -> Vec<&Source> {
+        fn number<'a>(n: &'a Number, out: &mut Vec<&'a Source>) {
+            match n {
+                Number::Fixed(_) | Number::Sum { .. } => {}
+                Number::Read(source) => out.push(source),
+                Number::Lookup { key, .. } => out.extend(key.sources()),
+            }
+        }
+        let mut out = Vec::new();
+        for rule in &self.budgets {
+            out.extend(rule.key.sources());
+            number(&rule.amount, &mut out);
+            number(&rule.limit, &mut out);
+        }
+        for rule in &self.uniques {
+            out.extend(rule.value.sources());
+            out.extend(rule.owner.sources());
+        }
+        out
     }
 
     pub(crate) fn budgets(&self) -> &[BudgetRule] {
