@@ -16,23 +16,28 @@
 //! | `GATEWAY_POLICY` | the policy file (TOML; the format is in the `policy` module docs) | required |
 //! | `REDIS_URL` | one Redis node | unset: the embedded in-memory store |
 //! | `REDIS_CLUSTER_URLS` | comma-separated Redis Cluster seed nodes | unset |
-//! | `RUST_LOG` | log filter (logs go to standard error) | `info` |
+//! | `RUST_LOG` | log filter (logs go to standard error; colour only when it is a terminal) | `info` |
+//! | `GATEWAY_HEADER_TIMEOUT` | how long a connection may take to send a request's head (from its start, or from the previous answer: also the keep-alive idle timeout), and the longest pause inside a request's body | `10s` |
+//! | `GATEWAY_UPSTREAM_TIMEOUT` | how long the upstream may take to answer (its head), and the longest pause inside its body | `30s` |
+//! | `GATEWAY_MAX_CONNECTIONS` | client connections served at once; more wait in the listen queue until one ends | a quarter of the open-file limit, 16 to 4096 |
+//!
+//! Durations are written `"500ms"`, `"2s"`, `"1m"`, `"1h"`.
 //!
 //! The first line on standard output names the store; Redis keys carry the prefix `gateway`. A
 //! Redis that cannot be reached at start, a policy file that cannot be read or does not validate,
-//! or an upstream URL that is not `http://`, stops the gateway with a message and status 1. Once
-//! it accepts connections it prints `listening on http://<addr>`.
+//! an upstream URL that is not `http://`, or a setting that does not parse, stops the gateway
+//! with a message and status 1. Once it accepts connections it prints
+//! `listening on http://<addr>`.
 //!
 //! # Endpoints
 //!
-//! - `GET /healthz`: `200` `{"status":"ok"}`, from the gateway itself.
+//! - `GET /healthz`: `200` `{"status":"ok"}` while the process serves (liveness).
+//! - `GET /readyz`: `200` `{"status":"ready"}` when the store answers within 2 s, `503`
+//!   problem+json otherwise (readiness: take the gateway out of rotation, do not restart it).
 //! - `GET /metrics`: the Prometheus text format, from the gateway itself: the layer's
 //!   `tower_reserve_*` counters and the store latency histogram, labelled by route pattern.
-//! - Everything else goes to the upstream: method, path and query, headers and body; the
-//!   response comes back as it streams. Hop-by-hop headers (`Connection` and the headers it
-//!   names, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`) are
-//!   removed both ways; `Host` becomes the upstream's, the client's goes on as
-//!   `X-Forwarded-Host`, and its address is appended to `X-Forwarded-For`.
+//! - Everything else goes to the upstream: method, normalized path and query, headers and body;
+//!   the response comes back as it streams.
 //!
 //! A request that matches a policy route is reserved first:
 //!
@@ -42,15 +47,60 @@
 //! | ... and sets `reserve-actual: N` (one integer per budget of the route) | the same, without that header; only `N` is spent, the rest given back |
 //! | the upstream answers any other status | its answer; the hold released |
 //! | the upstream cannot be reached | `502` problem+json; the hold released |
-//! | the upstream outlives the route's lease | `503` problem+json; the hold released |
+//! | the upstream takes longer than the route's lease | nothing: the gateway renews the hold (every third of the lease) while it waits, so a lease bounds only the holds of a gateway that died |
+//! | the upstream does not answer within `GATEWAY_UPSTREAM_TIMEOUT` | `504` problem+json; the hold **committed**: the upstream may still carry the request out and cannot be called back, so what it may do stays reserved (a customer may lose budget to a purchase that failed, never gain it) |
 //! | over budget | `403` problem+json with `requested` and `remaining`; the upstream is not called |
 //! | a unique value taken | `409` problem+json; the upstream is not called |
 //! | claims that cannot be read | `400` (malformed), `415` (not JSON), `422` (unknown id, wrong shape), `413` (body above the route's limit); nothing held, the upstream not called |
 //! | the store unavailable | `503` problem+json with `Retry-After` (or through unreserved, for a `fail_open` route of budgets only) |
 //! | a `shadow` route | the upstream's answer, always; nothing held; what would have been refused is logged and counted |
 //!
-//! A request that matches no route is forwarded untouched: its body streams through, never read
-//! or limited.
+//! A request that matches no route is forwarded as it came, once admitted (below): its body
+//! streams through, never read or limited.
+//!
+//! # What the gateway does with ...
+//!
+//! What a policy matches is what the upstream serves: a request is checked and rewritten once,
+//! before anything reads it, and the same head goes to the policy and to the upstream. Envoy's
+//! and nginx's defaults are beside each row; the gateway is stricter where a default would let a
+//! request reach the upstream in a form the policy did not see.
+//!
+//! | ... | the gateway | Envoy (default) | nginx (default) |
+//! | --- | --- | --- | --- |
+//! | **paths** | | | |
+//! | `%61`, `%7E` (unreserved characters encoded) | decoded (RFC 3986 §6.2.2.2), then matched and forwarded decoded | kept (`normalize_path: false`) | decoded for matching; forwarded as sent with `proxy_pass` without a URI part |
+//! | `%c3%a9` (other escapes) | kept, hex digits upper-cased | kept | as above |
+//! | `.` and `..` segments, encoded or not | resolved, never above the root: no request leaves the upstream's path prefix | kept | resolved for matching |
+//! | `//` | merged into one `/` | kept (`merge_slashes: false`) | merged (`merge_slashes on`) for matching |
+//! | `%2F`, `%5C` (encoded slash, backslash) | `400`: servers disagree on whether they separate segments | kept (`path_with_escaped_slashes_action: KEEP_UNCHANGED`) | kept |
+//! | `;` (path parameters) | `400`: some servers (Tomcat, Jetty) strip `;...` from a segment | kept | kept |
+//! | a raw `\`, an encoded control character | `400` | kept | kept |
+//! | a route's path with other letter case in its fixed segments, or a trailing `/` | taken as the route (`/Customers/ann/purchases/` is `/customers/ann/purchases`), since upstreams such as Express match so | kept | kept |
+//! | **headers** | | | |
+//! | `Host` twice (even with one value); HTTP/1.1 without `Host` | `400` (RFC 9112 §3.2) | not documented | `400` |
+//! | `Content-Length` twice with different values, or a list | `400` (two equal ones are read as one, as RFC 9112 §6.3 allows) | not documented | `400` |
+//! | `Idempotency-Key` twice; a header or query parameter the route's claims read, twice | `400`: the claims would read one value, the upstream might use another | forwarded | forwarded |
+//! | `Connection` and the headers it names, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade` | removed both ways, *before* the policy reads the request; a `Connection` that is not a list of header names is `400` | removed | not forwarded, except by configuration |
+//! | `Transfer-Encoding` other than `chunked` | `501` (RFC 9112 §6.1) | `501` | `501` |
+//! | `Expect: 100-continue` with a declared length above the route's body limit | `413` at once, no `100 Continue` | `100` from Envoy itself | `413` at once (`client_max_body_size`, 1 MiB) |
+//! | `Forwarded`, `X-Forwarded-Host`, `X-Forwarded-Proto`, `X-Forwarded-Port`, `X-Real-IP` from the client | removed; `X-Forwarded-Host` (the client's `Host`, or the request target's authority), `X-Forwarded-Proto: http` and `X-Real-IP` (the client's address) set by the gateway | forwarded (`X-Forwarded-Proto` set) | forwarded unless configured |
+//! | `X-Forwarded-For` | the client's address appended: only the last entry is the gateway's word | appended with `use_remote_address: true` | as configured (`$proxy_add_x_forwarded_for`) |
+//! | `Host` to the upstream | the upstream's own | the client's | `$proxy_host` |
+//! | a request head above 32 KiB, or more than 100 headers | `431` from the HTTP parser | `431` above 60 KiB (`max_request_headers_kb`) | `400`/`414` above 4 × 8 KiB (`large_client_header_buffers`) |
+//! | **timeouts and limits** | | | |
+//! | a connection that does not send a whole head in time, from its start or after an answer | closed after `GATEWAY_HEADER_TIMEOUT` (10 s) | none (`request_headers_timeout: 0`); idle connections closed after 1 h | `408` after 60 s (`client_header_timeout`); idle after 75 s (`keepalive_timeout`) |
+//! | a body that pauses | `408` after `GATEWAY_HEADER_TIMEOUT` without a byte | reset after 5 min (`stream_idle_timeout`) | `408` after 60 s (`client_body_timeout`) |
+//! | an upstream that does not answer | `504` after `GATEWAY_UPSTREAM_TIMEOUT` (30 s; the same bound between two pieces of its body) | `504` after 15 s (route `timeout`) | `504` after 60 s (`proxy_read_timeout`) |
+//! | connecting to the upstream | at most `GATEWAY_UPSTREAM_TIMEOUT`, then `502` | 5 s (`connect_timeout`) | 60 s (`proxy_connect_timeout`) |
+//! | connections at once | `GATEWAY_MAX_CONNECTIONS`; more wait to be accepted | unbounded (overload manager off) | 512 per worker (`worker_connections`) |
+//! | **statuses** | | | |
+//! | `CONNECT` | `501`: the gateway is not a tunnel | refused unless upgrade is configured | not proxied |
+//! | `TRACE` | `405`: it would echo the client's cookies | forwarded | `405` |
+//! | a client body that breaks off (malformed chunked, reset) | `400`, never the upstream's `502` | `400` | `400` |
+//! | the upstream unreachable | `502` | `503` | `502` |
+//!
+//! Every refusal the gateway writes is `application/problem+json`; the HTTP parser's own `400`
+//! and `431` (a head that cannot be parsed at all) have no body.
 //!
 //! # Reload
 //!
