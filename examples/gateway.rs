@@ -19,6 +19,7 @@
 //! | `RUST_LOG` | log filter (logs go to standard error; colour only when it is a terminal) | `info` |
 //! | `GATEWAY_HEADER_TIMEOUT` | how long a connection may take to send a request's head (from its start, or from the previous answer: also the keep-alive idle timeout), and the longest pause inside a request's body | `10s` |
 //! | `GATEWAY_UPSTREAM_TIMEOUT` | how long the upstream may take to answer (its head), and the longest pause inside its body | `30s` |
+//! | `GATEWAY_DIGEST_KEY` | a secret (16 bytes or more) that keys the digests of the policy's unique values, so that whoever reads Redis or the logs cannot test a guessed e-mail address against them; recommended (changing it frees every value claimed under the old one) | unset: unkeyed SHA-256 |
 //! | `GATEWAY_MAX_CONNECTIONS` | client connections served at once; more wait in the listen queue until one ends | a quarter of the open-file limit, 16 to 4096 |
 //!
 //! Durations are written `"500ms"`, `"2s"`, `"1m"`, `"1h"`.
@@ -136,7 +137,7 @@ use tower::{Service, ServiceExt};
 use tower_http::timeout::TimeoutBody;
 use tower_reserve::policy::{Policy, PolicyBody, PolicyLayer, PolicyService};
 use tower_reserve::{
-    ACTUAL_HEADER, Hold, MemoryStore, RedisStore, Rejection, ResponseBody, Store, Unique,
+    ACTUAL_HEADER, DigestKey, Hold, MemoryStore, RedisStore, Rejection, ResponseBody, Store, Unique,
 };
 
 use crate::edge::{BodyFault, ClientBody};
@@ -482,7 +483,21 @@ struct Config {
     upstream: Upstream,
     policy_path: PathBuf,
     policy: Policy,
+    /// Keys the digests of the policy's unique values.
+    digest_key: Option<DigestKey>,
     limits: Limits,
+}
+
+/// The policy at `path`, its unique values' digests keyed by `key` when there is one.
+fn load(
+    path: &Path,
+    key: Option<&DigestKey>,
+) -> Result<Policy, tower_reserve::policy::PolicyError> {
+    let policy = Policy::load(path)?;
+    Ok(match key {
+        Some(key) => policy.digest_key(key.clone()),
+        None => policy,
+    })
 }
 
 /// How long the gateway waits on whom, and how many connections it serves.
@@ -531,7 +546,14 @@ fn config() -> Config {
     let addr = std::env::var("GATEWAY_ADDR").unwrap_or_else(|_| "127.0.0.1:3100".to_owned());
     let upstream = Upstream::parse(&required("GATEWAY_UPSTREAM")).unwrap_or_else(|e| fail(&e));
     let policy_path = PathBuf::from(required("GATEWAY_POLICY"));
-    let policy = Policy::load(&policy_path).unwrap_or_else(|e| {
+    let digest_key = match std::env::var("GATEWAY_DIGEST_KEY") {
+        Ok(secret) if !secret.is_empty() => Some(
+            DigestKey::new(secret.as_bytes())
+                .unwrap_or_else(|e| fail(&format!("GATEWAY_DIGEST_KEY: {e}"))),
+        ),
+        _ => None,
+    };
+    let policy = load(&policy_path, digest_key.as_ref()).unwrap_or_else(|e| {
         fail(&format!(
             "the policy {} is refused: {e}",
             policy_path.display()
@@ -551,6 +573,7 @@ fn config() -> Config {
         upstream,
         policy_path,
         policy,
+        digest_key,
         limits: Limits {
             header_timeout: duration("GATEWAY_HEADER_TIMEOUT", Duration::from_secs(10)),
             upstream_timeout: duration("GATEWAY_UPSTREAM_TIMEOUT", Duration::from_secs(30)),
@@ -561,7 +584,11 @@ fn config() -> Config {
 
 /// Reads the policy again on every `SIGHUP`; a file that does not validate leaves the policy in
 /// force.
-async fn reload_on_hangup<St: Store>(layer: PolicyLayer<St>, path: PathBuf) {
+async fn reload_on_hangup<St: Store>(
+    layer: PolicyLayer<St>,
+    path: PathBuf,
+    key: Option<DigestKey>,
+) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -570,17 +597,17 @@ async fn reload_on_hangup<St: Store>(layer: PolicyLayer<St>, path: PathBuf) {
             return;
         };
         while hangups.recv().await.is_some() {
-            reload(&layer, &path);
+            reload(&layer, &path, key.as_ref());
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = (layer, path);
+        let _ = (layer, path, key);
     }
 }
 
-fn reload<St: Store>(layer: &PolicyLayer<St>, path: &Path) {
-    match Policy::load(path).and_then(|policy| {
+fn reload<St: Store>(layer: &PolicyLayer<St>, path: &Path, key: Option<&DigestKey>) {
+    match load(path, key).and_then(|policy| {
         layer.reload(&policy)?;
         Ok(policy)
     }) {
@@ -642,7 +669,11 @@ async fn serve<St: Store>(store: St, cfg: Config, metrics: PrometheusHandle) {
         cfg.upstream.authority,
         cfg.upstream.prefix
     );
-    tokio::spawn(reload_on_hangup(layer.clone(), cfg.policy_path.clone()));
+    tokio::spawn(reload_on_hangup(
+        layer.clone(),
+        cfg.policy_path.clone(),
+        cfg.digest_key.clone(),
+    ));
     {
         let metrics = metrics.clone();
         tokio::spawn(async move {

@@ -19,6 +19,7 @@
 //! | `SHOP_FAULTS` | `1` turns on the `X-Simulate` request header (below) | off |
 //! | `SHOP_HEADER_TIMEOUT` | a connection that has not sent a whole request head by then is closed (from its start, or from the previous answer: also the keep-alive idle timeout); a body that pauses this long is `408` (`"500ms"`, `"2s"`, `"1m"`) | `10s` |
 //! | `SHOP_MAX_CONNECTIONS` | connections served at once; more wait in the listen queue until one ends, never crash the shop | half the open-file limit, 16 to 4096 |
+//! | `SHOP_DIGEST_KEY` | a secret (16 bytes or more) that keys the digests of e-mail addresses in the store, so that whoever reads Redis or the logs cannot test a guessed address against them; recommended (changing it frees every address claimed under the old one) | unset: unkeyed SHA-256 |
 //! | `SHOP_CANCEL_WINDOW` | how long after a purchase it can be cancelled (at most 29 days: see *What the shop keeps*) | `696h` (29 days) |
 //! | `RUST_LOG` | what is logged (to stderr; colour only when it is a terminal) | `info` |
 //!
@@ -147,9 +148,9 @@ use serde_json::json;
 use sha2::Sha256;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_reserve::{
-    Budget, BudgetOf, Claim, Disconnect, Extracted, Hold, HoldId, Idempotency, MAX_RETAIN,
-    MemoryStore, RedisStore, Refund, Rejection, RejectionKind, Reservation, ReserveLayer, Reserved,
-    Store, Unique, extract, normalize_email,
+    Budget, BudgetOf, Claim, DigestKey, Disconnect, Extracted, Hold, HoldId, Idempotency,
+    MAX_RETAIN, MemoryStore, RedisStore, Refund, Rejection, RejectionKind, Reservation,
+    ReserveLayer, Reserved, Store, Unique, extract, normalize_email,
 };
 
 /// The configuration read from the environment.
@@ -168,6 +169,8 @@ pub struct Config {
     /// How long after a purchase it can be cancelled: at most [`REFUND_RETAIN`] less
     /// [`CLOCK_MARGIN`].
     pub cancel_window: Duration,
+    /// Keys the digests of e-mail addresses in the store.
+    pub digest_key: Option<DigestKey>,
 }
 
 impl Default for Config {
@@ -179,6 +182,7 @@ impl Default for Config {
             header_timeout: Duration::from_secs(10),
             max_connections: 1024,
             cancel_window: REFUND_RETAIN - CLOCK_MARGIN,
+            digest_key: None,
         }
     }
 }
@@ -514,6 +518,21 @@ struct EmailChange {
     email: String,
 }
 
+/// How an address is claimed: its digest keyed by `SHOP_DIGEST_KEY` when that is set, so that
+/// whoever reads the store or the logs cannot test a guessed address against it.
+#[derive(Clone)]
+struct Addresses(Option<DigestKey>);
+
+impl Addresses {
+    /// The unique value of a normalized address among the accounts' addresses.
+    fn of(&self, email: &str) -> Unique {
+        match &self.0 {
+            Some(key) => Unique::keyed_email(EMAILS, email, key),
+            None => Unique::email(EMAILS, email),
+        }
+    }
+}
+
 fn checked_email(raw: &str) -> Result<String, Rejection> {
     let email = normalize_email(raw);
     if !is_email(&email) {
@@ -588,30 +607,38 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
         .error_handler(render_rejection)
     };
 
-    let sign_up_layer = ReserveLayer::new(store.clone(), |mut req: Request<Bytes>| async move {
-        let body: SignUpBody = extract::json(&req)?;
-        let email = checked_email(&body.email)?;
-        if body.name.chars().count() > 200 {
-            return Err(Rejection::unprocessable("a name is at most 200 characters"));
-        }
-        let account_id = uuid::Uuid::new_v4().simple().to_string();
-        let claim = Claim::own(Unique::email(EMAILS, &email), account_id.clone());
-        req.extensions_mut().insert(SignUp {
-            account_id,
-            email,
-            name: body.name,
-        });
-        Extracted::Ok((req, vec![claim]))
-    })
-    .lease(cfg.lease)
-    .on_disconnect(Disconnect::Release)
-    .idempotency(Idempotency::new())
-    .error_handler(render_rejection);
+    let addresses = Addresses(cfg.digest_key.clone());
+
+    let sign_up_layer = {
+        let addresses = addresses.clone();
+        ReserveLayer::new(store.clone(), move |mut req: Request<Bytes>| {
+            let addresses = addresses.clone();
+            async move {
+                let body: SignUpBody = extract::json(&req)?;
+                let email = checked_email(&body.email)?;
+                if body.name.chars().count() > 200 {
+                    return Err(Rejection::unprocessable("a name is at most 200 characters"));
+                }
+                let account_id = uuid::Uuid::new_v4().simple().to_string();
+                let claim = Claim::own(addresses.of(&email), account_id.clone());
+                req.extensions_mut().insert(SignUp {
+                    account_id,
+                    email,
+                    name: body.name,
+                });
+                Extracted::Ok((req, vec![claim]))
+            }
+        })
+        .lease(cfg.lease)
+        .on_disconnect(Disconnect::Release)
+        .idempotency(Idempotency::new())
+        .error_handler(render_rejection)
+    };
 
     let change_layer = {
-        let accounts = accounts.clone();
+        let (accounts, addresses) = (accounts.clone(), addresses.clone());
         ReserveLayer::new(store.clone(), move |mut req: Request<Bytes>| {
-            let accounts = accounts.clone();
+            let (accounts, addresses) = (accounts.clone(), addresses.clone());
             async move {
                 let account_id = param(&req, "account_id");
                 let old = accounts
@@ -622,13 +649,10 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
                     .ok_or_else(|| account_missing(&account_id))?;
                 let body: EmailBody = extract::json(&req)?;
                 let email = checked_email(&body.email)?;
-                let mut claims = vec![Claim::own(
-                    Unique::email(EMAILS, &email),
-                    account_id.clone(),
-                )];
+                let mut claims = vec![Claim::own(addresses.of(&email), account_id.clone())];
                 if email != old {
                     claims.push(Claim::release_on_commit(
-                        Unique::email(EMAILS, &old),
+                        addresses.of(&old),
                         account_id.clone(),
                     ));
                 }
@@ -646,7 +670,7 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
     let delete_layer = {
         let accounts = accounts.clone();
         ReserveLayer::new(store.clone(), move |req: Request<Bytes>| {
-            let accounts = accounts.clone();
+            let (accounts, addresses) = (accounts.clone(), addresses.clone());
             async move {
                 let account_id = param(&req, "account_id");
                 let old = accounts
@@ -655,7 +679,7 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
                     .get(&account_id)
                     .map(|a| a.email.clone())
                     .ok_or_else(|| account_missing(&account_id))?;
-                let claim = Claim::release_on_commit(Unique::email(EMAILS, &old), account_id);
+                let claim = Claim::release_on_commit(addresses.of(&old), account_id);
                 Extracted::Ok((req, vec![claim]))
             }
         })
@@ -967,6 +991,13 @@ fn config() -> Config {
             }),
         _ => longest,
     };
+    let digest_key = match std::env::var("SHOP_DIGEST_KEY") {
+        Ok(secret) if !secret.is_empty() => Some(
+            DigestKey::new(secret.as_bytes())
+                .unwrap_or_else(|e| fail(&format!("SHOP_DIGEST_KEY: {e}"))),
+        ),
+        _ => None,
+    };
     Config {
         budget_cents: env_u64("SHOP_BUDGET_CENTS", 50_000),
         lease: Duration::from_millis(lease_ms),
@@ -974,6 +1005,7 @@ fn config() -> Config {
         header_timeout,
         max_connections,
         cancel_window,
+        digest_key,
     }
 }
 

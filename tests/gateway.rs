@@ -1311,3 +1311,39 @@ async fn readyz_checks_the_store_while_healthz_says_the_process_serves() {
     let r = client.get(gateway.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_key_keys_the_policys_unique_values_in_the_store() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let secret = "a deployment secret for the gateway";
+    let gateway = Gateway::start(
+        &upstream.url(),
+        &shop_policy(),
+        &[("REDIS_URL", &redis.url()), ("GATEWAY_DIGEST_KEY", secret)],
+    )
+    .await;
+    let client = client();
+    let email = format!("{}@example.com", customer("keyed"));
+    let sign_up = |owner: &'static str| {
+        client
+            .post(gateway.url("/accounts"))
+            .header("x-account-id", owner)
+            .json(&json!({ "email": email, "name": "Ann" }))
+            .send()
+    };
+    assert_eq!(sign_up("a-1").await.unwrap().status(), StatusCode::CREATED);
+    let key = tower_reserve::DigestKey::new(secret).unwrap();
+    let keyed = tower_reserve::Unique::keyed_email("accounts", &email, &key).digest_hex();
+    let plain = tower_reserve::Unique::email("accounts", &email).digest_hex();
+    let holding = |digest: &str| redis.cli(&["--scan", "--pattern", &format!("*{digest}*")]);
+    assert!(
+        !holding(&keyed).trim().is_empty(),
+        "no key holds the keyed digest"
+    );
+    assert!(
+        holding(&plain).trim().is_empty(),
+        "the unkeyed digest is in Redis"
+    );
+    assert_eq!(sign_up("a-2").await.unwrap().status(), StatusCode::CONFLICT);
+}

@@ -264,3 +264,36 @@ async fn readyz_checks_the_store_while_healthz_says_the_process_serves() {
     let r = client.get(shop.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+/// Whether any key in the Redis at `redis` holds `digest`.
+fn has_key_with(redis: &RedisServer, digest: &str) -> bool {
+    !redis
+        .cli(&["--scan", "--pattern", &format!("*{digest}*")])
+        .trim()
+        .is_empty()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_key_keys_the_addresses_in_the_store() {
+    let redis = RedisServer::start();
+    let secret = "a deployment secret for the shop";
+    let shop = Shop::start(&[("REDIS_URL", &redis.url()), ("SHOP_DIGEST_KEY", secret)]).await;
+    let client = client();
+    let email = format!("{}@example.com", customer("keyed"));
+    let r = shop.sign_up(&client, &email, "Ann").await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let key = tower_reserve::DigestKey::new(secret).unwrap();
+    let keyed = tower_reserve::Unique::keyed_email("accounts", &email, &key).digest_hex();
+    let plain = tower_reserve::Unique::email("accounts", &email).digest_hex();
+    assert!(
+        has_key_with(&redis, &keyed),
+        "no key holds the keyed digest"
+    );
+    assert!(
+        !has_key_with(&redis, &plain),
+        "the unkeyed digest is in Redis"
+    );
+    // The keyed address is still one account's.
+    let r = shop.sign_up(&client, &email.to_uppercase(), "Bob").await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+}

@@ -12,7 +12,9 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use super::PolicyError;
 use super::template::{Source, Template};
 use crate::layer::extract::pattern_params;
-use crate::{Budget, Disconnect, MAX_AMOUNT, MAX_CLAIMS, MAX_KEY_LEN, MAX_LEASE, Window};
+use crate::{
+    Budget, DigestKey, Disconnect, MAX_AMOUNT, MAX_CLAIMS, MAX_KEY_LEN, MAX_LEASE, Window,
+};
 
 /// A table of whole numbers by key: prices by product id, limits by plan.
 pub type Table = BTreeMap<String, u64>;
@@ -50,6 +52,9 @@ pub struct Policy {
     routes: Vec<Route>,
     #[serde(default)]
     tables: BTreeMap<String, Table>,
+    /// Not in the file: a secret belongs with the deployment's secrets, not its policy.
+    #[serde(skip)]
+    digest_key: Option<DigestKey>,
 }
 
 /// One route: a method and a path pattern, what it reserves, and the layer's options for it.
@@ -250,6 +255,20 @@ impl Policy {
         let table = entries.into_iter().map(|(k, v)| (k.into(), v)).collect();
         self.tables.insert(name.into(), table);
         self
+    }
+
+    /// Keys the digests of every unique value the policy claims ([`Unique::keyed`]): a
+    /// deployment's secret, so that the digests in the store and the logs cannot be tested
+    /// against guessed values (recommended). Set it again on a policy loaded anew (a reload).
+    ///
+    /// [`Unique::keyed`]: crate::Unique::keyed
+    pub fn digest_key(mut self, key: DigestKey) -> Self {
+        self.digest_key = Some(key);
+        self
+    }
+
+    pub(crate) fn digest_key_setting(&self) -> Option<&DigestKey> {
+        self.digest_key.as_ref()
     }
 
     /// The routes, in order.
