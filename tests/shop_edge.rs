@@ -297,3 +297,46 @@ async fn a_digest_key_keys_the_addresses_in_the_store() {
     let r = shop.sign_up(&client, &email.to_uppercase(), "Bob").await;
     assert_eq!(r.status(), StatusCode::CONFLICT);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_and_reused_keys_are_not_store_errors() {
+    let shop = Shop::start(&[]).await;
+    let client = client();
+    let who = customer("replay");
+    let url = shop.url(&format!("/customers/{who}/purchases"));
+    let send = |products: Value| {
+        client
+            .post(&url)
+            .header("idempotency-key", "the-same-key")
+            .json(&json!({ "product_ids": products }))
+            .send()
+    };
+    assert_eq!(
+        send(json!([1])).await.unwrap().status(),
+        StatusCode::CREATED
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            send(json!([1])).await.unwrap().status(),
+            StatusCode::CREATED
+        );
+        assert_eq!(
+            send(json!([2])).await.unwrap().status(),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+    }
+    let page = client
+        .get(shop.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let errors: f64 = page
+        .lines()
+        .filter(|l| l.starts_with("tower_reserve_store_errors_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(errors, 0.0, "{page}");
+}
