@@ -49,6 +49,7 @@
 //! | the upstream answers any other status | its answer; the hold released |
 //! | the upstream cannot be reached | `502` problem+json; the hold released |
 //! | the upstream takes longer than the route's lease | nothing: the gateway renews the hold (every third of the lease) while it waits, so a lease bounds only the holds of a gateway that died |
+//! | the client goes away while the upstream works | the upstream's answer still settles the hold (a route's `on_disconnect = "release"` does not apply here: dropping a proxied request does not stop the upstream) |
 //! | the upstream does not answer within `GATEWAY_UPSTREAM_TIMEOUT` | `504` problem+json; the hold **committed**: the upstream may still carry the request out and cannot be called back, so what it may do stays reserved (a customer may lose budget to a purchase that failed, never gain it) |
 //! | over budget | `403` problem+json with `requested` and `remaining`; the upstream is not called |
 //! | a unique value taken | `409` problem+json; the upstream is not called |
@@ -137,7 +138,8 @@ use tower::{Service, ServiceExt};
 use tower_http::timeout::TimeoutBody;
 use tower_reserve::policy::{Policy, PolicyBody, PolicyLayer, PolicyService};
 use tower_reserve::{
-    ACTUAL_HEADER, DigestKey, Hold, MemoryStore, RedisStore, Rejection, ResponseBody, Store, Unique,
+    ACTUAL_HEADER, DigestKey, Disconnect, Hold, MemoryStore, RedisStore, Rejection, ResponseBody,
+    Store, Unique,
 };
 
 use crate::edge::{BodyFault, ClientBody};
@@ -660,7 +662,10 @@ const MAX_HEAD_BYTES: usize = 32 * 1024;
 
 async fn serve<St: Store>(store: St, cfg: Config, metrics: PrometheusHandle) {
     let layer = PolicyLayer::new(store.clone(), &cfg.policy)
-        .unwrap_or_else(|e| fail(&format!("the policy is refused: {e}")));
+        .unwrap_or_else(|e| fail(&format!("the policy is refused: {e}")))
+        // A proxied request cannot be called back by dropping it: when its client goes away,
+        // the upstream's answer still settles the hold, whatever a route's `on_disconnect`.
+        .configure(|_route, layer| layer.on_disconnect(Disconnect::Finish));
     println!(
         "policy: {} routes from {}, upstream {}://{}{}",
         cfg.policy.routes().len(),

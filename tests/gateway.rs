@@ -1347,3 +1347,51 @@ async fn a_digest_key_keys_the_policys_unique_values_in_the_store() {
     );
     assert_eq!(sign_up("a-2").await.unwrap().status(), StatusCode::CONFLICT);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_goes_away_does_not_undo_what_the_upstream_did() {
+    let upstream = Upstream::start().await;
+    // Even a route that asks to release when its client goes away: the upstream goes on.
+    let text = std::fs::read_to_string(shop_policy()).expect("read the shop's policy");
+    let text = text.replacen(
+        "path = \"/customers/{customer_id}/purchases\"\n",
+        "path = \"/customers/{customer_id}/purchases\"\non_disconnect = \"release\"\n",
+        1,
+    );
+    let policy = PolicyFile::new(&text);
+    let gateway = Gateway::start(&upstream.url(), &policy.path, &[]).await;
+    let who = customer("gone");
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let r = impatient
+        .post(gateway.url(&purchases_of(&who)))
+        .header("x-upstream-sleep", "1000")
+        .json(&json!({ "product_ids": [100, 100, 100] }))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gave up first");
+    // The upstream finishes, and its answer commits the hold (bounded wait).
+    let client = client();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = gateway.metrics(&client).await;
+        let committed = sample(
+            &page,
+            "tower_reserve_settlements_total",
+            &[r#"result="committed""#],
+        );
+        if committed == 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never committed: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(done_cents(&upstream, &who), 30_000);
+    let r = purchase(&gateway, &client, &who, &[100, 100, 100]).await;
+    problem(r, StatusCode::FORBIDDEN).await;
+}
