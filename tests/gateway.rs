@@ -1395,3 +1395,29 @@ async fn a_client_that_goes_away_does_not_undo_what_the_upstream_did() {
     let r = purchase(&gateway, &client, &who, &[100, 100, 100]).await;
     problem(r, StatusCode::FORBIDDEN).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_half_sent_heads_is_outlasted() {
+    let upstream = Upstream::start().await;
+    let server = Gateway::start(
+        &upstream.url(),
+        &shop_policy(),
+        &[
+            ("GATEWAY_HEADER_TIMEOUT", "1s"),
+            ("GATEWAY_MAX_CONNECTIONS", "50"),
+        ],
+    )
+    .await;
+    // Four times the connection limit, each holding half a head, all at once.
+    let flood = raw::half_sent_heads(&server.base, 200).await;
+    // A real request waits its turn and is served: the flood's connections are closed one
+    // head timeout after they are accepted, never all at once, never by running out of files.
+    let mut stream = raw::connect(&server.base).await;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let r = raw::read_head(&mut stream, Duration::from_secs(30)).await;
+    assert_eq!(r.map(|r| r.status), Some(200));
+    drop(flood);
+}

@@ -340,3 +340,24 @@ async fn replays_and_reused_keys_are_not_store_errors() {
         .sum();
     assert_eq!(errors, 0.0, "{page}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_half_sent_heads_is_outlasted() {
+    let server = Shop::start(&[
+        ("SHOP_HEADER_TIMEOUT", "1s"),
+        ("SHOP_MAX_CONNECTIONS", "50"),
+    ])
+    .await;
+    // Four times the connection limit, each holding half a head, all at once.
+    let flood = raw::half_sent_heads(&server.base, 200).await;
+    // A real request waits its turn and is served: the flood's connections are closed one
+    // head timeout after they are accepted, never all at once, never by running out of files.
+    let mut stream = raw::connect(&server.base).await;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let r = raw::read_head(&mut stream, Duration::from_secs(30)).await;
+    assert_eq!(r.map(|r| r.status), Some(200));
+    drop(flood);
+}

@@ -125,3 +125,19 @@ pub fn post(path: &str, extra: &[&str], body: &str) -> Vec<u8> {
     request.push_str(body);
     request.into_bytes()
 }
+
+/// `n` connections to `base` that each send half a request head and then nothing, as a
+/// slowloris client does; kept open until dropped. Connections the server does not accept yet
+/// wait in its listen queue.
+pub async fn half_sent_heads(base: &str, n: usize) -> Vec<TcpStream> {
+    let mut streams = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut stream = connect(base).await;
+        // The server may already have closed a stream it timed out: that is what is tested.
+        let _ = stream
+            .write_all(b"POST /accounts HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await;
+        streams.push(stream);
+    }
+    streams
+}
