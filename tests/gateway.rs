@@ -1131,6 +1131,38 @@ async fn forwarding_headers_are_the_gateways_never_the_clients() {
     let h = |i: usize, name: &str| seen[i].headers.get(name).and_then(|v| v.to_str().ok());
     assert_eq!(h(0, "x-forwarded-host"), None);
     assert_eq!(h(1, "x-forwarded-host"), Some("shop.example"));
+
+    // HTTP/2 has no Host header: the request's authority is the forwarded host.
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let mut request = http::Request::get(gateway.url("/three"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    for (name, value) in [
+        ("x-forwarded-host", "evil.example"),
+        ("forwarded", "for=6.6.6.6"),
+        ("x-real-ip", "6.6.6.6"),
+    ] {
+        request.headers_mut().insert(name, value.parse().unwrap());
+    }
+    let r = tokio::time::timeout(Duration::from_secs(10), h2.request(request))
+        .await
+        .expect("an HTTP/2 answer in time")
+        .expect("an HTTP/2 answer");
+    assert_eq!(r.status(), StatusCode::OK);
+    let third = upstream
+        .seen()
+        .into_iter()
+        .find(|s| s.path == "/three")
+        .expect("the HTTP/2 request reached the upstream");
+    let h = |name: &str| third.headers.get(name).and_then(|v| v.to_str().ok());
+    assert_eq!(
+        h("x-forwarded-host"),
+        Some(raw::authority(&gateway.base).as_str())
+    );
+    assert_eq!(h("forwarded"), None);
+    assert_eq!(h("x-real-ip"), Some("127.0.0.1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1173,6 +1205,14 @@ async fn slow_and_oversized_heads_and_stalled_bodies_are_cut_off() {
         "a".repeat(64 * 1024)
     );
     let r = raw::send(&gateway.base, big.as_bytes()).await;
+    assert_eq!(r.status, 431, "{}", r.text);
+    // More than 100 headers, however short: 431.
+    let many: String = (0..150).map(|i| format!("X-H{i}: {i}\r\n")).collect();
+    let r = raw::send(
+        &gateway.base,
+        format!("GET /x HTTP/1.1\r\nHost: x\r\n{many}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
     assert_eq!(r.status, 431, "{}", r.text);
     // A body that stops arriving: 408, on a reserved route and on any other.
     for path in ["/customers/stall/purchases", "/anything"] {
