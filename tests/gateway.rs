@@ -1461,3 +1461,31 @@ async fn a_flood_of_half_sent_heads_is_outlasted() {
     assert_eq!(r.map(|r| r.status), Some(200));
     drop(flood);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ratelimit_headers_name_the_route_never_the_budgets_key() {
+    let upstream = Upstream::start().await;
+    let text = std::fs::read_to_string(shop_policy()).expect("read the shop's policy");
+    let text = text.replacen(
+        "path = \"/customers/{customer_id}/purchases\"\n",
+        "path = \"/customers/{customer_id}/purchases\"\nremaining_headers = true\n",
+        1,
+    );
+    let policy = PolicyFile::new(&text);
+    let gateway = Gateway::start(&upstream.url(), &policy.path, &[]).await;
+    let client = client();
+    let who = customer("headers");
+    let r = purchase(&gateway, &client, &who, &[100]).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let header = |name: &str| r.headers()[name].to_str().unwrap().to_owned();
+    let (policy, state) = (header("ratelimit-policy"), header("ratelimit"));
+    assert!(
+        !policy.contains(&who) && !state.contains(&who),
+        "{policy} {state}"
+    );
+    let name = "\"/customers/{customer_id}/purchases\"";
+    let prefix = format!("{name};q=50000;qu=\"units\";pk=:");
+    assert!(policy.starts_with(&prefix), "{policy}");
+    let pk = policy.split_once(";pk=").unwrap().1;
+    assert_eq!(state, format!("{name};r=40000;pk={pk}"));
+}
