@@ -17,7 +17,7 @@
 //! | `REDIS_URL` | one Redis node | unset: the embedded in-memory store |
 //! | `REDIS_CLUSTER_URLS` | comma-separated Redis Cluster seed nodes | unset |
 //! | `RUST_LOG` | log filter (logs go to standard error; colour only when it is a terminal) | `info` |
-//! | `GATEWAY_HEADER_TIMEOUT` | how long a connection may take to send a request's head (from its start, or from the previous answer: also the keep-alive idle timeout), and the longest pause inside a request's body | `10s` |
+//! | `GATEWAY_HEADER_TIMEOUT` | how long a connection may take to send a request's head (from its start, or from the previous answer: also the idle timeout of a connection with no request in flight), the longest pause inside a request's body, and the longest a client may leave its answer unread | `10s` |
 //! | `GATEWAY_UPSTREAM_TIMEOUT` | how long the upstream may take to answer (its head), and the longest pause inside its body | `30s` |
 //! | `GATEWAY_DIGEST_KEY` | a secret (16 bytes or more) that keys the digests of the policy's unique values, so that whoever reads Redis or the logs cannot test a guessed e-mail address against them; recommended (changing it frees every value claimed under the old one) | unset: unkeyed SHA-256 |
 //! | `GATEWAY_MAX_CONNECTIONS` | client connections served at once; more wait in the listen queue until one ends | a quarter of the open-file limit, 16 to 4096 |
@@ -91,6 +91,8 @@
 //! | a request head above 32 KiB, or more than 100 headers | `431` from the HTTP parser | `431` above 60 KiB (`max_request_headers_kb`) | `400`/`414` above 4 × 8 KiB (`large_client_header_buffers`) |
 //! | **timeouts and limits** | | | |
 //! | a connection that does not send a whole head in time, from its start or after an answer | closed after `GATEWAY_HEADER_TIMEOUT` (10 s) | none (`request_headers_timeout: 0`); idle connections closed after 1 h | `408` after 60 s (`client_header_timeout`); idle after 75 s (`keepalive_timeout`) |
+//! | a connection with no request in flight (HTTP/2 between streams too) | closed after `GATEWAY_HEADER_TIMEOUT` | closed after 1 h (`idle_timeout`) | closed after 75 s (`keepalive_timeout`; HTTP/2: `keepalive_timeout` as well) |
+//! | a client that stops reading its answer | disconnected once its socket has taken nothing for `GATEWAY_HEADER_TIMEOUT` | reset after 5 min without progress (`stream_idle_timeout`) | closed after 60 s (`send_timeout`) |
 //! | a body that pauses | `408` after `GATEWAY_HEADER_TIMEOUT` without a byte | reset after 5 min (`stream_idle_timeout`) | `408` after 60 s (`client_body_timeout`) |
 //! | an upstream that does not answer | `504` after `GATEWAY_UPSTREAM_TIMEOUT` (30 s; the same bound between two pieces of its body) | `504` after 15 s (route `timeout`) | `504` after 60 s (`proxy_read_timeout`) |
 //! | connecting to the upstream | at most `GATEWAY_UPSTREAM_TIMEOUT`, then `502` | 5 s (`connect_timeout`) | 60 s (`proxy_connect_timeout`) |
@@ -113,6 +115,8 @@
 
 #[path = "gateway/edge.rs"]
 mod edge;
+#[path = "common/server.rs"]
+mod server;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -132,7 +136,7 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower::{Service, ServiceExt};
 use tower_http::timeout::TimeoutBody;
@@ -648,17 +652,8 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = terminate => {}
     }
+    println!("shutting down: finishing the requests in flight");
 }
-
-fn log_end(ended: Result<(), BoxError>) {
-    if let Err(e) = ended {
-        tracing::debug!(error = %e, "connection ended with an error");
-    }
-}
-
-/// The most bytes of a request's head (request line and headers): nginx reads heads into 8 KiB
-/// buffers, up to four of them; hyper answers `431` above this.
-const MAX_HEAD_BYTES: usize = 32 * 1024;
 
 async fn serve<St: Store>(store: St, cfg: Config, metrics: PrometheusHandle) {
     let layer = PolicyLayer::new(store.clone(), &cfg.policy)
@@ -721,74 +716,14 @@ async fn serve<St: Store>(store: St, cfg: Config, metrics: PrometheusHandle) {
         .unwrap_or_else(|e| fail(&format!("cannot read the listening address: {e}")));
     println!("listening on http://{local}");
 
-    let limits = cfg.limits;
-    let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    server
-        .http1()
-        .timer(TokioTimer::new())
-        // Also the keep-alive idle timeout: it runs whenever a connection waits for a head.
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(100);
-    server
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEAD_BYTES as u32)
-        .max_concurrent_streams(100)
-        .keep_alive_interval(limits.header_timeout)
-        .keep_alive_timeout(limits.header_timeout);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let mut stop = std::pin::pin!(shutdown_signal());
-    loop {
-        // At the limit the gateway stops accepting: further connections wait in the listen
-        // queue, taking no descriptor, until one ends.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-            _ = &mut stop => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut stop => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let started = Arc::new(tokio::sync::Notify::new());
-        let per_request = {
-            let (shared, started) = (shared.clone(), started.clone());
-            hyper::service::service_fn(move |request| {
-                started.notify_one();
-                handle(request, peer, shared.clone())
-            })
-        };
-        let connection = server.serve_connection(TokioIo::new(stream), per_request);
-        let connection = graceful.watch(connection.into_owned());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let mut connection = std::pin::pin!(connection);
-            // hyper's head timeout starts once it knows the protocol: a connection that does not
-            // get as far as a first request within the head timeout is closed here.
-            tokio::select! {
-                ended = connection.as_mut() => return log_end(ended),
-                _ = started.notified() => {}
-                _ = tokio::time::sleep(limits.header_timeout) => return,
-            }
-            log_end(connection.await);
-        });
-    }
-    println!("shutting down: finishing the requests in flight");
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        eprintln!("gateway: requests still in flight after 10 s; stopping anyway");
-    }
+    let limits = server::Limits {
+        head_timeout: cfg.limits.header_timeout,
+        max_connections: cfg.limits.max_connections,
+        grace: Duration::from_secs(10),
+    };
+    let handler = move |request, peer| handle(request, peer, shared.clone());
+    server::serve(listener, limits, handler, shutdown_signal()).await;
+    println!("shut down");
 }
 
 #[tokio::main]

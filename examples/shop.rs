@@ -115,14 +115,19 @@
 //! # At the edge
 //!
 //! The shop is served by hyper's connection builder, not `axum::serve` (which sets no timeout
-//! and no limit): a head must arrive within `SHOP_HEADER_TIMEOUT` (closed otherwise, as an idle
-//! kept-alive connection is), a head above 32 KiB is `431`, a body that pauses that long is
-//! `408`, and at most `SHOP_MAX_CONNECTIONS` connections are served at once. Before routing, a
+//! and no limit; `examples/common/server.rs`, shared with the gateway): a head must arrive within
+//! `SHOP_HEADER_TIMEOUT` (closed otherwise, as a connection with no request in flight is, HTTP/2
+//! included), a head above 32 KiB or 100 headers is `431`, a body that pauses that long is `408`,
+//! a client that leaves its answer unread that long is disconnected, and at most
+//! `SHOP_MAX_CONNECTIONS` connections are served at once. Before routing, a
 //! request is refused with `400` for a second `Host` (or none, on HTTP/1.1), a second
 //! `Content-Length` or `Idempotency-Key`; `501` for a transfer coding other than `chunked`; `413`
 //! at once, before `100 Continue`, for a declared body above 64 KiB. Paths are matched as sent:
 //! another spelling of a path (`/customers/%61nn/purchases`, `//accounts`) is no route of the
 //! shop's (`404`) or no valid customer id (`422`), never a purchase.
+
+#[path = "common/server.rs"]
+mod server;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -141,7 +146,6 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::json;
@@ -1079,79 +1083,16 @@ async fn serve<St: Store>(store: St, cfg: Config, addr: &str, metrics: Prometheu
         .unwrap_or_else(|e| fail(&format!("cannot read the listening address: {e}")));
     println!("listening on http://{local}");
 
-    // `axum::serve` sets no timeout and no limit: hyper's builder has them.
-    let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    server
-        .http1()
-        .timer(TokioTimer::new())
-        // Also the keep-alive idle timeout: it runs whenever a connection waits for a head.
-        .header_read_timeout(header_timeout)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(100);
-    server
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEAD_BYTES as u32)
-        .max_concurrent_streams(100)
-        .keep_alive_interval(header_timeout)
-        .keep_alive_timeout(header_timeout);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
-    let mut stop = std::pin::pin!(shutdown_signal());
-    loop {
-        // At the limit the shop stops accepting: further connections wait in the listen queue,
-        // taking no descriptor, until one ends.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-            _ = &mut stop => break,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut stop => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let started = Arc::new(tokio::sync::Notify::new());
-        let per_request = {
-            let (router, started) = (router.clone(), started.clone());
-            hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                started.notify_one();
-                handle(router.clone(), request, header_timeout)
-            })
-        };
-        let connection = server.serve_connection(TokioIo::new(stream), per_request);
-        let connection = graceful.watch(connection.into_owned());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let mut connection = std::pin::pin!(connection);
-            // hyper's head timeout starts once it knows the protocol: a connection that does not
-            // get as far as a first request within the head timeout is closed here.
-            tokio::select! {
-                _ = connection.as_mut() => return,
-                _ = started.notified() => {}
-                _ = tokio::time::sleep(header_timeout) => return,
-            }
-            let _ = connection.await;
-        });
-    }
-    println!("shutting down: finishing the requests in flight");
-    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        eprintln!("shop: requests still in flight after 30 s; stopping anyway");
-    }
+    // `axum::serve` sets no timeout and no limit: `server::serve` does.
+    let limits = server::Limits {
+        head_timeout: header_timeout,
+        max_connections,
+        grace: Duration::from_secs(30),
+    };
+    let handler = move |request, _peer| handle(router.clone(), request, header_timeout);
+    server::serve(listener, limits, handler, shutdown_signal()).await;
     println!("shut down");
 }
-
-/// The most bytes of a request's head (request line and headers); hyper answers `431` above.
-const MAX_HEAD_BYTES: usize = 32 * 1024;
 
 /// One request: checked at the edge ([`admit`]), its body bounded in time, then the router. A
 /// body that stalls is `408`, not the layer's "could not be read".
@@ -1308,6 +1249,7 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = terminate => {}
     }
+    println!("shutting down: finishing the requests in flight");
 }
 
 /// The URL with any password or user name masked, for logs.

@@ -1489,3 +1489,60 @@ async fn ratelimit_headers_name_the_route_never_the_budgets_key() {
     let pk = policy.split_once(";pk=").unwrap().1;
     assert_eq!(state, format!("{name};r=40000;pk={pk}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_or_idles_on_http2_is_disconnected() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(
+        &upstream.url(),
+        &shop_policy(),
+        &[("GATEWAY_HEADER_TIMEOUT", "500ms")],
+    )
+    .await;
+    // A client that asks for a huge answer and reads none of it, with a small receive buffer.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket
+        .connect(raw::authority(&gateway.base).parse().unwrap())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /huge HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Then it reads: what was in the buffers, then the end, long before the whole answer.
+    let mut read = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
+    assert!(outcome.is_ok(), "the connection was never closed");
+    assert!(read < support::gateway::HUGE, "read {read} bytes");
+
+    // An HTTP/2 connection with no stream open is closed after the timeout.
+    let tcp = tokio::net::TcpStream::connect(raw::authority(&gateway.base))
+        .await
+        .unwrap();
+    let (mut send, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("an HTTP/2 handshake");
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(gateway.url("/healthz"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let r = send.send_request(request).await.expect("an answer");
+    assert_eq!(r.status(), StatusCode::OK);
+    drop(r);
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection stayed open");
+}

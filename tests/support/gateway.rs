@@ -127,7 +127,8 @@ pub struct Seen {
 ///   milliseconds, then answer. The work is done whether or not anyone still waits for the
 ///   answer, as a service that cannot be called back would.
 ///
-/// `GET /big` answers 1 MiB of a known pattern, in 64 KiB chunks.
+/// `GET /big` answers 1 MiB of a known pattern, in 64 KiB chunks; `GET /huge` answers
+/// [`HUGE`] bytes, made as they are read.
 pub struct Upstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -216,6 +217,9 @@ pub fn big_byte(i: usize) -> u8 {
 
 pub const BIG: usize = 1 << 20;
 
+/// The size of `GET /huge`: more than any socket buffers hold.
+pub const HUGE: usize = 256 << 20;
+
 type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 async fn answer(
@@ -258,6 +262,14 @@ async fn answer(
             })
             .collect();
         let stream = futures_util::stream::iter(chunks);
+        let body = http_body_util::StreamBody::new(stream);
+        return Ok(Response::new(BodyExt::boxed(body)));
+    }
+    if parts.method == hyper::Method::GET && path == "/huge" {
+        let chunk = Bytes::from(vec![b'h'; 65_536]);
+        let stream = futures_util::stream::iter(
+            (0..HUGE / 65_536).map(move |_| Ok(hyper::body::Frame::data(chunk.clone()))),
+        );
         let body = http_body_util::StreamBody::new(stream);
         return Ok(Response::new(BodyExt::boxed(body)));
     }
