@@ -84,7 +84,7 @@
 //! | `Idempotency-Key` twice; a header or query parameter the route's claims read, twice | `400`: the claims would read one value, the upstream might use another | forwarded | forwarded |
 //! | `Connection` and the headers it names, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade` | removed both ways, *before* the policy reads the request; a `Connection` that is not a list of header names is `400` | removed | not forwarded, except by configuration |
 //! | `Transfer-Encoding` other than `chunked` | `501` (RFC 9112 §6.1) | `501` | `501` |
-//! | `Expect: 100-continue` with a declared length above the route's body limit | `413` at once, no `100 Continue` | `100` from Envoy itself | `413` at once (`client_max_body_size`, 1 MiB) |
+//! | `Expect: 100-continue` with a declared length above the route's body limit | `413` at once, no `100 Continue` (otherwise `100` from the gateway as it reads the body; `Expect` is not forwarded) | `100` from Envoy itself | `413` at once (`client_max_body_size`, 1 MiB) |
 //! | `Forwarded`, `X-Forwarded-Host`, `X-Forwarded-Proto`, `X-Forwarded-Port`, `X-Real-IP` from the client | removed; `X-Forwarded-Host` (the client's `Host`, or the request target's authority), `X-Forwarded-Proto: http` and `X-Real-IP` (the client's address) set by the gateway | forwarded (`X-Forwarded-Proto` set) | forwarded unless configured |
 //! | `X-Forwarded-For` | the client's address appended: only the last entry is the gateway's word | appended with `use_remote_address: true` | as configured (`$proxy_add_x_forwarded_for`) |
 //! | `Host` to the upstream | the upstream's own | the client's | `$proxy_host` |

@@ -1330,6 +1330,19 @@ async fn malformed_and_unsupported_requests_get_the_right_status() {
         .expect("an answer");
     assert_eq!(r.status, 413, "{}", r.text);
     assert!(upstream.seen().is_empty(), "{:?}", paths(&upstream));
+    // Within the limit, the gateway answers the expectation; the upstream gets only the body.
+    let r = client()
+        .post(gateway.url("/expecting"))
+        .header("expect", "100-continue")
+        .body("hello")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, "hello");
+    assert!(seen[0].headers.get("expect").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -406,6 +406,9 @@ pub fn admit(parts: &mut Parts, policy: &Policy, peer: SocketAddr) -> Result<(),
     } else {
         expect_continue(parts, usize::MAX)?;
     }
+    // The gateway answers the expectation itself (hyper sends `100 Continue` when the body is
+    // first read); the upstream gets the body, not the question.
+    parts.headers.remove(header::EXPECT);
     Ok(())
 }
 
