@@ -58,9 +58,10 @@
 //! | the store unavailable | `503` with `Retry-After` |
 //!
 //! A `200` carries the IETF draft's remaining-budget headers for the key's credits, after this
-//! job's commit: `RateLimit-Policy: "credits:<k>";q=<monthly credits>` and
-//! `RateLimit: "credits:<k>";r=<credits left>;t=<seconds until the month ends>`, where `<k>`
-//! names the key by a digest (the key itself never appears in a header or a Redis key).
+//! job's commit: `RateLimit-Policy: "/jobs";q=<monthly credits>;qu="units";pk=:<k>:` and
+//! `RateLimit: "/jobs";r=<credits left>;t=<seconds until the month ends>;pk=:<k>:`, where `<k>`
+//! is a digest of the budget's key (the API key itself never appears in a header or a Redis
+//! key).
 //!
 //! `GET /usage`: `200` `{"limit", "spent", "held", "remaining", "resets_at"}` for the key's
 //! current month (`held` by jobs running now; `resets_at` RFC 3339, UTC), read through the same

@@ -17,7 +17,11 @@
 //! | `SHOP_BUDGET_CENTS` | every customer's lifetime spend limit, in cents | `50000` ($500) |
 //! | `SHOP_LEASE_MS` | how long a hold lives if nobody commits or releases it | `30000` |
 //! | `SHOP_FAULTS` | `1` turns on the `X-Simulate` request header (below) | off |
-//! | `RUST_LOG` | what is logged (to stderr) | `info` |
+//! | `SHOP_HEADER_TIMEOUT` | a connection that has not sent a whole request head by then is closed (from its start, or from the previous answer: also the keep-alive idle timeout); a body that pauses this long is `408` (`"500ms"`, `"2s"`, `"1m"`) | `10s` |
+//! | `SHOP_MAX_CONNECTIONS` | connections served at once; more wait in the listen queue until one ends, never crash the shop | half the open-file limit, 16 to 4096 |
+//! | `SHOP_DIGEST_KEY` | a secret (16 bytes or more) that keys the digests of e-mail addresses in the store, so that whoever reads Redis or the logs cannot test a guessed address against them; recommended (changing it frees every address claimed under the old one) | unset: unkeyed SHA-256 |
+//! | `SHOP_CANCEL_WINDOW` | how long after a purchase it can be cancelled (at most 29 days: see *What the shop keeps*) | `696h` (29 days) |
+//! | `RUST_LOG` | what is logged (to stderr; colour only when it is a terminal) | `info` |
 //!
 //! With neither Redis variable set it runs on the embedded in-memory store and says so in its
 //! first line. With one set it uses Redis and fails fast, with a clear message, when Redis cannot
@@ -40,12 +44,13 @@
 //! | --- | --- | --- | --- |
 //! | `POST /customers/{customer_id}/purchases` | `{"product_ids": [u64, ...]}` (1 to 100 ids, repeats allowed) | `201` `{"purchase_id", "customer_id", "amount_cents", "remaining_cents"}` | `403` over budget, the body also holding `requested_cents` and `remaining_cents`; `422` unknown product or empty/oversized list; `400` malformed JSON; `415` not JSON; `413` body over 64 KiB; `503` store unavailable, with `Retry-After` |
 //! | `GET /customers/{customer_id}/budget` | | `200` `{"limit_cents", "spent_cents", "held_cents", "remaining_cents"}` | `503` |
-//! | `DELETE /customers/{customer_id}/purchases/{purchase_id}` | | `200` `{"purchase_id", "customer_id", "refunded_cents", "remaining_cents"}`: the purchase is cancelled and its amount is back in the budget, once; a repeat answers `200` with the same `refunded_cents` and gives nothing back again | `404` unknown purchase, or a purchase of another customer; `503` |
+//! | `DELETE /customers/{customer_id}/purchases/{purchase_id}` | | `200` `{"purchase_id", "customer_id", "refunded_cents", "remaining_cents"}`: the purchase is cancelled and its amount is back in the budget, once; a repeat answers `200` with the same `refunded_cents` and gives nothing back again | `404` unknown purchase, or a purchase of another customer; `410` a purchase older than `SHOP_CANCEL_WINDOW`; `503` |
 //! | `POST /accounts` | `{"email", "name"}` | `201` `{"account_id", "email", "name"}`, `email` as normalized | `409` e-mail taken; `422` not an e-mail address; `400`, `415`, `413`, `503` as above |
 //! | `GET /accounts/{account_id}` | | `200` `{"account_id", "email", "name"}` | `404` |
 //! | `PUT /accounts/{account_id}/email` | `{"email"}` | `200` the account | `409` taken (the old address stays the account's); `404`; `422` |
 //! | `DELETE /accounts/{account_id}` | | `204`, and its address is free again | `404` |
-//! | `GET /healthz` | | `200` | |
+//! | `GET /healthz` | | `200` while the process serves (liveness) | |
+//! | `GET /readyz` | | `200` when the store answers within 2 s (readiness) | `503` |
 //! | `GET /metrics` | | `200`, the middleware's counters and latencies in the Prometheus text format | |
 //!
 //! `customer_id` is 1 to 64 characters of `[A-Za-z0-9_-]`; anything else is `422`.
@@ -96,12 +101,33 @@
 //! # What the shop keeps
 //!
 //! Claims live in the store; the shop keeps no record per purchase. A purchase id carries the
-//! purchase's amount, signed (HMAC-SHA256) together with the customer's id by a key that the
-//! shops sharing a store share through it: a cancellation checks the id instead of looking it up,
-//! and an id of another customer, or one made up, is `404`. A cancellation is recorded in the
-//! store as an owned value, so that it counts once for good. Accounts live in the process, as an
-//! aggregate would in the application's own database; only their addresses' claims are in the
-//! store.
+//! purchase's amount and when it was made, signed (HMAC-SHA256) together with the customer's id
+//! by a key that the shops sharing a store share through it: a cancellation checks the id
+//! instead of looking it up, and an id of another customer, or one made up, is `404`. A
+//! cancellation is a refund whose id comes from the purchase's, so that it counts once while the
+//! refund's record is kept (30 days); a purchase can be cancelled only within 29 days (a day less,
+//! for the clocks of several shops to differ), so no cancellation can come after that record
+//! went. Everything a client can make the shop write in the store expires (holds, idempotency
+//! records, refunds) or is one entry per customer (the budget), except accounts' addresses,
+//! which are the accounts' data. Accounts live in the process, as an aggregate would in the
+//! application's own database; only their addresses' claims are in the store.
+//!
+//! # At the edge
+//!
+//! The shop is served by hyper's connection builder, not `axum::serve` (which sets no timeout
+//! and no limit; `examples/common/server.rs`, shared with the gateway): a head must arrive within
+//! `SHOP_HEADER_TIMEOUT` (closed otherwise, as a connection with no request in flight is, HTTP/2
+//! included), a head above 32 KiB or 100 headers is `431`, a body that pauses that long is `408`,
+//! a client that leaves its answer unread that long is disconnected, and at most
+//! `SHOP_MAX_CONNECTIONS` connections are served at once. Before routing, a
+//! request is refused with `400` for a second `Host` (or none, on HTTP/1.1), a second
+//! `Content-Length` or `Idempotency-Key`; `501` for a transfer coding other than `chunked`; `413`
+//! at once, before `100 Continue`, for a declared body above 64 KiB. Paths are matched as sent:
+//! another spelling of a path (`/customers/%61nn/purchases`, `//accounts`) is no route of the
+//! shop's (`404`) or no valid customer id (`422`), never a purchase.
+
+#[path = "common/server.rs"]
+mod server;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -126,9 +152,9 @@ use serde_json::json;
 use sha2::Sha256;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_reserve::{
-    Budget, BudgetOf, Claim, Disconnect, Extracted, Hold, HoldId, Idempotency, MAX_RETAIN,
-    MemoryStore, RedisStore, Refund, Rejection, RejectionKind, Reservation, ReserveLayer, Reserved,
-    Store, Unique, extract, normalize_email,
+    Budget, BudgetOf, Claim, DigestKey, Disconnect, Extracted, Hold, HoldId, Idempotency,
+    MAX_RETAIN, MemoryStore, RedisStore, Refund, Rejection, RejectionKind, Reservation,
+    ReserveLayer, Reserved, Store, Unique, extract, normalize_email,
 };
 
 /// The configuration read from the environment.
@@ -140,6 +166,15 @@ pub struct Config {
     pub lease: Duration,
     /// Whether `X-Simulate` is honoured.
     pub faults: bool,
+    /// How long a connection may take to send a request's head, and the longest pause in a body.
+    pub header_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// How long after a purchase it can be cancelled: at most [`REFUND_RETAIN`] less
+    /// [`CLOCK_MARGIN`].
+    pub cancel_window: Duration,
+    /// Keys the digests of e-mail addresses in the store.
+    pub digest_key: Option<DigestKey>,
 }
 
 impl Default for Config {
@@ -148,14 +183,16 @@ impl Default for Config {
             budget_cents: 50_000,
             lease: Duration::from_secs(30),
             faults: false,
+            header_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            cancel_window: REFUND_RETAIN - CLOCK_MARGIN,
+            digest_key: None,
         }
     }
 }
 
 /// The unique namespace of account e-mail addresses.
 const EMAILS: &str = "accounts";
-/// The unique namespace of cancelled purchases.
-const CANCELLED: &str = "cancelled-purchases";
 /// The most product ids one purchase may name.
 const MAX_ITEMS: usize = 100;
 /// The catalogue's highest product id.
@@ -261,17 +298,30 @@ async fn price(product_id: u64) -> Option<u64> {
 // ---------------------------------------------------------------------------------------------
 // Purchase ids: signed, so that a cancellation needs no record of the purchase
 
-/// Issues and checks purchase ids: 12 random bytes, the amount, and an HMAC-SHA256 tag (16
-/// bytes) over both and the customer's id, in URL-safe base64.
+/// Issues and checks purchase ids: 12 random bytes, the amount, when it was issued (Unix
+/// milliseconds), and an HMAC-SHA256 tag (16 bytes) over all three and the customer's id, in
+/// URL-safe base64.
 #[derive(Clone)]
 struct PurchaseIds {
     key: Arc<[u8; 32]>,
 }
 
-/// Bytes of an id before its tag: the nonce and the amount.
-const ID_BODY: usize = 12 + 8;
+/// Bytes of an id before its tag: the nonce, the amount and the time of issue.
+const ID_BODY: usize = 12 + 8 + 8;
 /// Bytes of the tag kept in an id.
 const ID_TAG: usize = 16;
+
+/// What a purchase id says about its purchase.
+struct Issued {
+    amount_cents: u64,
+    at_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 impl PurchaseIds {
     fn mac(&self, customer_id: &str, body: &[u8]) -> Hmac<Sha256> {
@@ -282,18 +332,20 @@ impl PurchaseIds {
         mac
     }
 
-    /// A new purchase id for `amount_cents` bought by `customer_id`.
+    /// A new purchase id for `amount_cents` bought by `customer_id`, now.
     fn issue(&self, customer_id: &str, amount_cents: u64) -> String {
         let mut raw = Vec::with_capacity(ID_BODY + ID_TAG);
         raw.extend_from_slice(&rand::random::<[u8; 12]>());
         raw.extend_from_slice(&amount_cents.to_be_bytes());
+        raw.extend_from_slice(&now_ms().to_be_bytes());
         let tag = self.mac(customer_id, &raw).finalize().into_bytes();
         raw.extend_from_slice(&tag[..ID_TAG]);
         URL_SAFE_NO_PAD.encode(raw)
     }
 
-    /// The amount of a purchase id this shop issued to `customer_id`; `None` for any other text.
-    fn amount(&self, customer_id: &str, purchase_id: &str) -> Option<u64> {
+    /// The amount and time of a purchase id this shop issued to `customer_id`; `None` for any
+    /// other text.
+    fn read(&self, customer_id: &str, purchase_id: &str) -> Option<Issued> {
         let raw = URL_SAFE_NO_PAD.decode(purchase_id).ok()?;
         if raw.len() != ID_BODY + ID_TAG {
             return None;
@@ -302,7 +354,10 @@ impl PurchaseIds {
         self.mac(customer_id, body)
             .verify_truncated_left(tag)
             .ok()?;
-        Some(u64::from_be_bytes(body[12..].try_into().ok()?))
+        Some(Issued {
+            amount_cents: u64::from_be_bytes(body[12..20].try_into().ok()?),
+            at_ms: u64::from_be_bytes(body[20..28].try_into().ok()?),
+        })
     }
 }
 
@@ -341,33 +396,27 @@ async fn signing_key<St: Store>(store: &St) -> Result<[u8; 32], String> {
     Err("no purchase id key could be made or read".to_owned())
 }
 
-/// Gives a purchase's amount back to its customer's budget, once for good: a refund whose id
-/// comes from the purchase's (so a retry, or a cancellation racing it, counts once while the
-/// refund's record is kept), then recorded as an owned value (so it counts once after that).
+/// The longest a refund's record can be kept, and so the longest after a purchase that it can
+/// be cancelled: a cancellation counts once while its refund's record is there, and none is
+/// accepted after the record of an earlier one could have gone.
+const REFUND_RETAIN: Duration = MAX_RETAIN;
+/// What is left of [`REFUND_RETAIN`] at most, once the window closes: room for the clocks of
+/// the shops sharing a store to differ.
+const CLOCK_MARGIN: Duration = Duration::from_secs(86_400);
+
+/// Gives a purchase's amount back to its customer's budget, once: a refund whose id comes from
+/// the purchase's, so that a retry, or a cancellation racing it from another shop, counts once
+/// while the refund's record is kept. Cancellations are accepted only while that is so (see
+/// [`Config::cancel_window`]), so nothing else is written, and everything expires.
 async fn cancel_once<St: Store>(
     store: &St,
     budget: &Budget,
-    customer_id: &str,
     purchase_id: &str,
     amount_cents: u64,
 ) -> Result<(), tower_reserve::Error> {
-    let cancelled = Unique::new(CANCELLED, purchase_id);
-    if store.owner(&cancelled).await?.is_some() {
-        return Ok(());
-    }
     let refund_id = HoldId::new(format!("cancel:{purchase_id}"))?;
-    let refund = Refund::new(refund_id, budget.clone(), amount_cents).retain(MAX_RETAIN);
+    let refund = Refund::new(refund_id, budget.clone(), amount_cents).retain(REFUND_RETAIN);
     store.refund(&refund).await?;
-    let reservation = Reservation::builder()
-        .claim(Claim::own(cancelled, customer_id))
-        .build()?;
-    match store.reserve(&reservation).await? {
-        Reserved::Granted(grant) => {
-            store.commit(&grant.id).await?;
-        }
-        // Another cancellation of the same purchase records it.
-        Reserved::Denied(_) => {}
-    }
     Ok(())
 }
 
@@ -473,6 +522,21 @@ struct EmailChange {
     email: String,
 }
 
+/// How an address is claimed: its digest keyed by `SHOP_DIGEST_KEY` when that is set, so that
+/// whoever reads the store or the logs cannot test a guessed address against it.
+#[derive(Clone)]
+struct Addresses(Option<DigestKey>);
+
+impl Addresses {
+    /// The unique value of a normalized address among the accounts' addresses.
+    fn of(&self, email: &str) -> Unique {
+        match &self.0 {
+            Some(key) => Unique::keyed_email(EMAILS, email, key),
+            None => Unique::email(EMAILS, email),
+        }
+    }
+}
+
 fn checked_email(raw: &str) -> Result<String, Rejection> {
     let email = normalize_email(raw);
     if !is_email(&email) {
@@ -547,30 +611,38 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
         .error_handler(render_rejection)
     };
 
-    let sign_up_layer = ReserveLayer::new(store.clone(), |mut req: Request<Bytes>| async move {
-        let body: SignUpBody = extract::json(&req)?;
-        let email = checked_email(&body.email)?;
-        if body.name.chars().count() > 200 {
-            return Err(Rejection::unprocessable("a name is at most 200 characters"));
-        }
-        let account_id = uuid::Uuid::new_v4().simple().to_string();
-        let claim = Claim::own(Unique::email(EMAILS, &email), account_id.clone());
-        req.extensions_mut().insert(SignUp {
-            account_id,
-            email,
-            name: body.name,
-        });
-        Extracted::Ok((req, vec![claim]))
-    })
-    .lease(cfg.lease)
-    .on_disconnect(Disconnect::Release)
-    .idempotency(Idempotency::new())
-    .error_handler(render_rejection);
+    let addresses = Addresses(cfg.digest_key.clone());
+
+    let sign_up_layer = {
+        let addresses = addresses.clone();
+        ReserveLayer::new(store.clone(), move |mut req: Request<Bytes>| {
+            let addresses = addresses.clone();
+            async move {
+                let body: SignUpBody = extract::json(&req)?;
+                let email = checked_email(&body.email)?;
+                if body.name.chars().count() > 200 {
+                    return Err(Rejection::unprocessable("a name is at most 200 characters"));
+                }
+                let account_id = uuid::Uuid::new_v4().simple().to_string();
+                let claim = Claim::own(addresses.of(&email), account_id.clone());
+                req.extensions_mut().insert(SignUp {
+                    account_id,
+                    email,
+                    name: body.name,
+                });
+                Extracted::Ok((req, vec![claim]))
+            }
+        })
+        .lease(cfg.lease)
+        .on_disconnect(Disconnect::Release)
+        .idempotency(Idempotency::new())
+        .error_handler(render_rejection)
+    };
 
     let change_layer = {
-        let accounts = accounts.clone();
+        let (accounts, addresses) = (accounts.clone(), addresses.clone());
         ReserveLayer::new(store.clone(), move |mut req: Request<Bytes>| {
-            let accounts = accounts.clone();
+            let (accounts, addresses) = (accounts.clone(), addresses.clone());
             async move {
                 let account_id = param(&req, "account_id");
                 let old = accounts
@@ -581,13 +653,10 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
                     .ok_or_else(|| account_missing(&account_id))?;
                 let body: EmailBody = extract::json(&req)?;
                 let email = checked_email(&body.email)?;
-                let mut claims = vec![Claim::own(
-                    Unique::email(EMAILS, &email),
-                    account_id.clone(),
-                )];
+                let mut claims = vec![Claim::own(addresses.of(&email), account_id.clone())];
                 if email != old {
                     claims.push(Claim::release_on_commit(
-                        Unique::email(EMAILS, &old),
+                        addresses.of(&old),
                         account_id.clone(),
                     ));
                 }
@@ -605,7 +674,7 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
     let delete_layer = {
         let accounts = accounts.clone();
         ReserveLayer::new(store.clone(), move |req: Request<Bytes>| {
-            let accounts = accounts.clone();
+            let (accounts, addresses) = (accounts.clone(), addresses.clone());
             async move {
                 let account_id = param(&req, "account_id");
                 let old = accounts
@@ -614,7 +683,7 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
                     .get(&account_id)
                     .map(|a| a.email.clone())
                     .ok_or_else(|| account_missing(&account_id))?;
-                let claim = Claim::release_on_commit(Unique::email(EMAILS, &old), account_id);
+                let claim = Claim::release_on_commit(addresses.of(&old), account_id);
                 Extracted::Ok((req, vec![claim]))
             }
         })
@@ -637,6 +706,7 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
 
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz::<St>))
         .route(
             "/customers/{customer_id}/purchases",
             post(purchase::<St>)
@@ -708,6 +778,28 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
+/// `200` when the store answers within 2 s, `503` otherwise: readiness, beside `/healthz`'s
+/// liveness.
+async fn readyz<St: Store>(State(state): State<AppState<St>>) -> Result<Response, Rejection> {
+    let probe = Unique::new("shop", "readiness-probe");
+    match tokio::time::timeout(Duration::from_secs(2), state.store.owner(&probe)).await {
+        Ok(Ok(_)) => Ok(Json(json!({ "status": "ready" })).into_response()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: the store is unavailable");
+            Err(Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Not ready",
+                "the store is unavailable",
+            ))
+        }
+        Err(_) => Err(Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Not ready",
+            "the store did not answer within 2s",
+        )),
+    }
+}
+
 async fn purchase<St: Store>(
     State(state): State<AppState<St>>,
     hold: Hold,
@@ -765,23 +857,29 @@ async fn cancel<St: Store>(
     head: http::request::Parts,
 ) -> Result<Response, Rejection> {
     let budget = budget_of_head(&state.budgets, head)?;
-    let amount_cents = state
+    let issued = state
         .purchase_ids
-        .amount(&customer_id, &purchase_id)
+        .read(&customer_id, &purchase_id)
         .ok_or_else(|| {
             not_found(format!(
                 "customer {customer_id:?} has no purchase {purchase_id:?}"
             ))
         })?;
-    cancel_once(
-        &state.store,
-        &budget,
-        &customer_id,
-        &purchase_id,
-        amount_cents,
-    )
-    .await
-    .map_err(store_failed)?;
+    let window = state.cfg.cancel_window;
+    if now_ms().saturating_sub(issued.at_ms) > window.as_millis() as u64 {
+        return Err(Rejection::new(
+            StatusCode::GONE,
+            "Gone",
+            format!(
+                "a purchase can be cancelled for {} hours after it was made; this one is older",
+                window.as_secs() / 3600
+            ),
+        ));
+    }
+    let amount_cents = issued.amount_cents;
+    cancel_once(&state.store, &budget, &purchase_id, amount_cents)
+        .await
+        .map_err(store_failed)?;
     let status = state.store.budget(&budget).await.map_err(store_failed)?;
     Ok(Json(json!({
         "purchase_id": purchase_id,
@@ -869,11 +967,92 @@ fn config() -> Config {
     if !(1..=86_400_000).contains(&lease_ms) {
         fail("SHOP_LEASE_MS must be 1 to 86400000 (1 ms to 1 day)");
     }
+    let header_timeout = match std::env::var("SHOP_HEADER_TIMEOUT") {
+        Ok(text) if !text.trim().is_empty() => {
+            parse_duration(&text).unwrap_or_else(|e| fail(&format!("SHOP_HEADER_TIMEOUT: {e}")))
+        }
+        _ => Duration::from_secs(10),
+    };
+    let max_connections = match std::env::var("SHOP_MAX_CONNECTIONS") {
+        Ok(text) if !text.trim().is_empty() => match text.trim().parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => fail(&format!(
+                "SHOP_MAX_CONNECTIONS={text:?} is not a positive number"
+            )),
+        },
+        _ => default_max_connections(),
+    };
+    let longest = REFUND_RETAIN - CLOCK_MARGIN;
+    let cancel_window = match std::env::var("SHOP_CANCEL_WINDOW") {
+        Ok(text) if !text.trim().is_empty() => parse_duration(&text)
+            .ok()
+            .filter(|d| *d <= longest)
+            .unwrap_or_else(|| {
+                fail(&format!(
+                    "SHOP_CANCEL_WINDOW={text:?} must be a duration of at most {}h",
+                    longest.as_secs() / 3600
+                ))
+            }),
+        _ => longest,
+    };
+    let digest_key = match std::env::var("SHOP_DIGEST_KEY") {
+        Ok(secret) if !secret.is_empty() => Some(
+            DigestKey::new(secret.as_bytes())
+                .unwrap_or_else(|e| fail(&format!("SHOP_DIGEST_KEY: {e}"))),
+        ),
+        _ => None,
+    };
     Config {
         budget_cents: env_u64("SHOP_BUDGET_CENTS", 50_000),
         lease: Duration::from_millis(lease_ms),
         faults: std::env::var("SHOP_FAULTS").is_ok_and(|v| v.trim() == "1"),
+        header_timeout,
+        max_connections,
+        cancel_window,
+        digest_key,
     }
+}
+
+/// A duration written `"500ms"`, `"2s"`, `"1m"` or `"1h"`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as \"500ms\", \"2s\" or \"1m\""))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => {
+            return Err(format!(
+                "{text:?} has no unit: write \"500ms\", \"2s\" or \"1m\""
+            ));
+        }
+    };
+    if duration.is_zero() {
+        return Err(format!(
+            "{text:?}: a timeout of zero would refuse everything"
+        ));
+    }
+    Ok(duration)
+}
+
+/// Connections served at once by default: half the open-file limit (Redis connections and the
+/// logs take some), 16 to 4096.
+fn default_max_connections() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(3)?.parse::<usize>().ok()
+        })
+        .unwrap_or(1024);
+    (soft / 2).clamp(16, 4096)
 }
 
 /// Serves the shop on `store` until Ctrl-C or SIGTERM.
@@ -884,6 +1063,7 @@ async fn serve<St: Store>(store: St, cfg: Config, addr: &str, metrics: Prometheu
         ))
     });
     let render = metrics.clone();
+    let (header_timeout, max_connections) = (cfg.header_timeout, cfg.max_connections);
     let router =
         app(store, cfg, key).route("/metrics", get(move || std::future::ready(render.render())));
     // Histograms are drained into their summaries here, not on each request: on a thread of
@@ -902,11 +1082,151 @@ async fn serve<St: Store>(store: St, cfg: Config, addr: &str, metrics: Prometheu
         .local_addr()
         .unwrap_or_else(|e| fail(&format!("cannot read the listening address: {e}")));
     println!("listening on http://{local}");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .unwrap_or_else(|e| fail(&format!("server error: {e}")));
+
+    // `axum::serve` sets no timeout and no limit: `server::serve` does.
+    let limits = server::Limits {
+        head_timeout: header_timeout,
+        max_connections,
+        grace: Duration::from_secs(30),
+    };
+    let handler = move |request, _peer| handle(router.clone(), request, header_timeout);
+    server::serve(listener, limits, handler, shutdown_signal()).await;
     println!("shut down");
+}
+
+/// One request: checked at the edge ([`admit`]), its body bounded in time, then the router. A
+/// body that stalls is `408`, not the layer's "could not be read".
+async fn handle(
+    router: Router,
+    request: Request<hyper::body::Incoming>,
+    body_timeout: Duration,
+) -> Result<Response, Infallible> {
+    let (parts, body) = request.into_parts();
+    if let Err(rejection) = admit(&parts) {
+        return Ok(IntoResponse::into_response(rejection));
+    }
+    let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let body = Stalls {
+        body: tower_http::timeout::TimeoutBody::new(body_timeout, body),
+        stalled: stalled.clone(),
+    };
+    let response =
+        tower::ServiceExt::oneshot(router, Request::from_parts(parts, Body::new(body))).await?;
+    if response.status() == StatusCode::BAD_REQUEST
+        && stalled.load(std::sync::atomic::Ordering::Acquire)
+    {
+        let stalled = Rejection::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "Request timeout",
+            "the request's body stopped arriving",
+        );
+        return Ok(IntoResponse::into_response(stalled));
+    }
+    Ok(response)
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that notes whether it failed by pausing too long.
+    struct Stalls<B> {
+        #[pin]
+        body: B,
+        stalled: Arc<std::sync::atomic::AtomicBool>,
+    }
+}
+
+impl<B> http_body::Body for Stalls<B>
+where
+    B: http_body::Body<Error = Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let polled = this.body.poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(e))) = &polled
+            && e.is::<tower_http::timeout::TimeoutError>()
+        {
+            this.stalled
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The shop's largest body: a purchase or a sign-up.
+const BODY_LIMIT: u64 = 64 * 1024;
+
+/// What the shop refuses before routing, as RFC 9110 and 9112 ask of a server: a second `Host`
+/// or none on HTTP/1.1, a second `Content-Length` or `Idempotency-Key` (each would be read one
+/// way here and perhaps another elsewhere), a transfer coding other than `chunked` (`501`), and
+/// a body declared above the limit by a client that waits for `100 Continue` (`413` at once).
+fn admit(parts: &http::request::Parts) -> Result<(), Rejection> {
+    let count = |name: header::HeaderName| parts.headers.get_all(name).iter().count();
+    if count(header::HOST) > 1 {
+        return Err(Rejection::bad_request(
+            "the host header is sent more than once",
+        ));
+    }
+    if count(header::HOST) == 0
+        && parts.uri.authority().is_none()
+        && parts.version == http::Version::HTTP_11
+    {
+        return Err(Rejection::bad_request(
+            "an HTTP/1.1 request without a Host header",
+        ));
+    }
+    if count(header::CONTENT_LENGTH) > 1 {
+        return Err(Rejection::bad_request(
+            "the content-length header is sent more than once",
+        ));
+    }
+    if count(header::HeaderName::from_static("idempotency-key")) > 1 {
+        return Err(Rejection::bad_request(
+            "the idempotency-key header is sent more than once",
+        ));
+    }
+    for value in parts.headers.get_all(header::TRANSFER_ENCODING) {
+        let text = value.to_str().unwrap_or("?");
+        if text
+            .split(',')
+            .map(str::trim)
+            .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
+        {
+            return Err(Rejection::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "Not implemented",
+                format!("the transfer coding {text:?} is not supported, only chunked"),
+            ));
+        }
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let (Some(expect), Some(length)) = (parts.headers.get(header::EXPECT), declared)
+        && expect.as_bytes().eq_ignore_ascii_case(b"100-continue")
+        && length > BODY_LIMIT
+    {
+        return Err(Rejection::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Payload too large",
+            format!("the body declared ({length} bytes) is above the limit of {BODY_LIMIT} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 /// Ctrl-C or SIGTERM: stop accepting, let requests in flight finish (and settle their holds).
@@ -948,6 +1268,8 @@ fn redact(url: &str) -> String {
 async fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

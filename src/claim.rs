@@ -8,6 +8,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use crate::Error;
@@ -231,11 +232,46 @@ pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// A deployment's secret that keys the digests of unique values ([`Unique::keyed`]), so that
+/// the digests in the store and in the logs cannot be tested against guessed values. Keep it
+/// with the deployment's other secrets, the same for every process sharing a store; a changed
+/// key makes every claimed value free again under the new one.
+///
+/// Its `Debug` shows nothing of the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DigestKey(std::sync::Arc<[u8]>);
+
+impl DigestKey {
+    /// The fewest bytes a key may have.
+    pub const MIN_LEN: usize = 16;
+
+    /// A key from a secret of at least [`DigestKey::MIN_LEN`] bytes (refused with
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) otherwise).
+    pub fn new(secret: impl AsRef<[u8]>) -> Result<Self, Error> {
+        let secret = secret.as_ref();
+        if secret.len() < Self::MIN_LEN {
+            return Err(Error::invalid(format!(
+                "a digest key has at least {} bytes, not {}",
+                Self::MIN_LEN,
+                secret.len()
+            )));
+        }
+        Ok(Self(secret.into()))
+    }
+}
+
+impl fmt::Debug for DigestKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DigestKey(..)")
+    }
+}
+
 /// A value that at most one owner may hold within a namespace: an e-mail address among
 /// accounts, a username, a licence plate.
 ///
 /// Only a digest of the normalized value is kept, so an e-mail address never appears in a Redis
-/// key or a log line.
+/// key or a log line. An unkeyed digest can still be tested against a guessed address by anyone
+/// who reads one: give a deployment a [`DigestKey`] and claim with [`Unique::keyed_email`].
 ///
 /// ```
 /// use tower_reserve::Unique;
@@ -264,13 +300,55 @@ impl Unique {
         value: &'a str,
         normalize: impl FnOnce(&'a str) -> Cow<'a, str>,
     ) -> Self {
-        let namespace = namespace.into();
-        let value = normalize(value);
-        let mut hasher = Sha256::new();
-        hasher.update((namespace.len() as u64).to_be_bytes());
-        hasher.update(namespace.as_bytes());
-        hasher.update(value.as_bytes());
-        let full = hasher.finalize();
+        Self::digested(namespace.into(), &normalize(value), None)
+    }
+
+    /// The value after `normalize`, its digest keyed by `key` (HMAC-SHA256 instead of SHA-256):
+    /// whoever reads the store or the logs without the key cannot test a guess (*has
+    /// ann@example.com an account?*) by hashing it. Values claimed under one key are other
+    /// slots than the same values under another key, or none.
+    pub fn keyed<'a>(
+        namespace: impl Into<String>,
+        value: &'a str,
+        normalize: impl FnOnce(&'a str) -> Cow<'a, str>,
+        key: &DigestKey,
+    ) -> Self {
+        Self::digested(namespace.into(), &normalize(value), Some(key))
+    }
+
+    /// An e-mail address, normalized by [`normalize_email`], its digest keyed by `key` (see
+    /// [`Unique::keyed`]): what a deployment should use for addresses.
+    ///
+    /// ```
+    /// use tower_reserve::{DigestKey, Unique};
+    ///
+    /// let key = DigestKey::new(b"a deployment secret, 16+ bytes").unwrap();
+    /// let a = Unique::keyed_email("accounts", " Ann@Example.COM", &key);
+    /// assert_eq!(a, Unique::keyed_email("accounts", "ann@example.com", &key));
+    /// assert_ne!(a, Unique::email("accounts", "ann@example.com"));
+    /// ```
+    pub fn keyed_email(namespace: impl Into<String>, address: &str, key: &DigestKey) -> Self {
+        Self::keyed(namespace, address, |v| Cow::Owned(normalize_email(v)), key)
+    }
+
+    fn digested(namespace: String, value: &str, key: Option<&DigestKey>) -> Self {
+        let full: [u8; 32] = match key {
+            None => {
+                let mut hasher = Sha256::new();
+                hasher.update((namespace.len() as u64).to_be_bytes());
+                hasher.update(namespace.as_bytes());
+                hasher.update(value.as_bytes());
+                hasher.finalize().into()
+            }
+            Some(key) => {
+                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key.0)
+                    .expect("HMAC takes a key of any length");
+                mac.update(&(namespace.len() as u64).to_be_bytes());
+                mac.update(namespace.as_bytes());
+                mac.update(value.as_bytes());
+                mac.finalize().into_bytes().into()
+            }
+        };
         let mut digest = [0; 16];
         digest.copy_from_slice(&full[..16]);
         Self {

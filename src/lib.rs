@@ -325,7 +325,7 @@ mod settlement;
 pub mod store;
 
 pub use claim::{
-    Budget, Claim, MAX_AMOUNT, MAX_KEY_LEN, MAX_WINDOW, Unique, Window, normalize_email,
+    Budget, Claim, DigestKey, MAX_AMOUNT, MAX_KEY_LEN, MAX_WINDOW, Unique, Window, normalize_email,
 };
 pub use error::{Error, ErrorKind};
 pub use layer::{

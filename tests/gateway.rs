@@ -6,10 +6,14 @@
 mod support;
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
 
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{Value, json};
 use support::gateway::{BIG, Gateway, Upstream, big_byte, client, sample, shop_policy};
+use support::raw;
 use support::redis_server::{RedisServer, free_port};
 use tower_reserve::{Budget, RedisStore, Store};
 
@@ -784,4 +788,774 @@ async fn metrics_move_as_requests_go_through() {
         !page.contains(&who),
         "metrics are labelled by route, never by customer"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The edge: requests spelled otherwise, sent twice, sent slowly; upstreams that are slow
+
+/// Every path that reached the upstream.
+fn paths(upstream: &Upstream) -> Vec<String> {
+    upstream.seen().into_iter().map(|s| s.path).collect()
+}
+
+/// A purchase of `cents` (whole hundreds of dollars) as raw bytes at `path`, with extra header lines.
+fn raw_purchase(path: &str, cents: u64, extra: &[&str]) -> Vec<u8> {
+    // Product 100 costs $100, the dearest in the shop's table.
+    let ids = vec![100; (cents / 10_000) as usize];
+    let body = json!({ "product_ids": ids }).to_string();
+    raw::post(path, extra, &body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_spellings_of_a_reserved_path_are_reserved_and_forwarded_as_reserved() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream.url(), &shop_policy(), &[]).await;
+    let who = customer("spell");
+    let canonical = purchases_of(&who);
+    // $300 of $500: no other spelling may buy another $300.
+    let r = raw::send(&gateway.base, &raw_purchase(&canonical, 30_000, &[])).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let rest = &who[1..];
+    let spellings = [
+        format!("/customers/%73{rest}/purchases"),
+        format!("/customers/{who}/purchase%73"),
+        format!("//customers/{who}/purchases"),
+        format!("/./customers/{who}/purchases"),
+        format!("/customers/x/../{who}/purchases"),
+        format!("/customers/{who}/./purchases"),
+        format!("/customers/{who}//purchases"),
+        format!("/customers/{who}/purchases/"),
+        format!("/CUSTOMERS/{who}/Purchases"),
+        format!("/%63ustomers/{who}/purchases"),
+    ];
+    for path in &spellings {
+        let r = raw::send(&gateway.base, &raw_purchase(path, 30_000, &[])).await;
+        assert_eq!(r.status, 403, "{path} must be reserved: {}", r.text);
+    }
+    // Refused outright: spellings that servers disagree on.
+    for path in [
+        format!("/customers/{who}%2Fpurchases"),
+        format!("/customers/{who}%2fpurchases"),
+        format!("/customers/{who};v=1/purchases"),
+        format!("/customers/{who}/..%2fpurchases"),
+        format!("/customers/{who}%5Cpurchases"),
+    ] {
+        let r = raw::send(&gateway.base, &raw_purchase(&path, 30_000, &[])).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.text);
+        assert!(
+            r.header("content-type")
+                .is_some_and(|t| t.starts_with("application/problem+json")),
+            "{}",
+            r.text
+        );
+    }
+    // The upstream saw the one reserved purchase, in its one spelling.
+    assert_eq!(paths(&upstream), [canonical]);
+
+    // One address, two owners, through two spellings of /accounts: one owner.
+    let email = format!("{}@example.com", customer("spelled"));
+    let body = json!({ "email": email, "name": "Ann" }).to_string();
+    let first = raw::send(
+        &gateway.base,
+        &raw::post("//accounts", &["x-account-id: owner-1"], &body),
+    )
+    .await;
+    assert_eq!(first.status, 201, "{}", first.text);
+    let second = raw::send(
+        &gateway.base,
+        &raw::post("/%61ccounts", &["x-account-id: owner-2"], &body),
+    )
+    .await;
+    assert_eq!(second.status, 409, "{}", second.text);
+    assert_eq!(upstream.count("/accounts"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_leaves_the_upstreams_path_prefix() {
+    let upstream = Upstream::start().await;
+    let base = format!("{}/public", upstream.url());
+    let gateway = Gateway::start(&base, &shop_policy(), &[]).await;
+    for path in [
+        "/../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/%2E%2E/%2e%2E/secret.txt",
+        "/a/../../secret.txt",
+        "/.%2e/secret.txt",
+        "//../secret.txt",
+    ] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let r = raw::send(&gateway.base, request.as_bytes()).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text);
+        assert_eq!(r.json()["path"], "/public/secret.txt", "{path}");
+    }
+    for path in ["/..%2fsecret.txt", "/..%5csecret.txt", "/..\\secret.txt"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let r = raw::send(&gateway.base, request.as_bytes()).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.text);
+    }
+    let seen = paths(&upstream);
+    assert!(seen.iter().all(|p| p.starts_with("/public/")), "{seen:?}");
+}
+
+/// The shop's policy with a lease of its own on purchases.
+fn shop_policy_with_lease(lease: &str) -> PolicyFile {
+    let text = std::fs::read_to_string(shop_policy()).expect("read the shop's policy");
+    let text = text.replacen(
+        "path = \"/customers/{customer_id}/purchases\"\n",
+        &format!("path = \"/customers/{{customer_id}}/purchases\"\nlease = \"{lease}\"\n"),
+        1,
+    );
+    assert!(text.contains("lease ="), "the policy changed shape");
+    PolicyFile::new(&text)
+}
+
+/// The cents of the purchases of `who` whose work the upstream did.
+fn done_cents(upstream: &Upstream, who: &str) -> u64 {
+    upstream
+        .done()
+        .iter()
+        .filter(|s| s.path == purchases_of(who))
+        .map(|s| {
+            let body: Value = serde_json::from_slice(&s.body).expect("a purchase body");
+            body["product_ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|id| id.as_u64().expect("an id") * 100)
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_slower_than_the_lease_is_waited_for_and_settles_the_hold() {
+    let upstream = Upstream::start().await;
+    let policy = shop_policy_with_lease("300ms");
+    let gateway = Gateway::start(
+        &upstream.url(),
+        &policy.path,
+        &[("GATEWAY_UPSTREAM_TIMEOUT", "5s")],
+    )
+    .await;
+    let client = client();
+    let who = customer("slow");
+    // Three $300 purchases on a $500 budget, each taking three leases upstream.
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let request = client
+                .post(gateway.url(&purchases_of(&who)))
+                .header("x-upstream-sleep", "1000")
+                .json(&json!({ "product_ids": [100, 100, 100] }));
+            tokio::spawn(async move { request.send().await.expect("send").status() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.expect("a purchase"));
+    }
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::CREATED,
+            StatusCode::FORBIDDEN,
+            StatusCode::FORBIDDEN
+        ]
+    );
+    // The slow purchase was committed: $200 is left, not $500.
+    let r = purchase(&gateway, &client, &who, &[100, 100, 100]).await;
+    problem(r, StatusCode::FORBIDDEN).await;
+    let r = purchase(&gateway, &client, &who, &[100, 100]).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(done_cents(&upstream, &who), 50_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_past_its_timeout_is_504_and_never_spends_more_than_was_reserved() {
+    let upstream = Upstream::start().await;
+    let policy = shop_policy_with_lease("300ms");
+    let gateway = Gateway::start(
+        &upstream.url(),
+        &policy.path,
+        &[("GATEWAY_UPSTREAM_TIMEOUT", "500ms")],
+    )
+    .await;
+    let client = client();
+    let who = customer("late");
+    // Six slow $100 purchases and five quick ones on a $500 budget.
+    let mut tasks = Vec::new();
+    for i in 0..11 {
+        let mut request = client
+            .post(gateway.url(&purchases_of(&who)))
+            .json(&json!({ "product_ids": [100] }));
+        if i % 2 == 0 {
+            request = request.header("x-upstream-sleep", "1500");
+        }
+        tasks.push(tokio::spawn(async move {
+            let r = request.send().await.expect("send");
+            let status = r.status();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }));
+    }
+    let mut late = 0;
+    for task in tasks {
+        let (status, body) = task.await.expect("a purchase");
+        match status {
+            StatusCode::CREATED | StatusCode::FORBIDDEN => {}
+            StatusCode::GATEWAY_TIMEOUT => {
+                late += 1;
+                let detail = body["detail"].as_str().unwrap_or_default();
+                assert!(
+                    detail.contains("within 500ms") && detail.contains("kept"),
+                    "{body}"
+                );
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(late >= 1, "the slow purchases time out");
+    // Every slow purchase finishes upstream in the end (bounded wait): the upstream did no more
+    // than the $500 that was reserved.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upstream.done().len() < upstream.seen().len() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(upstream.done().len(), upstream.seen().len());
+    assert!(done_cents(&upstream, &who) <= 50_000);
+    // A request on no route gets a 504 that says no more than what happened.
+    let r = client
+        .get(gateway.url("/anything"))
+        .header("x-upstream-sleep", "1500")
+        .send()
+        .await
+        .expect("send");
+    let body = problem(r, StatusCode::GATEWAY_TIMEOUT).await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("did not answer within 500ms")),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_that_must_come_once_are_refused_when_repeated() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream.url(), &shop_policy(), &[]).await;
+    let email = format!("{}@example.com", customer("twice"));
+    let body = json!({ "email": email, "name": "Ann" }).to_string();
+    let cases: Vec<Vec<u8>> = vec![
+        raw::post(
+            "/accounts",
+            &["x-account-id: victim", "x-account-id: thief"],
+            &body,
+        ),
+        raw::post(
+            "/accounts",
+            &["x-account-id: a-1", "Idempotency-Key: k1", "Idempotency-Key: k2"],
+            &body,
+        ),
+        raw::post("/accounts", &["x-account-id: a-1", "Host: other"], &body),
+        // Two lengths that differ (hyper reads two equal ones as one, as RFC 9112 §6.3 allows).
+        format!(
+            "POST /accounts HTTP/1.1\r\nHost: x\r\nx-account-id: a-1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    ];
+    for request in cases {
+        let r = raw::send(&gateway.base, &request).await;
+        assert_eq!(
+            r.status,
+            400,
+            "{}\n-> {}",
+            String::from_utf8_lossy(&request),
+            r.text
+        );
+    }
+    assert!(upstream.seen().is_empty(), "{:?}", paths(&upstream));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_named_in_connection_are_gone_before_the_policy_reads_them() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream.url(), &shop_policy(), &[]).await;
+    let email = format!("{}@example.com", customer("conn"));
+    let body = json!({ "email": email, "name": "Ann" }).to_string();
+    // The owner header is named in Connection: it does not reach the policy, so the owner is
+    // missing (400), as the upstream would never have seen it either.
+    let request = format!(
+        "POST /accounts HTTP/1.1\r\nHost: x\r\nConnection: close, x-account-id\r\nx-account-id: a-1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let r = raw::send(&gateway.base, request.as_bytes()).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    // A Connection value that is not a list of header names is refused, not skipped.
+    let mut request = b"GET /anything HTTP/1.1\r\nHost: x\r\nConnection: close, x-\xe9t\xe9\r\nx-\xe9t\xe9: 1\r\n\r\n".to_vec();
+    let r = raw::send(&gateway.base, &request).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    request = b"GET /anything HTTP/1.1\r\nHost: x\r\nConnection: close, a b\r\n\r\n".to_vec();
+    let r = raw::send(&gateway.base, &request).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(upstream.seen().is_empty(), "{:?}", paths(&upstream));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_the_gateways_never_the_clients() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream.url(), &shop_policy(), &[]).await;
+    let spoofed = "X-Forwarded-Host: evil.example\r\nForwarded: for=6.6.6.6;host=evil.example\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Proto: https\r\n";
+    // HTTP/1.0 without Host, then HTTP/1.1 with one.
+    let r = raw::send(
+        &gateway.base,
+        format!("GET /one HTTP/1.0\r\n{spoofed}\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = raw::send(
+        &gateway.base,
+        format!("GET /two HTTP/1.1\r\nHost: shop.example\r\n{spoofed}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        let h = |name: &str| s.headers.get(name).and_then(|v| v.to_str().ok());
+        assert_eq!(h("forwarded"), None, "{}", s.path);
+        assert_eq!(h("x-real-ip"), Some("127.0.0.1"), "{}", s.path);
+        assert_eq!(h("x-forwarded-proto"), Some("http"), "{}", s.path);
+        assert_ne!(h("x-forwarded-host"), Some("evil.example"), "{}", s.path);
+    }
+    let h = |i: usize, name: &str| seen[i].headers.get(name).and_then(|v| v.to_str().ok());
+    assert_eq!(h(0, "x-forwarded-host"), None);
+    assert_eq!(h(1, "x-forwarded-host"), Some("shop.example"));
+
+    // HTTP/2 has no Host header: the request's authority is the forwarded host.
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let mut request = http::Request::get(gateway.url("/three"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    for (name, value) in [
+        ("x-forwarded-host", "evil.example"),
+        ("forwarded", "for=6.6.6.6"),
+        ("x-real-ip", "6.6.6.6"),
+    ] {
+        request.headers_mut().insert(name, value.parse().unwrap());
+    }
+    let r = tokio::time::timeout(Duration::from_secs(10), h2.request(request))
+        .await
+        .expect("an HTTP/2 answer in time")
+        .expect("an HTTP/2 answer");
+    assert_eq!(r.status(), StatusCode::OK);
+    let third = upstream
+        .seen()
+        .into_iter()
+        .find(|s| s.path == "/three")
+        .expect("the HTTP/2 request reached the upstream");
+    let h = |name: &str| third.headers.get(name).and_then(|v| v.to_str().ok());
+    assert_eq!(
+        h("x-forwarded-host"),
+        Some(raw::authority(&gateway.base).as_str())
+    );
+    assert_eq!(h("forwarded"), None);
+    assert_eq!(h("x-real-ip"), Some("127.0.0.1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_oversized_heads_and_stalled_bodies_are_cut_off() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(
+        &upstream.url(),
+        &shop_policy(),
+        &[("GATEWAY_HEADER_TIMEOUT", "500ms")],
+    )
+    .await;
+    let bound = Duration::from_secs(10);
+    // Nothing sent at all.
+    let mut idle = raw::connect(&gateway.base).await;
+    // Half a head.
+    let mut half = raw::connect(&gateway.base).await;
+    half.write_all(b"POST /accounts HTTP/1.1\r\nHost: x\r\nx-acc")
+        .await
+        .unwrap();
+    // A kept-alive connection after its answer.
+    let mut kept = raw::connect(&gateway.base).await;
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let first = raw::read_head(&mut kept, bound).await.expect("an answer");
+    assert_eq!(first.status, 200);
+    for (what, stream) in [
+        ("idle", &mut idle),
+        ("half a head", &mut half),
+        ("kept alive", &mut kept),
+    ] {
+        assert!(
+            raw::closed_within(stream, bound).await,
+            "{what}: not closed"
+        );
+    }
+    // A head above the bound: 431.
+    let big = format!(
+        "GET /x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let r = raw::send(&gateway.base, big.as_bytes()).await;
+    assert_eq!(r.status, 431, "{}", r.text);
+    // More than 100 headers, however short: 431.
+    let many: String = (0..150).map(|i| format!("X-H{i}: {i}\r\n")).collect();
+    let r = raw::send(
+        &gateway.base,
+        format!("GET /x HTTP/1.1\r\nHost: x\r\n{many}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 431, "{}", r.text);
+    // A body that stops arriving: 408, on a reserved route and on any other.
+    for path in ["/customers/stall/purchases", "/anything"] {
+        let mut stream = raw::connect(&gateway.base).await;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{{\"product_ids\""
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let r = raw::read_answer(&mut stream, bound)
+            .await
+            .expect("an answer");
+        assert_eq!(r.status, 408, "{path}: {}", r.text);
+    }
+    // The unreserved request streamed on as it came; the purchase never left.
+    assert_eq!(paths(&upstream), ["/anything"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_for_a_free_one() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(
+        &upstream.url(),
+        &shop_policy(),
+        &[
+            ("GATEWAY_HEADER_TIMEOUT", "1m"),
+            ("GATEWAY_MAX_CONNECTIONS", "2"),
+        ],
+    )
+    .await;
+    // The health check's connection is gone by now, or goes within the wait below.
+    let mut held: Vec<_> = Vec::new();
+    for _ in 0..2 {
+        let mut stream = raw::connect(&gateway.base).await;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let r = raw::read_head(&mut stream, Duration::from_secs(10)).await;
+        assert_eq!(r.map(|r| r.status), Some(200));
+        held.push(stream);
+    }
+    // A third is not served while both are held...
+    let mut third = raw::connect(&gateway.base).await;
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        raw::read_head(&mut third, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "a third connection was served beyond the limit"
+    );
+    // ...and is once one of them goes.
+    drop(held.pop());
+    let r = raw::read_head(&mut third, Duration::from_secs(10)).await;
+    assert_eq!(r.map(|r| r.status), Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_unsupported_requests_get_the_right_status() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream.url(), &shop_policy(), &[]).await;
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "a malformed chunked body on no route",
+            b"POST /anything HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "a coding other than chunked",
+            b"POST /anything HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec(),
+            501,
+        ),
+        (
+            "CONNECT",
+            b"CONNECT upstream.example:443 HTTP/1.1\r\nHost: upstream.example:443\r\nConnection: close\r\n\r\n".to_vec(),
+            501,
+        ),
+        (
+            "TRACE",
+            b"TRACE / HTTP/1.1\r\nHost: x\r\nCookie: session=secret\r\nConnection: close\r\n\r\n".to_vec(),
+            405,
+        ),
+        (
+            "two Host headers",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "HTTP/1.1 without Host",
+            b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(),
+            400,
+        ),
+    ];
+    for (what, request, status) in cases {
+        let r = raw::send(&gateway.base, &request).await;
+        assert_eq!(r.status, status, "{what}: {}", r.text);
+        assert!(
+            r.header("content-type")
+                .is_some_and(|t| t.starts_with("application/problem+json")),
+            "{what}: {}",
+            r.text
+        );
+    }
+    // A declared body above the route's limit, with Expect: 100-continue: 413 at once, never
+    // 100 Continue first.
+    let mut stream = raw::connect(&gateway.base).await;
+    stream
+        .write_all(b"POST /customers/big/purchases HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let r = raw::read_head(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("an answer");
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert!(upstream.seen().is_empty(), "{:?}", paths(&upstream));
+    // Within the limit, the gateway answers the expectation; the upstream gets only the body.
+    let r = client()
+        .post(gateway.url("/expecting"))
+        .header("expect", "100-continue")
+        .body("hello")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, "hello");
+    assert!(seen[0].headers.get("expect").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_checks_the_store_while_healthz_says_the_process_serves() {
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(
+        &upstream.url(),
+        &shop_policy(),
+        &[("REDIS_URL", &redis.url())],
+    )
+    .await;
+    let client = client();
+    let r = client.get(gateway.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    redis.stop();
+    let r = client.get(gateway.url("/readyz")).send().await.unwrap();
+    problem(r, StatusCode::SERVICE_UNAVAILABLE).await;
+    let r = client.get(gateway.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_key_keys_the_policys_unique_values_in_the_store() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let secret = "a deployment secret for the gateway";
+    let gateway = Gateway::start(
+        &upstream.url(),
+        &shop_policy(),
+        &[("REDIS_URL", &redis.url()), ("GATEWAY_DIGEST_KEY", secret)],
+    )
+    .await;
+    let client = client();
+    let email = format!("{}@example.com", customer("keyed"));
+    let sign_up = |owner: &'static str| {
+        client
+            .post(gateway.url("/accounts"))
+            .header("x-account-id", owner)
+            .json(&json!({ "email": email, "name": "Ann" }))
+            .send()
+    };
+    assert_eq!(sign_up("a-1").await.unwrap().status(), StatusCode::CREATED);
+    let key = tower_reserve::DigestKey::new(secret).unwrap();
+    let keyed = tower_reserve::Unique::keyed_email("accounts", &email, &key).digest_hex();
+    let plain = tower_reserve::Unique::email("accounts", &email).digest_hex();
+    let holding = |digest: &str| redis.cli(&["--scan", "--pattern", &format!("*{digest}*")]);
+    assert!(
+        !holding(&keyed).trim().is_empty(),
+        "no key holds the keyed digest"
+    );
+    assert!(
+        holding(&plain).trim().is_empty(),
+        "the unkeyed digest is in Redis"
+    );
+    assert_eq!(sign_up("a-2").await.unwrap().status(), StatusCode::CONFLICT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_goes_away_does_not_undo_what_the_upstream_did() {
+    let upstream = Upstream::start().await;
+    // Even a route that asks to release when its client goes away: the upstream goes on.
+    let text = std::fs::read_to_string(shop_policy()).expect("read the shop's policy");
+    let text = text.replacen(
+        "path = \"/customers/{customer_id}/purchases\"\n",
+        "path = \"/customers/{customer_id}/purchases\"\non_disconnect = \"release\"\n",
+        1,
+    );
+    let policy = PolicyFile::new(&text);
+    let gateway = Gateway::start(&upstream.url(), &policy.path, &[]).await;
+    let who = customer("gone");
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let r = impatient
+        .post(gateway.url(&purchases_of(&who)))
+        .header("x-upstream-sleep", "1000")
+        .json(&json!({ "product_ids": [100, 100, 100] }))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gave up first");
+    // The upstream finishes, and its answer commits the hold (bounded wait).
+    let client = client();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = gateway.metrics(&client).await;
+        let committed = sample(
+            &page,
+            "tower_reserve_settlements_total",
+            &[r#"result="committed""#],
+        );
+        if committed == 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never committed: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(done_cents(&upstream, &who), 30_000);
+    let r = purchase(&gateway, &client, &who, &[100, 100, 100]).await;
+    problem(r, StatusCode::FORBIDDEN).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_half_sent_heads_is_outlasted() {
+    let upstream = Upstream::start().await;
+    let server = Gateway::start(
+        &upstream.url(),
+        &shop_policy(),
+        &[
+            ("GATEWAY_HEADER_TIMEOUT", "1s"),
+            ("GATEWAY_MAX_CONNECTIONS", "50"),
+        ],
+    )
+    .await;
+    // Four times the connection limit, each holding half a head, all at once.
+    let flood = raw::half_sent_heads(&server.base, 200).await;
+    // A real request waits its turn and is served: the flood's connections are closed one
+    // head timeout after they are accepted, never all at once, never by running out of files.
+    let mut stream = raw::connect(&server.base).await;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let r = raw::read_head(&mut stream, Duration::from_secs(30)).await;
+    assert_eq!(r.map(|r| r.status), Some(200));
+    drop(flood);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ratelimit_headers_name_the_route_never_the_budgets_key() {
+    let upstream = Upstream::start().await;
+    let text = std::fs::read_to_string(shop_policy()).expect("read the shop's policy");
+    let text = text.replacen(
+        "path = \"/customers/{customer_id}/purchases\"\n",
+        "path = \"/customers/{customer_id}/purchases\"\nremaining_headers = true\n",
+        1,
+    );
+    let policy = PolicyFile::new(&text);
+    let gateway = Gateway::start(&upstream.url(), &policy.path, &[]).await;
+    let client = client();
+    let who = customer("headers");
+    let r = purchase(&gateway, &client, &who, &[100]).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let header = |name: &str| r.headers()[name].to_str().unwrap().to_owned();
+    let (policy, state) = (header("ratelimit-policy"), header("ratelimit"));
+    assert!(
+        !policy.contains(&who) && !state.contains(&who),
+        "{policy} {state}"
+    );
+    let name = "\"/customers/{customer_id}/purchases\"";
+    let prefix = format!("{name};q=50000;qu=\"units\";pk=:");
+    assert!(policy.starts_with(&prefix), "{policy}");
+    let pk = policy.split_once(";pk=").unwrap().1;
+    assert_eq!(state, format!("{name};r=40000;pk={pk}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_or_idles_on_http2_is_disconnected() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(
+        &upstream.url(),
+        &shop_policy(),
+        &[("GATEWAY_HEADER_TIMEOUT", "500ms")],
+    )
+    .await;
+    // A client that asks for a huge answer and reads none of it, with a small receive buffer.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket
+        .connect(raw::authority(&gateway.base).parse().unwrap())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /huge HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Then it reads: what was in the buffers, then the end, long before the whole answer.
+    let mut read = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
+    assert!(outcome.is_ok(), "the connection was never closed");
+    assert!(read < support::gateway::HUGE, "read {read} bytes");
+
+    // An HTTP/2 connection with no stream open is closed after the timeout.
+    let tcp = tokio::net::TcpStream::connect(raw::authority(&gateway.base))
+        .await
+        .unwrap();
+    let (mut send, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("an HTTP/2 handshake");
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(gateway.url("/healthz"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let r = send.send_request(request).await.expect("an answer");
+    assert_eq!(r.status(), StatusCode::OK);
+    drop(r);
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection stayed open");
 }

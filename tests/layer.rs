@@ -1587,15 +1587,25 @@ async fn remaining_headers_tell_what_is_left<St: Store>(store: St) {
         .layer(handler(Ctl::default()));
     let a = call(svc.clone(), actual_request("actual-header", 300, "100")).await;
     assert_eq!(a.status, 200);
+    // Named after the route (none here: "budget"), the key only as a digest (`pk`).
+    let policy = a.headers["ratelimit-policy"].to_str().unwrap().to_owned();
+    let pk = policy
+        .split_once(";pk=")
+        .map(|(_, pk)| pk.to_owned())
+        .expect("a partition key");
+    assert_eq!(policy, format!("\"budget\";q={LIMIT};qu=\"units\";pk={pk}"));
+    assert!(pk.starts_with(':') && pk.ends_with(':') && !pk.contains(&key));
     assert_eq!(
-        a.headers["ratelimit-policy"],
-        format!("\"{key}\";q={LIMIT}").as_str()
+        a.headers["ratelimit"],
+        format!("\"budget\";r=900;pk={pk}").as_str()
     );
-    assert_eq!(a.headers["ratelimit"], format!("\"{key}\";r=900").as_str());
     // A release gives everything back, and says so.
     let a = call(svc.clone(), request("bad", 500)).await;
     assert_eq!(a.status, 400);
-    assert_eq!(a.headers["ratelimit"], format!("\"{key}\";r=900").as_str());
+    assert_eq!(
+        a.headers["ratelimit"],
+        format!("\"budget\";r=900;pk={pk}").as_str()
+    );
     // Off by default.
     let plain = ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
         .layer(handler(Ctl::default()));

@@ -272,22 +272,25 @@ async fn ratelimit_headers_tell_what_is_left(api: &Example) {
         assert_eq!(r.status(), StatusCode::OK);
         let policy = r.headers()["ratelimit-policy"].to_str().unwrap().to_owned();
         let state = r.headers()["ratelimit"].to_str().unwrap().to_owned();
-        // `"credits:<digest>";q=100000`: a calendar month has no fixed `w`.
-        let (name, q) = policy.split_once(';').expect("a policy item");
+        // `"/jobs";q=100000;qu="units";pk=:<digest>:`: named after the route; a calendar month
+        // has no fixed `w`.
+        let items: Vec<&str> = policy.split(';').collect();
+        assert_eq!(items.len(), 4, "{policy}");
+        let name = items[0];
+        assert_eq!(name, "\"/jobs\"", "{policy}");
         assert!(
-            name.starts_with("\"credits:") && name.ends_with('"'),
-            "{policy}"
+            !policy.contains(&key) && !state.contains(&key),
+            "the key itself never leaves: {policy} {state}"
         );
-        assert!(
-            !policy.contains(&key),
-            "the key itself never leaves: {policy}"
-        );
-        assert_eq!(q, "q=100000");
-        // `"credits:<digest>";r=<left>;t=<seconds until the month ends>`.
+        assert_eq!(items[1], "q=100000");
+        assert_eq!(items[2], "qu=\"units\"");
+        let pk = items[3].strip_prefix("pk=").expect("a partition key");
+        // `"/jobs";r=<left>;t=<seconds until the month ends>;pk=:<digest>:`.
         let fields: Vec<&str> = state.split(';').collect();
-        assert_eq!(fields.len(), 3, "{state}");
+        assert_eq!(fields.len(), 4, "{state}");
         assert_eq!(fields[0], name);
         assert_eq!(fields[1], format!("r={left}"));
+        assert_eq!(fields[3], format!("pk={pk}"));
         let t: u64 = fields[2].strip_prefix("t=").unwrap().parse().unwrap();
         let resets = usage(api, &client, &key).await["resets_at"]
             .as_str()
@@ -299,9 +302,9 @@ async fn ratelimit_headers_tell_what_is_left(api: &Example) {
             "t={t}, the month ends in {expected} s"
         );
         assert!(t <= 31 * 86_400);
-        names.push(name.to_owned());
+        names.push(pk.to_owned());
     }
-    assert_eq!(names[0], names[1], "one key, one budget");
+    assert_eq!(names[0], names[1], "one key, one partition");
     let u = settled_usage(api, &client, &key).await;
     assert_eq!(u["spent"], 70);
     assert_eq!(u["remaining"], 100_000 - 70);

@@ -298,8 +298,10 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
 
     /// Adds `RateLimit-Policy` and `RateLimit` response headers (after the IETF draft *RateLimit
     /// header fields for HTTP*) that tell the client what each budget it spent from has left
-    /// (default off). See [`Hold::remaining_of`](super::Hold::remaining_of) for the same in a
-    /// handler.
+    /// (default off): each budget is a quota policy named after the route, with a digest of its
+    /// key as the partition key (`pk`) and `qu="units"` (a budget does not count requests), so
+    /// that a key such as an API key or a customer id never appears in a header. See
+    /// [`Hold::remaining_of`](super::Hold::remaining_of) for the same in a handler.
     pub fn remaining_headers(mut self, yes: bool) -> Self {
         self.options.remaining_headers = yes;
         self

@@ -7,7 +7,7 @@
 //! | `tower_reserve_reservations_total` | `route`, `outcome`: `granted`, `denied`, `in_flight`, `conflict`, `replayed` (an idempotent retry answered from the store), `settled` (a retry of an ended request with nothing to replay), `invalid`, `unavailable` |
 //! | `tower_reserve_denials_total` | `route`, `reason`: `over_budget`, `taken`, `not_owner`; `mode`: `enforce`, `shadow` |
 //! | `tower_reserve_settlements_total` | `route`, `result`: `committed`, `released`, `expired`, `failed`; `cause`: `success`, `error_response`, `handler_error`, `panic`, `dropped`, `lease`, `invalid_actual` |
-//! | `tower_reserve_store_errors_total` | `route`, `op`: `reserve`, `check`, `commit`, `release` |
+//! | `tower_reserve_store_errors_total` | `route`, `op`: `reserve`, `check`, `commit`, `release`; only the store's failures (unreachable, an answer not understood), never its answers about a request (a replay, a reused key), which clients cause at will |
 //! | `tower_reserve_store_seconds` (histogram) | `route`, `op` |
 
 use std::sync::Arc;
@@ -44,6 +44,16 @@ pub(crate) fn denial(route: &SharedString, reason: &'static str, shadow: bool) {
 pub(crate) fn settlement(route: &SharedString, result: &'static str, cause: &'static str) {
     metrics::counter!("tower_reserve_settlements_total", "route" => route.clone(), "result" => result, "cause" => cause)
         .increment(1);
+}
+
+/// Whether a store call failed as a store (it could not be reached, or answered something not
+/// understood), rather than answered about the request: a replayed or reused key, a hold that
+/// ended. Only the former counts as a store error, so that clients cannot set off its alerts.
+pub(crate) fn is_store_fault(err: &crate::Error) -> bool {
+    matches!(
+        err.kind(),
+        crate::ErrorKind::Unavailable | crate::ErrorKind::Protocol
+    )
 }
 
 pub(crate) fn store_call(route: &SharedString, op: &'static str, took: Duration, ok: bool) {

@@ -1,11 +1,23 @@
 //! Remaining-budget response headers, in the form of the IETF draft *RateLimit header fields for
-//! HTTP* (draft-ietf-httpapi-ratelimit-headers): for each budget the request spent from, a policy
-//! item (`RateLimit-Policy: "<key>";q=<limit>;w=<window seconds>`) and its state after this
-//! request (`RateLimit: "<key>";r=<remaining>;t=<seconds until the window resets>`). The quota
-//! unit is the budget's own (minor units of money, credits), not requests; `w` and `t` are left
-//! out for a lifetime budget, and `w` for a calendar month (its length varies).
+//! HTTP* (draft-ietf-httpapi-ratelimit-headers): for each budget the request spent from, a quota
+//! policy item (`RateLimit-Policy: "<route>";q=<limit>;qu="units";w=<window seconds>;pk=:<digest>:`)
+//! and its state after this request (`RateLimit: "<route>";r=<remaining>;t=<seconds until the
+//! window resets>;pk=:<digest>:`).
+//!
+//! - The policy is named after the route (its pattern: `"/customers/{customer_id}/purchases"`;
+//!   a second budget of the route is `"<route>#2"`, and so on), never after the budget's key,
+//!   which is often an API key or a customer id.
+//! - `pk`, the draft's partition key, tells budgets apart without naming them: 12 bytes of a
+//!   SHA-256 digest of the key, as a Structured Field byte sequence.
+//! - `qu="units"`: a budget counts in its own units (minor units of money, credits), not in
+//!   requests (the draft's default unit).
+//! - `w` and `t` are left out for a lifetime budget, and `w` for a calendar month (its length
+//!   varies).
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use sha2::{Digest, Sha256};
 
 use super::settle::Hold;
 use crate::store::now_ms;
@@ -20,10 +32,16 @@ pub(crate) fn insert(headers: &mut HeaderMap, hold: &Hold, settlement: &Settleme
     let now = now_ms();
     let mut policy = Vec::new();
     let mut state = Vec::new();
+    let route = match hold.route() {
+        "unmatched" => "budget",
+        route => route,
+    };
+    let mut n = 0;
     for (i, claim) in hold.claims().iter().enumerate() {
         let (Claim::Spend { budget, amount }, Some(left)) = (claim, hold.remaining()[i]) else {
             continue;
         };
+        n += 1;
         let spent = if settlement.is_commit() {
             settlement
                 .actual_for(budget.key(), &budget.window().spec())
@@ -32,18 +50,26 @@ pub(crate) fn insert(headers: &mut HeaderMap, hold: &Hold, settlement: &Settleme
             0
         };
         let remaining = (left + (amount - spent)).min(budget.limit());
-        let name = sf_string(budget.key()).unwrap_or_else(|| format!("\"budget-{i}\""));
+        let name = if n == 1 {
+            route.to_owned()
+        } else {
+            format!("{route}#{n}")
+        };
+        let name = sf_string(&name).unwrap_or_else(|| format!("\"budget#{n}\""));
+        let pk = partition_key(budget.key());
         let ends = budget.window().slot(now).ends_at_ms;
-        let mut p = format!("{name};q={}", budget.limit());
+        let mut p = format!("{name};q={};qu=\"units\"", budget.limit());
         match budget.window() {
             Window::Lifetime | Window::Month => {}
             Window::Day => p.push_str(";w=86400"),
             Window::Every(d) => p.push_str(&format!(";w={}", d.as_secs())),
         }
+        p.push_str(&format!(";pk={pk}"));
         let mut s = format!("{name};r={remaining}");
         if let Some(ends) = ends {
             s.push_str(&format!(";t={}", ends.saturating_sub(now).div_ceil(1000)));
         }
+        s.push_str(&format!(";pk={pk}"));
         policy.push(p);
         state.push(s);
     }
@@ -57,6 +83,17 @@ pub(crate) fn insert(headers: &mut HeaderMap, hold: &Hold, settlement: &Settleme
         headers.insert(POLICY.clone(), p);
         headers.insert(STATE.clone(), s);
     }
+}
+
+/// The draft's partition key for a budget key: 12 bytes of its SHA-256 digest, as a Structured
+/// Field byte sequence (`:<base64>:`). Budgets stay apart in a client's bookkeeping; the key
+/// (an API key, a customer id) is not shown.
+fn partition_key(key: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"tower-reserve ratelimit partition key\0");
+    hasher.update(key.as_bytes());
+    let digest = hasher.finalize();
+    format!(":{}:", STANDARD.encode(&digest[..12]))
 }
 
 /// A Structured Field string (RFC 8941): printable ASCII, quoted, `"` and `\` escaped; `None` for
@@ -80,6 +117,18 @@ fn sf_string(key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partition_keys_are_byte_sequences_that_hide_the_key() {
+        let pk = partition_key("customer:ann");
+        assert!(
+            pk.starts_with(':') && pk.ends_with(':') && pk.len() == 18,
+            "{pk}"
+        );
+        assert!(!pk.contains("ann"));
+        assert_eq!(pk, partition_key("customer:ann"));
+        assert_ne!(pk, partition_key("customer:bob"));
+    }
 
     #[test]
     fn keys_become_structured_field_strings() {

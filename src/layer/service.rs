@@ -159,7 +159,8 @@ where
     let started = std::time::Instant::now();
     let (answer, reservation) = InFlight::new(&shared, reservation, route.clone()).await;
     let op = if options.shadow { "check" } else { "reserve" };
-    metrics::store_call(&route, op, started.elapsed(), answer.is_ok());
+    let failed = answer.as_ref().is_err_and(metrics::is_store_fault);
+    metrics::store_call(&route, op, started.elapsed(), !failed);
     if timed {
         tracing::debug!(
             elapsed_us = started.elapsed().as_micros() as u64,

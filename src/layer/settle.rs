@@ -145,6 +145,11 @@ impl Hold {
             .position(|c| matches!(c, Claim::Spend { budget: b, .. } if same_budget(b, budget)))
     }
 
+    /// The route's label (its pattern, or `unmatched`), as the metrics have it.
+    pub(crate) fn route(&self) -> &str {
+        &self.inner.route
+    }
+
     /// When the lease ends, in Unix milliseconds by the store's clock.
     pub fn expires_at_ms(&self) -> u64 {
         self.inner.expires_at_ms.load(Ordering::Acquire)

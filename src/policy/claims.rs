@@ -11,7 +11,9 @@ use serde_json::Value;
 use super::model::{BudgetRule, Normalize, Number, Table, UniqueRule};
 use super::template::scalar_text;
 use super::{Policy, PolicyError, Route};
-use crate::{Budget, BudgetOf, Claim, ExtractClaims, Extracted, MAX_AMOUNT, Rejection, Unique};
+use crate::{
+    Budget, BudgetOf, Claim, DigestKey, ExtractClaims, Extracted, MAX_AMOUNT, Rejection, Unique,
+};
 
 /// The claims of one policy route, as an [`ExtractClaims`]: what [`PolicyLayer`](super::PolicyLayer)
 /// puts behind each route, and what a [`Routes`](crate::Routes) table takes beside closures.
@@ -50,6 +52,7 @@ struct Rules {
     budgets: Vec<BudgetRule>,
     uniques: Vec<UniqueRule>,
     tables: Arc<BTreeMap<String, Table>>,
+    digest_key: Option<DigestKey>,
 }
 
 impl std::fmt::Debug for RouteClaims {
@@ -73,7 +76,8 @@ impl Policy {
             .routes()
             .iter()
             .map(|route| {
-                let claims = RouteClaims::new(route, tables.clone());
+                let claims =
+                    RouteClaims::new(route, tables.clone(), self.digest_key_setting().cloned());
                 (route.method().clone(), route.path().to_owned(), claims)
             })
             .collect())
@@ -117,12 +121,17 @@ impl Policy {
 }
 
 impl RouteClaims {
-    pub(crate) fn new(route: &Route, tables: Arc<BTreeMap<String, Table>>) -> Self {
+    pub(crate) fn new(
+        route: &Route,
+        tables: Arc<BTreeMap<String, Table>>,
+        digest_key: Option<DigestKey>,
+    ) -> Self {
         Self {
             inner: Arc::new(Rules {
                 budgets: route.budgets().to_vec(),
                 uniques: route.uniques().to_vec(),
                 tables,
+                digest_key,
             }),
         }
     }
@@ -152,9 +161,13 @@ impl RouteClaims {
         for rule in &rules.uniques {
             let value = rule.value().render(request)?;
             let owner = rule.owner().render(request)?;
-            let value = match rule.normalizer() {
-                Normalize::Exact => Unique::new(rule.namespace(), &value),
-                Normalize::Email => Unique::email(rule.namespace(), &value),
+            let value = match (rule.normalizer(), &rules.digest_key) {
+                (Normalize::Exact, None) => Unique::new(rule.namespace(), &value),
+                (Normalize::Email, None) => Unique::email(rule.namespace(), &value),
+                (Normalize::Exact, Some(key)) => {
+                    Unique::keyed(rule.namespace(), &value, std::borrow::Cow::Borrowed, key)
+                }
+                (Normalize::Email, Some(key)) => Unique::keyed_email(rule.namespace(), &value, key),
             };
             claims.push(if rule.releases() {
                 Claim::release_on_commit(value, owner)

@@ -146,7 +146,9 @@
 //! own value again succeeds); with `release_on_commit = true` it instead gives up a value the
 //! owner owns, only when the request commits. `normalize = "email"` trims and lower-cases
 //! ([`normalize_email`](crate::normalize_email)); `"exact"` keeps the value as read. Only a
-//! digest of the value is stored.
+//! digest of the value is stored; give the policy a deployment's secret with
+//! [`Policy::digest_key`] (recommended) and the digest is keyed, so that whoever reads the store
+//! or the logs cannot test a guessed address against it.
 //!
 //! ## Errors
 //!

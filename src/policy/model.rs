@@ -12,7 +12,9 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use super::PolicyError;
 use super::template::{Source, Template};
 use crate::layer::extract::pattern_params;
-use crate::{Budget, Disconnect, MAX_AMOUNT, MAX_CLAIMS, MAX_KEY_LEN, MAX_LEASE, Window};
+use crate::{
+    Budget, DigestKey, Disconnect, MAX_AMOUNT, MAX_CLAIMS, MAX_KEY_LEN, MAX_LEASE, Window,
+};
 
 /// A table of whole numbers by key: prices by product id, limits by plan.
 pub type Table = BTreeMap<String, u64>;
@@ -50,6 +52,9 @@ pub struct Policy {
     routes: Vec<Route>,
     #[serde(default)]
     tables: BTreeMap<String, Table>,
+    /// Not in the file: a secret belongs with the deployment's secrets, not its policy.
+    #[serde(skip)]
+    digest_key: Option<DigestKey>,
 }
 
 /// One route: a method and a path pattern, what it reserves, and the layer's options for it.
@@ -252,9 +257,28 @@ impl Policy {
         self
     }
 
+    /// Keys the digests of every unique value the policy claims ([`Unique::keyed`]): a
+    /// deployment's secret, so that the digests in the store and the logs cannot be tested
+    /// against guessed values (recommended). Set it again on a policy loaded anew (a reload).
+    ///
+    /// [`Unique::keyed`]: crate::Unique::keyed
+    pub fn digest_key(mut self, key: DigestKey) -> Self {
+        self.digest_key = Some(key);
+        self
+    }
+
+    pub(crate) fn digest_key_setting(&self) -> Option<&DigestKey> {
+        self.digest_key.as_ref()
+    }
+
     /// The routes, in order.
     pub fn routes(&self) -> &[Route] {
         &self.routes
+    }
+
+    /// The route a request with this method and path takes: the first that matches.
+    pub fn route_for(&self, method: &Method, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(method, path))
     }
 
     /// The table `name`.
@@ -387,6 +411,50 @@ impl Route {
     /// Whether the route is in shadow mode.
     pub fn is_shadow(&self) -> bool {
         self.shadow
+    }
+
+    /// The lease the route sets, if it sets one (the layer's default, 30 s, otherwise).
+    pub fn lease_setting(&self) -> Option<Duration> {
+        self.lease
+    }
+
+    /// The body limit the route sets, if it sets one (the layer's default, 64 KiB, otherwise).
+    pub fn body_limit_setting(&self) -> Option<usize> {
+        self.body_limit
+    }
+
+    /// Whether a request with this method and path takes this route, as [`PolicyLayer`]
+    /// matches it (the first route that matches takes a request: see [`Policy::route_for`]).
+    ///
+    /// [`PolicyLayer`]: super::PolicyLayer
+    pub fn matches(&self, method: &Method, path: &str) -> bool {
+        crate::layer::extract::RouteMatch::new(self.method.clone(), &self.path)
+            .matches(method, path)
+    }
+
+    /// Every placeholder the route's claims read (path parameters, headers, query parameters,
+    /// body pointers; a sum's array of ids is read from the body besides), in file order,
+    /// repeats included. A proxy in front can refuse a request that
+    /// sends one of these headers twice, since the claims read only one of its values.
+    pub fn sources(&self) -> Vec<&Source> {
+        fn number<'a>(n: &'a Number, out: &mut Vec<&'a Source>) {
+            match n {
+                Number::Fixed(_) | Number::Sum { .. } => {}
+                Number::Read(source) => out.push(source),
+                Number::Lookup { key, .. } => out.extend(key.sources()),
+            }
+        }
+        let mut out = Vec::new();
+        for rule in &self.budgets {
+            out.extend(rule.key.sources());
+            number(&rule.amount, &mut out);
+            number(&rule.limit, &mut out);
+        }
+        for rule in &self.uniques {
+            out.extend(rule.value.sources());
+            out.extend(rule.owner.sources());
+        }
+        out
     }
 
     pub(crate) fn budgets(&self) -> &[BudgetRule] {

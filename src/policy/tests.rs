@@ -401,6 +401,40 @@ async fn unique_values_are_normalized_and_owned_or_released() {
     );
 }
 
+#[tokio::test]
+async fn a_digest_key_keys_every_unique_value_of_the_policy() {
+    let key = crate::DigestKey::new("a deployment secret").unwrap();
+    let policy = Policy::from_toml(&documented_example())
+        .unwrap()
+        .digest_key(key.clone());
+    let change = route_claims(&policy, 2);
+    let mut req = Request::put("/accounts/acc-1/email")
+        .header("content-type", "application/json")
+        .header("x-current-email", "old@example.com")
+        .body(Bytes::from_static(br#"{"email": " New@Example.COM"}"#))
+        .unwrap();
+    req.extensions_mut()
+        .insert(RoutePattern("/accounts/{account_id}/email".into()));
+    let got = claims_of(&change, req).await.unwrap();
+    assert_eq!(
+        got,
+        [
+            Claim::own(
+                Unique::keyed_email("accounts", "new@example.com", &key),
+                "acc-1"
+            ),
+            Claim::release_on_commit(
+                Unique::keyed_email("accounts", "old@example.com", &key),
+                "acc-1"
+            ),
+        ]
+    );
+    assert_ne!(
+        Unique::keyed_email("accounts", "new@example.com", &key),
+        Unique::email("accounts", "new@example.com")
+    );
+}
+
 mod layer {
     use std::convert::Infallible;
 

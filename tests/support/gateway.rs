@@ -122,12 +122,17 @@ pub struct Seen {
 /// - `x-upstream-status: N`: answer status `N` instead;
 /// - `x-upstream-actual: N`: add the response header `reserve-actual: N`;
 /// - `x-upstream-hop: 1`: add hop-by-hop response headers (`Connection: x-hop-res`,
-///   `X-Hop-Res`, `Keep-Alive`, `Proxy-Authenticate`, `Upgrade`, `Trailer`) beside `X-Kept`.
+///   `X-Hop-Res`, `Keep-Alive`, `Proxy-Authenticate`, `Upgrade`, `Trailer`) beside `X-Kept`;
+/// - `x-upstream-sleep: MS`: do the work (record it as [done](Upstream::done)) after `MS`
+///   milliseconds, then answer. The work is done whether or not anyone still waits for the
+///   answer, as a service that cannot be called back would.
 ///
-/// `GET /big` answers 1 MiB of a known pattern, in 64 KiB chunks.
+/// `GET /big` answers 1 MiB of a known pattern, in 64 KiB chunks; `GET /huge` answers
+/// [`HUGE`] bytes, made as they are read.
 pub struct Upstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    done: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -138,15 +143,17 @@ impl Upstream {
             .expect("bind the upstream");
         let addr = listener.local_addr().expect("the upstream's address");
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let done: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let recorded = seen.clone();
+        let finished = done.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let recorded = recorded.clone();
+                let (recorded, finished) = (recorded.clone(), finished.clone());
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    answer(req, recorded.clone())
+                    answer(req, recorded.clone(), finished.clone())
                 });
                 tokio::spawn(async move {
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -155,7 +162,12 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, seen, task }
+        Upstream {
+            addr,
+            seen,
+            done,
+            task,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -165,6 +177,11 @@ impl Upstream {
     /// What reached the upstream so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().expect("seen lock").clone()
+    }
+
+    /// The requests whose work is done (at once, or after `x-upstream-sleep`).
+    pub fn done(&self) -> Vec<Seen> {
+        self.done.lock().expect("done lock").clone()
     }
 
     /// How many requests for `path` reached the upstream.
@@ -200,11 +217,15 @@ pub fn big_byte(i: usize) -> u8 {
 
 pub const BIG: usize = 1 << 20;
 
+/// The size of `GET /huge`: more than any socket buffers hold.
+pub const HUGE: usize = 256 << 20;
+
 type UpstreamBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 async fn answer(
     req: Request<Incoming>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    done: Arc<Mutex<Vec<Seen>>>,
 ) -> Result<Response<UpstreamBody>, Infallible> {
     let (parts, body) = req.into_parts();
     let body = body
@@ -213,12 +234,26 @@ async fn answer(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let path = parts.uri.path().to_owned();
-    seen.lock().expect("seen lock").push(Seen {
+    let this = Seen {
         method: parts.method.to_string(),
         path: path.clone(),
         headers: parts.headers.clone(),
         body: body.clone(),
+    };
+    seen.lock().expect("seen lock").push(this.clone());
+    let sleep = parts
+        .headers
+        .get("x-upstream-sleep")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // A task of its own: the work goes on when the caller hangs up.
+    let work = tokio::spawn(async move {
+        if let Some(ms) = sleep {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        done.lock().expect("done lock").push(this);
     });
+    let _ = work.await;
     if parts.method == hyper::Method::GET && path == "/big" {
         let chunks: Vec<Result<hyper::body::Frame<Bytes>, Infallible>> = (0..BIG / 65_536)
             .map(|c| {
@@ -227,6 +262,14 @@ async fn answer(
             })
             .collect();
         let stream = futures_util::stream::iter(chunks);
+        let body = http_body_util::StreamBody::new(stream);
+        return Ok(Response::new(BodyExt::boxed(body)));
+    }
+    if parts.method == hyper::Method::GET && path == "/huge" {
+        let chunk = Bytes::from(vec![b'h'; 65_536]);
+        let stream = futures_util::stream::iter(
+            (0..HUGE / 65_536).map(move |_| Ok(hyper::body::Frame::data(chunk.clone()))),
+        );
         let body = http_body_util::StreamBody::new(stream);
         return Ok(Response::new(BodyExt::boxed(body)));
     }

@@ -3,6 +3,7 @@
 
 pub mod example;
 pub mod gateway;
+pub mod raw;
 pub mod redis_server;
 pub mod shop;
 

@@ -1,0 +1,297 @@
+//! Serving HTTP on the open internet, for the shop and the gateway: hyper's connection builder
+//! with every socket timed and every buffer bounded, which `axum::serve` does not do.
+//!
+//! - A request head must arrive within the head timeout, from the connection's start or the end
+//!   of the previous answer (hyper's `header_read_timeout`, which is also HTTP/1's keep-alive
+//!   idle timeout); a head is at most 32 KiB and 100 headers (`431` above).
+//! - A connection with no request in flight (an HTTP/2 connection between streams, too) is
+//!   closed after the head timeout.
+//! - A client that stops reading its answer (the socket accepts nothing more) for the head
+//!   timeout is disconnected, so a slow reader cannot hold a connection for ever.
+//! - At most `max_connections` are served at once; further ones wait in the listen queue, using
+//!   no descriptor, until one ends.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Sleep;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The most bytes of a request's head (request line and headers): nginx reads heads into 8 KiB
+/// buffers, up to four of them.
+pub const MAX_HEAD_BYTES: usize = 32 * 1024;
+/// The most header lines of a request.
+pub const MAX_HEADERS: usize = 100;
+
+/// How long the server waits for a client, and how many it serves.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// For a request's head, for an idle connection, for a client that does not read.
+    pub head_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// How long requests in flight may finish after a stop signal.
+    pub grace: Duration,
+}
+
+/// Serves `handle` on `listener` until `stop` resolves, then lets the requests in flight finish
+/// (at most `limits.grace`). `handle` gets each request and the client's address.
+pub async fn serve<H, Fut, B>(
+    listener: tokio::net::TcpListener,
+    limits: Limits,
+    handle: H,
+    stop: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    server
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.head_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
+    server
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .max_concurrent_streams(100)
+        .keep_alive_interval(limits.head_timeout)
+        .keep_alive_timeout(limits.head_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = &mut stop => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors, say: let connections end before accepting again.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let activity = Activity::default();
+        let per_request = {
+            let (handle, activity) = (handle.clone(), activity.clone());
+            hyper::service::service_fn(move |request| {
+                let active = activity.start();
+                let answer = handle(request, peer);
+                async move {
+                    let response = answer.await?;
+                    Ok::<_, Infallible>(response.map(|body| Tracked {
+                        body,
+                        _active: active,
+                    }))
+                }
+            })
+        };
+        let io = TokioIo::new(WriteDeadline::new(stream, limits.head_timeout));
+        let connection = server.serve_connection(io, per_request);
+        let connection = graceful.watch(connection.into_owned());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut connection = std::pin::pin!(connection);
+            loop {
+                let changed = activity.changed();
+                let mut changed = std::pin::pin!(changed);
+                // Registered before the count is read, so that no change is missed.
+                changed.as_mut().enable();
+                let idle = activity.open() == 0;
+                tokio::select! {
+                    ended = connection.as_mut() => {
+                        if let Err(e) = ended {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        return;
+                    }
+                    _ = changed => {}
+                    _ = tokio::time::sleep(limits.head_timeout), if idle => return,
+                }
+            }
+        });
+    }
+    if tokio::time::timeout(limits.grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?limits.grace, "requests still in flight; stopping anyway");
+    }
+}
+
+/// A connection's requests in flight, from the call to the end of the answer's body.
+#[derive(Clone, Default)]
+struct Activity(Arc<ActivityInner>);
+
+#[derive(Default)]
+struct ActivityInner {
+    open: AtomicUsize,
+    changed: Notify,
+}
+
+impl Activity {
+    fn start(&self) -> Active {
+        self.0.open.fetch_add(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+        Active(self.clone())
+    }
+
+    fn open(&self) -> usize {
+        self.0.open.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.changed.notified()
+    }
+}
+
+/// One request in flight; it ends when dropped with its answer's body.
+struct Active(Activity);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        (self.0).0.open.fetch_sub(1, Ordering::AcqRel);
+        (self.0).0.changed.notify_waiters();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body that keeps its request counted as in flight until it is dropped.
+    struct Tracked<B> {
+        #[pin]
+        body: B,
+        _active: Active,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A socket whose writes fail once the peer has accepted nothing for `timeout`: a client that
+/// stops reading its answer is disconnected (nginx's `send_timeout`).
+struct WriteDeadline {
+    stream: TcpStream,
+    timeout: Duration,
+    /// Armed while a write waits for the peer.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl WriteDeadline {
+    fn new(stream: TcpStream, timeout: Duration) -> Self {
+        Self {
+            stream,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// Passes a write's outcome on, timing the peer while it accepts nothing.
+    fn timed<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match write(Pin::new(&mut self.stream), cx) {
+            Poll::Pending => {
+                let timeout = self.timeout;
+                let stalled = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match stalled.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client stopped reading",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            done => {
+                self.stalled = None;
+                done
+            }
+        }
+    }
+}
+
+impl AsyncRead for WriteDeadline {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteDeadline {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.timed(cx, |stream, cx| stream.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.timed(cx, |stream, cx| stream.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.timed(cx, |stream, cx| stream.poll_flush(cx))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
