@@ -136,7 +136,7 @@ end
 --          call's nonce; with a reserve call's nonce, only that call, whose answer was lost and
 --          whose hold was given back), F forgotten (settled, then dropped; see below)
 --   nonce: which call reserved it, so that a call's own retried request is not taken for another
---          attempt's
+--          attempt's; once settled, which call settled it
 --   start: when it was reserved (windowed budgets are found again by it)
 --   body:  { claims, groups, spends }
 --          claim: { 'b', budget base key, amount, window spec } | { 'u' or 'r', value key, owner }
@@ -219,6 +219,18 @@ end
 -- The same record in another phase.
 local function with_phase(r, phase)
   return phase .. string.sub(r.raw, 2)
+end
+
+-- The record settled by the call `nonce`: its phase, and that call's nonce in place of the
+-- reserve's (a reserve is answered by the phase alone from now on), so that the same call sent
+-- again (its answer was lost) is answered as it was.
+local function settled_by(r, phase, nonce)
+  return phase .. r.f .. nonce .. string.sub(r.raw, 34)
+end
+
+-- Whether a record is a slot group's (its home decides for it).
+local function is_group(key)
+  return memo_key(key) == nil
 end
 
 -- ---------------------------------------------------------------------------------------------

@@ -191,7 +191,8 @@ end
 -- nothing.
 local function check(op, now, now_text)
   local key, id, lease, fp, claims = op[2], op[3], op[4], op[5], op[6]
-  local old = redis.call('GET', key)
+  -- A slot group's record is its home's to answer for: only its claims are checked here.
+  local old = not is_group(key) and redis.call('GET', key)
   if old then
     local r = parse(old)
     if not stands_for_nothing(r, '') then
@@ -223,8 +224,9 @@ end
 --         actuals { { budget base key, window spec, amount } }, call nonce (16 hex) }
 -- how: 'c' commit or 'r' release; then '1' strict or '0': strict, actual amounts must each name
 -- a budget of this hold (a whole hold, or a Cluster home, which checks them against every
--- group's), else a group applies those that name its own budgets; then '1' when a Cluster home's
--- groups were made sure to outlive the commit (see cluster.rs), else '0'.
+-- group's), else a group applies those that name its own budgets; then, for a Cluster home's
+-- commit, '1' when its groups were made sure to outlive the commit (see cluster.rs), 'x' when
+-- one of them has ended (the commit expires), else '0'.
 -- Answers { 'OK', 'applied' | 'replayed' | 'tombstoned', groups }
 --       | { 'E', 'unknown' | 'committed' | 'released' | 'expired' | 'in_flight' | 'exceeds'
 --              | 'not_held' | 'prepare', groups, memo? }
@@ -232,7 +234,7 @@ end
 local function settle(op, now, now_text)
   local key, id, how, keep, memo, actuals, nonce = op[2], op[3], op[4], op[5], op[6], op[7], op[8]
   local commit = string.sub(how, 1, 1) == 'c'
-  local strict, prepared = string.sub(how, 2, 2) == '1', string.sub(how, 3, 3) == '1'
+  local strict, prepared = string.sub(how, 2, 2) == '1', string.sub(how, 3, 3)
   if memo == '' then memo = nil end
   local mkey = memo_key(key)
   local raw = redis.call('GET', key)
@@ -252,6 +254,8 @@ local function settle(op, now, now_text)
     if r.s == 'P' then return { 'E', 'in_flight', {} } end
     local same = (commit and r.s == 'C') or (not commit and r.s ~= 'C')
     if not same then return { 'E', WHY[r.s], groups_of(r) } end
+    -- The same call sent again (its answer was lost) is answered as it was.
+    if r.nonce == nonce and r.s ~= 'T' then return { 'OK', 'applied', groups_of(r) } end
     if r.s ~= 'T' then
       -- Settled the same way before. A retry that forgets drops the record; one that keeps it
       -- keeps it (and its memo, or this one if none was kept) at least as long as it asks.
@@ -268,17 +272,18 @@ local function settle(op, now, now_text)
   end
 
   local groups = groups_of(r)
-  if commit and now < r.e and #groups > 0 and not prepared then
+  if commit and now < r.e and #groups > 0 and prepared == '0' then
     return { 'E', 'prepare', groups }
   end
   -- A home with groups is kept until they have followed: a commit that did not reach every
   -- group is finished by a retry, which needs the list (cluster.rs drops it afterwards when
   -- the settlement forgets).
   if #groups > 0 and keep == 0 then keep = RETAIN end
-  if commit and now >= r.e then
-    -- The lease ran out: whatever is still held goes back now.
+  if commit and (now >= r.e or prepared == 'x') then
+    -- The lease ran out (here, or in a group that cannot follow): whatever is still held goes
+    -- back now.
     undo(r, id, now, now_text)
-    redis.call('SET', key, with_phase(r, 'X'), 'PX', num(RETAIN))
+    redis.call('SET', key, settled_by(r, 'X', nonce), 'PX', num(RETAIN))
     return { 'E', 'expired', groups }
   end
   if commit and strict then
@@ -304,7 +309,7 @@ local function settle(op, now, now_text)
   if keep == 0 then
     redis.call('SET', key, forgotten(nonce, commit and 'c' or 'r'), 'PX', num(ANSWER_MS))
   else
-    redis.call('SET', key, with_phase(r, commit and 'C' or 'R'), 'PX', num(keep))
+    redis.call('SET', key, settled_by(r, commit and 'C' or 'R', nonce), 'PX', num(keep))
     if kept_memo then redis.call('SET', mkey, memo, 'PX', num(keep)) end
   end
   return { 'OK', 'applied', groups }

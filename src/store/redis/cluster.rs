@@ -396,6 +396,9 @@ pub(crate) async fn settle_groups(
     settlement: &Settlement,
     home: SettleAnswer,
 ) -> Result<Settled, Error> {
+    let keep_ms = settlement
+        .retain_for(Duration::from_millis(store.retain_ms()))
+        .map_or(0, |d| d.as_millis() as u64);
     let mut follow = match &home.result {
         Ok(_) => settlement.clone(),
         Err(err) if err.is_expired() && settlement.is_commit() => Settlement::release(),
@@ -405,10 +408,11 @@ pub(crate) async fn settle_groups(
     follow.memo = None;
     let follow = &follow;
     let args = ops::SettleArgs {
-        // Groups keep their records for the retention period: a retry finishes the job.
-        keep_ms: store.retain_ms(),
+        // Groups keep their records as long as their home does, and at least for the retention
+        // period: a retry finishes the job.
+        keep_ms: keep_ms.max(store.retain_ms()),
         strict: false,
-        prepared: false,
+        prepared: ops::Prepared::No,
         nonce: rand::random(),
     };
     let answers = join_all(
@@ -418,11 +422,14 @@ pub(crate) async fn settle_groups(
     )
     .await;
     let mut missed: Vec<(&String, Error)> = Vec::new();
+    let replayed = matches!(home.result, Ok(Settled::Replayed));
     for (record, answer) in home.groups.iter().zip(answers) {
         match answer {
             Ok(_) => {}
             // Nothing held there (it never was, or its record is gone): nothing to release.
             Err(err) if !follow.is_commit() && err.is_unknown_hold() => {}
+            // Settled before with its home, and its record since gone.
+            Err(err) if replayed && err.is_unknown_hold() => {}
             Err(err) => missed.push((record, err)),
         }
     }
@@ -487,7 +494,7 @@ pub(crate) async fn extend_groups(
 ) -> Result<(), Error> {
     let lease_ms = (lease + GROUP_GRACE).as_millis() as u64;
     let answers = join_all(groups.iter().map(|record| async {
-        let op = ops::extend(record.clone(), id, lease_ms, true);
+        let op = ops::extend(record.clone(), id, lease_ms, false);
         let answer = store.call(op, false).await?;
         ops::extended(&answer, id).map(drop)
     }))

@@ -460,14 +460,7 @@ impl RedisStore {
         let mut tries = 1;
         loop {
             match self.call(op.clone(), settlement.is_commit()).await {
-                Ok(answer) => {
-                    let mut answer = ops::settled(&answer, id)?;
-                    if tries > 1 && matches!(answer.result, Ok(Settled::Replayed)) {
-                        // The lost first try is what settled it.
-                        answer.result = Ok(Settled::Applied);
-                    }
-                    return Ok(answer);
-                }
+                Ok(answer) => return ops::settled(&answer, id),
                 Err(err) if err.is_unavailable() && tries < SETTLE_TRIES => {
                     tokio::time::sleep(Duration::from_millis(50 * tries as u64)).await;
                     tries += 1;
@@ -571,24 +564,18 @@ impl Store for RedisStore {
         let mut args = ops::SettleArgs {
             keep_ms,
             strict: true,
-            prepared: false,
+            prepared: ops::Prepared::No,
             nonce: rand::random(),
         };
         let mut home = self.settle_record(&record, id, settlement, args).await?;
         if home.prepare {
-            // A home with groups commits only once every group is sure to outlive the commit.
-            if !cluster::prepare_groups(self, id, &home.groups).await? {
-                // A group has ended: no commit can reach it, so the hold goes back everywhere.
-                let release = Settlement::release();
-                let released = ops::SettleArgs {
-                    keep_ms: self.retain_ms(),
-                    ..args
-                };
-                let home = self.settle_record(&record, id, &release, released).await?;
-                cluster::settle_groups(self, id, &release, home).await?;
-                return Err(Error::refused(ErrorKind::Expired, id));
-            }
-            args.prepared = true;
+            // A home with groups commits only once every group is sure to outlive the commit;
+            // if one has ended, the commit expires (and the groups are released).
+            args.prepared = if cluster::prepare_groups(self, id, &home.groups).await? {
+                ops::Prepared::Yes
+            } else {
+                ops::Prepared::GroupEnded
+            };
             home = self.settle_record(&record, id, settlement, args).await?;
         }
         if home.groups.is_empty() {
@@ -598,6 +585,7 @@ impl Store for RedisStore {
         if keep_ms == 0 {
             // Every group followed: the home, kept for them, goes as the settlement asked.
             args.keep_ms = 0;
+            args.nonce = rand::random();
             self.settle_record(&record, id, settlement, args).await?;
         }
         Ok(result)

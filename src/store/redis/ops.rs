@@ -147,9 +147,20 @@ pub(crate) struct SettleArgs {
     /// Whether actual amounts must each name a budget of this record (a whole hold, or a home).
     pub(crate) strict: bool,
     /// Whether a home's groups were made sure to outlive its commit.
-    pub(crate) prepared: bool,
+    pub(crate) prepared: Prepared,
     /// This call's own: its retry is answered as it was, even after the record was forgotten.
     pub(crate) nonce: Nonce,
+}
+
+/// What a Cluster home knows of its groups when it commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prepared {
+    /// Nothing yet: a home with groups answers "prepare".
+    No,
+    /// Every group outlives the commit.
+    Yes,
+    /// A group has ended: the commit expires.
+    GroupEnded,
 }
 
 /// Op 2: settle one record.
@@ -164,7 +175,11 @@ pub(crate) fn settle(
     let how: String = [
         if s.is_commit() { 'c' } else { 'r' },
         flag(a.strict),
-        flag(a.prepared),
+        match a.prepared {
+            Prepared::No => '0',
+            Prepared::Yes => '1',
+            Prepared::GroupEnded => 'x',
+        },
     ]
     .into_iter()
     .collect();
