@@ -397,6 +397,21 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Hold {
     }
 }
 
+/// `Option<Hold>`: `None` on a request the layer reserved nothing for (no claims, shadow mode,
+/// failing open), so that a handler that serves both says so in its signature rather than
+/// finding out at run time.
+#[cfg(feature = "axum")]
+impl<S: Send + Sync> axum::extract::OptionalFromRequestParts<S> for Hold {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<Hold>().cloned())
+    }
+}
+
 /// A commit or release of a hold. Polled in place by the response future, so the response
 /// waits for it without a task switch; if the response future is dropped first (the client
 /// went away mid-commit), the rest runs to completion in a task of its own.
