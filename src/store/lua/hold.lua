@@ -272,23 +272,21 @@ local function settle(op, now, now_text)
   end
 
   local groups = groups_of(r)
-  if commit and now < r.e and #groups > 0 and prepared == '0' then
-    return { 'E', 'prepare', groups }
-  end
   -- A home with groups is kept until they have followed: a commit that did not reach every
   -- group is finished by a retry, which needs the list (cluster.rs drops it afterwards when
   -- the settlement forgets).
   if #groups > 0 and keep == 0 then keep = RETAIN end
-  if commit and (now >= r.e or prepared == 'x') then
+  local function expire_now()
     -- The lease ran out (here, or in a group that cannot follow): whatever is still held goes
     -- back now.
     undo(r, id, now, now_text)
     redis.call('SET', key, settled_by(r, 'X', nonce), 'PX', num(RETAIN))
     return { 'E', 'expired', groups }
   end
+  if commit and now >= r.e then return expire_now() end
   if commit and strict then
-    -- Every actual amount is checked before anything changes: against this record's claims,
-    -- and a Cluster home's list of every group's budget claims.
+    -- Every actual amount is checked before anything changes (a Cluster home's groups too):
+    -- against this record's claims, and a Cluster home's list of every group's budget claims.
     local claims = claims_of(r)
     for _, a in ipairs(actuals) do
       local held = nil
@@ -301,6 +299,8 @@ local function settle(op, now, now_text)
       if not held or a[3] > held then return { 'E', held and 'exceeds' or 'not_held', groups } end
     end
   end
+  if commit and #groups > 0 and prepared == '0' then return { 'E', 'prepare', groups } end
+  if commit and prepared == 'x' then return expire_now() end
   local plan = read_settled(r, commit, actuals, now, now_text)
   local kept_memo = keep > 0 and memo and mkey
   if kept_memo then redis.call('EXISTS', mkey) end
