@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use support::redis_server::{RedisCluster, RedisServer};
 use support::{Advance, fresh, granted, kind, spend, status};
-use tower_reserve::{Budget, ErrorKind, MemoryStore, RedisStore, Settlement, Store, Window};
+use tower_reserve::{Budget, ErrorKind, MemoryStore, RedisStore, Settlement, Window};
 
 async fn time_passes<S: Advance>(store: &S) {
     // A lease ends: its capacity is back, and a commit is refused.
