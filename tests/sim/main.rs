@@ -212,20 +212,30 @@ async fn drive<S: Advance>(store: S, env: &mut Env, retain_ms: u64, plan: Plan<'
 /// Removes operations (chunks, then one by one; a group's or fault's operations one by one)
 /// while the history still fails, within a time budget. Answers the shortest failing history
 /// and its transcript.
+fn first_line(what: &str) -> &str {
+    what.lines().next().unwrap_or("")
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn shrink(
     env: &mut Env,
     kind: Kind,
     retain_ms: u64,
     faults: bool,
     ops: Vec<Op>,
+    original: &Failure,
     budget: Duration,
 ) -> Option<(Vec<Op>, Vec<String>, Failure)> {
     let deadline = Instant::now() + budget;
     let mut best: Option<(Vec<Op>, Vec<String>, Failure)>;
     let mut cur = ops;
+    // A shorter history counts only if it fails the same way: at the same operation (or the
+    // same audit read), so that shrinking never trades the failure for another one.
     let fails = async |env: &mut Env, cand: &[Op]| {
         let out = run_with(env, kind, retain_ms, faults, Plan::Replay(cand)).await;
-        out.failure.map(|f| (out.ops, out.history, f))
+        out.failure
+            .filter(|f| first_line(&f.what) == first_line(&original.what))
+            .map(|f| (out.ops, out.history, f))
     };
     // The recorded history must fail again first.
     match fails(env, &cur).await {
@@ -357,6 +367,7 @@ fn simulate(name: &str, kind: Kind, cases: usize, steps: usize) {
                 retain_ms,
                 faults,
                 out.ops.clone(),
+                &failure,
                 cfg.shrink_for,
             ));
             match shrunk {
