@@ -422,12 +422,12 @@ fn sim_memory() {
 
 #[test]
 fn sim_redis() {
-    simulate("sim_redis", Kind::Node, 5, 120);
+    simulate("sim_redis", Kind::Node, 10, 120);
 }
 
 #[test]
 fn sim_cluster() {
-    simulate("sim_cluster", Kind::Cluster, 3, 100);
+    simulate("sim_cluster", Kind::Cluster, 6, 100);
 }
 
 /// Seeds through the layer, on one store; each case a fresh service and keys.
