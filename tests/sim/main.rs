@@ -17,6 +17,9 @@
 //! `sim_layer_memory` and `sim_layer_redis` do the same through the layer (`layer.rs`): keyed
 //! requests, their replays and what they charge.
 //!
+//! `sim_scenarios_*` replay the histories it found, shrunk and written out (`scenarios.rs`), on
+//! each store: the same steps every time, so that what they caught stays caught.
+//!
 //! A failure prints its seed, the history up to it, then the shortest history the shrinker found
 //! that still fails (operations removed while the failure stays), and the command that replays
 //! the seed.
@@ -29,6 +32,7 @@ mod generate;
 mod layer;
 mod model;
 mod run;
+mod scenarios;
 
 use std::time::{Duration, Instant};
 
@@ -501,4 +505,47 @@ fn sim_layer_memory() {
 #[test]
 fn sim_layer_redis() {
     simulate_layer("sim_layer_redis", true, 10, 60);
+}
+
+/// The written histories of `scenarios.rs`, each on a fresh universe of one store.
+fn replay_scenarios(name: &str, kind: Kind) {
+    let rt = runtime();
+    let mut env = match kind {
+        Kind::Memory => Env::Memory,
+        Kind::Node => Env::Node(RedisServer::start()),
+        Kind::Cluster => Env::Cluster(RedisCluster::start(3, 0)),
+    };
+    let mut failed = Vec::new();
+    for (title, ops) in scenarios::all() {
+        let out = rt.block_on(run_with(&mut env, kind, 3_000, false, Plan::Replay(&ops)));
+        if let Some(f) = out.failure {
+            failed.push(format!(
+                "--- {title}: step {}: {}\n{}",
+                f.step,
+                f.what,
+                out.history.join("\n")
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{name}: {} written histories fail:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
+#[test]
+fn sim_scenarios_memory() {
+    replay_scenarios("sim_scenarios_memory", Kind::Memory);
+}
+
+#[test]
+fn sim_scenarios_redis() {
+    replay_scenarios("sim_scenarios_redis", Kind::Node);
+}
+
+#[test]
+fn sim_scenarios_cluster() {
+    replay_scenarios("sim_scenarios_cluster", Kind::Cluster);
 }
