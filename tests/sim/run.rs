@@ -948,6 +948,30 @@ impl<'e, S: Advance> Sim<'e, S> {
     /// After the run: far past every lease, retention and window, the store keeps only what is
     /// owned or spent for good.
     pub async fn census(&mut self, step: usize) -> Result<(), Failure> {
+        // A memo is kept once, with its home record: never more memo keys than records the
+        // model says keep one.
+        let now = self.now();
+        let memos = self
+            .env
+            .keys_matching(&format!("*{}*", self.u.tag))
+            .await
+            .into_iter()
+            .filter(|k| k.ends_with(":m"))
+            .count();
+        let kept = self
+            .model()
+            .holds
+            .values()
+            .filter(|h| h.memo.is_some() && h.drop_at > now + 50)
+            .count();
+        if memos > kept {
+            return Err(Failure {
+                step,
+                what: format!(
+                    "{memos} memo keys for {kept} records that keep a memo (a memo stored more than once)"
+                ),
+            });
+        }
         self.advance(3 * 86_400_000).await;
         self.audit(step).await?;
         let left = self.env.keys_matching(&format!("*{}*", self.u.tag)).await;

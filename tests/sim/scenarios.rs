@@ -208,6 +208,20 @@ pub fn all() -> Vec<(&'static str, Vec<Op>)> {
             ],
         ),
         (
+            // On a Cluster the hold has groups; the memo belongs to its home.
+            "a memo is kept once",
+            vec![
+                reserve(0, &[spend(1, 5), own(1, 1)], 10_000),
+                Op::Settle {
+                    hold: 0,
+                    commit: true,
+                    actual: None,
+                    memo: Some(0),
+                    keep: Keep::For(60_000),
+                },
+            ],
+        ),
+        (
             "a check of a live hold answers what each budget has left",
             vec![
                 reserve(0, &[spend(1, 40)], 10_000),
