@@ -962,7 +962,7 @@ impl<'e, S: Advance> Sim<'e, S> {
             .model()
             .holds
             .values()
-            .filter(|h| h.memo.is_some() && h.drop_at > now + 50)
+            .filter(|h| h.memo.is_some() && h.drop_at + 50 > now)
             .count();
         if memos > kept {
             return Err(Failure {
