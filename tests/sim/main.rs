@@ -456,17 +456,19 @@ fn simulate_layer(name: &str, node: bool, cases: usize, steps: usize) {
             match &server {
                 None => {
                     let store = MemoryStore::with_test_clock().retain(retain);
-                    layer::case(store, seed, cfg.steps).await
+                    layer::case(store, seed, cfg.steps, None).await
                 }
                 Some(server) => {
                     let store = RedisStore::builder()
                         .test_clock()
                         .prefix(support::fresh("sim"))
                         .retain(retain)
+                        .timeout(Duration::from_millis(layer::STORE_TIMEOUT_MS))
                         .connect(&server.url())
                         .await
                         .expect("connect to redis");
-                    layer::case(store, seed, cfg.steps).await
+                    let pause = cfg.faults.then(|| server.port());
+                    layer::case(store, seed, cfg.steps, pause).await
                 }
             }
         });
