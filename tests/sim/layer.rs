@@ -74,7 +74,7 @@ fn op(rng: &mut StdRng, pauses: bool) -> Op {
         key: rng.random_range(0..KEYS),
         mode: ["ok", "ok", "self", "self", "bad"][rng.random_range(0..5)],
         amount: [10, 30][rng.random_range(0..2)],
-        paused: pauses && rng.random_bool(0.1),
+        paused: pauses && rng.random_bool(0.04),
     }
 }
 

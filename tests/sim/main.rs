@@ -506,7 +506,7 @@ fn sim_layer_memory() {
 
 #[test]
 fn sim_layer_redis() {
-    simulate_layer("sim_layer_redis", true, 10, 60);
+    simulate_layer("sim_layer_redis", true, 6, 60);
 }
 
 /// The written histories of `scenarios.rs`, each on a fresh universe of one store.
