@@ -36,7 +36,8 @@ enum Op {
     Request {
         caller: usize,
         key: usize,
-        /// `ok`: answers 200; `self`: commits its own hold, then answers 200; `bad`: 400.
+        /// `ok`: answers 200; `self`: commits its own hold, then answers 200; `bad`: 400;
+        /// `headers`: 200 with the largest body a kept response may have, and 5 KiB of headers.
         mode: &'static str,
         amount: u64,
         /// Sent while Redis is paused (`CLIENT PAUSE`) past the store's time limit: its
@@ -56,6 +57,8 @@ struct Kept {
     /// call: until somewhere in `[until_lo, until_hi]`.
     until_lo: u64,
     until_hi: u64,
+    /// Whether the response fits what a record keeps.
+    whole: bool,
 }
 
 #[derive(Debug, Default)]
@@ -72,7 +75,7 @@ fn op(rng: &mut StdRng, pauses: bool) -> Op {
     Op::Request {
         caller: if rng.random_bool(0.7) { 0 } else { 1 },
         key: rng.random_range(0..KEYS),
-        mode: ["ok", "ok", "self", "self", "bad"][rng.random_range(0..5)],
+        mode: ["ok", "ok", "self", "self", "bad", "headers"][rng.random_range(0..6)],
         amount: [10, 30][rng.random_range(0..2)],
         paused: pauses && rng.random_bool(0.04),
     }
@@ -109,7 +112,11 @@ pub async fn case<S: Advance>(
             Extracted::Ok((req, vec![Claim::spend(budgets[i].clone(), amount)]))
         }
     })
-    .idempotency(Idempotency::new().keep_for(Duration::from_millis(KEEP_MS)))
+    .idempotency(
+        Idempotency::new()
+            .keep_for(Duration::from_millis(KEEP_MS))
+            .max_body(tower_reserve::MAX_MEMO),
+    )
     .layer(tower::service_fn(move |req: Request<RequestBody>| {
         let runs = handler_runs.clone();
         async move {
@@ -124,8 +131,17 @@ pub async fn case<S: Advance>(
                 "bad" => StatusCode::BAD_REQUEST,
                 _ => StatusCode::OK,
             };
-            let mut response = Response::new(Full::new(Bytes::from(format!("run-{n}"))));
+            let mut text = format!("run-{n}");
+            if mode == "headers" {
+                // A body as large as a kept response may be, and headers on top of it.
+                text.push_str(&" ".repeat(tower_reserve::MAX_MEMO - 4 * 1024 - text.len()));
+            }
+            let mut response = Response::new(Full::new(Bytes::from(text)));
             *response.status_mut() = status;
+            if mode == "headers" {
+                let pad = http::HeaderValue::from_str(&"x".repeat(5 * 1024)).expect("a value");
+                response.headers_mut().insert("x-pad", pad);
+            }
             Ok::<_, Infallible>(response)
         }
     }));
@@ -192,8 +208,9 @@ pub async fn case<S: Advance>(
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
+        let shown = String::from_utf8_lossy(&body[..body.len().min(40)]);
         history.push(format!(
-            "{step}: {op:?} -> {status} {body:?}{} (handler runs: {ran})",
+            "{step}: {op:?} -> {status} {shown:?}{} (handler runs: {ran})",
             if replayed { " replayed" } else { "" }
         ));
         let fail = |what: String, history: &[String]| {
@@ -267,7 +284,10 @@ fn check(
         });
         match kept {
             Some(k) if k.amount == amount => {
-                if !(replayed && status == k.status && *body == k.body && ran == 0) {
+                // A response that could not be kept answers 409, never runs again.
+                let unavailable = !k.whole && status == 409 && ran == 0;
+                let replay = replayed && status == k.status && *body == k.body && ran == 0;
+                if !(replay || unavailable) {
                     return Some(format!(
                         "a retry must replay {} {:?} without running the handler",
                         k.status, k.body
@@ -311,6 +331,9 @@ fn check(
                             amount,
                             status,
                             body: body.clone(),
+                            // A response with more headers than a memo keeps may not be kept:
+                            // its retry may then answer 409 (but never run again).
+                            whole: mode != "headers",
                             until_lo: now + KEEP_MS,
                             until_hi: after + KEEP_MS,
                         },
