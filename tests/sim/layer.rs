@@ -3,7 +3,8 @@
 //! retention and the key's `keep_for`, against a model of what the layer promises: a key's first
 //! response replayed to its caller for as long as it is kept, its handler run once and its
 //! amount charged once, another body under it refused, and one caller's key never answering
-//! another caller.
+//! another caller. On Redis some requests are sent while the server is paused past the store's
+//! time limit: a 503 must leave nothing held and the key free.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -35,9 +36,13 @@ enum Op {
     Request {
         caller: usize,
         key: usize,
-        /// `ok`: answers 200; `self`: commits its own hold, then answers 200; `bad`: 400.
+        /// `ok`: answers 200; `self`: commits its own hold, then answers 200; `bad`: 400;
+        /// `headers`: 200 with the largest body a kept response may have, and 5 KiB of headers.
         mode: &'static str,
         amount: u64,
+        /// Sent while Redis is paused (`CLIENT PAUSE`) past the store's time limit: its
+        /// reservation lands after the layer answered 503.
+        paused: bool,
     },
     Advance(u64),
 }
@@ -52,6 +57,8 @@ struct Kept {
     /// call: until somewhere in `[until_lo, until_hi]`.
     until_lo: u64,
     until_hi: u64,
+    /// Whether the response fits what a record keeps.
+    whole: bool,
 }
 
 #[derive(Debug, Default)]
@@ -60,7 +67,7 @@ struct Model {
     kept: BTreeMap<(usize, usize), Kept>,
 }
 
-fn op(rng: &mut StdRng) -> Op {
+fn op(rng: &mut StdRng, pauses: bool) -> Op {
     if rng.random_bool(0.2) {
         let choices = [RETAIN_MS + 200, KEEP_MS + 200, 1_000, RETAIN_MS / 2];
         return Op::Advance(choices[rng.random_range(0..choices.len())]);
@@ -68,14 +75,25 @@ fn op(rng: &mut StdRng) -> Op {
     Op::Request {
         caller: if rng.random_bool(0.7) { 0 } else { 1 },
         key: rng.random_range(0..KEYS),
-        mode: ["ok", "ok", "self", "self", "bad"][rng.random_range(0..5)],
+        mode: ["ok", "ok", "self", "self", "bad", "headers"][rng.random_range(0..6)],
         amount: [10, 30][rng.random_range(0..2)],
+        paused: pauses && rng.random_bool(0.04),
     }
 }
 
+/// How long a pause lasts: past the store's time limit (`STORE_TIMEOUT_MS`).
+const PAUSE_MS: u64 = 800;
+pub const STORE_TIMEOUT_MS: u64 = 300;
+
 /// One case: a fresh store and service, `steps` operations; answers the history so far and
 /// what went wrong.
-pub async fn case<S: Advance>(store: S, seed: u64, steps: usize) -> Result<(), String> {
+/// `redis`: the port of the store's Redis, to pause it.
+pub async fn case<S: Advance>(
+    store: S,
+    seed: u64,
+    steps: usize,
+    redis: Option<u16>,
+) -> Result<(), String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let tag = fresh("layer");
     let budgets: Vec<Budget> = CALLERS
@@ -94,7 +112,11 @@ pub async fn case<S: Advance>(store: S, seed: u64, steps: usize) -> Result<(), S
             Extracted::Ok((req, vec![Claim::spend(budgets[i].clone(), amount)]))
         }
     })
-    .idempotency(Idempotency::new().keep_for(Duration::from_millis(KEEP_MS)))
+    .idempotency(
+        Idempotency::new()
+            .keep_for(Duration::from_millis(KEEP_MS))
+            .max_body(tower_reserve::MAX_MEMO),
+    )
     .layer(tower::service_fn(move |req: Request<RequestBody>| {
         let runs = handler_runs.clone();
         async move {
@@ -109,8 +131,17 @@ pub async fn case<S: Advance>(store: S, seed: u64, steps: usize) -> Result<(), S
                 "bad" => StatusCode::BAD_REQUEST,
                 _ => StatusCode::OK,
             };
-            let mut response = Response::new(Full::new(Bytes::from(format!("run-{n}"))));
+            let mut text = format!("run-{n}");
+            if mode == "headers" {
+                // A body as large as a kept response may be, and headers on top of it.
+                text.push_str(&" ".repeat(tower_reserve::MAX_MEMO - 4 * 1024 - text.len()));
+            }
+            let mut response = Response::new(Full::new(Bytes::from(text)));
             *response.status_mut() = status;
+            if mode == "headers" {
+                let pad = http::HeaderValue::from_str(&"x".repeat(5 * 1024)).expect("a value");
+                response.headers_mut().insert("x-pad", pad);
+            }
             Ok::<_, Infallible>(response)
         }
     }));
@@ -119,9 +150,9 @@ pub async fn case<S: Advance>(store: S, seed: u64, steps: usize) -> Result<(), S
     let mut shift = 0u64;
     let mut history = Vec::new();
     for step in 0..steps {
-        let op = op(&mut rng);
+        let op = op(&mut rng, redis.is_some());
         let now = system_ms() + shift;
-        let (caller, key, mode, amount) = match op {
+        let (caller, key, mode, amount, paused) = match op {
             Op::Advance(by) => {
                 store.advance(Duration::from_millis(by)).await;
                 shift += by;
@@ -133,7 +164,8 @@ pub async fn case<S: Advance>(store: S, seed: u64, steps: usize) -> Result<(), S
                 key,
                 mode,
                 amount,
-            } => (caller, key, mode, amount),
+                paused,
+            } => (caller, key, mode, amount, paused),
         };
         // Two callers share key names unless told not to (to look past a shared scope).
         let key_name = if crate::generate::without("shared-keys") {
@@ -148,9 +180,25 @@ pub async fn case<S: Advance>(store: S, seed: u64, steps: usize) -> Result<(), S
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(format!(r#"{{"amount":{amount}}}"#))))
             .expect("a request");
+        let paused_until = match (paused, redis) {
+            (true, Some(port)) => {
+                let _ = tokio::process::Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "CLIENT", "PAUSE"])
+                    .arg(PAUSE_MS.to_string())
+                    .arg("WRITE")
+                    .output()
+                    .await;
+                Some(std::time::Instant::now() + Duration::from_millis(PAUSE_MS + 150))
+            }
+            _ => None,
+        };
         let before = runs.load(Ordering::SeqCst);
         let response = svc.clone().oneshot(req).await.expect("infallible");
         let after = system_ms() + shift;
+        if let Some(until) = paused_until {
+            // What the pause held back lands now.
+            tokio::time::sleep_until(until.into()).await;
+        }
         let ran = runs.load(Ordering::SeqCst) - before;
         let status = response.status().as_u16();
         let replayed = response.headers().contains_key("idempotency-replayed");
@@ -160,8 +208,9 @@ pub async fn case<S: Advance>(store: S, seed: u64, steps: usize) -> Result<(), S
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
+        let shown = String::from_utf8_lossy(&body[..body.len().min(40)]);
         history.push(format!(
-            "{step}: {op:?} -> {status} {body:?}{} (handler runs: {ran})",
+            "{step}: {op:?} -> {status} {shown:?}{} (handler runs: {ran})",
             if replayed { " replayed" } else { "" }
         ));
         let fail = |what: String, history: &[String]| {
@@ -170,6 +219,58 @@ pub async fn case<S: Advance>(store: S, seed: u64, steps: usize) -> Result<(), S
                 history.join("\n")
             ))
         };
+        if status == 503 && ran == 0 {
+            // The store did not answer in time: nothing ran, nothing may stay held, and the
+            // key may be used again at once.
+            if !paused {
+                return fail("503 without a fault".into(), &history);
+            }
+        } else if let Some(r) = check(
+            &mut model, caller, key, mode, amount, status, replayed, ran, &body, now, after,
+        ) {
+            return fail(r, &history);
+        }
+        for (i, b) in budgets.iter().enumerate() {
+            let mut s = store.budget(b).await.expect("a budget read");
+            // After a 503 the layer gives back what landed late, in the background: allow it
+            // a moment (bounded).
+            for _ in 0..20 {
+                if !paused || (s.spent == model.spent[i] && s.held == 0) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                s = store.budget(b).await.expect("a budget read");
+            }
+            if s.spent != model.spent[i] || s.held != 0 {
+                return fail(
+                    format!(
+                        "{}'s budget: spent {} held {}, model spent {} held 0 (charged twice or not at all, or a hold nobody knows)",
+                        CALLERS[i], s.spent, s.held, model.spent[i]
+                    ),
+                    &history,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Judges one answered request against the model; answers what is wrong, if anything.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    model: &mut Model,
+    caller: usize,
+    key: usize,
+    mode: &str,
+    amount: u64,
+    status: u16,
+    replayed: bool,
+    ran: u64,
+    body: &Bytes,
+    now: u64,
+    after: u64,
+) -> Option<String> {
+    {
         // The model: the caller's own key, while kept. Where the key's end falls within the
         // call, the store's answer says which side it fell on.
         let kept = model.kept.get(&(caller, key)).filter(|k| {
@@ -183,57 +284,43 @@ pub async fn case<S: Advance>(store: S, seed: u64, steps: usize) -> Result<(), S
         });
         match kept {
             Some(k) if k.amount == amount => {
-                if !(replayed && status == k.status && body == k.body && ran == 0) {
-                    return fail(
-                        format!(
-                            "a retry must replay {} {:?} without running the handler",
-                            k.status, k.body
-                        ),
-                        &history,
-                    );
+                // A response that could not be kept answers 409, never runs again.
+                let unavailable = !k.whole && status == 409 && ran == 0;
+                let replay = replayed && status == k.status && *body == k.body && ran == 0;
+                if !(replay || unavailable) {
+                    return Some(format!(
+                        "a retry must replay {} {:?} without running the handler",
+                        k.status, k.body
+                    ));
                 }
             }
             Some(_) => {
                 if status != 422 || ran != 0 {
-                    return fail(
-                        "a key reused with another body must be 422".into(),
-                        &history,
-                    );
+                    return Some("a key reused with another body must be 422".into());
                 }
             }
             None => {
                 let left = LIMIT - model.spent[caller];
                 if amount > left {
                     if status != 403 || ran != 0 {
-                        return fail(
-                            format!("{amount} over what is left ({left}) must be 403"),
-                            &history,
-                        );
+                        return Some(format!("{amount} over what is left ({left}) must be 403"));
                     }
                 } else {
                     let want = if mode == "bad" { 400 } else { 200 };
                     let other = 1 - caller;
-                    if model
-                        .kept
-                        .get(&(other, key))
-                        .is_some_and(|k| k.until_hi > now && (k.amount != amount || k.body == body))
-                        && (replayed || status == 422)
+                    if model.kept.get(&(other, key)).is_some_and(|k| {
+                        k.until_hi > now && (k.amount != amount || k.body == *body)
+                    }) && (replayed || status == 422)
                     {
-                        return fail(
-                            format!(
-                                "{} was answered from {}'s key (another caller's response, or 422): keys must not let one client see another's result",
-                                CALLERS[caller], CALLERS[other]
-                            ),
-                            &history,
-                        );
+                        return Some(format!(
+                            "{} was answered from {}'s key (another caller's response, or 422): keys must not let one client see another's result",
+                            CALLERS[caller], CALLERS[other]
+                        ));
                     }
                     if replayed || status != want || ran != 1 {
-                        return fail(
-                            format!(
-                                "a first request (or one after its key's keep_for) must run its handler once and answer {want}; a replay here means the key's record outlived its keep_for"
-                            ),
-                            &history,
-                        );
+                        return Some(format!(
+                            "a first request (or one after its key's keep_for, or after a 503) must run its handler once and answer {want}"
+                        ));
                     }
                     if want == 200 {
                         model.spent[caller] += amount;
@@ -243,7 +330,10 @@ pub async fn case<S: Advance>(store: S, seed: u64, steps: usize) -> Result<(), S
                         Kept {
                             amount,
                             status,
-                            body,
+                            body: body.clone(),
+                            // A response with more headers than a memo keeps may not be kept:
+                            // its retry may then answer 409 (but never run again).
+                            whole: mode != "headers",
                             until_lo: now + KEEP_MS,
                             until_hi: after + KEEP_MS,
                         },
@@ -251,18 +341,6 @@ pub async fn case<S: Advance>(store: S, seed: u64, steps: usize) -> Result<(), S
                 }
             }
         }
-        for (i, b) in budgets.iter().enumerate() {
-            let s = store.budget(b).await.expect("a budget read");
-            if s.spent != model.spent[i] || s.held != 0 {
-                return fail(
-                    format!(
-                        "{}'s budget: spent {} held {}, model spent {} (charged twice, or not at all)",
-                        CALLERS[i], s.spent, s.held, model.spent[i]
-                    ),
-                    &history,
-                );
-            }
-        }
     }
-    Ok(())
+    None
 }

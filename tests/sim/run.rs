@@ -624,6 +624,20 @@ impl<'e, S: Advance> Sim<'e, S> {
         results: Vec<(u64, u64, Got)>,
         step: usize,
     ) -> Result<(), Failure> {
+        for (op, t0) in self.judge_known(ops, results, step)? {
+            self.resolve(&op, t0, step).await?;
+        }
+        Ok(())
+    }
+
+    /// Judges the answers that are known; answers the operations whose outcome is not (with
+    /// when they were sent), to settle later.
+    fn judge_known(
+        &mut self,
+        ops: &[Op],
+        results: Vec<(u64, u64, Got)>,
+        step: usize,
+    ) -> Result<Vec<(Op, u64)>, Failure> {
         let mut pending = Vec::new();
         for (op, (t0, t1, got)) in ops.iter().zip(results) {
             self.line(format!("    {op:?} -> {:?}", got.answer));
@@ -638,10 +652,7 @@ impl<'e, S: Advance> Sim<'e, S> {
                 });
             }
         }
-        for (op, t0) in pending {
-            self.resolve(&op, t0, step).await?;
-        }
-        Ok(())
+        Ok(pending)
     }
 
     /// Retries an operation whose outcome is unknown until the store answers it; the model
@@ -889,19 +900,47 @@ impl<'e, S: Advance> Sim<'e, S> {
         self.line(format!("    slot {slot}: node {from} -> node {to}"));
         let keys = self.env.keys_in_slot(from, slot).await;
         let mut ops = ops.iter();
+        let mut unsettled: Vec<(Op, u64)> = Vec::new();
         for key in &keys {
-            let op = ops.next().cloned();
-            let mv = self.env.migrate_key(from, to, key);
-            match op {
-                Some(op) => {
-                    let (results, _) = tokio::join!(self.exec(std::slice::from_ref(&op)), mv);
-                    self.judge_all(std::slice::from_ref(&op), results, step)
-                        .await?;
-                }
-                None => mv.await,
+            self.env.migrate_key(from, to, key).await;
+            // Between two moves, a live hold whose record lives in this slot is committed: its
+            // record and its budget may now be on two nodes. Else the next operation runs.
+            let now = self.now();
+            let local = self.model().holds.iter().find_map(|(h, rec)| {
+                (rec.phase == Phase::Held
+                    && rec.expires > now + 100
+                    && self.model().shape.hold_slots[*h] == slot)
+                    .then_some(*h)
+            });
+            let op = match local {
+                Some(hold) => Some(Op::Settle {
+                    hold,
+                    commit: true,
+                    actual: None,
+                    memo: None,
+                    keep: Keep::Default,
+                }),
+                None => ops.next().cloned(),
+            };
+            // An operation whose outcome the move hid is settled once the slot has moved (until
+            // then it may answer "unavailable" again and again); nothing that shares an id,
+            // budget or value with it runs before.
+            let Some(op) = op else { continue };
+            let f = self.footprint(&op);
+            if unsettled
+                .iter()
+                .any(|(u, _)| self.footprint(u).iter().any(|r| f.contains(r)))
+            {
+                continue;
             }
+            let one = std::slice::from_ref(&op);
+            let results = self.exec(one).await;
+            unsettled.extend(self.judge_known(one, results, step)?);
         }
         self.env.finish_migration(slot, to).await;
+        for (op, t0) in unsettled {
+            self.resolve(&op, t0, step).await?;
+        }
         let rest: Vec<Op> = ops.cloned().collect();
         self.group(&rest, step).await
     }
@@ -909,6 +948,30 @@ impl<'e, S: Advance> Sim<'e, S> {
     /// After the run: far past every lease, retention and window, the store keeps only what is
     /// owned or spent for good.
     pub async fn census(&mut self, step: usize) -> Result<(), Failure> {
+        // A memo is kept once, with its home record: never more memo keys than records the
+        // model says keep one.
+        let now = self.now();
+        let memos = self
+            .env
+            .keys_matching(&format!("*{}*", self.u.tag))
+            .await
+            .into_iter()
+            .filter(|k| k.ends_with(":m"))
+            .count();
+        let kept = self
+            .model()
+            .holds
+            .values()
+            .filter(|h| h.memo.is_some() && h.drop_at + 50 > now)
+            .count();
+        if memos > kept {
+            return Err(Failure {
+                step,
+                what: format!(
+                    "{memos} memo keys for {kept} records that keep a memo (a memo stored more than once)"
+                ),
+            });
+        }
         self.advance(3 * 86_400_000).await;
         self.audit(step).await?;
         let left = self.env.keys_matching(&format!("*{}*", self.u.tag)).await;
