@@ -956,7 +956,7 @@ impl<'e, S: Advance> Sim<'e, S> {
             .keys_matching(&format!("*{}*", self.u.tag))
             .await
             .into_iter()
-            .filter(|k| k.ends_with(":m"))
+            .filter(|k| k.contains(":m:"))
             .count();
         let kept = self
             .model()
@@ -978,7 +978,12 @@ impl<'e, S: Advance> Sim<'e, S> {
         let stale: Vec<&String> = left
             .iter()
             .filter(|k| {
-                k.contains(":h:") || k.contains(":f:") || k.ends_with(":p") || k.contains(":s")
+                // Records, memos, group records, refunds' records, in-flight markers, windowed
+                // budgets, and calls' nonces (`#`).
+                [":h:", ":m:", ":g:", ":f:", ":s", "#"]
+                    .iter()
+                    .any(|part| k.contains(part))
+                    || k.ends_with(":p")
             })
             .collect();
         if !stale.is_empty() {

@@ -263,8 +263,10 @@ local function settle(op, now, now_text)
         redis.call('DEL', key)
         if mkey then redis.call('DEL', mkey) end
       else
-        local kept = mkey and keep_at_least(mkey, keep)
-        if memo and mkey and not kept then redis.call('SET', mkey, memo, 'PX', num(keep)) end
+        -- A memo lives as long as its record.
+        local ttl = math.max(keep, redis.call('PTTL', key))
+        local kept = mkey and keep_at_least(mkey, ttl)
+        if memo and mkey and not kept then redis.call('SET', mkey, memo, 'PX', num(ttl)) end
         keep_at_least(key, keep)
       end
     end
