@@ -252,7 +252,7 @@ pub(crate) async fn reserve(
         }
     };
     let mut grant = match ops::reserved(&answer, r, &plan.home)? {
-        Reserved::Denied(d) => return Ok(Reserved::Denied(d)),
+        Reserved::Denied(d) => return first_denial(store, r, &plan, d).await,
         Reserved::Granted(g) => g,
     };
     if grant.replayed {
@@ -326,6 +326,38 @@ pub(crate) async fn reserve(
         (None, Some(err)) => Err(err),
         (None, None) => unreachable!("checked above"),
     }
+}
+
+/// The denial a reservation across slots answers when its home denied `home`: the first claim
+/// that fails, as on one node, so the groups holding earlier claims are checked (holding
+/// nothing) too.
+async fn first_denial(
+    store: &RedisStore,
+    r: &Reservation,
+    plan: &Plan,
+    home: Denial,
+) -> Result<Reserved, Error> {
+    let earlier: Vec<&(String, Vec<usize>)> = plan
+        .groups
+        .iter()
+        .filter(|(_, indices)| indices.iter().any(|&i| i < home.claim))
+        .collect();
+    let answers = join_all(earlier.iter().map(|(record, indices)| async {
+        let answer = store
+            .call(ops::check(store.keys(), r, record.clone(), indices), false)
+            .await?;
+        ops::reserved(&answer, r, indices)
+    }))
+    .await;
+    let mut first = home;
+    for answer in answers {
+        if let Reserved::Denied(d) = answer? {
+            if d.claim < first.claim {
+                first = d;
+            }
+        }
+    }
+    Ok(Reserved::Denied(first))
 }
 
 /// A retry of a live hold across slots, answered as a replay, with what every budget claim's
