@@ -351,10 +351,10 @@ async fn first_denial(
     .await;
     let mut first = home;
     for answer in answers {
-        if let Reserved::Denied(d) = answer? {
-            if d.claim < first.claim {
-                first = d;
-            }
+        if let Reserved::Denied(d) = answer?
+            && d.claim < first.claim
+        {
+            first = d;
         }
     }
     Ok(Reserved::Denied(first))
