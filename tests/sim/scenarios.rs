@@ -222,6 +222,51 @@ pub fn all() -> Vec<(&'static str, Vec<Op>)> {
             ],
         ),
         (
+            // On a Cluster hold 3's home is budget 0's slot, where the second claim fails; the
+            // first fails in a group: the answer names the first, wherever it lives.
+            "a denial names the first claim that fails",
+            vec![reserve(
+                3,
+                &[Spec::ReleaseOnCommit { value: 2, owner: 2 }, spend(0, 110)],
+                10_000,
+            )],
+        ),
+        (
+            // A forgotten commit across slots leaves group records behind for a while: a check
+            // of the same id answers from its claims, not from those records.
+            "a check after a forgotten commit answers from its claims",
+            vec![
+                reserve(5, &[spend(3, 37), spend(0, 23)], 10_000),
+                settle(5, true, Keep::Forget),
+                Op::Check {
+                    hold: 5,
+                    claims: vec![
+                        spend(3, 26),
+                        spend(1, 24),
+                        Spec::ReleaseOnCommit { value: 2, owner: 2 },
+                    ],
+                    lease: 800,
+                },
+            ],
+        ),
+        (
+            // A commit refused for its actual amounts extends nothing: the value is free once
+            // the hold's own lease has ended.
+            "a commit refused for its actual amounts extends nothing",
+            vec![
+                reserve(7, &[own(0, 0)], 10_000),
+                Op::Settle {
+                    hold: 7,
+                    commit: true,
+                    actual: Some((1, 1)),
+                    memo: None,
+                    keep: Keep::For(15_000),
+                },
+                Op::Advance(16_000),
+                reserve(4, &[own(0, 0)], 1_500),
+            ],
+        ),
+        (
             "a check of a live hold answers what each budget has left",
             vec![
                 reserve(0, &[spend(1, 40)], 10_000),
