@@ -147,6 +147,23 @@ pub(crate) struct Shared<St, E> {
 /// .body_limit(16 * 1024);
 /// # let _ = layer;
 /// ```
+///
+/// # Metrics
+///
+/// The layer records through the [`metrics`](https://docs.rs/metrics) facade; install any
+/// recorder (`metrics-exporter-prometheus`, say) to export them, or none to pay nothing for them.
+/// Every metric is labelled by `route`: the pattern of axum's `MatchedPath` or of a [`Routes`]
+/// table (`unmatched` otherwise), never a customer, a key or a value.
+///
+/// | metric | kind, unit | labels |
+/// | --- | --- | --- |
+/// | `tower_reserve_reservations_total` | counter, requests | `outcome`: `granted`, `denied`, `in_flight`, `conflict`, `replayed` (an idempotent retry answered from the store), `settled` (a retry of an ended request with nothing to replay), `invalid`, `unavailable` |
+/// | `tower_reserve_denials_total` | counter, requests | `reason`: `over_budget`, `taken`, `not_owner`; `mode`: `enforce`, `shadow` |
+/// | `tower_reserve_settlements_total` | counter, holds | `result`: `committed`, `released`, `expired`, `failed`; `cause`: `success`, `error_response`, `handler_error`, `panic`, `dropped`, `lease`, `invalid_actual` |
+/// | `tower_reserve_store_errors_total` | counter, store calls | `op`: `reserve`, `check`, `commit`, `release`; only the store's failures (unreachable, an answer not understood), never its answers about a request (a replay, a reused key), which clients cause at will |
+/// | `tower_reserve_store_seconds` | histogram, seconds | `op` |
+///
+/// [`Routes`]: super::Routes
 pub struct ReserveLayer<St, E> {
     store: St,
     extract: Arc<E>,

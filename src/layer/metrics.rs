@@ -1,14 +1,5 @@
-//! What the layer counts, through the `metrics` facade: no exporter is chosen here (install one,
-//! e.g. `metrics-exporter-prometheus`, to see them). Labelled by route (the pattern from axum's
-//! `MatchedPath` or a [`Routes`](super::Routes) table), never by customer or value.
-//!
-//! | metric | labels |
-//! | --- | --- |
-//! | `tower_reserve_reservations_total` | `route`, `outcome`: `granted`, `denied`, `in_flight`, `conflict`, `replayed` (an idempotent retry answered from the store), `settled` (a retry of an ended request with nothing to replay), `invalid`, `unavailable` |
-//! | `tower_reserve_denials_total` | `route`, `reason`: `over_budget`, `taken`, `not_owner`; `mode`: `enforce`, `shadow` |
-//! | `tower_reserve_settlements_total` | `route`, `result`: `committed`, `released`, `expired`, `failed`; `cause`: `success`, `error_response`, `handler_error`, `panic`, `dropped`, `lease`, `invalid_actual` |
-//! | `tower_reserve_store_errors_total` | `route`, `op`: `reserve`, `check`, `commit`, `release`; only the store's failures (unreachable, an answer not understood), never its answers about a request (a replay, a reused key), which clients cause at will |
-//! | `tower_reserve_store_seconds` (histogram) | `route`, `op` |
+//! What the layer counts, through the `metrics` facade; the list, with labels and units, is in
+//! [`ReserveLayer`](super::ReserveLayer)'s docs (*Metrics*).
 
 use std::sync::Arc;
 use std::time::Duration;
