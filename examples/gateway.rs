@@ -528,24 +528,10 @@ fn required(name: &str) -> String {
 fn duration(name: &str, default: Duration) -> Duration {
     match std::env::var(name) {
         Ok(text) if !text.trim().is_empty() => {
-            edge::parse_duration(&text).unwrap_or_else(|e| fail(&format!("{name}: {e}")))
+            server::parse_duration(&text).unwrap_or_else(|e| fail(&format!("{name}: {e}")))
         }
         _ => default,
     }
-}
-
-/// Connections served at once by default: a quarter of the open-file limit (each proxied
-/// connection takes two descriptors, one to the client and one to the upstream, and the store
-/// and the logs take some), at most 4096.
-fn default_max_connections() -> usize {
-    let soft = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|limits| {
-            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-            line.split_whitespace().nth(3)?.parse::<usize>().ok()
-        })
-        .unwrap_or(1024);
-    (soft / 4).clamp(16, 4096)
 }
 
 fn config() -> Config {
@@ -572,7 +558,9 @@ fn config() -> Config {
                 "GATEWAY_MAX_CONNECTIONS={text:?} is not a positive number"
             )),
         },
-        _ => default_max_connections(),
+        // A quarter: each proxied connection takes two descriptors (the client's and the
+        // upstream's), and the store and the logs take some.
+        _ => server::default_max_connections(4),
     };
     Config {
         addr,

@@ -968,9 +968,8 @@ fn config() -> Config {
         fail("SHOP_LEASE_MS must be 1 to 86400000 (1 ms to 1 day)");
     }
     let header_timeout = match std::env::var("SHOP_HEADER_TIMEOUT") {
-        Ok(text) if !text.trim().is_empty() => {
-            parse_duration(&text).unwrap_or_else(|e| fail(&format!("SHOP_HEADER_TIMEOUT: {e}")))
-        }
+        Ok(text) if !text.trim().is_empty() => server::parse_duration(&text)
+            .unwrap_or_else(|e| fail(&format!("SHOP_HEADER_TIMEOUT: {e}"))),
         _ => Duration::from_secs(10),
     };
     let max_connections = match std::env::var("SHOP_MAX_CONNECTIONS") {
@@ -980,11 +979,12 @@ fn config() -> Config {
                 "SHOP_MAX_CONNECTIONS={text:?} is not a positive number"
             )),
         },
-        _ => default_max_connections(),
+        // A half: Redis connections and the logs take some.
+        _ => server::default_max_connections(2),
     };
     let longest = REFUND_RETAIN - CLOCK_MARGIN;
     let cancel_window = match std::env::var("SHOP_CANCEL_WINDOW") {
-        Ok(text) if !text.trim().is_empty() => parse_duration(&text)
+        Ok(text) if !text.trim().is_empty() => server::parse_duration(&text)
             .ok()
             .filter(|d| *d <= longest)
             .unwrap_or_else(|| {
@@ -1011,48 +1011,6 @@ fn config() -> Config {
         cancel_window,
         digest_key,
     }
-}
-
-/// A duration written `"500ms"`, `"2s"`, `"1m"` or `"1h"`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(digits);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as \"500ms\", \"2s\" or \"1m\""))?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => {
-            return Err(format!(
-                "{text:?} has no unit: write \"500ms\", \"2s\" or \"1m\""
-            ));
-        }
-    };
-    if duration.is_zero() {
-        return Err(format!(
-            "{text:?}: a timeout of zero would refuse everything"
-        ));
-    }
-    Ok(duration)
-}
-
-/// Connections served at once by default: half the open-file limit (Redis connections and the
-/// logs take some), 16 to 4096.
-fn default_max_connections() -> usize {
-    let soft = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|limits| {
-            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-            line.split_whitespace().nth(3)?.parse::<usize>().ok()
-        })
-        .unwrap_or(1024);
-    (soft / 2).clamp(16, 4096)
 }
 
 /// Serves the shop on `store` until Ctrl-C or SIGTERM.

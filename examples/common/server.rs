@@ -295,3 +295,60 @@ impl AsyncWrite for WriteDeadline {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
+
+/// A duration as the programs' settings write it: `"500ms"`, `"2s"`, `"1m"`, `"1h"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as \"500ms\", \"2s\" or \"1m\""))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => {
+            return Err(format!(
+                "{text:?} has no unit: write \"500ms\", \"2s\", \"1m\" or \"1h\""
+            ));
+        }
+    };
+    if duration.is_zero() {
+        return Err(format!(
+            "{text:?}: a timeout of zero would refuse everything"
+        ));
+    }
+    Ok(duration)
+}
+
+/// Connections served at once by default: `1 / share` of the process's soft limit on open
+/// files (1024 where it cannot be read), since each connection takes descriptors and the store
+/// and the logs need some too; 16 to 4096.
+pub fn default_max_connections(share: usize) -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(3)?.parse::<usize>().ok()
+        })
+        .unwrap_or(1024);
+    (soft / share).clamp(16, 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("0s").is_err());
+    }
+}

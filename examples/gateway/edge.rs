@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
@@ -15,35 +14,6 @@ use tower_reserve::Rejection;
 use tower_reserve::policy::{Policy, Source};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A duration as the gateway's settings write it: `"500ms"`, `"2s"`, `"1m"`, `"1h"`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(digits);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as \"500ms\", \"2s\" or \"1m\""))?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => {
-            return Err(format!(
-                "{text:?} has no unit: write \"500ms\", \"2s\", \"1m\" or \"1h\""
-            ));
-        }
-    };
-    if duration.is_zero() {
-        return Err(format!(
-            "{text:?}: a timeout of zero would refuse everything"
-        ));
-    }
-    Ok(duration)
-}
 
 // ---------------------------------------------------------------------------------------------
 // The path
@@ -563,14 +533,5 @@ mod tests {
         ] {
             assert!(normalize_path(refused).is_err(), "{refused}");
         }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("0s").is_err());
     }
 }
