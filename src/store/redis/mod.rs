@@ -393,10 +393,10 @@ impl RedisStore {
 
     /// Sends an operation that carries its call's nonce, again while its answer is lost: the
     /// same call is answered as it was, never run twice.
-    async fn call_again_if_lost(&self, op: impl Fn() -> Op) -> Result<Bytes, Error> {
+    async fn call_again_if_lost(&self, op: Op, commits: bool) -> Result<Bytes, Error> {
         let mut tries = 1;
         loop {
-            match self.call(op(), false).await {
+            match self.call(op.clone(), commits).await {
                 Err(err) if err.is_unavailable() && tries < SETTLE_TRIES => {
                     tokio::time::sleep(Duration::from_millis(50 * tries as u64)).await;
                     tries += 1;
@@ -457,17 +457,8 @@ impl RedisStore {
         args: ops::SettleArgs,
     ) -> Result<ops::SettleAnswer, Error> {
         let op = ops::settle(self.keys(), record.to_owned(), id, settlement, args);
-        let mut tries = 1;
-        loop {
-            match self.call(op.clone(), settlement.is_commit()).await {
-                Ok(answer) => return ops::settled(&answer, id),
-                Err(err) if err.is_unavailable() && tries < SETTLE_TRIES => {
-                    tokio::time::sleep(Duration::from_millis(50 * tries as u64)).await;
-                    tries += 1;
-                }
-                Err(err) => return Err(err),
-            }
-        }
+        let answer = self.call_again_if_lost(op, settlement.is_commit()).await?;
+        ops::settled(&answer, id)
     }
 
     /// The plan of a reservation on a Cluster whose claims do not all share its id's slot.
@@ -618,7 +609,7 @@ impl Store for RedisStore {
         check_set_spent(budget, spent)?;
         let nonce: Nonce = rand::random();
         let answer = self
-            .call_again_if_lost(|| ops::set_spent(self.keys(), budget, spent, &nonce))
+            .call_again_if_lost(ops::set_spent(self.keys(), budget, spent, &nonce), false)
             .await?;
         ops::ok(&answer, &HoldId::random())
     }
@@ -635,7 +626,7 @@ impl Store for RedisStore {
         value.validate()?;
         let nonce: Nonce = rand::random();
         let answer = self
-            .call_again_if_lost(|| ops::remove(self.keys(), value, &nonce))
+            .call_again_if_lost(ops::remove(self.keys(), value, &nonce), false)
             .await?;
         ops::removed(&answer)
     }
