@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
+use rand::RngExt;
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 use support::redis_server::{RedisCluster, RedisServer};

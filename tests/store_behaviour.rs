@@ -4,7 +4,7 @@ mod support;
 
 use std::time::Duration;
 
-use rand::Rng;
+use rand::RngExt;
 use support::{denied, fresh, granted, kind, spend, status};
 use tower_reserve::{
     Budget, Claim, DenialReason, ErrorKind, HoldId, MAX_AMOUNT, Refund, Reservation, Reserved,

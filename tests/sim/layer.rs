@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use tower::{Layer, ServiceExt};
 use tower_reserve::{
     Budget, Claim, Extracted, Hold, Idempotency, RequestBody, ReserveLayer, extract,

@@ -39,7 +39,7 @@ mod scenarios;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use tower_reserve::{MemoryStore, RedisStore};
 
 use env::Env;
