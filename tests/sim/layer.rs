@@ -23,7 +23,7 @@ use tower_reserve::{
 };
 
 use crate::run::system_ms;
-use crate::support::{Advance, fresh};
+use support::{Advance, fresh};
 
 const CALLERS: [&str; 2] = ["alice", "bob"];
 const KEYS: usize = 3;

@@ -26,9 +26,6 @@
 //! that still fails (operations removed while the failure stays), and the command that replays
 //! the seed.
 
-#[path = "../support/mod.rs"]
-mod support;
-
 mod env;
 mod generate;
 mod layer;

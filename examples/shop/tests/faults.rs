@@ -8,8 +8,6 @@
 //! Not here because `tests/shop.rs` already covers it: a SIGKILLed shop's holds running out with
 //! their lease (`a_dead_shops_holds_run_out_with_their_lease`).
 
-mod support;
-
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::sync::Arc;

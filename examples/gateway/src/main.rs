@@ -113,9 +113,8 @@
 //! error on standard error (`policy: reload refused ...`), and the policy in force stays.
 //! `SIGTERM` or Ctrl-C stops accepting and lets requests in flight finish (10 s at most).
 
-#[path = "gateway/edge.rs"]
 mod edge;
-#[path = "common/server.rs"]
+#[path = "../../common/server.rs"]
 mod server;
 
 use std::convert::Infallible;

@@ -5,8 +5,8 @@
 //! # Starting it
 //!
 //! ```text
-//! cargo run --release --example shop
-//! REDIS_URL=redis://127.0.0.1:6379/ cargo run --release --example shop
+//! cargo run --release -p shop
+//! REDIS_URL=redis://127.0.0.1:6379/ cargo run --release -p shop
 //! ```
 //!
 //! | variable | meaning | default |
@@ -126,7 +126,7 @@
 //! another spelling of a path (`/customers/%61nn/purchases`, `//accounts`) is no route of the
 //! shop's (`404`) or no valid customer id (`422`), never a purchase.
 
-#[path = "common/server.rs"]
+#[path = "../../common/server.rs"]
 mod server;
 
 use std::any::Any;

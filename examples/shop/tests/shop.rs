@@ -2,8 +2,6 @@
 //! `redis-server` (and once on the embedded store). The contract is the module docs of
 //! `examples/shop.rs`.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
