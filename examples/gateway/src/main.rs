@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! GATEWAY_UPSTREAM=http://127.0.0.1:8000 GATEWAY_POLICY=examples/gateway/shop.toml \
-//!   cargo run --release --example gateway
+//!   cargo run --release -p gateway
 //! ```
 //!
 //! # Environment

@@ -5,7 +5,7 @@
 //! The cases run one at a time (a shared lock): they measure recovery times, and a 2-core
 //! machine running three Clusters at once would measure the scheduler instead.
 //!
-//! Not here because `tests/shop.rs` already covers it: a SIGKILLed shop's holds running out with
+//! Not here because `shop.rs` already covers it: a SIGKILLed shop's holds running out with
 //! their lease (`a_dead_shops_holds_run_out_with_their_lease`).
 
 use std::collections::HashMap;
