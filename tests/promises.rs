@@ -336,10 +336,27 @@ async fn a_commit_across_slots_is_whole_however_slow_a_group_node_is() {
 
 // ---------------------------------------------------------------------------------------------
 // Cluster: a slot that moves while a hold is settled fails the settlement before anything
-// changed; once the slot has moved, settling again finishes it.
+// changed, whichever of its keys has moved first; once the slot has moved, settling again
+// finishes it.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_moving_under_a_commit_changes_nothing_until_it_has_moved() {
+    a_slot_moving_under_a_commit(Moves::BudgetFirst).await;
+}
+
+/// The record moves first: the node the slot leaves turns the commit away (`ASK`), and one that
+/// followed to the new node under `ASKING` would find the budget absent there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moving_under_a_commit_record_first_changes_nothing_until_it_has_moved() {
+    a_slot_moving_under_a_commit(Moves::RecordFirst).await;
+}
+
+enum Moves {
+    BudgetFirst,
+    RecordFirst,
+}
+
+async fn a_slot_moving_under_a_commit(moves: Moves) {
     let cluster = RedisCluster::start(3, 0);
     let store = RedisStore::builder()
         .timeout(Duration::from_secs(2))
@@ -365,14 +382,26 @@ async fn a_slot_moving_under_a_commit_changes_nothing_until_it_has_moved() {
     let to_port = cluster.nodes[to].port().to_string();
     cluster.nodes[to].cli(&["cluster", "setslot", &slot_text, "importing", &from_id]);
     cluster.nodes[from].cli(&["cluster", "setslot", &slot_text, "migrating", &to_id]);
-    // The budget moves first; the hold's record stays behind.
     let budget_key = format!("reserve:b:{{{key}}}");
     let migrate = |keys: &[&str]| {
         let mut args = vec!["migrate", "127.0.0.1", &to_port, "", "0", "5000", "keys"];
         args.extend_from_slice(keys);
         cluster.nodes[from].cli(&args)
     };
-    assert!(migrate(&[&budget_key]).contains("OK"));
+    let in_slot = || {
+        let keys = cluster.nodes[from].cli(&["cluster", "getkeysinslot", &slot_text, "100"]);
+        keys.lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let first: Vec<String> = match moves {
+        Moves::BudgetFirst => vec![budget_key.clone()],
+        Moves::RecordFirst => in_slot().into_iter().filter(|k| *k != budget_key).collect(),
+    };
+    assert!(!first.is_empty());
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    assert!(migrate(&first).contains("OK"));
     // The layer's own commits forget the hold's record.
     let commit = Settlement::commit().forget();
     let err = store
@@ -382,10 +411,13 @@ async fn a_slot_moving_under_a_commit_changes_nothing_until_it_has_moved() {
     assert!(err.is_unavailable(), "{err}");
 
     // The rest of the slot moves, and the slot is the new node's.
-    let left = cluster.nodes[from].cli(&["cluster", "getkeysinslot", &slot_text, "100"]);
-    let left: Vec<&str> = left.lines().filter(|l| !l.is_empty()).collect();
-    assert!(!left.is_empty(), "the hold's record is still to move");
-    assert!(migrate(&left).contains("OK"));
+    let left = in_slot();
+    assert!(!left.is_empty(), "part of the hold is still to move");
+    let left: Vec<&str> = left.iter().map(String::as_str).collect();
+    assert!(
+        migrate(&left).contains("OK"),
+        "nothing was written where the slot goes"
+    );
     for i in primaries {
         cluster.nodes[i].cli(&["cluster", "setslot", &slot_text, "node", &to_id]);
     }
