@@ -583,7 +583,7 @@ impl Store for RedisStore {
         let result = cluster::settle_groups(self, id, settlement, home).await?;
         if keep_ms == 0 {
             // Every group followed: the home, kept for them, goes as the settlement asked.
-            args.keep_ms = 0;
+            args.prepared = ops::Prepared::GroupsFollowed;
             args.nonce = rand::random();
             self.settle_record(&record, id, settlement, args).await?;
         }
