@@ -243,13 +243,13 @@ local function settle(op, now, now_text)
   if prepared == 'f' then
     -- Forgotten as a whole hold is: for ANSWER_MS its settling call is still answered.
     if r and (r.s == 'C' or r.s == 'R' or r.s == 'X') then
-      redis.call('SET', key, forgotten(r.nonce, r.s == 'C' and 'c' or 'r'), 'PX', num(ANSWER_MS))
+      redis.call('SET', key, forgotten(r.nonce, false), 'PX', num(ANSWER_MS))
       if mkey then redis.call('DEL', mkey) end
     end
     return { 'OK', 'applied', {} }
   end
   -- The same call sent again (its answer was lost) is answered as it was.
-  if r and r.s == 'F' and r.nonce == nonce then return { 'OK', 'applied', {} } end
+  if r and r.s == 'F' and r.nonce == nonce then return { 'OK', forgot_with(r), {} } end
   if r and r.s == 'T' and r.f == nonce then return { 'OK', 'tombstoned', {} } end
   -- What a forgotten hold or a lost reserve call left is nothing to anyone else.
   if r and stands_for_nothing(r, '') then r = nil end
@@ -271,7 +271,7 @@ local function settle(op, now, now_text)
       -- one if none was kept) at least as long as it asks.
       if keep == 0 and #groups_of(r) > 0 then keep = RETAIN end
       if keep == 0 then
-        redis.call('DEL', key)
+        redis.call('SET', key, forgotten(nonce, true), 'PX', num(ANSWER_MS))
         if mkey then redis.call('DEL', mkey) end
       else
         -- A memo lives as long as its record.
@@ -320,7 +320,7 @@ local function settle(op, now, now_text)
   -- Writes, every key read above.
   write_settled(plan, id, commit)
   if keep == 0 then
-    redis.call('SET', key, forgotten(nonce, commit and 'c' or 'r'), 'PX', num(ANSWER_MS))
+    redis.call('SET', key, forgotten(nonce, false), 'PX', num(ANSWER_MS))
   else
     redis.call('SET', key, settled_by(r, commit and 'C' or 'R', nonce), 'PX', num(keep))
     if kept_memo then redis.call('SET', mkey, memo, 'PX', num(keep)) end
