@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
 use crate::Error;
@@ -341,7 +341,7 @@ impl Unique {
                 hasher.finalize().into()
             }
             Some(key) => {
-                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key.0)
+                let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key.0)
                     .expect("HMAC takes a key of any length");
                 mac.update(&(namespace.len() as u64).to_be_bytes());
                 mac.update(namespace.as_bytes());

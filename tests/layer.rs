@@ -1,8 +1,6 @@
 //! The layer end to end, against every store: settle paths, disconnects, concurrency, body
 //! limits, rejections, per-route policies and idempotency keys.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -11,7 +9,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
-use rand::Rng;
+use rand::RngExt;
 use support::fresh;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -34,7 +32,7 @@ macro_rules! layer_suite {
             )*
         }
         mod redis {
-            use super::support::redis_server::RedisServer;
+            use support::redis_server::RedisServer;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {

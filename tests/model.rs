@@ -6,8 +6,6 @@
 //! three unique values in one namespace, three owners and six hold ids, all under fresh keys.
 //! Every lease is long (60 s), so nothing expires during a case.
 
-mod support;
-
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;

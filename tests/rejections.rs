@@ -3,8 +3,6 @@
 //! Redis that went away. No response may carry a store's error text or internal validation
 //! text; the cause goes to the logs. And a `Rejection` is an axum response.
 
-mod support;
-
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};

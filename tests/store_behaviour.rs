@@ -1,10 +1,8 @@
 //! One behaviour suite, run against every store: the embedded one and real Redis.
 
-mod support;
-
 use std::time::Duration;
 
-use rand::Rng;
+use rand::RngExt;
 use support::{denied, fresh, granted, kind, spend, status};
 use tower_reserve::{
     Budget, Claim, DenialReason, ErrorKind, HoldId, MAX_AMOUNT, Refund, Reservation, Reserved,
@@ -24,7 +22,7 @@ macro_rules! store_suite {
             )*
         }
         mod redis {
-            use super::support::redis_server::RedisServer;
+            use support::redis_server::RedisServer;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
@@ -35,7 +33,7 @@ macro_rules! store_suite {
             )*
         }
         mod cluster {
-            use super::support::redis_server::RedisCluster;
+            use support::redis_server::RedisCluster;
             // One three-primary cluster for every case: starting one takes seconds. The cases
             // use fresh keys, so they do not see each other.
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@
 //! whose claims come from a [`RouteClaims`], the same [`ExtractClaims`](crate::ExtractClaims) a
 //! closure is, so the layer does not know whether a route's claims came from a closure or a
 //! file. Requests that match no route go to the inner service untouched, their bodies streamed.
-//! The policy can be [replaced](PolicyLayer::reload) while requests flow; `examples/gateway.rs`
+//! The policy can be [replaced](PolicyLayer::reload) while requests flow; `examples/gateway/`
 //! puts all of it in front of any HTTP service.
 //!
 //! All of it is behind the `policy` feature, on by default: the `toml` parser is the one

@@ -3,7 +3,7 @@
 //! same step. Hundreds of jobs at once on one key never spend a credit above the limit.
 //!
 //! ```text
-//! cargo run --release --example metered_api
+//! cargo run --release -p metered_api
 //! curl -i -X POST localhost:3003/jobs -H 'x-api-key: free_ann' \
 //!      -H 'content-type: application/json' -d '{"task": "resize", "max_units": 50, "units": 37}'
 //! curl -s localhost:3003/usage -H 'x-api-key: free_ann'

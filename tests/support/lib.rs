@@ -1,5 +1,4 @@
-//! Helpers shared by the integration tests.
-#![allow(dead_code)]
+//! Helpers shared by the tests of tower-reserve and of its example applications.
 
 pub mod example;
 pub mod gateway;

@@ -5,8 +5,8 @@
 //! # Starting it
 //!
 //! ```text
-//! cargo run --release --example shop
-//! REDIS_URL=redis://127.0.0.1:6379/ cargo run --release --example shop
+//! cargo run --release -p shop
+//! REDIS_URL=redis://127.0.0.1:6379/ cargo run --release -p shop
 //! ```
 //!
 //! | variable | meaning | default |
@@ -21,7 +21,7 @@
 //! | `SHOP_MAX_CONNECTIONS` | connections served at once; more wait in the listen queue until one ends, never crash the shop | half the open-file limit, 16 to 4096 |
 //! | `SHOP_DIGEST_KEY` | a secret (16 bytes or more) that keys the digests of e-mail addresses in the store, so that whoever reads Redis or the logs cannot test a guessed address against them; recommended (changing it frees every address claimed under the old one) | unset: unkeyed SHA-256 |
 //! | `SHOP_CANCEL_WINDOW` | how long after a purchase it can be cancelled (at most 29 days: see *What the shop keeps*) | `696h` (29 days) |
-//! | `RUST_LOG` | what is logged (to stderr; colour only when it is a terminal) | `info` |
+//! | `RUST_LOG` | what is logged (to stderr; colour only when it is a terminal): a level, and `target=level` pairs (`warn,tower_reserve=debug`) | `info` |
 //!
 //! With neither Redis variable set it runs on the embedded in-memory store and says so in its
 //! first line. With one set it uses Redis and fails fast, with a clear message, when Redis cannot
@@ -126,7 +126,7 @@
 //! another spelling of a path (`/customers/%61nn/purchases`, `//accounts`) is no route of the
 //! shop's (`404`) or no valid customer id (`422`), never a purchase.
 
-#[path = "common/server.rs"]
+#[path = "../../common/server.rs"]
 mod server;
 
 use std::any::Any;
@@ -145,7 +145,7 @@ use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::json;
@@ -1224,15 +1224,7 @@ fn redact(url: &str) -> String {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, never into a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    server::init_logging();
     let cfg = config();
     let addr = std::env::var("SHOP_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let redis_url = std::env::var("REDIS_URL")

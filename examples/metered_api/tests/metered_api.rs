@@ -2,8 +2,6 @@
 //! embedded store, one `redis-server` and a Redis Cluster. The contract is the example's module
 //! docs.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
