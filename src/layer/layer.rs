@@ -7,17 +7,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use tower_layer::Layer;
 
 use super::Rejection;
 use super::extract::ExtractClaims;
-use super::idempotency::Idempotency;
+use super::idempotency::{BoxBody, Idempotency};
 use super::service::Reserve;
 use super::settle::SettleStore;
 use crate::Store;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+#[cfg(not(feature = "axum"))]
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A check of the user's own that runs before anything is reserved: a schema check, a read-model
 /// look-up. A request it refuses reserves nothing. Any closure
@@ -47,7 +49,19 @@ pub(crate) type Validator =
     Arc<dyn Fn(Request<Bytes>) -> BoxFuture<Result<Request<Bytes>, Rejection>> + Send + Sync>;
 
 /// Renders a [`Rejection`] as the response the client sees.
-pub(crate) type ErrorHandler = Arc<dyn Fn(Rejection) -> Response<Full<Bytes>> + Send + Sync>;
+pub(crate) type ErrorHandler = Arc<dyn Fn(Rejection) -> Response<OwnBody> + Send + Sync>;
+
+/// The body of a response the layer answers on its own: a problem document (or a replayed
+/// response) as it is, or the body an [`error_handler`](ReserveLayer::error_handler) made, boxed.
+pub(crate) enum OwnBody {
+    Full(Full<Bytes>),
+    Boxed(BoxBody),
+}
+
+/// The default error handler: the problem document, unboxed.
+fn problem_response(rejection: Rejection) -> Response<OwnBody> {
+    rejection.into_problem_response().map(OwnBody::Full)
+}
 
 /// The layer's knobs, shared by every request.
 #[derive(Clone)]
@@ -115,7 +129,7 @@ impl Options {
         self.lease.saturating_sub(margin)
     }
 
-    pub(crate) fn reject(&self, rejection: Rejection) -> Response<Full<Bytes>> {
+    pub(crate) fn reject(&self, rejection: Rejection) -> Response<OwnBody> {
         (self.error_handler)(rejection)
     }
 }
@@ -211,7 +225,7 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
                 margin: None,
                 body_limit: DEFAULT_BODY_LIMIT,
                 commit_if: Arc::new(|status: StatusCode| status.is_success()),
-                error_handler: Arc::new(Rejection::into_response),
+                error_handler: Arc::new(problem_response),
                 commit_in_background: false,
                 fail_open: false,
                 retry_after_secs: 1,
@@ -251,13 +265,70 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
         self
     }
 
-    /// Shapes every rejection into the response the client sees (default: problem+json). A
-    /// failed commit reaches it too, as [`RejectionKind::CommitFailed`](super::RejectionKind).
-    pub fn error_handler(
+    /// Shapes every rejection into the response the client sees (default: problem+json, as
+    /// [`Rejection::into_problem_response`] renders it). A failed commit reaches it too, as
+    /// [`RejectionKind::CommitFailed`](super::RejectionKind).
+    ///
+    /// With the `axum` feature, `f` answers anything axum's `IntoResponse` takes: a
+    /// `(StatusCode, Json(..))` tuple, an axum `Response`, the [`Rejection`] itself. Without it,
+    /// an `http::Response` whose body yields [`Bytes`].
+    ///
+    /// ```
+    /// use axum::Json;
+    /// use axum::http::StatusCode;
+    /// use axum::response::IntoResponse;
+    /// use bytes::Bytes;
+    /// use http::Request;
+    /// use serde_json::json;
+    /// use tower_reserve::{Budget, Claim, Extracted, MemoryStore, Rejection, RejectionKind, ReserveLayer, extract};
+    ///
+    /// let layer = ReserveLayer::new(MemoryStore::new(), |req: Request<Bytes>| async move {
+    ///     let team = extract::header(&req, "x-team")?.to_owned();
+    ///     let tokens: u64 = extract::json_pointer(&req, "/max_tokens")?;
+    ///     Extracted::Ok((req, vec![Claim::spend(Budget::new(team, 1_000_000), tokens)]))
+    /// })
+    /// .error_handler(|rejection: Rejection| match rejection.kind() {
+    ///     // An API of the user's own shape, for the one refusal it cares about...
+    ///     RejectionKind::OverBudget { remaining, .. } => (
+    ///         StatusCode::PAYMENT_REQUIRED,
+    ///         Json(json!({ "error": "out_of_tokens", "tokens_left": remaining })),
+    ///     )
+    ///         .into_response(),
+    ///     // ...and the problem document for the rest.
+    ///     _ => rejection.into_response(),
+    /// });
+    /// # let _ = layer;
+    /// ```
+    #[cfg(feature = "axum")]
+    pub fn error_handler<R: axum::response::IntoResponse>(
         mut self,
-        f: impl Fn(Rejection) -> Response<Full<Bytes>> + Send + Sync + 'static,
+        f: impl Fn(Rejection) -> R + Send + Sync + 'static,
     ) -> Self {
-        self.options.error_handler = Arc::new(f);
+        self.options.error_handler = Arc::new(move |rejection| {
+            f(rejection)
+                .into_response()
+                .map(|body| OwnBody::Boxed(body.map_err(Into::into).boxed_unsync()))
+        });
+        self
+    }
+
+    /// Shapes every rejection into the response the client sees (default: problem+json, as
+    /// [`Rejection::into_problem_response`] renders it). A failed commit reaches it too, as
+    /// [`RejectionKind::CommitFailed`](super::RejectionKind).
+    ///
+    /// With the `axum` feature, `f` may answer anything axum's `IntoResponse` takes.
+    #[cfg(not(feature = "axum"))]
+    pub fn error_handler<B>(
+        mut self,
+        f: impl Fn(Rejection) -> Response<B> + Send + Sync + 'static,
+    ) -> Self
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.options.error_handler = Arc::new(move |rejection| {
+            f(rejection).map(|body| OwnBody::Boxed(body.map_err(Into::into).boxed_unsync()))
+        });
         self
     }
 

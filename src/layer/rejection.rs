@@ -90,7 +90,7 @@ pub enum RejectionKind {
 ///
 /// let r = Rejection::new(StatusCode::UNPROCESSABLE_ENTITY, "Unknown product", "product 0 does not exist")
 ///     .with("product_id", 0);
-/// let response = r.into_response();
+/// let response = r.into_problem_response();
 /// assert_eq!(response.status(), 422);
 /// assert_eq!(response.headers()["content-type"], "application/problem+json");
 /// ```
@@ -473,8 +473,11 @@ impl Rejection {
         }
     }
 
-    /// Renders the rejection as an `application/problem+json` response.
-    pub fn into_response(self) -> Response<Full<Bytes>> {
+    /// Renders the rejection as an `application/problem+json` response: what the layer answers
+    /// unless an [`error_handler`](crate::ReserveLayer::error_handler) shapes it otherwise. (With
+    /// the `axum` feature, axum's `IntoResponse::into_response` renders the same document as an
+    /// axum response.)
+    pub fn into_problem_response(self) -> Response<Full<Bytes>> {
         let body = serde_json::to_vec(&self.document()).expect("a problem document serializes");
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = self.0.status;
@@ -492,7 +495,7 @@ impl Rejection {
 }
 
 /// With the `axum` feature, a rejection is an axum response: the same problem document as
-/// [`Rejection::into_response`], `Retry-After` included. So `Result<_, Rejection>` is a handler's
+/// [`Rejection::into_problem_response`], `Retry-After` included. So `Result<_, Rejection>` is a handler's
 /// return type, and `?` works on [`extract`](crate::extract)'s helpers in a handler.
 ///
 /// ```
@@ -512,7 +515,7 @@ impl Rejection {
 #[cfg(feature = "axum")]
 impl axum::response::IntoResponse for Rejection {
     fn into_response(self) -> axum::response::Response {
-        Rejection::into_response(self).map(axum::body::Body::new)
+        self.into_problem_response().map(axum::body::Body::new)
     }
 }
 

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower_service::Service;
 
 use super::Rejection;
@@ -16,7 +16,7 @@ use super::body::RequestBody;
 use super::extract::ExtractClaims;
 use super::future::{ResponseBody, ResponseFuture};
 use super::idempotency;
-use super::layer::{Options, Shared};
+use super::layer::{Options, OwnBody, Shared};
 use super::metrics::{self, SharedString};
 use super::settle::{Hold, SettleStore};
 use crate::{
@@ -99,7 +99,7 @@ where
 /// What the layer decided before the handler runs.
 pub(crate) enum Prepared<B> {
     /// Refused: this response goes back, the handler never runs.
-    Reject(Response<Full<Bytes>>),
+    Reject(Response<OwnBody>),
     /// No claims (or failing open, or shadow mode): the handler runs with nothing held.
     Pass(Request<B>),
     /// Everything held: the handler runs under this hold.
@@ -413,7 +413,7 @@ fn answer_of<St, E, B>(
             match err.memo().map(idempotency::replay) {
                 Some(Ok(response)) => {
                     metrics::reservation(&route, "replayed");
-                    Prepared::Reject(response)
+                    Prepared::Reject(response.map(OwnBody::Full))
                 }
                 Some(Err(rejection)) => {
                     metrics::reservation(&route, "settled");
