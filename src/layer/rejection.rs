@@ -9,20 +9,28 @@ use serde_json::{Map, Value};
 
 use crate::{DenialReason, Error};
 
-/// Where the `type` URIs of the layer's own problems point: this enum's documentation.
-pub const PROBLEM_TYPES: &str = problem_type!("");
-
-macro_rules! problem_type {
-    ($variant:literal) => {
-        concat!(
-            "https://docs.rs/tower-reserve/latest/tower_reserve/enum.RejectionKind.html",
-            $variant
-        )
-    };
-}
-use problem_type;
-
 /// Why the layer refused a request, with everything needed to explain it.
+///
+/// Every problem the layer writes has the `type` `about:blank` (RFC 9457 4.2.1): the crate has
+/// no published page for a type URI to resolve to, and a URI that does not resolve helps no
+/// one. A client tells the layer's problems apart by `status` and `title`, which are stable:
+///
+/// | kind | status | title |
+/// | --- | --- | --- |
+/// | [`OverBudget`](Self::OverBudget) | `403` (`429` when asked, for a windowed budget) | `Over budget` |
+/// | [`Taken`](Self::Taken) | `409` | `Already taken` |
+/// | [`NotOwner`](Self::NotOwner) | `409` | `Not the owner` |
+/// | [`BadRequest`](Self::BadRequest) | `400`, `415`, `422` | the status's phrase: `Bad request`, ... |
+/// | [`BodyTooLarge`](Self::BodyTooLarge) | `413` | `Payload too large` |
+/// | [`Unavailable`](Self::Unavailable) | `503` | `Reservation store unavailable` |
+/// | [`LeaseRanOut`](Self::LeaseRanOut) | `503` | `Handler ran out of time` |
+/// | [`InFlight`](Self::InFlight) | `409` | `Request in flight` |
+/// | [`IdempotencyKeyMissing`](Self::IdempotencyKeyMissing) | `400` | `Idempotency-Key is missing` |
+/// | [`IdempotencyKeyInvalid`](Self::IdempotencyKeyInvalid) | `400` | `Idempotency-Key is not valid` |
+/// | [`IdempotencyKeyReused`](Self::IdempotencyKeyReused) | `422` | `Idempotency-Key is already used` |
+/// | [`IdempotentResponseUnavailable`](Self::IdempotentResponseUnavailable) | `409` | `Response not available` |
+/// | [`CommitFailed`](Self::CommitFailed) | `500` | `Commit failed` |
+/// | [`InvalidActual`](Self::InvalidActual) | `500` | `Invalid actual amount` |
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RejectionKind {
@@ -133,38 +141,8 @@ impl Rejection {
         title: &'static str,
         detail: impl Into<Cow<'static, str>>,
     ) -> Self {
-        // Problems of the layer's own point at the documentation of their kind; a plain bad
-        // request stays `about:blank`, its title the status's own phrase (RFC 9457, 4.2.1).
-        let variant = match kind {
-            RejectionKind::OverBudget { .. } => Some(problem_type!("#variant.OverBudget")),
-            RejectionKind::Taken { .. } => Some(problem_type!("#variant.Taken")),
-            RejectionKind::NotOwner { .. } => Some(problem_type!("#variant.NotOwner")),
-            RejectionKind::Unavailable => Some(problem_type!("#variant.Unavailable")),
-            RejectionKind::LeaseRanOut => Some(problem_type!("#variant.LeaseRanOut")),
-            RejectionKind::InFlight => Some(problem_type!("#variant.InFlight")),
-            RejectionKind::IdempotencyKeyMissing => {
-                Some(problem_type!("#variant.IdempotencyKeyMissing"))
-            }
-            RejectionKind::IdempotencyKeyInvalid => {
-                Some(problem_type!("#variant.IdempotencyKeyInvalid"))
-            }
-            RejectionKind::IdempotencyKeyReused => {
-                Some(problem_type!("#variant.IdempotencyKeyReused"))
-            }
-            RejectionKind::IdempotentResponseUnavailable => {
-                Some(problem_type!("#variant.IdempotentResponseUnavailable"))
-            }
-            RejectionKind::CommitFailed => Some(problem_type!("#variant.CommitFailed")),
-            RejectionKind::InvalidActual => Some(problem_type!("#variant.InvalidActual")),
-            RejectionKind::BadRequest
-            | RejectionKind::BodyTooLarge { .. }
-            | RejectionKind::Custom => None,
-        };
         let mut r = Self::new(status, title, detail);
         r.0.kind = kind;
-        if let Some(variant) = variant {
-            r.0.type_uri = Cow::Borrowed(variant);
-        }
         r
     }
 
@@ -331,7 +309,15 @@ impl Rejection {
         Self::unprocessable("the request asks for an amount or a value that cannot be reserved")
     }
 
-    pub(crate) fn denied(key: String, namespace: String, reason: &DenialReason) -> Self {
+    /// The refusal of a denied claim. `words`: how the client's request names a unique value
+    /// ([`Unique::described_as`](crate::Unique::described_as)).
+    pub(crate) fn denied(
+        key: String,
+        namespace: String,
+        words: Option<&str>,
+        reason: &DenialReason,
+    ) -> Self {
+        let words = words.unwrap_or("the value");
         match *reason {
             DenialReason::OverBudget {
                 requested,
@@ -351,13 +337,13 @@ impl Rejection {
                 RejectionKind::Taken { namespace },
                 StatusCode::CONFLICT,
                 "Already taken",
-                "the value is already taken",
+                format!("{words} is already taken"),
             ),
             DenialReason::NotOwner => Self::of(
                 RejectionKind::NotOwner { namespace },
                 StatusCode::CONFLICT,
                 "Not the owner",
-                "the value is not owned by the one giving it up",
+                format!("{words} is not owned by the one giving it up"),
             ),
         }
     }

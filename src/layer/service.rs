@@ -370,11 +370,13 @@ fn answer_of<St, E, B>(
         Ok(Reserved::Denied(denial)) => {
             metrics::reservation(&route, "denied");
             metrics::denial(&route, denial_reason(&denial.reason), false);
-            let (key, namespace) = match reservation.claims().get(denial.claim) {
-                Some(Claim::Spend { budget, .. }) => (budget.key().to_owned(), String::new()),
-                Some(Claim::Own { value, .. } | Claim::ReleaseOnCommit { value, .. }) => {
-                    (String::new(), value.namespace().to_owned())
-                }
+            let (key, namespace, words) = match reservation.claims().get(denial.claim) {
+                Some(Claim::Spend { budget, .. }) => (budget.key().to_owned(), String::new(), None),
+                Some(Claim::Own { value, .. } | Claim::ReleaseOnCommit { value, .. }) => (
+                    String::new(),
+                    value.namespace().to_owned(),
+                    value.description(),
+                ),
                 _ => Default::default(),
             };
             tracing::debug!(
@@ -384,7 +386,7 @@ fn answer_of<St, E, B>(
                 reason = ?denial.reason,
                 "denied"
             );
-            reject(Rejection::denied(key, namespace, &denial.reason))
+            reject(Rejection::denied(key, namespace, words, &denial.reason))
         }
         Err(err) if err.is_unavailable() || err.kind() == ErrorKind::Protocol => {
             metrics::reservation(&route, "unavailable");

@@ -168,7 +168,8 @@ impl RouteClaims {
                     Unique::keyed(rule.namespace(), &value, std::borrow::Cow::Borrowed, key)
                 }
                 (Normalize::Email, Some(key)) => Unique::keyed_email(rule.namespace(), &value, key),
-            };
+            }
+            .described_as(rule.value().words());
             claims.push(if rule.releases() {
                 Claim::release_on_commit(value, owner)
             } else {

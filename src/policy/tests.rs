@@ -492,6 +492,18 @@ mod layer {
         );
         let (status, _) = call(post("/customers/c-1/purchases", r#"{"product_ids": [1]}"#)).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
+        // A taken address is named as the client sent it.
+        let sign_up = |account: &'static str| {
+            let mut req = post("/accounts", r#"{"email": "Ann@Example.com"}"#);
+            req.headers_mut()
+                .insert("x-account-id", account.parse().unwrap());
+            req
+        };
+        assert_eq!(call(sign_up("a-1")).await.0, StatusCode::OK);
+        let (status, problem) = call(sign_up("a-2")).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        let problem: serde_json::Value = serde_json::from_str(&problem).unwrap();
+        assert_eq!(problem["detail"], "the value at /email is already taken");
         // Not a route: a body far above any limit goes through, unread.
         let big = vec![b'x'; 1 << 20];
         let (status, seen) = call(post("/customers/c-1/refunds", big)).await;
