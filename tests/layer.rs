@@ -175,7 +175,10 @@ async fn handle(ctl: Ctl, req: Request<RequestBody>) -> Result<Response<Full<Byt
             let (budget, _) = hold.budgets().next().expect("a budget claim");
             let budget = budget.clone();
             hold.set_actual(&budget, actual_of(&req))?;
-            reply(200, held, "used less")
+            let left = hold
+                .remaining_after_commit(&budget)
+                .expect("spends from it");
+            reply(200, held, format!("used less; {left} left"))
         }
         "actual-ext" => {
             let mut response = reply(200, held, "used less")?;
@@ -1543,8 +1546,15 @@ async fn actual_amounts_commit_what_was_used<St: Store>(store: St) {
         ("actual-ext", 45),
         ("actual-header", 0),
     ] {
+        let spent_before = store.budget(&budget).await.unwrap().spent;
         let a = call(svc.clone(), actual_request(mode, 300, &used.to_string())).await;
         assert_eq!(a.status, 200, "{mode}: {:?}", a.body);
+        if mode == "actual-hold" {
+            // What the handler said would be left is what is left once it committed.
+            let left = LIMIT - spent_before - used;
+            assert_eq!(a.body, format!("used less; {left} left"));
+            assert_budget(&store, &budget, spent_before + used, 0).await;
+        }
         assert!(
             !a.headers.contains_key(tower_reserve::ACTUAL_HEADER),
             "the report never leaves"

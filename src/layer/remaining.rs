@@ -38,18 +38,18 @@ pub(crate) fn insert(headers: &mut HeaderMap, hold: &Hold, settlement: &Settleme
     };
     let mut n = 0;
     for (i, claim) in hold.claims().iter().enumerate() {
-        let (Claim::Spend { budget, amount }, Some(left)) = (claim, hold.remaining()[i]) else {
+        let Claim::Spend { budget, .. } = claim else {
+            continue;
+        };
+        let spent = if settlement.is_commit() {
+            settlement.actual_for(budget.key(), &budget.window().spec())
+        } else {
+            Some(0)
+        };
+        let Some(remaining) = hold.remaining_after(i, spent) else {
             continue;
         };
         n += 1;
-        let spent = if settlement.is_commit() {
-            settlement
-                .actual_for(budget.key(), &budget.window().spec())
-                .unwrap_or(*amount)
-        } else {
-            0
-        };
-        let remaining = (left + (amount - spent)).min(budget.limit());
         let name = if n == 1 {
             route.to_owned()
         } else {
