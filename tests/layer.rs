@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_reserve::{
     Budget, Claim, Disconnect, ExtractClaims, Extracted, Hold, HoldId, Rejection, RejectionKind,
-    RequestBody, ReserveLayer, Routes, Store, Unique, extract,
+    RequestBody, ReserveLayer, Routes, Store, Unique, Window, extract,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -83,6 +83,7 @@ layer_suite!(
     actual_amounts_commit_what_was_used,
     bad_actual_reports_release_the_hold,
     remaining_headers_tell_what_is_left,
+    over_a_window_the_answer_can_be_429_with_retry_after,
     shadow_mode_holds_nothing_and_lets_all_through,
     the_layer_forgets_the_holds_it_named,
 );
@@ -1105,7 +1106,8 @@ async fn custom_error_handler_reshapes<St: Store>(store: St) {
             RejectionKind::OverBudget {
                 key: budget.key().to_owned(),
                 requested: 101,
-                remaining: 100
+                remaining: 100,
+                resets_at_ms: None,
             },
             RejectionKind::BadRequest,
         ]
@@ -1626,6 +1628,79 @@ async fn remaining_headers_tell_what_is_left<St: Store>(store: St) {
             .contains_key("ratelimit")
     );
     assert_budget(&store, &budget, 101, 0).await;
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+async fn over_a_window_the_answer_can_be_429_with_retry_after<St: Store>(store: St) {
+    const HOUR_MS: u64 = 3_600_000;
+    let hourly = Budget::new(fresh("budget"), 100).per(Window::Every(Duration::from_secs(3600)));
+    let lifetime = new_budget(100);
+    let layer = |budget: &Budget| {
+        ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+            .too_many_requests(true)
+            .remaining_headers(true)
+            .layer(handler(Ctl::default()))
+    };
+    let svc = layer(&hourly);
+    assert_eq!(call(svc.clone(), request("ok", 100)).await.status, 200);
+    // The seconds left in the hour, read before and after the refusal.
+    let left = |now: u64| ((now / HOUR_MS + 1) * HOUR_MS - now).div_ceil(1000);
+    let before = left(unix_ms());
+    let a = call(svc.clone(), request("ok", 1)).await;
+    let after = left(unix_ms());
+    let json = a.problem(429, "Over budget");
+    assert_eq!(
+        (json["requested"].as_u64(), json["remaining"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let retry: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        (after.min(before)..=before.max(after)).contains(&retry),
+        "Retry-After {retry}, the hour ends in {before} to {after} s"
+    );
+    // The budget that refused, in the remaining fields: nothing left, back in `t` seconds.
+    let pk = a.headers["ratelimit-policy"]
+        .to_str()
+        .unwrap()
+        .split_once(";pk=")
+        .map(|(_, pk)| pk.to_owned())
+        .expect("a partition key");
+    assert_eq!(
+        a.headers["ratelimit-policy"],
+        format!("\"budget\";q=100;qu=\"units\";w=3600;pk={pk}").as_str()
+    );
+    assert_eq!(
+        a.headers["ratelimit"],
+        format!("\"budget\";r=0;t={retry};pk={pk}").as_str()
+    );
+    assert_budget(&store, &hourly, 100, 0).await;
+
+    // A lifetime budget never resets: 403, no Retry-After, its remaining fields all the same.
+    let svc = layer(&lifetime);
+    assert_eq!(call(svc.clone(), request("ok", 60)).await.status, 200);
+    let a = call(svc, request("ok", 41)).await;
+    a.problem(403, "Over budget");
+    assert!(!a.headers.contains_key("retry-after"));
+    assert!(
+        a.headers["ratelimit"]
+            .to_str()
+            .unwrap()
+            .starts_with("\"budget\";r=40;pk=")
+    );
+
+    // Off by default: over the hour is 403, and says nothing of when.
+    let plain = ReserveLayer::new(store.clone(), spend_claims(hourly.clone()))
+        .layer(handler(Ctl::default()));
+    let a = call(plain, request("ok", 1)).await;
+    a.problem(403, "Over budget");
+    assert!(!a.headers.contains_key("retry-after"));
+    assert!(!a.headers.contains_key("ratelimit"));
 }
 
 async fn shadow_mode_holds_nothing_and_lets_all_through<St: Store>(store: St) {

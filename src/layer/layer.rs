@@ -78,6 +78,7 @@ pub(crate) struct Options {
     pub(crate) on_disconnect: Disconnect,
     pub(crate) shadow: bool,
     pub(crate) remaining_headers: bool,
+    pub(crate) too_many_requests: bool,
 }
 
 /// What happens to a handler whose request goes away while it runs: the client hung up, or a
@@ -233,6 +234,7 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
                 on_disconnect: Disconnect::default(),
                 shadow: false,
                 remaining_headers: false,
+                too_many_requests: false,
             },
         }
     }
@@ -386,12 +388,41 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
 
     /// Adds `RateLimit-Policy` and `RateLimit` response headers (after the IETF draft *RateLimit
     /// header fields for HTTP*) that tell the client what each budget it spent from has left
-    /// (default off): each budget is a quota policy named after the route, with a digest of its
+    /// (default off), and, on a refusal over budget, what the budget that refused it has left: each budget is a quota policy named after the route, with a digest of its
     /// key as the partition key (`pk`) and `qu="units"` (a budget does not count requests), so
     /// that a key such as an API key or a customer id never appears in a header. See
     /// [`Hold::remaining_of`](super::Hold::remaining_of) for the same in a handler.
     pub fn remaining_headers(mut self, yes: bool) -> Self {
         self.options.remaining_headers = yes;
+        self
+    }
+
+    /// Refuses a request over a windowed budget ([`Window::Day`](crate::Window::Day), `Month`,
+    /// fixed seconds) with `429 Too Many Requests` and `Retry-After`, the seconds until the
+    /// window the refusal was counted in ends, instead of `403` (default off): what rate
+    /// limiters answer, and what clients' retry logic knows, for a limit that comes back with
+    /// time. A lifetime budget never resets, so a refusal over one stays `403`. The window's end
+    /// is the store's (its clock decides the window); the seconds are counted from this
+    /// process's clock.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use http::Request;
+    /// use tower_reserve::{Budget, Claim, Extracted, MemoryStore, ReserveLayer, Window, extract};
+    ///
+    /// // 1 000 calls an hour per API key: the 1 001st gets 429 and when to come back.
+    /// let layer = ReserveLayer::new(MemoryStore::new(), |req: Request<Bytes>| async move {
+    ///     let key = extract::header(&req, "x-api-key")?.to_owned();
+    ///     let hourly = Budget::new(key, 1_000).per(Window::Every(Duration::from_secs(3600)));
+    ///     Extracted::Ok((req, vec![Claim::spend(hourly, 1)]))
+    /// })
+    /// .too_many_requests(true)
+    /// .remaining_headers(true);
+    /// # let _ = layer;
+    /// ```
+    pub fn too_many_requests(mut self, yes: bool) -> Self {
+        self.options.too_many_requests = yes;
         self
     }
 

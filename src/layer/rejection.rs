@@ -34,7 +34,9 @@ use crate::{DenialReason, Error};
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RejectionKind {
-    /// A budget would be exceeded (`403`, the RFC 9457 "out of credit" case).
+    /// A budget would be exceeded (`403`, the RFC 9457 "out of credit" case; `429` with
+    /// `Retry-After` over a windowed budget, with
+    /// [`ReserveLayer::too_many_requests`](crate::ReserveLayer::too_many_requests)).
     OverBudget {
         /// The budget's key.
         key: String,
@@ -42,6 +44,9 @@ pub enum RejectionKind {
         requested: u64,
         /// What is left in the budget.
         remaining: u64,
+        /// When the budget's window ends, in Unix milliseconds by the store's clock; `None`
+        /// for a lifetime budget.
+        resets_at_ms: Option<u64>,
     },
     /// A unique value is owned or held by someone else (`409`).
     Taken {
@@ -322,11 +327,13 @@ impl Rejection {
             DenialReason::OverBudget {
                 requested,
                 remaining,
+                resets_at_ms,
             } => Self::of(
                 RejectionKind::OverBudget {
                     key,
                     requested,
                     remaining,
+                    resets_at_ms,
                 },
                 StatusCode::FORBIDDEN,
                 "Over budget",
@@ -346,6 +353,21 @@ impl Rejection {
                 format!("{words} is not owned by the one giving it up"),
             ),
         }
+    }
+
+    /// Over a windowed budget, `429 Too Many Requests` with `Retry-After`: the seconds from
+    /// `now_ms` until the window the refusal was counted in ends (at least 1). Any other
+    /// rejection, and one over a lifetime budget (which never resets), stays as it is.
+    pub(crate) fn retry_at_reset(mut self, now_ms: u64) -> Self {
+        if let RejectionKind::OverBudget {
+            resets_at_ms: Some(at),
+            ..
+        } = self.0.kind
+        {
+            self = self.with_status(StatusCode::TOO_MANY_REQUESTS);
+            self.0.retry_after = Some(at.saturating_sub(now_ms).div_ceil(1000).max(1));
+        }
+        self
     }
 
     /// Adds an extension member to the problem body. The standard members (`type`, `title`,

@@ -20,7 +20,7 @@ use super::layer::{Options, OwnBody, Shared};
 use super::metrics::{self, SharedString};
 use super::settle::{Hold, SettleStore};
 use crate::{
-    Claim, DenialReason, Error, ErrorKind, HoldId, Reservation, Reserved, Settlement, Store,
+    Claim, Denial, DenialReason, Error, ErrorKind, HoldId, Reservation, Reserved, Settlement, Store,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -370,15 +370,6 @@ fn answer_of<St, E, B>(
         Ok(Reserved::Denied(denial)) => {
             metrics::reservation(&route, "denied");
             metrics::denial(&route, denial_reason(&denial.reason), false);
-            let (key, namespace, words) = match reservation.claims().get(denial.claim) {
-                Some(Claim::Spend { budget, .. }) => (budget.key().to_owned(), String::new(), None),
-                Some(Claim::Own { value, .. } | Claim::ReleaseOnCommit { value, .. }) => (
-                    String::new(),
-                    value.namespace().to_owned(),
-                    value.description(),
-                ),
-                _ => Default::default(),
-            };
             tracing::debug!(
                 hold = %reservation.id(),
                 claims = ?reservation.claims(),
@@ -386,7 +377,7 @@ fn answer_of<St, E, B>(
                 reason = ?denial.reason,
                 "denied"
             );
-            reject(Rejection::denied(key, namespace, words, &denial.reason))
+            Prepared::Reject(refuse(options, &reservation, &denial, &route))
         }
         Err(err) if err.is_unavailable() || err.kind() == ErrorKind::Protocol => {
             metrics::reservation(&route, "unavailable");
@@ -428,6 +419,42 @@ fn answer_of<St, E, B>(
             }
         }
     }
+}
+
+/// The response to a denied reservation: which claim failed and why, as the layer's options say
+/// (`429` over a windowed budget, the budget's remaining fields).
+fn refuse(
+    options: &Options,
+    reservation: &Reservation,
+    denial: &Denial,
+    route: &str,
+) -> Response<OwnBody> {
+    let claims = reservation.claims();
+    let (key, namespace, words) = match claims.get(denial.claim) {
+        Some(Claim::Spend { budget, .. }) => (budget.key().to_owned(), String::new(), None),
+        Some(Claim::Own { value, .. } | Claim::ReleaseOnCommit { value, .. }) => (
+            String::new(),
+            value.namespace().to_owned(),
+            value.description(),
+        ),
+        None => Default::default(),
+    };
+    let mut rejection = Rejection::denied(key, namespace, words, &denial.reason);
+    if options.too_many_requests {
+        rejection = rejection.retry_at_reset(crate::store::now_ms());
+    }
+    let mut response = options.reject(rejection);
+    if let (true, Some(Claim::Spend { budget, .. })) =
+        (options.remaining_headers, claims.get(denial.claim))
+    {
+        // The budget's place among the request's budgets names its policy, as on a success.
+        let nth = claims[..=denial.claim]
+            .iter()
+            .filter(|c| matches!(c, Claim::Spend { .. }))
+            .count();
+        super::remaining::insert_denied(response.headers_mut(), route, nth, budget, &denial.reason);
+    }
+    response
 }
 
 fn denial_reason(reason: &DenialReason) -> &'static str {

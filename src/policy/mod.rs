@@ -37,6 +37,7 @@
 //! shadow = false               # check and count only: hold nothing, refuse nothing
 //! on_disconnect = "finish"     # or "release": what happens when the client goes away
 //! remaining_headers = false    # RateLimit-Policy / RateLimit response headers
+//! too_many_requests = false    # over a windowed budget: 429 with Retry-After, not 403
 //!
 //! [[route.budget]]
 //! key = "customer:{path.customer_id}"               # text with placeholders

@@ -82,6 +82,8 @@ pub struct Route {
     on_disconnect: Option<Disconnect>,
     #[serde(default)]
     remaining_headers: bool,
+    #[serde(default)]
+    too_many_requests: bool,
 }
 
 /// Spend an amount against a budget: the key, the amount, the limit and its window.
@@ -341,6 +343,7 @@ impl Route {
             shadow: false,
             on_disconnect: None,
             remaining_headers: false,
+            too_many_requests: false,
         }
     }
 
@@ -395,6 +398,13 @@ impl Route {
     /// Adds `RateLimit-Policy` and `RateLimit` response headers.
     pub fn remaining_headers(mut self, yes: bool) -> Self {
         self.remaining_headers = yes;
+        self
+    }
+
+    /// Refuses over a windowed budget with `429` and `Retry-After` instead of `403`; see
+    /// [`ReserveLayer::too_many_requests`](crate::ReserveLayer::too_many_requests).
+    pub fn too_many_requests(mut self, yes: bool) -> Self {
+        self.too_many_requests = yes;
         self
     }
 
@@ -486,6 +496,7 @@ impl Route {
             .fail_open(self.fail_open)
             .shadow(self.shadow)
             .remaining_headers(self.remaining_headers)
+            .too_many_requests(self.too_many_requests)
     }
 
     fn validate(&self, at: &str, policy: &Policy) -> Result<(), PolicyError> {

@@ -534,4 +534,42 @@ mod layer {
         assert!(layer.reload(&broken).is_err());
         assert_eq!(layer.policy().routes().len(), 2);
     }
+
+    #[tokio::test]
+    async fn a_route_can_answer_429_over_its_windowed_budget() {
+        let policy = Policy::from_toml(
+            r#"
+            [[route]]
+            method = "POST"
+            path = "/keys/{key}/calls"
+            too_many_requests = true
+            remaining_headers = true
+            [[route.budget]]
+            key = "calls:{path.key}"
+            amount = 1
+            limit = 2
+            window = "1h"
+            "#,
+        )
+        .unwrap();
+        let layer = PolicyLayer::new(MemoryStore::new(), &policy).unwrap();
+        let service = layer.layer(service_fn(echo));
+        let call = |req| async { service.clone().oneshot(req).await.unwrap() };
+        for _ in 0..2 {
+            assert_eq!(call(post("/keys/k-1/calls", "")).await.status(), 200);
+        }
+        let refused = call(post("/keys/k-1/calls", "")).await;
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        let retry: u64 = refused.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=3600).contains(&retry), "{retry}");
+        let state = refused.headers()["ratelimit"].to_str().unwrap();
+        assert!(
+            state.starts_with(&format!("\"/keys/{{key}}/calls\";r=0;t={retry};pk=")),
+            "{state}"
+        );
+    }
 }
