@@ -1528,6 +1528,68 @@ async fn requests_are_traced_with_their_hold_and_no_raw_values() {
     assert!(logs.contains(&digest), "its digest does: {logs}");
 }
 
+/// The route's pattern is a field of the request's span; denials can be logged at `INFO`, with
+/// the route and without the claims, rather than at `DEBUG` in the span.
+#[tokio::test(flavor = "current_thread")]
+async fn denials_are_logged_with_their_route_at_the_level_asked() {
+    let budget = new_budget(10);
+    let routes = |budget: &Budget| {
+        Routes::new().route(
+            http::Method::POST,
+            "/teams/{team}/completions",
+            spend_claims(budget.clone()),
+        )
+    };
+    let over = || {
+        let mut req = request("ok", 11);
+        *req.uri_mut() = "/teams/t-7/completions".parse().unwrap();
+        req
+    };
+
+    let (logs, capturing) = support::capture_logs_at(tracing::Level::INFO);
+    let quiet = ReserveLayer::new(tower_reserve::MemoryStore::new(), routes(&budget))
+        .layer(handler(Ctl::default()));
+    assert_eq!(call(quiet, over()).await.status, 403);
+    assert!(
+        !logs.text().contains("denied"),
+        "at DEBUG by default: {}",
+        logs.text()
+    );
+    let told = ReserveLayer::new(tower_reserve::MemoryStore::new(), routes(&budget))
+        .log_denials(tracing::Level::INFO)
+        .layer(handler(Ctl::default()));
+    assert_eq!(call(told, over()).await.status, 403);
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("denied"))
+        .unwrap_or_else(|| panic!("a denial at INFO: {text}"));
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(
+        line.contains(r#"route="/teams/{team}/completions""#),
+        "{line}"
+    );
+    assert!(line.contains("reason=\"over_budget\""), "{line}");
+    assert!(
+        !line.contains(budget.key()),
+        "no budget key at INFO: {line}"
+    );
+    drop(capturing);
+
+    // At DEBUG, the request's span names the route.
+    let (logs, _capturing) = support::capture_logs();
+    let svc = ReserveLayer::new(tower_reserve::MemoryStore::new(), routes(&budget))
+        .layer(handler(Ctl::default()));
+    assert_eq!(call(svc, over()).await.status, 403);
+    let text = logs.text();
+    assert!(
+        text.contains(
+            r#"reserve{method=POST path="/teams/t-7/completions" route="/teams/{team}/completions""#
+        ),
+        "{text}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Actual amounts, remaining headers, shadow mode, retention
 

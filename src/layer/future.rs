@@ -390,7 +390,7 @@ where
                         return Poll::Pending;
                     }
                     let hold = running.guard.disarm().expect("a hold has a deadline");
-                    tracing::warn!(hold = %hold.id(), "the handler outlived its lease; cancelling and releasing");
+                    tracing::warn!(hold = %hold.id(), route = hold.route(), "the handler outlived its lease; cancelling and releasing");
                     let settle =
                         Settle::layer(&hold, false, Cause::Lease, !this.span.is_disabled());
                     *this.after = Some(After::LeaseRanOut);

@@ -79,6 +79,7 @@ pub(crate) struct Options {
     pub(crate) shadow: bool,
     pub(crate) remaining_headers: bool,
     pub(crate) too_many_requests: bool,
+    pub(crate) denial_level: tracing::Level,
 }
 
 /// What happens to a handler whose request goes away while it runs: the client hung up, or a
@@ -178,6 +179,17 @@ pub(crate) struct Shared<St, E> {
 /// | `tower_reserve_store_errors_total` | counter, store calls | `op`: `reserve`, `check`, `commit`, `release`; only the store's failures (unreachable, an answer not understood), never its answers about a request (a replay, a reused key), which clients cause at will |
 /// | `tower_reserve_store_seconds` | histogram, seconds | `op` |
 ///
+///
+/// # Logs
+///
+/// Through [`tracing`](https://docs.rs/tracing). With `DEBUG` on for this crate, each request
+/// runs in a `reserve` span with its `method`, `path`, `route` (the pattern, as the metrics
+/// label it) and `hold` id, and its steps (reserved, denied, settled, with timings) are events
+/// in it. Above `DEBUG` no span is made, so that a request pays nothing for it; the events the
+/// layer logs at `INFO` and above (a shadow-mode denial, a store unavailable, a lease run out,
+/// a failed settlement, and denials with [`ReserveLayer::log_denials`]) carry the `route`
+/// themselves.
+///
 /// [`Routes`]: super::Routes
 pub struct ReserveLayer<St, E> {
     store: St,
@@ -235,6 +247,7 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
                 shadow: false,
                 remaining_headers: false,
                 too_many_requests: false,
+                denial_level: tracing::Level::DEBUG,
             },
         }
     }
@@ -423,6 +436,28 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
     /// ```
     pub fn too_many_requests(mut self, yes: bool) -> Self {
         self.options.too_many_requests = yes;
+        self
+    }
+
+    /// The level at which a refused reservation (over budget, a value taken) is logged (default
+    /// `DEBUG`, in the request's span, with its claims). Above `DEBUG` (`INFO`, say) the event
+    /// stands on its own: the route's pattern, the hold's id, which claim failed and why, never
+    /// the claims themselves (a budget's key is often a customer's id).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::Request;
+    /// use tower_reserve::{Budget, Claim, Extracted, MemoryStore, ReserveLayer, extract};
+    ///
+    /// let layer = ReserveLayer::new(MemoryStore::new(), |req: Request<Bytes>| async move {
+    ///     let key = extract::header(&req, "x-api-key")?.to_owned();
+    ///     Extracted::Ok((req, vec![Claim::spend(Budget::new(key, 1_000), 1)]))
+    /// })
+    /// .log_denials(tracing::Level::INFO);
+    /// # let _ = layer;
+    /// ```
+    pub fn log_denials(mut self, level: tracing::Level) -> Self {
+        self.options.denial_level = level;
         self
     }
 

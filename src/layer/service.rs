@@ -86,6 +86,7 @@ where
                 "reserve",
                 method = %request.method(),
                 path = request.uri().path(),
+                route = tracing::field::Empty,
                 hold = tracing::field::Empty,
             )
         } else {
@@ -144,6 +145,9 @@ where
         Err(rejection) => return reject(rejection),
     };
     let route = metrics::route_of(&request);
+    if timed {
+        tracing::Span::current().record("route", &*route);
+    }
     if claims.is_empty() {
         return Prepared::Pass(request.map(RequestBody::new));
     }
@@ -324,6 +328,7 @@ fn shadow<B>(
             let reason = denial_reason(&denial.reason);
             metrics::denial(route, reason, true);
             tracing::info!(
+                route = &**route,
                 hold = %reservation.id(),
                 claim = denial.claim,
                 reason,
@@ -332,7 +337,7 @@ fn shadow<B>(
         }
         Ok(Reserved::Granted(_)) => metrics::reservation(route, "granted"),
         Err(err) => {
-            tracing::warn!(error = %err, "shadow mode: the store could not check this request");
+            tracing::warn!(route = &**route, error = %err, "shadow mode: the store could not check this request");
         }
     }
     Prepared::Pass(request)
@@ -370,13 +375,7 @@ fn answer_of<St, E, B>(
         Ok(Reserved::Denied(denial)) => {
             metrics::reservation(&route, "denied");
             metrics::denial(&route, denial_reason(&denial.reason), false);
-            tracing::debug!(
-                hold = %reservation.id(),
-                claims = ?reservation.claims(),
-                claim = denial.claim,
-                reason = ?denial.reason,
-                "denied"
-            );
+            log_denial(options.denial_level, &reservation, &denial, &route);
             Prepared::Reject(refuse(options, &reservation, &denial, &route))
         }
         Err(err) if err.is_unavailable() || err.kind() == ErrorKind::Protocol => {
@@ -386,10 +385,10 @@ fn answer_of<St, E, B>(
                 .iter()
                 .all(|c| matches!(c, Claim::Spend { .. }));
             if options.fail_open && budgets_only {
-                tracing::warn!(hold = %reservation.id(), error = %err, "store unavailable; failing open");
+                tracing::warn!(route = &*route, hold = %reservation.id(), error = %err, "store unavailable; failing open");
                 return Prepared::Pass(request);
             }
-            tracing::warn!(hold = %reservation.id(), error = %err, "store unavailable; failing closed");
+            tracing::warn!(route = &*route, hold = %reservation.id(), error = %err, "store unavailable; failing closed");
             reject(Rejection::unavailable(options.retry_after_secs))
         }
         Err(err) if err.kind() == ErrorKind::InFlight => {
@@ -455,6 +454,29 @@ fn refuse(
         super::remaining::insert_denied(response.headers_mut(), route, nth, budget, &denial.reason);
     }
     response
+}
+
+/// Logs a denial at `level`: at `DEBUG` (or `TRACE`) with its claims, in the request's span;
+/// above, on its own, with the route and without the claims.
+fn log_denial(level: tracing::Level, reservation: &Reservation, denial: &Denial, route: &str) {
+    use tracing::Level;
+    let (hold, claim, reason) = (
+        reservation.id(),
+        denial.claim,
+        denial_reason(&denial.reason),
+    );
+    match level {
+        Level::TRACE | Level::DEBUG => tracing::debug!(
+            %hold,
+            claims = ?reservation.claims(),
+            claim,
+            reason = ?denial.reason,
+            "denied"
+        ),
+        Level::INFO => tracing::info!(route, %hold, claim, reason, "denied"),
+        Level::WARN => tracing::warn!(route, %hold, claim, reason, "denied"),
+        Level::ERROR => tracing::error!(route, %hold, claim, reason, "denied"),
+    }
 }
 
 fn denial_reason(reason: &DenialReason) -> &'static str {

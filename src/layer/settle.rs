@@ -559,7 +559,7 @@ fn record(
             tracing::debug!(hold = %hold.id(), commit, ?settled, elapsed_us, "settled")
         }
         Err(err) => {
-            tracing::error!(hold = %hold.id(), commit, error = %err, elapsed_us, "settling failed")
+            tracing::error!(hold = %hold.id(), route = hold.route(), commit, error = %err, elapsed_us, "settling failed")
         }
     }
 }
