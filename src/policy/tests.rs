@@ -164,7 +164,7 @@ const BAD: &[(&str, usize, &str, &str)] = &[
         "700 is not a status",
     ),
     (
-        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"o\"\n\n[[route]]\nmethod = \"POST\"\npath = \"/a\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"o\"\n",
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"{header.o}\"\n\n[[route]]\nmethod = \"POST\"\npath = \"/a\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"{header.o}\"\n",
         11,
         "route[1].path",
         "declared twice",
@@ -186,6 +186,24 @@ const BAD: &[(&str, usize, &str, &str)] = &[
         4,
         "route[0].lease",
         "1 ms to 1 day",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"{body./username}\"\nowner = \"{body./username}\"\n",
+        7,
+        "route[0].unique[0].owner",
+        "read from nothing but what the value is read from",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a/{id}\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"{path.id}:{body./v}\"\nowner = \"user-{path.id}\"\n",
+        7,
+        "route[0].unique[0].owner",
+        "give the route a mint_id",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\nmint_id = \"x account\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"{header.o}\"\n",
+        4,
+        "route[0].mint_id",
+        "not a header name",
     ),
     (
         "[[route]]\nmethod = \"POST\"\npath = \"a/{id}\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"o\"\n",
@@ -571,5 +589,62 @@ mod layer {
             state.starts_with(&format!("\"/keys/{{key}}/calls\";r=0;t={retry};pk=")),
             "{state}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_sign_up_without_an_id_gets_one_minted_as_its_owner() {
+        let policy = Policy::from_toml(
+            r#"
+            [[route]]
+            method = "POST"
+            path = "/accounts"
+            mint_id = "x-account-id"
+            [[route.unique]]
+            namespace = "accounts"
+            value = "{body./email}"
+            normalize = "email"
+            owner = "{header.x-account-id}"
+            "#,
+        )
+        .unwrap();
+        let layer = PolicyLayer::new(MemoryStore::new(), &policy).unwrap();
+        // The inner service answers the id it got in the header and as an extension.
+        let service = layer.layer(service_fn(|req: Request<PolicyBody>| async move {
+            // One value: the client's were replaced.
+            assert_eq!(req.headers().get_all("x-account-id").iter().count(), 1);
+            let header = req.headers()["x-account-id"].to_str().unwrap().to_owned();
+            let MintedId(minted) = req.extensions().get::<MintedId>().cloned().unwrap();
+            assert_eq!(header, minted);
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(minted))))
+        }));
+        let sign_up = |email: &str, sent_id: Option<&str>| {
+            let mut req = post("/accounts", format!(r#"{{"email": "{email}"}}"#));
+            if let Some(id) = sent_id {
+                req.headers_mut()
+                    .append("x-account-id", id.parse().unwrap());
+                req.headers_mut()
+                    .append("x-account-id", id.parse().unwrap());
+            }
+            let service = service.clone();
+            async move {
+                let r = service.oneshot(req).await.unwrap();
+                let status = r.status();
+                let body = r.into_body().collect().await.unwrap().to_bytes();
+                (status, String::from_utf8(body.to_vec()).unwrap())
+            }
+        };
+        let (status, first) = sign_up("ann@example.com", None).await;
+        assert_eq!(status, StatusCode::OK);
+        // A UUID, version 4.
+        assert_eq!(first.len(), 36, "{first}");
+        assert_eq!(&first[14..15], "4", "{first}");
+        // Each sign-up is an owner of its own: the same address again is taken, whatever id the
+        // client sends (it is replaced, never used).
+        let (status, _) = sign_up(" Ann@Example.com", Some(&first)).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        let (status, second) = sign_up("bob@example.com", Some("chosen-by-client")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_ne!(second, "chosen-by-client");
+        assert_ne!(second, first);
     }
 }
