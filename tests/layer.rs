@@ -1228,6 +1228,33 @@ async fn axum_routes_keep_their_own_policies<St: Store>(store: St) {
         let budget = Budget::new(format!("{prefix}-{account}"), 30);
         assert_budget(&store, &budget, spent, 0).await;
     }
+
+    // In a nested router, whose handlers see paths without the prefix, a path parameter is read
+    // at its place in that path (the matched path has the prefix).
+    let p = prefix.clone();
+    let nested = axum::Router::new().route(
+        "/acct/{id}/spend",
+        axum::routing::post(hold_echo).layer(ReserveLayer::new(
+            store.clone(),
+            move |req: Request<Bytes>| {
+                let prefix = p.clone();
+                async move {
+                    let id = extract::path_param(&req, "id")?;
+                    let budget = Budget::new(format!("{prefix}-nested-{id}"), 30);
+                    Extracted::Ok((req, vec![Claim::spend(budget, 20)]))
+                }
+            },
+        )),
+    );
+    let app = axum::Router::new().nest("/v1/{tenant}", nested);
+    for (account, expect) in [("x", 200), ("x", 403), ("y", 200)] {
+        let a = call(app.clone(), req(&format!("/v1/t/acct/{account}/spend"), 0)).await;
+        assert_eq!(a.status.as_u16(), expect, "{account}: {:?}", a.body);
+    }
+    for account in ["x", "y"] {
+        let budget = Budget::new(format!("{prefix}-nested-{account}"), 30);
+        assert_budget(&store, &budget, 20, 0).await;
+    }
 }
 
 async fn routes_table_keeps_its_own_policies<St: Store>(store: St) {

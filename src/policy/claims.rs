@@ -88,7 +88,7 @@ impl Policy {
     /// The budgets the route `method pattern` spends from, each as a [`BudgetOf`], once the
     /// policy is [validated](Policy::validate): what a usage endpoint shows a client, from the
     /// very rules the route reserves by. Refused when the policy does not validate or has no
-    /// such route.
+    /// such route (the error lists the routes it has).
     ///
     /// The key and the limit are read from the usage request as the route reads them from its
     /// own: a `{path.NAME}` placeholder needs a parameter of that name in the usage route's
@@ -114,11 +114,19 @@ impl Policy {
     ///     .route_service("/keys/{key}/usage", usage(MemoryStore::new(), calls));
     /// ```
     pub fn budgets_of(&self, method: &Method, pattern: &str) -> Result<Vec<BudgetOf>, PolicyError> {
-        self.route_claims()?
+        let routes = self.route_claims()?;
+        let has: Vec<String> = routes.iter().map(|(m, p, _)| format!("{m} {p}")).collect();
+        routes
             .into_iter()
             .find(|(m, p, _)| m == method && p == pattern)
             .map(|(_, _, claims)| claims.budgets())
-            .ok_or_else(|| PolicyError::new(format!("the policy has no route {method} {pattern}")))
+            .ok_or_else(|| {
+                let has = match has.as_slice() {
+                    [] => "it has no routes".to_owned(),
+                    has => format!("its routes are {}", has.join(", ")),
+                };
+                PolicyError::new(format!("the policy has no route {method} {pattern}; {has}"))
+            })
     }
 }
 

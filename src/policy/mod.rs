@@ -112,6 +112,13 @@
 //! [`MAX_CLAIMS`](crate::MAX_CLAIMS)): its budgets first, then its unique values, each in file
 //! order. A request that matches no route is not read, limited or reserved.
 //!
+//! On an axum router (the layer given to `Router::layer` or `route_layer`), the router decides:
+//! a request takes the policy route whose pattern is the pattern of the router route that took
+//! it (axum's `MatchedPath`; parameters may be named otherwise), and under a router route with
+//! a wildcard (`/{*rest}`) the first policy route that matches the path. A policy route that no
+//! router route serves would limit nothing: [`Policy::check_router`] refuses it at start, with
+//! its line's field (`route[0].path`), before the router serves.
+//!
 //! ## Templates
 //!
 //! Keys, values and owners are [`Template`]s: text with placeholders.
@@ -205,6 +212,8 @@ mod file;
 mod future;
 mod layer;
 mod model;
+#[cfg(feature = "axum")]
+mod router;
 mod service;
 mod template;
 

@@ -390,6 +390,12 @@ async fn a_routes_budgets_are_the_ones_its_claims_spend_from() {
         .budgets_of(&http::Method::GET, "/v1/jobs")
         .unwrap_err();
     assert!(err.message().contains("no route GET /v1/jobs"), "{err}");
+    // It says which routes the policy has.
+    assert!(
+        err.message()
+            .ends_with("; its routes are POST /customers/{customer_id}/purchases, POST /accounts, PUT /accounts/{account_id}/email, POST /v1/jobs"),
+        "{err}"
+    );
     assert!(
         Policy::new()
             .route(Route::new(http::Method::POST, "nope"))
@@ -646,5 +652,124 @@ mod layer {
         assert_eq!(status, StatusCode::OK);
         assert_ne!(second, "chosen-by-client");
         assert_ne!(second, first);
+    }
+
+    /// A policy of one route, `method path`, spending 1 of a budget of 1 per `{path.PARAM}`
+    /// (or per route, when the pattern has no parameter).
+    fn one_call_each(method: &str, path: &str) -> Policy {
+        let key = match crate::layer::extract::pattern_params(path).unwrap().first() {
+            Some(param) => format!("calls:{{path.{param}}}"),
+            None => "calls".to_owned(),
+        };
+        Policy::from_toml(&format!(
+            "[[route]]\nmethod = \"{method}\"\npath = \"{path}\"\n[[route.budget]]\nkey = \"{key}\"\namount = 1\nlimit = 1\n"
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_policy_is_checked_against_its_router() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let ran = Arc::new(AtomicUsize::new(0));
+        let handler = {
+            let ran = ran.clone();
+            move || {
+                ran.fetch_add(1, Ordering::SeqCst);
+                async { "ran" }
+            }
+        };
+        let api: axum::Router =
+            axum::Router::new().route("/keys/{key}/calls", axum::routing::post(handler.clone()));
+        let app: axum::Router = axum::Router::new()
+            .route("/users", axum::routing::post(handler.clone()))
+            .route("/users/me", axum::routing::post(handler.clone()))
+            .route("/users/{id}/avatar", axum::routing::put(handler.clone()))
+            .route("/files/{*path}", axum::routing::any(handler.clone()))
+            .nest("/api", api);
+        // Served: by its pattern (parameters named otherwise), under a wildcard, nested.
+        for (method, path) in [
+            ("POST", "/users"),
+            ("PUT", "/users/{user_id}/avatar"),
+            ("POST", "/files/reports/{name}"),
+            ("POST", "/api/keys/{k}/calls"),
+            // Another method than the route's: the router answers 405, nothing runs.
+            ("GET", "/users"),
+        ] {
+            let policy = one_call_each(method, path);
+            policy
+                .check_router(&app)
+                .await
+                .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        }
+        // Not served: no route, or a route of another pattern takes it.
+        for (method, path, says) in [
+            ("POST", "/user", "no route of the router takes POST /user"),
+            (
+                "POST",
+                "/users/{id}",
+                "no route of the router takes POST /users/{id}",
+            ),
+            (
+                "PUT",
+                "/users/me/avatar",
+                "with its route /users/{id}/avatar",
+            ),
+            ("POST", "/keys/{key}/calls", "no route of the router takes"),
+        ] {
+            let err = one_call_each(method, path)
+                .check_router(&app)
+                .await
+                .expect_err(path);
+            assert_eq!(err.field(), Some("route[0].path"), "{err}");
+            assert!(err.message().contains(says), "{path}: {err}");
+        }
+        let empty = axum::Router::new();
+        assert!(
+            one_call_each("POST", "/users")
+                .check_router(&empty)
+                .await
+                .is_err()
+        );
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "a check runs no handler");
+    }
+
+    #[tokio::test]
+    async fn on_a_router_a_request_takes_the_policy_route_of_the_routers_choice() {
+        let post = |path: &str| Request::post(path).body(axum::body::Body::empty()).unwrap();
+        let status = |app: &axum::Router, path: &str| {
+            let (app, req) = (app.clone(), post(path));
+            async move { app.oneshot(req).await.unwrap().status() }
+        };
+        // The router sends /users/me to its static route: the policy's /users/{id} is not it.
+        let policy = one_call_each("POST", "/users/{id}");
+        let app: axum::Router = axum::Router::new()
+            .route("/users/me", axum::routing::post(|| async { "me" }))
+            .route("/users/{user}", axum::routing::post(|| async { "user" }))
+            .layer(PolicyLayer::new(MemoryStore::new(), &policy).unwrap());
+        for _ in 0..3 {
+            assert_eq!(status(&app, "/users/me").await, StatusCode::OK);
+        }
+        assert_eq!(status(&app, "/users/ann").await, StatusCode::OK);
+        assert_eq!(status(&app, "/users/ann").await, StatusCode::FORBIDDEN);
+        assert_eq!(status(&app, "/users/bob").await, StatusCode::OK);
+
+        // Inside a nested router, the layer sees paths without the prefix, and so does the
+        // policy: its pattern and its path parameters are the nested router's.
+        let policy = one_call_each("POST", "/keys/{key}/calls");
+        let api: axum::Router = axum::Router::new()
+            .route(
+                "/keys/{key}/calls",
+                axum::routing::post(|| async { "called" }),
+            )
+            .layer(PolicyLayer::new(MemoryStore::new(), &policy).unwrap());
+        let app: axum::Router = axum::Router::new().nest("/api", api);
+        assert_eq!(status(&app, "/api/keys/a/calls").await, StatusCode::OK);
+        assert_eq!(
+            status(&app, "/api/keys/a/calls").await,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(status(&app, "/api/keys/b/calls").await, StatusCode::OK);
     }
 }
