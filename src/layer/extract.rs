@@ -278,6 +278,7 @@ pub(crate) fn same_pattern(a: &str, b: &str) -> bool {
 
 /// Whether a router's pattern hands every path under it to one service: a wildcard segment
 /// (`/{*rest}`).
+#[cfg_attr(not(all(feature = "axum", feature = "policy")), allow(dead_code))]
 pub(crate) fn is_wildcard(pattern: &str) -> bool {
     pattern.split('/').any(|segment| segment.starts_with("{*"))
 }
