@@ -443,8 +443,8 @@ fn refuse(
         rejection = rejection.retry_at_reset(crate::store::now_ms());
     }
     let mut response = options.reject(rejection);
-    if let (true, Some(Claim::Spend { budget, .. })) =
-        (options.remaining_headers, claims.get(denial.claim))
+    if options.remaining_headers
+        && let Some(Claim::Spend { budget, .. }) = claims.get(denial.claim)
     {
         // The budget's place among the request's budgets names its policy, as on a success.
         let nth = claims[..=denial.claim]
