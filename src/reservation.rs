@@ -415,6 +415,10 @@ pub enum DenialReason {
         requested: u64,
         /// What is left: limit minus spent minus held (never below zero).
         remaining: u64,
+        /// When the window this was counted in ends, in Unix milliseconds by the store's clock
+        /// (the budget is whole again then, but for what later windows hold); `None` for a
+        /// lifetime budget, which never resets.
+        resets_at_ms: Option<u64>,
     },
     /// The value is owned, or held by another command in flight, on behalf of someone else.
     Taken,

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower_service::Service;
 
 use super::Rejection;
@@ -16,11 +16,11 @@ use super::body::RequestBody;
 use super::extract::ExtractClaims;
 use super::future::{ResponseBody, ResponseFuture};
 use super::idempotency;
-use super::layer::{Options, Shared};
+use super::layer::{Options, OwnBody, Shared};
 use super::metrics::{self, SharedString};
 use super::settle::{Hold, SettleStore};
 use crate::{
-    Claim, DenialReason, Error, ErrorKind, HoldId, Reservation, Reserved, Settlement, Store,
+    Claim, Denial, DenialReason, Error, ErrorKind, HoldId, Reservation, Reserved, Settlement, Store,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -86,6 +86,7 @@ where
                 "reserve",
                 method = %request.method(),
                 path = request.uri().path(),
+                route = tracing::field::Empty,
                 hold = tracing::field::Empty,
             )
         } else {
@@ -99,7 +100,7 @@ where
 /// What the layer decided before the handler runs.
 pub(crate) enum Prepared<B> {
     /// Refused: this response goes back, the handler never runs.
-    Reject(Response<Full<Bytes>>),
+    Reject(Response<OwnBody>),
     /// No claims (or failing open, or shadow mode): the handler runs with nothing held.
     Pass(Request<B>),
     /// Everything held: the handler runs under this hold.
@@ -144,6 +145,9 @@ where
         Err(rejection) => return reject(rejection),
     };
     let route = metrics::route_of(&request);
+    if timed {
+        tracing::Span::current().record("route", &*route);
+    }
     if claims.is_empty() {
         return Prepared::Pass(request.map(RequestBody::new));
     }
@@ -324,6 +328,7 @@ fn shadow<B>(
             let reason = denial_reason(&denial.reason);
             metrics::denial(route, reason, true);
             tracing::info!(
+                route = &**route,
                 hold = %reservation.id(),
                 claim = denial.claim,
                 reason,
@@ -332,7 +337,7 @@ fn shadow<B>(
         }
         Ok(Reserved::Granted(_)) => metrics::reservation(route, "granted"),
         Err(err) => {
-            tracing::warn!(error = %err, "shadow mode: the store could not check this request");
+            tracing::warn!(route = &**route, error = %err, "shadow mode: the store could not check this request");
         }
     }
     Prepared::Pass(request)
@@ -370,21 +375,8 @@ fn answer_of<St, E, B>(
         Ok(Reserved::Denied(denial)) => {
             metrics::reservation(&route, "denied");
             metrics::denial(&route, denial_reason(&denial.reason), false);
-            let (key, namespace) = match reservation.claims().get(denial.claim) {
-                Some(Claim::Spend { budget, .. }) => (budget.key().to_owned(), String::new()),
-                Some(Claim::Own { value, .. } | Claim::ReleaseOnCommit { value, .. }) => {
-                    (String::new(), value.namespace().to_owned())
-                }
-                _ => Default::default(),
-            };
-            tracing::debug!(
-                hold = %reservation.id(),
-                claims = ?reservation.claims(),
-                claim = denial.claim,
-                reason = ?denial.reason,
-                "denied"
-            );
-            reject(Rejection::denied(key, namespace, &denial.reason))
+            log_denial(options.denial_level, &reservation, &denial, &route);
+            Prepared::Reject(refuse(options, &reservation, &denial, &route))
         }
         Err(err) if err.is_unavailable() || err.kind() == ErrorKind::Protocol => {
             metrics::reservation(&route, "unavailable");
@@ -393,10 +385,10 @@ fn answer_of<St, E, B>(
                 .iter()
                 .all(|c| matches!(c, Claim::Spend { .. }));
             if options.fail_open && budgets_only {
-                tracing::warn!(hold = %reservation.id(), error = %err, "store unavailable; failing open");
+                tracing::warn!(route = &*route, hold = %reservation.id(), error = %err, "store unavailable; failing open");
                 return Prepared::Pass(request);
             }
-            tracing::warn!(hold = %reservation.id(), error = %err, "store unavailable; failing closed");
+            tracing::warn!(route = &*route, hold = %reservation.id(), error = %err, "store unavailable; failing closed");
             reject(Rejection::unavailable(options.retry_after_secs))
         }
         Err(err) if err.kind() == ErrorKind::InFlight => {
@@ -413,7 +405,7 @@ fn answer_of<St, E, B>(
             match err.memo().map(idempotency::replay) {
                 Some(Ok(response)) => {
                     metrics::reservation(&route, "replayed");
-                    Prepared::Reject(response)
+                    Prepared::Reject(response.map(OwnBody::Full))
                 }
                 Some(Err(rejection)) => {
                     metrics::reservation(&route, "settled");
@@ -425,6 +417,65 @@ fn answer_of<St, E, B>(
                 }
             }
         }
+    }
+}
+
+/// The response to a denied reservation: which claim failed and why, as the layer's options say
+/// (`429` over a windowed budget, the budget's remaining fields).
+fn refuse(
+    options: &Options,
+    reservation: &Reservation,
+    denial: &Denial,
+    route: &str,
+) -> Response<OwnBody> {
+    let claims = reservation.claims();
+    let (key, namespace, words) = match claims.get(denial.claim) {
+        Some(Claim::Spend { budget, .. }) => (budget.key().to_owned(), String::new(), None),
+        Some(Claim::Own { value, .. } | Claim::ReleaseOnCommit { value, .. }) => (
+            String::new(),
+            value.namespace().to_owned(),
+            value.description(),
+        ),
+        None => Default::default(),
+    };
+    let mut rejection = Rejection::denied(key, namespace, words, &denial.reason);
+    if options.too_many_requests {
+        rejection = rejection.retry_at_reset(crate::store::now_ms());
+    }
+    let mut response = options.reject(rejection);
+    if options.remaining_headers
+        && let Some(Claim::Spend { budget, .. }) = claims.get(denial.claim)
+    {
+        // The budget's place among the request's budgets names its policy, as on a success.
+        let nth = claims[..=denial.claim]
+            .iter()
+            .filter(|c| matches!(c, Claim::Spend { .. }))
+            .count();
+        super::remaining::insert_denied(response.headers_mut(), route, nth, budget, &denial.reason);
+    }
+    response
+}
+
+/// Logs a denial at `level`: at `DEBUG` (or `TRACE`) with its claims, in the request's span;
+/// above, on its own, with the route and without the claims.
+fn log_denial(level: tracing::Level, reservation: &Reservation, denial: &Denial, route: &str) {
+    use tracing::Level;
+    let (hold, claim, reason) = (
+        reservation.id(),
+        denial.claim,
+        denial_reason(&denial.reason),
+    );
+    match level {
+        Level::TRACE | Level::DEBUG => tracing::debug!(
+            %hold,
+            claims = ?reservation.claims(),
+            claim,
+            reason = ?denial.reason,
+            "denied"
+        ),
+        Level::INFO => tracing::info!(route, %hold, claim, reason, "denied"),
+        Level::WARN => tracing::warn!(route, %hold, claim, reason, "denied"),
+        Level::ERROR => tracing::error!(route, %hold, claim, reason, "denied"),
     }
 }
 

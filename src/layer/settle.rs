@@ -130,6 +130,51 @@ impl Hold {
             .and_then(|i| self.inner.remaining[i])
     }
 
+    /// What `budget` will have left once this hold commits, if the hold spends from it: what it
+    /// had left once the hold was placed ([`Hold::remaining_of`]) and what the commit gives back
+    /// of the amount held, the actual amount set with [`Hold::set_actual`] being spent (all that
+    /// was held, if none was set). For the handler's answer (`"remaining": ...`) before the layer
+    /// commits; like `remaining_of`, it is as of the reserve: what other requests spent or held
+    /// since is not in it.
+    ///
+    /// ```
+    /// use http::{Request, Response};
+    /// use tower_reserve::{Budget, Hold};
+    ///
+    /// async fn handler(req: Request<()>) -> Response<String> {
+    ///     let hold = req.extensions().get::<Hold>().expect("behind ReserveLayer").clone();
+    ///     let tokens = Budget::new("team-7", 1_000_000);
+    ///     // Reserved max_tokens; the completion used 1 234 of them.
+    ///     hold.set_actual(&tokens, 1_234).expect("at most what was held");
+    ///     let left = hold.remaining_after_commit(&tokens).unwrap_or(0);
+    ///     Response::new(format!(r#"{{"tokens_left": {left}}}"#))
+    /// }
+    /// ```
+    pub fn remaining_after_commit(&self, budget: &Budget) -> Option<u64> {
+        let i = self.spend_index(budget)?;
+        let actual = self
+            .inner
+            .actual
+            .lock()
+            .expect("actual amounts lock")
+            .iter()
+            .find(|(b, _)| same_budget(b, budget))
+            .map(|(_, amount)| *amount);
+        self.remaining_after(i, actual)
+    }
+
+    /// What the budget of claim `i` has left once this hold settles with `spent` of it (`None`:
+    /// all it holds): the rest of what it holds goes back.
+    pub(crate) fn remaining_after(&self, i: usize, spent: Option<u64>) -> Option<u64> {
+        let (Claim::Spend { budget, amount }, Some(left)) =
+            (&self.inner.claims[i], self.inner.remaining[i])
+        else {
+            return None;
+        };
+        let spent = spent.unwrap_or(*amount).min(*amount);
+        Some((left + (amount - spent)).min(budget.limit()))
+    }
+
     /// The budgets this hold spends from, with the amounts held, in claim order.
     pub fn budgets(&self) -> impl Iterator<Item = (&Budget, u64)> {
         self.inner.claims.iter().filter_map(|c| match c {
@@ -514,7 +559,7 @@ fn record(
             tracing::debug!(hold = %hold.id(), commit, ?settled, elapsed_us, "settled")
         }
         Err(err) => {
-            tracing::error!(hold = %hold.id(), commit, error = %err, elapsed_us, "settling failed")
+            tracing::error!(hold = %hold.id(), route = hold.route(), commit, error = %err, elapsed_us, "settling failed")
         }
     }
 }

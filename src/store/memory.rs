@@ -580,6 +580,7 @@ impl MemoryStore {
                         return deny(DenialReason::OverBudget {
                             requested: *amount,
                             remaining: left,
+                            resets_at_ms: window.ends_at_ms,
                         });
                     }
                     remaining.push(Some(left - amount));

@@ -227,7 +227,7 @@ fn render_rejection(rejection: Rejection) -> http::Response<http_body_util::Full
         }
         _ => rejection,
     };
-    rejection.into_response()
+    rejection.into_problem_response()
 }
 
 /// The response of a handler that panicked.
@@ -239,7 +239,7 @@ fn panic_response(
         "Internal server error",
         "the handler failed; nothing was kept",
     )
-    .into_response()
+    .into_problem_response()
 }
 
 /// Turns every error response that is not a problem yet (axum's own 404, 405, rejections) into

@@ -38,7 +38,7 @@ local function check_claims(id, claims, e, now, now_text)
       local b = load_budget(c[2] .. suffix, { T })
       expire(b, now, now_text)
       local left = remaining(b, c[4])
-      if c[3] > left then return nil, { 'D', i, 'budget', left } end
+      if c[3] > left then return nil, { 'D', i, 'budget', left, ends or -1 } end
       -- A second bucket creates the sorted set: read it first (see the top of this file).
       if b.c == 1 and b.n ~= T then redis.call('EXISTS', b.key .. ':h') end
       b.window_ends = ends
@@ -134,7 +134,8 @@ end
 -- with groups, which starts in phase P until marked; 'gH': another slot group of a Cluster
 -- reservation. `body` is the record's body (see common.lua).
 -- Answers { 'G', lease end, replayed, remaining per claim (-1: not a budget) }
---       | { 'D', claim index (from 1), 'budget' | 'taken' | 'not_owner', remaining }
+--       | { 'D', claim index (from 1), 'budget', remaining, window end or -1 (lifetime) }
+--       | { 'D', claim index (from 1), 'taken' | 'not_owner', 0 }
 --       | { 'E', 'conflict' | 'expired' | 'committed' | 'released' | 'in_flight', memo? }
 local function reserve(op, now, now_text)
   local key, id, lease, fpnonce, mode, claims, body = op[2], op[3], op[4], op[5], op[6], op[7], op[8]
