@@ -513,7 +513,7 @@ fn main() {
     }
     criterion.final_summary();
 
-    let cpu = interleaved_cpu_ns(&rt, &cases);
+    let cpu = Rounds::measure(&rt, &cases);
 
     // Heap allocations per request, outside criterion (steady state: after a warm-up).
     let allocs: Vec<f64> = cases
@@ -537,8 +537,8 @@ fn main() {
 }
 
 /// Rounds of the interleaved timing, and requests per case in each.
-const ROUNDS: usize = 7;
-const ROUND_REQUESTS: usize = 20_000;
+const ROUNDS: usize = 15;
+const ROUND_REQUESTS: usize = 10_000;
 
 /// The CPU time this thread has used, in nanoseconds: what a request costs, whatever else the
 /// machine runs meanwhile (wall time on a shared machine counts the others' turns too).
@@ -554,33 +554,47 @@ fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Each case's median CPU ns per request over [`ROUNDS`] rounds, each round running every
-/// case in turn (the Redis cases, whose cost is mostly Redis's, are left out).
-fn interleaved_cpu_ns(rt: &tokio::runtime::Runtime, cases: &[Case]) -> Vec<Option<f64>> {
-    let timed: Vec<bool> = cases.iter().map(|c| !c.name.starts_with("redis")).collect();
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-    rt.block_on(async {
-        for _ in 0..ROUNDS {
-            for (i, case) in cases.iter().enumerate() {
-                if !timed[i] {
-                    continue;
+/// CPU ns per request of each case in each round ([`ROUNDS`] rounds, each running every case
+/// in turn; the Redis cases, whose cost is mostly Redis's, are left out).
+struct Rounds(Vec<Vec<f64>>);
+
+impl Rounds {
+    fn measure(rt: &tokio::runtime::Runtime, cases: &[Case]) -> Self {
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+        rt.block_on(async {
+            for _ in 0..ROUNDS {
+                for (i, case) in cases.iter().enumerate() {
+                    if case.name.starts_with("redis") {
+                        continue;
+                    }
+                    let start = thread_cpu_ns();
+                    for _ in 0..ROUND_REQUESTS {
+                        (case.call)().await;
+                    }
+                    let ns = (thread_cpu_ns() - start) as f64 / ROUND_REQUESTS as f64;
+                    samples[i].push(ns);
                 }
-                let start = thread_cpu_ns();
-                for _ in 0..ROUND_REQUESTS {
-                    (case.call)().await;
-                }
-                let ns = (thread_cpu_ns() - start) as f64 / ROUND_REQUESTS as f64;
-                samples[i].push(ns);
             }
-        }
-    });
-    samples
-        .into_iter()
-        .map(|mut s| {
-            s.sort_by(f64::total_cmp);
-            (!s.is_empty()).then(|| s[s.len() / 2])
-        })
-        .collect()
+        });
+        Self(samples)
+    }
+
+    /// The median over the rounds of `f` of one round's figures (indexed like the cases):
+    /// a ratio taken within each round, then the median, so that a busy moment of the machine
+    /// slows both sides of a ratio alike.
+    fn median_of(&self, f: impl Fn(&dyn Fn(usize) -> f64) -> f64) -> Option<f64> {
+        let rounds = self.0.iter().map(Vec::len).max()?;
+        let mut values: Vec<f64> = (0..rounds)
+            .map(|r| f(&|case: usize| self.0[case].get(r).copied().unwrap_or(f64::NAN)))
+            .filter(|v| v.is_finite())
+            .collect();
+        values.sort_by(f64::total_cmp);
+        (!values.is_empty()).then(|| values[values.len() / 2])
+    }
+
+    fn median(&self, case: usize) -> Option<f64> {
+        self.median_of(|ns| ns(case))
+    }
 }
 
 /// The workspace's target directory (a bench runs in its package's directory, not the
@@ -606,9 +620,9 @@ fn median_ns(name: &str) -> Option<f64> {
     json.pointer("/median/point_estimate")?.as_f64()
 }
 
-fn write_report(cases: &[Case], cpu: &[Option<f64>], all_allocs: &[f64], with_redis: bool) {
+fn write_report(cases: &[Case], cpu: &Rounds, all_allocs: &[f64], with_redis: bool) {
     let index = |name: &str| cases.iter().position(|c| c.name == name);
-    let cpu_of = |name: &str| index(name).and_then(|i| cpu[i]);
+    let cpu_of = |name: &str| index(name).and_then(|i| cpu.median(i));
     let allocs_of = |name: &str| index(name).map_or(0.0, |i| all_allocs[i]);
     let fmt = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.0}"));
     let mut md = String::new();
@@ -618,7 +632,7 @@ fn write_report(cases: &[Case], cpu: &[Option<f64>], all_allocs: &[f64], with_re
     );
     let _ = writeln!(md, "| --- | --- | ---: | ---: | ---: | ---: | ---: |");
     for (i, case) in cases.iter().enumerate() {
-        let ns = cpu[i];
+        let ns = cpu.median(i);
         let bare_ns = cpu_of(case.bare);
         let cost = ns.zip(bare_ns).map(|(n, b)| n - b);
         let ratio = ns
@@ -645,19 +659,24 @@ fn write_report(cases: &[Case], cpu: &[Option<f64>], all_allocs: &[f64], with_re
         md.push_str("\n`redis-server` was not found: the Redis cases were skipped.\n");
     }
 
-    // The targets, each a ratio of two cases of this run.
+    // The targets, each a ratio of cases of this run, taken within each round.
     let added = |name: &str, bare: &str| cpu_of(name).zip(cpu_of(bare)).map(|(n, b)| n - b);
+    let ratio_of = |f: &dyn Fn(&dyn Fn(usize) -> f64) -> f64| cpu.median_of(f);
     let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
     let _ = writeln!(md, "\n| target | measured in this run | |");
     let _ = writeln!(md, "| --- | --- | --- |");
-    if let (Some(reserve), Some(governor)) = (
+    if let (Some(reserve), Some(governor), Some(bare), Some(memory), Some(peer)) = (
         added("route_memory_commit", "route_bare"),
         added("route_governor", "route_bare"),
+        index("route_bare"),
+        index("route_memory_commit"),
+        index("route_governor"),
     ) {
-        let times = reserve / governor;
+        let times =
+            ratio_of(&|ns| (ns(memory) - ns(bare)) / (ns(peer) - ns(bare))).unwrap_or(f64::NAN);
         let _ = writeln!(
             md,
-            "| `ReserveLayer` + `MemoryStore` (one claim, commit) adds ≤ 3 × what tower_governor adds on the same axum route | {reserve:.0} ns against {governor:.0} ns: **{times:.2} ×** | {} |",
+            "| `ReserveLayer` + `MemoryStore` (one claim, commit) adds ≤ 3 × what tower_governor adds on the same axum route | {reserve:.0} ns against {governor:.0} ns (medians); per round, **{times:.2} ×** (median) | {} |",
             verdict(times <= 3.0)
         );
     }
@@ -678,11 +697,13 @@ fn write_report(cases: &[Case], cpu: &[Option<f64>], all_allocs: &[f64], with_re
         ("instant_header_commit", "bare_header"),
         ("route_instant_commit", "route_bare"),
     ] {
-        if let (Some(n), Some(b)) = (cpu_of(name), cpu_of(bare)) {
-            let ratio = n / b;
+        if let (Some(n), Some(b), Some(i), Some(j)) =
+            (cpu_of(name), cpu_of(bare), index(name), index(bare))
+        {
+            let ratio = ratio_of(&|ns| ns(i) / ns(j)).unwrap_or(f64::NAN);
             let _ = writeln!(
                 md,
-                "| the instant-store row ≤ 1.5 × the bare row (`{name}` / `{bare}`) | {n:.0} ns against {b:.0} ns: **{ratio:.2} ×** | {} |",
+                "| the instant-store row ≤ 1.5 × the bare row (`{name}` / `{bare}`) | {n:.0} ns against {b:.0} ns (medians); per round, **{ratio:.2} ×** (median) | {} |",
                 verdict(ratio <= 1.5)
             );
         }
