@@ -17,11 +17,9 @@ use super::extract::ExtractClaims;
 use super::future::{ResponseBody, ResponseFuture};
 use super::idempotency;
 use super::layer::{Options, Shared};
-use super::metrics::{self, SharedString};
-use super::settle::{Hold, SettleStore};
-use crate::{
-    Claim, DenialReason, Error, ErrorKind, HoldId, Reservation, Reserved, Settlement, Store,
-};
+use super::metrics::{self, Op, Outcome, RouteMetrics, Settling};
+use super::settle::{Cause, Hold, SettleStore};
+use crate::{Claim, Error, ErrorKind, HoldId, Reservation, Reserved, Settlement, Store};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -128,8 +126,7 @@ where
         Ok(key) => key,
         Err(rejection) => return reject(rejection),
     };
-    let request = Request::from_parts(parts, body);
-    let mut request = match read_body(request, options.body_limit).await {
+    let mut request = match read_body(parts, body, options.body_limit).await {
         Ok(request) => request,
         Err(rejection) => return reject(rejection),
     };
@@ -143,14 +140,14 @@ where
         Ok(extracted) => extracted,
         Err(rejection) => return reject(rejection),
     };
-    let route = metrics::route_of(&request);
     if claims.is_empty() {
         return Prepared::Pass(request.map(RequestBody::new));
     }
+    let route = shared.routes.of(&request);
     let (reservation, named) = match build(&request, claims, key, options) {
         Ok(built) => built,
         Err(rejection) => {
-            metrics::reservation(&route, "invalid");
+            route.reservation(Outcome::Invalid);
             return reject(rejection);
         }
     };
@@ -158,15 +155,16 @@ where
 
     let started = std::time::Instant::now();
     let (answer, reservation) = InFlight::new(&shared, reservation, route.clone()).await;
-    let op = if options.shadow { "check" } else { "reserve" };
+    let took = started.elapsed();
+    let op = if options.shadow {
+        Op::Check
+    } else {
+        Op::Reserve
+    };
     let failed = answer.as_ref().is_err_and(metrics::is_store_fault);
-    metrics::store_call(&route, op, started.elapsed(), !failed);
+    route.store_call(op, took, !failed);
     if timed {
-        tracing::debug!(
-            elapsed_us = started.elapsed().as_micros() as u64,
-            op,
-            "store answered"
-        );
+        tracing::debug!(elapsed_us = took.as_micros() as u64, ?op, "store answered");
     }
     if options.shadow {
         return shadow(answer, &reservation, &route, request);
@@ -182,12 +180,15 @@ const DRAIN_BYTES: u64 = 1 << 20;
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Reads the body, only up to the limit, whatever `Content-Length` claims.
-async fn read_body<B>(request: Request<B>, limit: usize) -> Result<Request<Bytes>, Rejection>
+async fn read_body<B>(
+    parts: http::request::Parts,
+    body: B,
+    limit: usize,
+) -> Result<Request<Bytes>, Rejection>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    let (parts, body) = request.into_parts();
     let mut body = std::pin::pin!(body);
     let declared = parts
         .headers
@@ -199,6 +200,10 @@ where
             discard(body).await;
         }
         return Err(Rejection::body_too_large(limit));
+    }
+    if body.is_end_stream() {
+        // Nothing to read (a `GET`, a `Content-Length: 0`): nothing to collect.
+        return Ok(Request::from_parts(parts, Bytes::new()));
     }
     match Limited::new(body.as_mut(), limit).collect().await {
         Ok(collected) => Ok(Request::from_parts(parts, collected.to_bytes())),
@@ -316,13 +321,13 @@ fn build(
 fn shadow<B>(
     answer: Result<Reserved, Error>,
     reservation: &Reservation,
-    route: &SharedString,
+    route: &RouteMetrics,
     request: Request<B>,
 ) -> Prepared<B> {
     match answer {
         Ok(Reserved::Denied(denial)) => {
-            let reason = denial_reason(&denial.reason);
-            metrics::denial(route, reason, true);
+            let reason = metrics::reason_label(&denial.reason);
+            route.denial(&denial.reason, true);
             tracing::info!(
                 hold = %reservation.id(),
                 claim = denial.claim,
@@ -330,7 +335,7 @@ fn shadow<B>(
                 "shadow mode: this request would have been refused"
             );
         }
-        Ok(Reserved::Granted(_)) => metrics::reservation(route, "granted"),
+        Ok(Reserved::Granted(_)) => route.reservation(Outcome::Granted),
         Err(err) => {
             tracing::warn!(error = %err, "shadow mode: the store could not check this request");
         }
@@ -344,18 +349,18 @@ fn answer_of<St, E, B>(
     answer: Result<Reserved, Error>,
     reservation: Reservation,
     named: bool,
-    route: SharedString,
+    route: Arc<RouteMetrics>,
     mut request: Request<B>,
 ) -> Prepared<B> {
     let options = &shared.options;
     let reject = |rejection: Rejection| Prepared::Reject(options.reject(rejection));
     match answer {
         Ok(Reserved::Granted(grant)) if grant.replayed => {
-            metrics::reservation(&route, "in_flight");
+            route.reservation(Outcome::InFlight);
             reject(Rejection::in_flight())
         }
         Ok(Reserved::Granted(grant)) => {
-            metrics::reservation(&route, "granted");
+            route.reservation(Outcome::Granted);
             tracing::debug!(hold = %grant.id, claims = ?reservation.claims(), "reserved");
             let hold = Hold::new(
                 grant,
@@ -368,8 +373,8 @@ fn answer_of<St, E, B>(
             Prepared::Held(request, hold)
         }
         Ok(Reserved::Denied(denial)) => {
-            metrics::reservation(&route, "denied");
-            metrics::denial(&route, denial_reason(&denial.reason), false);
+            route.reservation(Outcome::Denied);
+            route.denial(&denial.reason, false);
             let (key, namespace) = match reservation.claims().get(denial.claim) {
                 Some(Claim::Spend { budget, .. }) => (budget.key().to_owned(), String::new()),
                 Some(Claim::Own { value, .. } | Claim::ReleaseOnCommit { value, .. }) => {
@@ -387,7 +392,7 @@ fn answer_of<St, E, B>(
             reject(Rejection::denied(key, namespace, &denial.reason))
         }
         Err(err) if err.is_unavailable() || err.kind() == ErrorKind::Protocol => {
-            metrics::reservation(&route, "unavailable");
+            route.reservation(Outcome::Unavailable);
             let budgets_only = reservation
                 .claims()
                 .iter()
@@ -400,11 +405,11 @@ fn answer_of<St, E, B>(
             reject(Rejection::unavailable(options.retry_after_secs))
         }
         Err(err) if err.kind() == ErrorKind::InFlight => {
-            metrics::reservation(&route, "in_flight");
+            route.reservation(Outcome::InFlight);
             reject(Rejection::in_flight())
         }
         Err(err) if err.is_conflict() => {
-            metrics::reservation(&route, "conflict");
+            route.reservation(Outcome::Conflict);
             reject(Rejection::idempotency_key_reused())
         }
         Err(err) => {
@@ -412,27 +417,19 @@ fn answer_of<St, E, B>(
             tracing::debug!(hold = %reservation.id(), error = %err, "retry of a request that has ended");
             match err.memo().map(idempotency::replay) {
                 Some(Ok(response)) => {
-                    metrics::reservation(&route, "replayed");
+                    route.reservation(Outcome::Replayed);
                     Prepared::Reject(response)
                 }
                 Some(Err(rejection)) => {
-                    metrics::reservation(&route, "settled");
+                    route.reservation(Outcome::Settled);
                     reject(rejection)
                 }
                 None => {
-                    metrics::reservation(&route, "settled");
+                    route.reservation(Outcome::Settled);
                     reject(Rejection::idempotent_response_unavailable(None))
                 }
             }
         }
-    }
-}
-
-fn denial_reason(reason: &DenialReason) -> &'static str {
-    match reason {
-        DenialReason::OverBudget { .. } => "over_budget",
-        DenialReason::Taken => "taken",
-        DenialReason::NotOwner => "not_owner",
     }
 }
 
@@ -444,14 +441,14 @@ type ReserveCall = Pin<Box<dyn Future<Output = (Result<Reserved, Error>, Reserva
 struct InFlight {
     call: Option<ReserveCall>,
     settle_store: Arc<dyn SettleStore>,
-    route: SharedString,
+    route: Arc<RouteMetrics>,
 }
 
 impl InFlight {
     fn new<St: Store, E>(
         shared: &Shared<St, E>,
         reservation: Reservation,
-        route: SharedString,
+        route: Arc<RouteMetrics>,
     ) -> Self {
         let store = shared.store.clone();
         let shadow = shared.options.shadow;
@@ -505,11 +502,11 @@ impl Drop for InFlight {
                     .settle(grant.id, Settlement::release().forget())
                     .await;
                 let result = if released.is_ok() {
-                    "released"
+                    Settling::Released
                 } else {
-                    "failed"
+                    Settling::Failed
                 };
-                metrics::settlement(&route, result, "dropped");
+                route.settlement(result, Cause::Dropped);
             }
         });
     }
