@@ -14,7 +14,8 @@
 //! runs every case in turn), by the CPU time of the bench's thread, so that a ratio compares
 //! cases measured side by side even on a busy machine. Writes a Markdown table (ns per
 //! request, ratio to bare, heap allocations per request) and the targets to `$BENCH_OUT`
-//! (default `target/bench-overhead.md` in the workspace).
+//! (default `target/bench-overhead.md` in the workspace), and with `$BENCH_FACTS` set, the store's
+//! and the layer's own CPU per request there, for `scripts/bench`'s breakdown of a purchase.
 //!
 //! ```text
 //! cargo bench -p tower-reserve-benches --bench overhead
@@ -707,6 +708,20 @@ fn write_report(cases: &[Case], cpu: &Rounds, all_allocs: &[f64], with_redis: bo
                 verdict(ratio <= 1.5)
             );
         }
+    }
+    // `key=value` lines for scripts/bench: the store's and the layer's own shares of a purchase.
+    if let Ok(facts) = std::env::var("BENCH_FACTS") {
+        let mut text = String::new();
+        for (key, name, bare) in [
+            ("store_ns", "route_memory_commit", "route_instant_commit"),
+            ("layer_ns", "route_instant_commit", "route_bare"),
+            ("governor_ns", "route_governor", "route_bare"),
+        ] {
+            if let Some(ns) = added(name, bare) {
+                let _ = writeln!(text, "{key}={ns:.0}");
+            }
+        }
+        std::fs::write(&facts, text).expect("write the overhead facts");
     }
     let out = std::env::var("BENCH_OUT").unwrap_or_else(|_| {
         target_dir()
