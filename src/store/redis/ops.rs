@@ -161,6 +161,8 @@ pub(crate) enum Prepared {
     Yes,
     /// A group has ended: the commit expires.
     GroupEnded,
+    /// Every group has followed a settlement that forgets: the home, kept for them, goes.
+    GroupsFollowed,
 }
 
 /// Op 2: settle one record.
@@ -179,6 +181,7 @@ pub(crate) fn settle(
             Prepared::No => '0',
             Prepared::Yes => '1',
             Prepared::GroupEnded => 'x',
+            Prepared::GroupsFollowed => 'f',
         },
     ]
     .into_iter()
