@@ -723,13 +723,13 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
             "/customers/{customer_id}/purchases",
             if bench_without_layer {
                 post(purchase::<St>)
-                    .layer::<_, Infallible>(catch_panic.clone())
+                    .layer::<_, Infallible>(catch_panic)
                     .route_layer(axum::middleware::from_fn(move |req, next| {
                         unreserved(purchase_claims.clone(), req, next)
                     }))
             } else {
                 post(purchase::<St>)
-                    .layer::<_, Infallible>(catch_panic.clone())
+                    .layer::<_, Infallible>(catch_panic)
                     .route_layer(purchase_layer)
             },
         )

@@ -555,6 +555,9 @@ fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// One round's CPU ns per request, by case index.
+type Round<'a> = &'a dyn Fn(usize) -> f64;
+
 /// CPU ns per request of each case in each round ([`ROUNDS`] rounds, each running every case
 /// in turn; the Redis cases, whose cost is mostly Redis's, are left out).
 struct Rounds(Vec<Vec<f64>>);
@@ -583,7 +586,7 @@ impl Rounds {
     /// The median over the rounds of `f` of one round's figures (indexed like the cases):
     /// a ratio taken within each round, then the median, so that a busy moment of the machine
     /// slows both sides of a ratio alike.
-    fn median_of(&self, f: impl Fn(&dyn Fn(usize) -> f64) -> f64) -> Option<f64> {
+    fn median_of(&self, f: impl Fn(Round<'_>) -> f64) -> Option<f64> {
         let rounds = self.0.iter().map(Vec::len).max()?;
         let mut values: Vec<f64> = (0..rounds)
             .map(|r| f(&|case: usize| self.0[case].get(r).copied().unwrap_or(f64::NAN)))
@@ -662,7 +665,6 @@ fn write_report(cases: &[Case], cpu: &Rounds, all_allocs: &[f64], with_redis: bo
 
     // The targets, each a ratio of cases of this run, taken within each round.
     let added = |name: &str, bare: &str| cpu_of(name).zip(cpu_of(bare)).map(|(n, b)| n - b);
-    let ratio_of = |f: &dyn Fn(&dyn Fn(usize) -> f64) -> f64| cpu.median_of(f);
     let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
     let _ = writeln!(md, "\n| target | measured in this run | |");
     let _ = writeln!(md, "| --- | --- | --- |");
@@ -673,8 +675,9 @@ fn write_report(cases: &[Case], cpu: &Rounds, all_allocs: &[f64], with_redis: bo
         index("route_memory_commit"),
         index("route_governor"),
     ) {
-        let times =
-            ratio_of(&|ns| (ns(memory) - ns(bare)) / (ns(peer) - ns(bare))).unwrap_or(f64::NAN);
+        let times = cpu
+            .median_of(|ns| (ns(memory) - ns(bare)) / (ns(peer) - ns(bare)))
+            .unwrap_or(f64::NAN);
         let _ = writeln!(
             md,
             "| `ReserveLayer` + `MemoryStore` (one claim, commit) adds ≤ 3 × what tower_governor adds on the same axum route | {reserve:.0} ns against {governor:.0} ns (medians); per round, **{times:.2} ×** (median) | {} |",
@@ -701,7 +704,7 @@ fn write_report(cases: &[Case], cpu: &Rounds, all_allocs: &[f64], with_redis: bo
         if let (Some(n), Some(b), Some(i), Some(j)) =
             (cpu_of(name), cpu_of(bare), index(name), index(bare))
         {
-            let ratio = ratio_of(&|ns| ns(i) / ns(j)).unwrap_or(f64::NAN);
+            let ratio = cpu.median_of(|ns| ns(i) / ns(j)).unwrap_or(f64::NAN);
             let _ = writeln!(
                 md,
                 "| the instant-store row ≤ 1.5 × the bare row (`{name}` / `{bare}`) | {n:.0} ns against {b:.0} ns (medians); per round, **{ratio:.2} ×** (median) | {} |",
