@@ -99,6 +99,9 @@ enum After<R, E> {
     Captured(Captured),
 }
 
+/// [`ACTUAL_HEADER`] as a header name, parsed once rather than at every response.
+static ACTUAL: http::HeaderName = http::HeaderName::from_static(ACTUAL_HEADER);
+
 /// How the layer ends a hold whose handler answered `result`: the settlement to make, or a
 /// rejection (the response reported actual amounts that do not fit the hold; then the hold is
 /// released). Reports are taken out of the response whatever the outcome: they never leave.
@@ -111,7 +114,7 @@ fn decide<B, E>(
         return Ok((hold.settlement(false), Cause::HandlerError));
     };
     let reported = response.extensions_mut().remove::<Actual>();
-    let header = response.headers_mut().remove(ACTUAL_HEADER);
+    let header = response.headers_mut().remove(&ACTUAL);
     if !(options.commit_if)(response.status()) {
         let settlement = hold.settlement(false);
         if options.remaining_headers {

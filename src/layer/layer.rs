@@ -13,6 +13,7 @@ use tower_layer::Layer;
 use super::Rejection;
 use super::extract::ExtractClaims;
 use super::idempotency::{BoxBody, Idempotency};
+use super::metrics::RouteTable;
 use super::service::Reserve;
 use super::settle::SettleStore;
 use crate::Store;
@@ -143,6 +144,8 @@ pub(crate) struct Shared<St, E> {
     pub(crate) extract: Arc<E>,
     pub(crate) validators: Vec<Validator>,
     pub(crate) options: Arc<Options>,
+    /// The metrics of the routes this service has seen.
+    pub(crate) routes: RouteTable,
 }
 
 /// The tower [`Layer`]: reserves a request's claims before the inner service runs, then commits
@@ -482,6 +485,7 @@ impl<S, St: Store, E: ExtractClaims> Layer<S> for ReserveLayer<St, E> {
                 extract: self.extract.clone(),
                 validators: self.validators.clone(),
                 options: Arc::new(self.options.clone()),
+                routes: RouteTable::default(),
             }),
         )
     }

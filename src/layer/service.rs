@@ -17,11 +17,9 @@ use super::extract::ExtractClaims;
 use super::future::{ResponseBody, ResponseFuture};
 use super::idempotency;
 use super::layer::{Options, OwnBody, Shared};
-use super::metrics::{self, SharedString};
-use super::settle::{Hold, SettleStore};
-use crate::{
-    Claim, Denial, DenialReason, Error, ErrorKind, HoldId, Reservation, Reserved, Settlement, Store,
-};
+use super::metrics::{self, Op, Outcome, RouteMetrics, Settling};
+use super::settle::{Cause, Hold, SettleStore};
+use crate::{Claim, Denial, Error, ErrorKind, HoldId, Reservation, Reserved, Settlement, Store};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -129,8 +127,7 @@ where
         Ok(key) => key,
         Err(rejection) => return reject(rejection),
     };
-    let request = Request::from_parts(parts, body);
-    let mut request = match read_body(request, options.body_limit).await {
+    let mut request = match read_body(parts, body, options.body_limit).await {
         Ok(request) => request,
         Err(rejection) => return reject(rejection),
     };
@@ -144,9 +141,9 @@ where
         Ok(extracted) => extracted,
         Err(rejection) => return reject(rejection),
     };
-    let route = metrics::route_of(&request);
+    let route = shared.routes.of(&request);
     if timed {
-        tracing::Span::current().record("route", &*route);
+        tracing::Span::current().record("route", route.route());
     }
     if claims.is_empty() {
         return Prepared::Pass(request.map(RequestBody::new));
@@ -154,7 +151,7 @@ where
     let (reservation, named) = match build(&request, claims, key, options) {
         Ok(built) => built,
         Err(rejection) => {
-            metrics::reservation(&route, "invalid");
+            route.reservation(Outcome::Invalid);
             return reject(rejection);
         }
     };
@@ -162,15 +159,16 @@ where
 
     let started = std::time::Instant::now();
     let (answer, reservation) = InFlight::new(&shared, reservation, route.clone()).await;
-    let op = if options.shadow { "check" } else { "reserve" };
+    let took = started.elapsed();
+    let op = if options.shadow {
+        Op::Check
+    } else {
+        Op::Reserve
+    };
     let failed = answer.as_ref().is_err_and(metrics::is_store_fault);
-    metrics::store_call(&route, op, started.elapsed(), !failed);
+    route.store_call(op, took, !failed);
     if timed {
-        tracing::debug!(
-            elapsed_us = started.elapsed().as_micros() as u64,
-            op,
-            "store answered"
-        );
+        tracing::debug!(elapsed_us = took.as_micros() as u64, ?op, "store answered");
     }
     if options.shadow {
         return shadow(answer, &reservation, &route, request);
@@ -186,12 +184,15 @@ const DRAIN_BYTES: u64 = 1 << 20;
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Reads the body, only up to the limit, whatever `Content-Length` claims.
-async fn read_body<B>(request: Request<B>, limit: usize) -> Result<Request<Bytes>, Rejection>
+async fn read_body<B>(
+    parts: http::request::Parts,
+    body: B,
+    limit: usize,
+) -> Result<Request<Bytes>, Rejection>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    let (parts, body) = request.into_parts();
     let mut body = std::pin::pin!(body);
     let declared = parts
         .headers
@@ -203,6 +204,10 @@ where
             discard(body).await;
         }
         return Err(Rejection::body_too_large(limit));
+    }
+    if body.is_end_stream() {
+        // Nothing to read (a `GET`, a `Content-Length: 0`): nothing to collect.
+        return Ok(Request::from_parts(parts, Bytes::new()));
     }
     match Limited::new(body.as_mut(), limit).collect().await {
         Ok(collected) => Ok(Request::from_parts(parts, collected.to_bytes())),
@@ -320,24 +325,24 @@ fn build(
 fn shadow<B>(
     answer: Result<Reserved, Error>,
     reservation: &Reservation,
-    route: &SharedString,
+    route: &RouteMetrics,
     request: Request<B>,
 ) -> Prepared<B> {
     match answer {
         Ok(Reserved::Denied(denial)) => {
-            let reason = denial_reason(&denial.reason);
-            metrics::denial(route, reason, true);
+            let reason = metrics::reason_label(&denial.reason);
+            route.denial(&denial.reason, true);
             tracing::info!(
-                route = &**route,
+                route = route.route(),
                 hold = %reservation.id(),
                 claim = denial.claim,
                 reason,
                 "shadow mode: this request would have been refused"
             );
         }
-        Ok(Reserved::Granted(_)) => metrics::reservation(route, "granted"),
+        Ok(Reserved::Granted(_)) => route.reservation(Outcome::Granted),
         Err(err) => {
-            tracing::warn!(route = &**route, error = %err, "shadow mode: the store could not check this request");
+            tracing::warn!(route = route.route(), error = %err, "shadow mode: the store could not check this request");
         }
     }
     Prepared::Pass(request)
@@ -349,18 +354,18 @@ fn answer_of<St, E, B>(
     answer: Result<Reserved, Error>,
     reservation: Reservation,
     named: bool,
-    route: SharedString,
+    route: Arc<RouteMetrics>,
     mut request: Request<B>,
 ) -> Prepared<B> {
     let options = &shared.options;
     let reject = |rejection: Rejection| Prepared::Reject(options.reject(rejection));
     match answer {
         Ok(Reserved::Granted(grant)) if grant.replayed => {
-            metrics::reservation(&route, "in_flight");
+            route.reservation(Outcome::InFlight);
             reject(Rejection::in_flight())
         }
         Ok(Reserved::Granted(grant)) => {
-            metrics::reservation(&route, "granted");
+            route.reservation(Outcome::Granted);
             tracing::debug!(hold = %grant.id, claims = ?reservation.claims(), "reserved");
             let hold = Hold::new(
                 grant,
@@ -373,30 +378,30 @@ fn answer_of<St, E, B>(
             Prepared::Held(request, hold)
         }
         Ok(Reserved::Denied(denial)) => {
-            metrics::reservation(&route, "denied");
-            metrics::denial(&route, denial_reason(&denial.reason), false);
-            log_denial(options.denial_level, &reservation, &denial, &route);
-            Prepared::Reject(refuse(options, &reservation, &denial, &route))
+            route.reservation(Outcome::Denied);
+            route.denial(&denial.reason, false);
+            log_denial(options.denial_level, &reservation, &denial, route.route());
+            Prepared::Reject(refuse(options, &reservation, &denial, route.route()))
         }
         Err(err) if err.is_unavailable() || err.kind() == ErrorKind::Protocol => {
-            metrics::reservation(&route, "unavailable");
+            route.reservation(Outcome::Unavailable);
             let budgets_only = reservation
                 .claims()
                 .iter()
                 .all(|c| matches!(c, Claim::Spend { .. }));
             if options.fail_open && budgets_only {
-                tracing::warn!(route = &*route, hold = %reservation.id(), error = %err, "store unavailable; failing open");
+                tracing::warn!(route = route.route(), hold = %reservation.id(), error = %err, "store unavailable; failing open");
                 return Prepared::Pass(request);
             }
-            tracing::warn!(route = &*route, hold = %reservation.id(), error = %err, "store unavailable; failing closed");
+            tracing::warn!(route = route.route(), hold = %reservation.id(), error = %err, "store unavailable; failing closed");
             reject(Rejection::unavailable(options.retry_after_secs))
         }
         Err(err) if err.kind() == ErrorKind::InFlight => {
-            metrics::reservation(&route, "in_flight");
+            route.reservation(Outcome::InFlight);
             reject(Rejection::in_flight())
         }
         Err(err) if err.is_conflict() => {
-            metrics::reservation(&route, "conflict");
+            route.reservation(Outcome::Conflict);
             reject(Rejection::idempotency_key_reused())
         }
         Err(err) => {
@@ -404,15 +409,15 @@ fn answer_of<St, E, B>(
             tracing::debug!(hold = %reservation.id(), error = %err, "retry of a request that has ended");
             match err.memo().map(idempotency::replay) {
                 Some(Ok(response)) => {
-                    metrics::reservation(&route, "replayed");
+                    route.reservation(Outcome::Replayed);
                     Prepared::Reject(response.map(OwnBody::Full))
                 }
                 Some(Err(rejection)) => {
-                    metrics::reservation(&route, "settled");
+                    route.reservation(Outcome::Settled);
                     reject(rejection)
                 }
                 None => {
-                    metrics::reservation(&route, "settled");
+                    route.reservation(Outcome::Settled);
                     reject(Rejection::idempotent_response_unavailable(None))
                 }
             }
@@ -463,7 +468,7 @@ fn log_denial(level: tracing::Level, reservation: &Reservation, denial: &Denial,
     let (hold, claim, reason) = (
         reservation.id(),
         denial.claim,
-        denial_reason(&denial.reason),
+        metrics::reason_label(&denial.reason),
     );
     match level {
         Level::TRACE | Level::DEBUG => tracing::debug!(
@@ -479,14 +484,6 @@ fn log_denial(level: tracing::Level, reservation: &Reservation, denial: &Denial,
     }
 }
 
-fn denial_reason(reason: &DenialReason) -> &'static str {
-    match reason {
-        DenialReason::OverBudget { .. } => "over_budget",
-        DenialReason::Taken => "taken",
-        DenialReason::NotOwner => "not_owner",
-    }
-}
-
 type ReserveCall = Pin<Box<dyn Future<Output = (Result<Reserved, Error>, Reservation)> + Send>>;
 
 /// A reserve call on its way to the store (a check, in shadow mode). If the request goes away
@@ -495,14 +492,14 @@ type ReserveCall = Pin<Box<dyn Future<Output = (Result<Reserved, Error>, Reserva
 struct InFlight {
     call: Option<ReserveCall>,
     settle_store: Arc<dyn SettleStore>,
-    route: SharedString,
+    route: Arc<RouteMetrics>,
 }
 
 impl InFlight {
     fn new<St: Store, E>(
         shared: &Shared<St, E>,
         reservation: Reservation,
-        route: SharedString,
+        route: Arc<RouteMetrics>,
     ) -> Self {
         let store = shared.store.clone();
         let shadow = shared.options.shadow;
@@ -556,11 +553,11 @@ impl Drop for InFlight {
                     .settle(grant.id, Settlement::release().forget())
                     .await;
                 let result = if released.is_ok() {
-                    "released"
+                    Settling::Released
                 } else {
-                    "failed"
+                    Settling::Failed
                 };
-                metrics::settlement(&route, result, "dropped");
+                route.settlement(result, Cause::Dropped);
             }
         });
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::metrics::{self, SharedString};
+use super::metrics::{Op, RouteMetrics, Settling};
 use crate::settlement::same_budget;
 use crate::{Budget, Claim, Error, ErrorKind, Grant, HoldId, Settled, Settlement, Store};
 
@@ -70,8 +70,8 @@ struct HoldInner {
     named: bool,
     /// Actual amounts the handler reported, by budget.
     actual: Mutex<Vec<(Budget, u64)>>,
-    /// The route's metrics label.
-    route: SharedString,
+    /// The route's metrics.
+    metrics: Arc<RouteMetrics>,
     store: Arc<dyn SettleStore>,
 }
 
@@ -91,7 +91,7 @@ impl Hold {
         grant: Grant,
         claims: Vec<Claim>,
         named: bool,
-        route: SharedString,
+        metrics: Arc<RouteMetrics>,
         store: Arc<dyn SettleStore>,
     ) -> Self {
         Self {
@@ -103,7 +103,7 @@ impl Hold {
                 deferred: AtomicBool::new(false),
                 named,
                 actual: Mutex::default(),
-                route,
+                metrics,
                 store,
             }),
         }
@@ -192,7 +192,7 @@ impl Hold {
 
     /// The route's label (its pattern, or `unmatched`), as the metrics have it.
     pub(crate) fn route(&self) -> &str {
-        &self.inner.route
+        self.inner.metrics.route()
     }
 
     /// When the lease ends, in Unix milliseconds by the store's clock.
@@ -472,7 +472,7 @@ pub(crate) struct Settle {
 }
 
 /// Why a hold is settled the way it is: a metrics label.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cause {
     /// The handler succeeded (commit).
     Success,
@@ -491,7 +491,18 @@ pub(crate) enum Cause {
 }
 
 impl Cause {
-    fn label(self) -> &'static str {
+    /// Every cause, in declaration order (`cause as usize` indexes this).
+    pub(crate) const ALL: [Cause; 7] = [
+        Cause::Success,
+        Cause::ErrorResponse,
+        Cause::HandlerError,
+        Cause::Panic,
+        Cause::Dropped,
+        Cause::Lease,
+        Cause::InvalidActual,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Cause::Success => "success",
             Cause::ErrorResponse => "error_response",
@@ -544,15 +555,16 @@ fn record(
     result: &Result<Settled, Error>,
 ) {
     let took = started.elapsed();
-    let op = if commit { "commit" } else { "release" };
-    metrics::store_call(&hold.inner.route, op, took, result.is_ok());
+    let metrics = &hold.inner.metrics;
+    let op = if commit { Op::Commit } else { Op::Release };
+    metrics.store_call(op, took, result.is_ok());
     let outcome = match result {
-        Ok(_) if commit => "committed",
-        Ok(_) => "released",
-        Err(err) if err.is_expired() => "expired",
-        Err(_) => "failed",
+        Ok(_) if commit => Settling::Committed,
+        Ok(_) => Settling::Released,
+        Err(err) if err.is_expired() => Settling::Expired,
+        Err(_) => Settling::Failed,
     };
-    metrics::settlement(&hold.inner.route, outcome, cause.label());
+    metrics.settlement(outcome, cause);
     let elapsed_us = timed.then_some(took.as_micros() as u64);
     match result {
         Ok(settled) => {
