@@ -330,8 +330,8 @@ pub use claim::{
 pub use error::{Error, ErrorKind};
 pub use layer::{
     ACTUAL_HEADER, Actual, BudgetOf, DEFAULT_BODY_LIMIT, Disconnect, ExtractClaims, Extracted,
-    Hold, Idempotency, PROBLEM_TYPES, Rejection, RejectionKind, RequestBody, Reserve, ReserveLayer,
-    ResponseBody, ResponseFuture, Routes, Spend, Usage, Validate, extract, usage,
+    Hold, Idempotency, Rejection, RejectionKind, RequestBody, Reserve, ReserveLayer, ResponseBody,
+    ResponseFuture, Routes, Spend, Usage, Validate, extract, usage,
 };
 pub use reservation::{
     BudgetStatus, Denial, DenialReason, Grant, HoldId, MAX_CLAIMS, MAX_LEASE, Reservation,

@@ -418,6 +418,7 @@ impl Model {
                         return denied(DenialReason::OverBudget {
                             requested: amount,
                             remaining: left,
+                            resets_at_ms: None,
                         });
                     }
                     remaining.push(Some(left - amount));
@@ -926,6 +927,7 @@ fn over(claim: usize, requested: u64, remaining: u64) -> Answer {
         reason: DenialReason::OverBudget {
             requested,
             remaining,
+            resets_at_ms: None,
         },
     }
 }

@@ -334,10 +334,27 @@ async fn a_commit_across_slots_is_whole_however_slow_a_group_node_is() {
 
 // ---------------------------------------------------------------------------------------------
 // Cluster: a slot that moves while a hold is settled fails the settlement before anything
-// changed; once the slot has moved, settling again finishes it.
+// changed, whichever of its keys has moved first; once the slot has moved, settling again
+// finishes it.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_moving_under_a_commit_changes_nothing_until_it_has_moved() {
+    a_slot_moving_under_a_commit(Moves::BudgetFirst).await;
+}
+
+/// The record moves first: the node the slot leaves turns the commit away (`ASK`), and one that
+/// followed to the new node under `ASKING` would find the budget absent there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moving_under_a_commit_record_first_changes_nothing_until_it_has_moved() {
+    a_slot_moving_under_a_commit(Moves::RecordFirst).await;
+}
+
+enum Moves {
+    BudgetFirst,
+    RecordFirst,
+}
+
+async fn a_slot_moving_under_a_commit(moves: Moves) {
     let cluster = RedisCluster::start(3, 0);
     let store = RedisStore::builder()
         .timeout(Duration::from_secs(2))
@@ -363,14 +380,26 @@ async fn a_slot_moving_under_a_commit_changes_nothing_until_it_has_moved() {
     let to_port = cluster.nodes[to].port().to_string();
     cluster.nodes[to].cli(&["cluster", "setslot", &slot_text, "importing", &from_id]);
     cluster.nodes[from].cli(&["cluster", "setslot", &slot_text, "migrating", &to_id]);
-    // The budget moves first; the hold's record stays behind.
     let budget_key = format!("reserve:b:{{{key}}}");
     let migrate = |keys: &[&str]| {
         let mut args = vec!["migrate", "127.0.0.1", &to_port, "", "0", "5000", "keys"];
         args.extend_from_slice(keys);
         cluster.nodes[from].cli(&args)
     };
-    assert!(migrate(&[&budget_key]).contains("OK"));
+    let in_slot = || {
+        let keys = cluster.nodes[from].cli(&["cluster", "getkeysinslot", &slot_text, "100"]);
+        keys.lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let first: Vec<String> = match moves {
+        Moves::BudgetFirst => vec![budget_key.clone()],
+        Moves::RecordFirst => in_slot().into_iter().filter(|k| *k != budget_key).collect(),
+    };
+    assert!(!first.is_empty());
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    assert!(migrate(&first).contains("OK"));
     // The layer's own commits forget the hold's record.
     let commit = Settlement::commit().forget();
     let err = store
@@ -380,10 +409,13 @@ async fn a_slot_moving_under_a_commit_changes_nothing_until_it_has_moved() {
     assert!(err.is_unavailable(), "{err}");
 
     // The rest of the slot moves, and the slot is the new node's.
-    let left = cluster.nodes[from].cli(&["cluster", "getkeysinslot", &slot_text, "100"]);
-    let left: Vec<&str> = left.lines().filter(|l| !l.is_empty()).collect();
-    assert!(!left.is_empty(), "the hold's record is still to move");
-    assert!(migrate(&left).contains("OK"));
+    let left = in_slot();
+    assert!(!left.is_empty(), "part of the hold is still to move");
+    let left: Vec<&str> = left.iter().map(String::as_str).collect();
+    assert!(
+        migrate(&left).contains("OK"),
+        "nothing was written where the slot goes"
+    );
     for i in primaries {
         cluster.nodes[i].cli(&["cluster", "setslot", &slot_text, "node", &to_id]);
     }
@@ -420,22 +452,10 @@ async fn a_reserve_whose_answer_was_lost_is_given_back(
         .claim(Claim::spend(budget.clone(), 10))
         .build()
         .unwrap();
-    let port = node.port();
-    let pause = std::thread::spawn(move || {
-        std::process::Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "debug", "sleep", "2"])
-            .output()
-            .expect("redis-cli")
-    });
-    // Well into the sleep, however slowly redis-cli started.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let asleep = sleep_node(node, "2").await;
     let err = store.reserve(&r).await.expect_err("the node sleeps");
     assert!(err.is_unavailable(), "{err}");
-    let paused = pause.join().unwrap();
-    assert!(
-        String::from_utf8_lossy(&paused.stdout).contains("OK"),
-        "{paused:?}"
-    );
+    asleep.woken();
     // The reserve has landed by now (its node ran it after the sleep); the store gives it back.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -449,6 +469,105 @@ async fn a_reserve_whose_answer_was_lost_is_given_back(
     let again = granted(store, &r).await;
     assert!(!again.replayed, "a new attempt, not the lost one");
     assert_eq!(status(store, &budget).await.held, 10);
+}
+
+/// `DEBUG SLEEP` of `node` for `seconds`, in a thread; answers once well into the sleep, however
+/// slowly redis-cli started.
+async fn sleep_node(node: &RedisServer, seconds: &str) -> Asleep {
+    let (port, seconds) = (node.port(), seconds.to_owned());
+    let thread = std::thread::spawn(move || {
+        std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "debug", "sleep", &seconds])
+            .output()
+            .expect("redis-cli")
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Asleep(thread)
+}
+
+struct Asleep(std::thread::JoinHandle<std::process::Output>);
+
+impl Asleep {
+    /// Waits for the sleep to end; asserts it happened.
+    fn woken(self) {
+        let out = self.0.join().unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("OK"),
+            "{out:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A settlement that forgets a hold settled before answers Replayed even when its answer was
+// lost and the store sent it again (the first send has dropped the record by then).
+
+async fn a_forgetting_replay_whose_answer_was_lost_answers_replayed(
+    store: &RedisStore,
+    node: &RedisServer,
+    budget: Budget,
+    id: HoldId,
+) {
+    let r = Reservation::builder()
+        .id(id)
+        .lease(LONG)
+        .claim(Claim::spend(budget.clone(), 10))
+        .build()
+        .unwrap();
+    granted(store, &r).await;
+    let first = store.settle(r.id(), &Settlement::commit()).await.unwrap();
+    assert_eq!(first, Settled::Applied);
+    // The node sleeps through the store's first two sends (300 ms each, 50 ms apart); the third
+    // arrives after the first has run.
+    let asleep = sleep_node(node, "0.9").await;
+    let again = store
+        .settle(r.id(), &Settlement::commit().forget())
+        .await
+        .expect("answered from what the first send left");
+    assert_eq!(again, Settled::Replayed);
+    asleep.woken();
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.held), (10, 0));
+    assert_eq!(
+        kind(store.settle(r.id(), &Settlement::commit()).await),
+        ErrorKind::UnknownHold,
+        "forgotten"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgetting_replay_whose_answer_was_lost_answers_replayed_on_redis() {
+    let server = RedisServer::start_with(&["--enable-debug-command", "local"]);
+    let store = RedisStore::builder()
+        .timeout(Duration::from_millis(300))
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let id = HoldId::new(fresh("lost-replay")).unwrap();
+    let budget = Budget::new(fresh("lost-replay"), 100);
+    a_forgetting_replay_whose_answer_was_lost_answers_replayed(&store, &server, budget, id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgetting_replay_whose_answer_was_lost_answers_replayed_on_a_cluster() {
+    let cluster = RedisCluster::start(3, 0);
+    let store = RedisStore::builder()
+        .timeout(Duration::from_millis(300))
+        .connect_cluster(cluster.urls())
+        .await
+        .unwrap();
+    let node = cluster.primaries()[0];
+    let key = key_on(&cluster, node, "lost-replay");
+    let slot = cluster.keyslot(&key);
+    let id = HoldId::new(format!("{}@{slot}", fresh("lost-replay"))).unwrap();
+    let server = &cluster.nodes[node];
+    a_forgetting_replay_whose_answer_was_lost_answers_replayed(
+        &store,
+        server,
+        Budget::new(key, 100),
+        id,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

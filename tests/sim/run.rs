@@ -476,7 +476,26 @@ impl<'e, S: Advance> Sim<'e, S> {
         }
         let mut kept: Vec<Model> = Vec::new();
         let mut first = None;
-        for world in &self.worlds {
+        let mut worlds = self.worlds.clone();
+        if lenient
+            && matches!(op, Op::Extend { .. })
+            && let Some((end, lease)) = fresh_end
+        {
+            // The first attempt of a retried extension may have landed, unseen, at any instant
+            // before the retry ran: the retry then extends what it extended.
+            let at = end.saturating_sub(lease);
+            for world in &self.worlds {
+                let mut times = vec![t0];
+                times.extend(world.boundaries(t0, at));
+                for landed in times {
+                    let mut m = world.clone();
+                    if Self::apply(&mut m, op, landed, landed) == Answer::Extended {
+                        worlds.push(m);
+                    }
+                }
+            }
+        }
+        for world in &worlds {
             // A fresh grant or an extension names the instant it ran at.
             let candidates = match fresh_end {
                 Some((end, lease)) => vec![end - lease],

@@ -267,6 +267,30 @@ pub fn all() -> Vec<(&'static str, Vec<Op>)> {
             ],
         ),
         (
+            // A hold across slots ends; its commit finds it expired; a forgetting release drops
+            // it; a later commit finds nothing of it.
+            "a commit after an expired hold across slots was forgotten finds no hold",
+            vec![
+                reserve(1, &[spend(2, 3), own(1, 1)], 250),
+                Op::Advance(2_101),
+                Op::Settle {
+                    hold: 1,
+                    commit: true,
+                    actual: None,
+                    memo: Some(0),
+                    keep: Keep::For(2_500),
+                },
+                Op::Settle {
+                    hold: 1,
+                    commit: false,
+                    actual: None,
+                    memo: Some(0),
+                    keep: Keep::Forget,
+                },
+                settle(1, true, Keep::For(2_500)),
+            ],
+        ),
+        (
             "a check of a live hold answers what each budget has left",
             vec![
                 reserve(0, &[spend(1, 40)], 10_000),

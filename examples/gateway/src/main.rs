@@ -279,7 +279,7 @@ impl Proxy {
             Ok(Err(e)) => {
                 if let Some(fault) = client_body.and_then(|b| b.fault()) {
                     return ClientBody::rejection(fault)
-                        .into_response()
+                        .into_problem_response()
                         .map(|body| body.map_err(|never| match never {}).boxed_unsync());
                 }
                 tracing::warn!(error = %e, error_source = ?std::error::Error::source(&e), "the upstream could not be reached");
@@ -352,7 +352,7 @@ fn humanize(d: Duration) -> String {
 
 fn problem(status: StatusCode, title: &'static str, detail: String) -> Response<ProxyBody> {
     Rejection::new(status, title, detail)
-        .into_response()
+        .into_problem_response()
         .map(|body| body.map_err(|never| match never {}).boxed_unsync())
 }
 
@@ -378,7 +378,7 @@ async fn handle<St: Store>(
     let (mut parts, body) = request.into_parts();
     let policy = shared.layer.policy();
     if let Err(rejection) = edge::admit(&mut parts, &policy, peer) {
-        return Ok(rejection.into_response().map(Either::Right));
+        return Ok(rejection.into_problem_response().map(Either::Right));
     }
     if parts.method == Method::GET {
         match parts.uri.path() {
@@ -416,7 +416,7 @@ async fn handle<St: Store>(
         && client_body.fault() == Some(BodyFault::Stalled)
     {
         return Ok(ClientBody::rejection(BodyFault::Stalled)
-            .into_response()
+            .into_problem_response()
             .map(Either::Right));
     }
     // The layer reads and removes it on reserved routes; elsewhere it means nothing.
@@ -441,7 +441,7 @@ async fn ready<St: Store>(store: &St) -> Response<GatewayBody> {
 
 fn unready(detail: &'static str) -> Response<GatewayBody> {
     Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "Not ready", detail)
-        .into_response()
+        .into_problem_response()
         .map(Either::Right)
 }
 

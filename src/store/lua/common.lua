@@ -143,9 +143,9 @@ end
 --          groups: on a Cluster, the records of a reservation's other slot groups (home only)
 --          spends: a Cluster home's list of every group's budget claims { base key, spec, amount },
 --                  to check a commit's actual amounts against
--- A forgotten hold leaves, for ANSWER_MS only, 'F', zeros, the settling call's nonce and 'c' or
--- 'r': the same call sent again (its answer was lost) is answered as it was; to everyone else the
--- hold is gone, as if nothing were left.
+-- A forgotten hold leaves, for ANSWER_MS only, 'F', zeros, the settling call's nonce and 'a'
+-- (it applied) or 'p' (it replayed an earlier settlement): the same call sent again (its answer
+-- was lost) is answered as it was; to everyone else the hold is gone, as if nothing were left.
 --
 -- Key names are injective: records are '<p>:h:{tag}name' (the id's own) or '<p>:g:{tag}id' (a
 -- slot group), a record's memo '<p>:m:{tag}name', and none of the parts may hold a brace.
@@ -167,9 +167,15 @@ local function tombstone_for(nonce)
   return 'T' .. ZEROS .. nonce .. '00000000000000000000000000'
 end
 
--- What a forgotten hold leaves for the call that forgot it: `outcome` 'c' or 'r'.
-local function forgotten(nonce, outcome)
-  return 'F' .. ZEROS .. nonce .. outcome
+-- What a forgotten hold leaves for the call `nonce` that forgot it, which `replayed` an earlier
+-- settlement or applied its own.
+local function forgotten(nonce, replayed)
+  return 'F' .. ZEROS .. nonce .. (replayed and 'p' or 'a')
+end
+
+-- What the call that left the forgotten record `r` answered.
+local function forgot_with(r)
+  return string.sub(r.raw, 34, 34) == 'p' and 'replayed' or 'applied'
 end
 
 -- The key of a record's memo ('<p>:h:{..}..' -> '<p>:m:{..}..'); nil for a slot group's record,

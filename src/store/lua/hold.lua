@@ -38,7 +38,7 @@ local function check_claims(id, claims, e, now, now_text)
       local b = load_budget(c[2] .. suffix, { T })
       expire(b, now, now_text)
       local left = remaining(b, c[4])
-      if c[3] > left then return nil, { 'D', i, 'budget', left } end
+      if c[3] > left then return nil, { 'D', i, 'budget', left, ends or -1 } end
       -- A second bucket creates the sorted set: read it first (see the top of this file).
       if b.c == 1 and b.n ~= T then redis.call('EXISTS', b.key .. ':h') end
       b.window_ends = ends
@@ -134,7 +134,8 @@ end
 -- with groups, which starts in phase P until marked; 'gH': another slot group of a Cluster
 -- reservation. `body` is the record's body (see common.lua).
 -- Answers { 'G', lease end, replayed, remaining per claim (-1: not a budget) }
---       | { 'D', claim index (from 1), 'budget' | 'taken' | 'not_owner', remaining }
+--       | { 'D', claim index (from 1), 'budget', remaining, window end or -1 (lifetime) }
+--       | { 'D', claim index (from 1), 'taken' | 'not_owner', 0 }
 --       | { 'E', 'conflict' | 'expired' | 'committed' | 'released' | 'in_flight', memo? }
 local function reserve(op, now, now_text)
   local key, id, lease, fpnonce, mode, claims, body = op[2], op[3], op[4], op[5], op[6], op[7], op[8]
@@ -226,7 +227,8 @@ end
 -- a budget of this hold (a whole hold, or a Cluster home, which checks them against every
 -- group's), else a group applies those that name its own budgets; then, for a Cluster home's
 -- commit, '1' when its groups were made sure to outlive the commit (see cluster.rs), 'x' when
--- one of them has ended (the commit expires), else '0'.
+-- one of them has ended (the commit expires), 'f' when every group has followed a settlement
+-- that forgets (the home, kept for them, goes now), else '0'.
 -- Answers { 'OK', 'applied' | 'replayed' | 'tombstoned', groups }
 --       | { 'E', 'unknown' | 'committed' | 'released' | 'expired' | 'in_flight' | 'exceeds'
 --              | 'not_held' | 'prepare', groups, memo? }
@@ -239,8 +241,16 @@ local function settle(op, now, now_text)
   local mkey = memo_key(key)
   local raw = redis.call('GET', key)
   local r = raw and parse(raw)
+  if prepared == 'f' then
+    -- Forgotten as a whole hold is: for ANSWER_MS its settling call is still answered.
+    if r and (r.s == 'C' or r.s == 'R' or r.s == 'X') then
+      redis.call('SET', key, forgotten(r.nonce, false), 'PX', num(ANSWER_MS))
+      if mkey then redis.call('DEL', mkey) end
+    end
+    return { 'OK', 'applied', {} }
+  end
   -- The same call sent again (its answer was lost) is answered as it was.
-  if r and r.s == 'F' and r.nonce == nonce then return { 'OK', 'applied', {} } end
+  if r and r.s == 'F' and r.nonce == nonce then return { 'OK', forgot_with(r), {} } end
   if r and r.s == 'T' and r.f == nonce then return { 'OK', 'tombstoned', {} } end
   -- What a forgotten hold or a lost reserve call left is nothing to anyone else.
   if r and stands_for_nothing(r, '') then r = nil end
@@ -257,10 +267,12 @@ local function settle(op, now, now_text)
     -- The same call sent again (its answer was lost) is answered as it was.
     if r.nonce == nonce and r.s ~= 'T' then return { 'OK', 'applied', groups_of(r) } end
     if r.s ~= 'T' then
-      -- Settled the same way before. A retry that forgets drops the record; one that keeps it
-      -- keeps it (and its memo, or this one if none was kept) at least as long as it asks.
+      -- Settled the same way before. A retry that forgets drops the record (a home with groups
+      -- once they have followed, as below); one that keeps it keeps it (and its memo, or this
+      -- one if none was kept) at least as long as it asks.
+      if keep == 0 and #groups_of(r) > 0 then keep = RETAIN end
       if keep == 0 then
-        redis.call('DEL', key)
+        redis.call('SET', key, forgotten(nonce, true), 'PX', num(ANSWER_MS))
         if mkey then redis.call('DEL', mkey) end
       else
         -- A memo lives as long as its record.
@@ -309,7 +321,7 @@ local function settle(op, now, now_text)
   -- Writes, every key read above.
   write_settled(plan, id, commit)
   if keep == 0 then
-    redis.call('SET', key, forgotten(nonce, commit and 'c' or 'r'), 'PX', num(ANSWER_MS))
+    redis.call('SET', key, forgotten(nonce, false), 'PX', num(ANSWER_MS))
   else
     redis.call('SET', key, settled_by(r, commit and 'C' or 'R', nonce), 'PX', num(keep))
     if kept_memo then redis.call('SET', mkey, memo, 'PX', num(keep)) end

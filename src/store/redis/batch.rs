@@ -186,13 +186,20 @@ async fn send(
 ) -> (Vec<Job>, Result<Bytes, Error>) {
     let payload = protocol::batch(jobs.iter().map(|j| &j.op.bytes[..]));
     let key = jobs[0].op.key.as_str();
-    let reply = conn.run_batch(key, &payload, &args).await;
-    if reply.is_ok()
-        && let Some((replicas, timeout)) = wait_for
-        && jobs.iter().any(|j| j.commits)
-    {
-        conn.wait(key, replicas, timeout).await;
-    }
+    let reply = match conn.run_batch(key, &payload, &args).await {
+        Ok(Some(reply)) => {
+            if let Some((replicas, timeout)) = wait_for
+                && jobs.iter().any(|j| j.commits)
+            {
+                conn.wait(key, replicas, timeout).await;
+            }
+            Ok(reply)
+        }
+        // Turned away by its node, the batch ran nothing: each operation is answered "moved",
+        // as one the node does not serve, and the router sends it again.
+        Ok(None) => Ok(protocol::batch(jobs.iter().map(|_| protocol::MOVED)).into()),
+        Err(err) => Err(err),
+    };
     (jobs, reply)
 }
 

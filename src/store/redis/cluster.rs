@@ -94,9 +94,11 @@ impl SlotMap {
 
 /// Sends each operation through the worker of the node that serves its slot, by a slot map of
 /// its own (redis-rs keeps one too, but does not share it). A stale map costs little: a batch is
-/// routed by its first operation's key, which the node would answer with MOVED (redis-rs then
-/// follows and refreshes), and an operation of another slot that the node does not serve is
-/// answered "moved" before it writes anything, then sent again after the map is reloaded.
+/// routed by its first operation's key, which a node that does not serve it turns away (`MOVED`,
+/// or `ASK` while the slot moves: the batch connection follows neither, and every operation of
+/// the batch is answered "moved"), and an operation of another slot that the node does not serve
+/// is answered "moved" before it writes anything. Either way it is sent again after the map is
+/// reloaded.
 pub(crate) struct Router {
     conn: Conn,
     map: RwLock<Arc<SlotMap>>,
@@ -162,7 +164,12 @@ impl Router {
     }
 
     pub(crate) async fn call(&self, op: Op, commits: bool) -> Result<Bytes, Error> {
-        for _ in 0..4 {
+        for attempt in 0..4u32 {
+            if attempt > 0 {
+                // A slot on its way between nodes answers "moved" on both until it has moved:
+                // give the migration a moment (10, 20, 40 ms) before asking again.
+                tokio::time::sleep(Duration::from_millis(10 << (attempt - 1))).await;
+            }
             let again = Op {
                 bytes: op.bytes.clone(),
                 key: op.key.clone(),

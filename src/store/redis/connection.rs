@@ -82,7 +82,8 @@ pub(crate) struct CallArgs {
 }
 
 /// One node through a reconnecting multiplexed connection, or a Cluster through redis-rs's
-/// cluster client (which follows MOVED and ASK, and reloads its slot map after a failover).
+/// cluster client (which reloads its slot map after a failover; the connection that carries
+/// batches follows no redirect, see [`Conn::run_batch`]).
 #[derive(Clone)]
 pub(crate) enum Conn {
     Node(ConnectionManager),
@@ -91,13 +92,15 @@ pub(crate) enum Conn {
 
 impl Conn {
     /// Runs one batch (a MessagePack array of operations), routed by `key` on a Cluster; answers
-    /// the function's MessagePack answer.
+    /// the function's MessagePack answer, or `None` when the call certainly ran nothing on a
+    /// Cluster (a node turned it away with `MOVED`, `ASK`, `TRYAGAIN` or `CLUSTERDOWN`, or no
+    /// connection to its node was up), for the router to send its operations again.
     pub(crate) async fn run_batch(
         &self,
         key: &str,
         payload: &[u8],
         args: &CallArgs,
-    ) -> Result<Bytes, Error> {
+    ) -> Result<Option<Bytes>, Error> {
         let library = Library::of(&args.clock);
         let mut call = redis::cmd("FCALL");
         call.arg(&library.name)
@@ -112,13 +115,15 @@ impl Conn {
         let reply = match self.query::<Value>(&call).await {
             Err(err) if is_missing(&err) => {
                 self.load_library(&args.clock).await?;
-                self.query::<Value>(&call).await?
+                self.query::<Value>(&call).await
             }
-            reply => reply?,
+            reply => reply,
         };
         match reply {
-            Value::BulkString(bytes) => Ok(Bytes::from(bytes)),
-            other => Err(protocol(&format!("a batch answered {other:?}"))),
+            Ok(Value::BulkString(bytes)) => Ok(Some(Bytes::from(bytes))),
+            Ok(other) => Err(protocol(&format!("a batch answered {other:?}"))),
+            Err(err) if is_redirect(&err) => Ok(None),
+            Err(err) => Err(err.into()),
         }
     }
 
@@ -193,6 +198,22 @@ impl Conn {
             Err(_) => tracing::warn!(key, "WAIT for replicas did not answer"),
         }
     }
+}
+
+/// Whether a call on a Cluster was certainly not run: its node turned it away (the slot is served
+/// elsewhere, is moving, or the Cluster is down), or redis-rs had no connection to send it on
+/// (one is being made again after a node stopped answering).
+fn is_redirect(err: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    matches!(
+        err.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::Moved
+                | ServerErrorKind::Ask
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+        ) | ErrorKind::ClusterConnectionNotFound
+    )
 }
 
 /// Whether a call failed because the library is not loaded on that node.

@@ -231,19 +231,27 @@ impl RedisStoreBuilder {
             return Err(Error::invalid("a cluster needs at least one seed node"));
         }
         let timeout = self.config.timeout;
-        let client = redis::cluster::ClusterClient::builder(urls.clone())
-            .connection_timeout(timeout)
-            .response_timeout(timeout)
-            .retries(2)
-            .build()
-            .map_err(|e| {
-                Error::invalid(format!("redis cluster urls {urls:?}: {e}")).with_source(e)
-            })?;
+        let client = |retries: u32| {
+            redis::cluster::ClusterClient::builder(urls.clone())
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(retries)
+                .build()
+                .map_err(|e| {
+                    Error::invalid(format!("redis cluster urls {urls:?}: {e}")).with_source(e)
+                })
+        };
+        // Batches go over a connection of their own that follows no redirect: a batch that
+        // redis-rs followed to an importing node under `ASKING` would find there every key of
+        // the slot that has not moved yet as absent. A redirected batch has run nothing, and the
+        // router sends its operations again once the slot has settled.
+        let (client, batch_client) = (client(2)?, client(0)?);
         let counters = Arc::new(Counters::default());
         let router = with_timeout(timeout, async {
             let conn = Conn::Cluster(client.get_async_connection().await?);
+            let batch_conn = Conn::Cluster(batch_client.get_async_connection().await?);
             let router = Router::connect(
-                conn.clone(),
+                batch_conn,
                 self.config.limits,
                 counters.clone(),
                 self.call_args(),
@@ -577,7 +585,7 @@ impl Store for RedisStore {
         let result = cluster::settle_groups(self, id, settlement, home).await?;
         if keep_ms == 0 {
             // Every group followed: the home, kept for them, goes as the settlement asked.
-            args.keep_ms = 0;
+            args.prepared = ops::Prepared::GroupsFollowed;
             args.nonce = rand::random();
             self.settle_record(&record, id, settlement, args).await?;
         }

@@ -161,6 +161,8 @@ pub(crate) enum Prepared {
     Yes,
     /// A group has ended: the commit expires.
     GroupEnded,
+    /// Every group has followed a settlement that forgets: the home, kept for them, goes.
+    GroupsFollowed,
 }
 
 /// Op 2: settle one record.
@@ -179,6 +181,7 @@ pub(crate) fn settle(
             Prepared::No => '0',
             Prepared::Yes => '1',
             Prepared::GroupEnded => 'x',
+            Prepared::GroupsFollowed => 'f',
         },
     ]
     .into_iter()
@@ -362,6 +365,7 @@ pub(crate) fn reserved(
                     DenialReason::OverBudget {
                         requested: *amount,
                         remaining: a.int(3)?.max(0) as u64,
+                        resets_at_ms: u64::try_from(a.int(4)?).ok(),
                     }
                 }
                 "taken" => DenialReason::Taken,

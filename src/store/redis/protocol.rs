@@ -85,6 +85,10 @@ fn hash_tag(key: &str) -> &[u8] {
     }
 }
 
+/// The answer `{ 'M' }` of an operation whose keys its node does not serve, in MessagePack (an
+/// array of one 1-byte string), as `batch.lua` answers it.
+pub(crate) const MOVED: &[u8] = &[0x91, 0xa1, b'M'];
+
 /// A whole batch: the array of its operations.
 pub(crate) fn batch<'a>(ops: impl ExactSizeIterator<Item = &'a [u8]>) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + ops.len() * 96);
@@ -216,6 +220,14 @@ mod tests {
         assert_eq!(answer.word(1).unwrap(), "G");
         assert_eq!(answer.int(2).unwrap(), 12);
         assert!(split(parts[0].clone(), 2).is_err());
+    }
+
+    #[test]
+    fn the_moved_answer_is_what_the_function_answers_for_a_key_elsewhere() {
+        let mut w = Writer::value(1);
+        w.str("M");
+        assert_eq!(&w.0[..], MOVED);
+        assert!(super::super::ops::is_moved(MOVED));
     }
 
     #[test]
