@@ -566,12 +566,18 @@ impl<'e, S: Advance> Sim<'e, S> {
         }
         if kept.len() > WORLDS {
             // The states differ in instants within a call or two; which of them the store is in
-            // is then left to later answers among the ones kept.
+            // is then left to later answers among the ones kept. They are kept spread out, the
+            // first and the last included: each world's candidates run from the call's first
+            // instant to its last, so keeping only the first ones would lose the worlds where
+            // the call ran late (and a record it wrote is dropped later).
             self.line(format!(
                 "    ({} possible states, {WORLDS} kept)",
                 kept.len()
             ));
-            kept.truncate(WORLDS);
+            let n = kept.len();
+            kept = (0..WORLDS)
+                .map(|i| kept[i * (n - 1) / (WORLDS - 1)].clone())
+                .collect();
         }
         self.worlds = kept;
         Ok(())
