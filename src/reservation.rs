@@ -34,9 +34,9 @@ pub const MAX_LEASE: Duration = Duration::from_secs(86_400);
 /// ```
 #[derive(Clone)]
 pub struct HoldId {
-    /// Shared, not copied: an id is cloned into the grant, the store's record and its deadline,
-    /// the hold and every settlement of it.
-    text: Arc<str>,
+    /// An id is cloned into the grant, the store's record and its deadline, the hold and every
+    /// settlement of it: a short one is copied, a long one shared.
+    text: IdText,
     /// Where the record lives, read from the text once: every store call asks.
     slot: u16,
 }
@@ -77,7 +77,7 @@ impl HoldId {
             None => slot_of(text.as_bytes()),
         };
         Self {
-            text: Arc::from(text),
+            text: IdText::new(text),
             slot,
         }
     }
@@ -101,7 +101,7 @@ impl HoldId {
         buf[RANDOM_NAME + 1..len].copy_from_slice(digits);
         let text = std::str::from_utf8(&buf[..len]).expect("base64, @ and digits are ASCII");
         Self {
-            text: Arc::from(text),
+            text: IdText::new(text),
             slot,
         }
     }
@@ -123,7 +123,7 @@ impl HoldId {
 
     /// The id as text.
     pub fn as_str(&self) -> &str {
-        &self.text
+        self.text.as_str()
     }
 
     /// The slot the hold's record lives in: the one after `@`, or else that of the whole id.
@@ -133,7 +133,7 @@ impl HoldId {
 
     /// The name and the slot of an id that names its slot.
     pub(crate) fn placed(&self) -> Option<(&str, u16)> {
-        let (name, _) = self.text.split_once('@')?;
+        let (name, _) = self.text.as_str().split_once('@')?;
         Some((name, self.slot))
     }
 }
@@ -141,7 +141,7 @@ impl HoldId {
 // One id, one text: the slot follows from the text, so only the text is compared and hashed.
 impl PartialEq for HoldId {
     fn eq(&self, other: &Self) -> bool {
-        self.text == other.text
+        self.text.as_str() == other.text.as_str()
     }
 }
 
@@ -149,7 +149,7 @@ impl Eq for HoldId {}
 
 impl std::hash::Hash for HoldId {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.text.hash(state);
+        self.text.as_str().hash(state);
     }
 }
 
@@ -161,13 +161,48 @@ impl PartialOrd for HoldId {
 
 impl Ord for HoldId {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.text.cmp(&other.text)
+        self.text.as_str().cmp(other.text.as_str())
     }
 }
 
 impl std::fmt::Debug for HoldId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("HoldId").field(&&*self.text).finish()
+        f.debug_tuple("HoldId").field(&self.text.as_str()).finish()
+    }
+}
+
+/// The longest id kept in place: a generated one (16 characters, `@` and a slot of up to five
+/// digits), so that minting an id allocates nothing and cloning one touches no shared counter.
+const INLINE_ID: usize = RANDOM_NAME + 6;
+
+/// A hold id's text: in place up to [`INLINE_ID`] bytes, shared beyond (a derived id, a caller's).
+#[derive(Clone)]
+enum IdText {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Shared(Arc<str>),
+}
+
+impl IdText {
+    fn new(text: &str) -> Self {
+        if text.len() <= INLINE_ID {
+            let mut bytes = [0; INLINE_ID];
+            bytes[..text.len()].copy_from_slice(text.as_bytes());
+            IdText::Inline {
+                len: text.len() as u8,
+                bytes,
+            }
+        } else {
+            IdText::Shared(Arc::from(text))
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            IdText::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).expect("copied from a str")
+            }
+            IdText::Shared(text) => text,
+        }
     }
 }
 
@@ -187,7 +222,7 @@ fn random_name(buf: &mut [u8]) -> &str {
 
 impl std::fmt::Display for HoldId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(self.text.as_str())
     }
 }
 
