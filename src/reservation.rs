@@ -292,6 +292,12 @@ impl Reservation {
             .get_or_init(|| fingerprint(&self.claims, self.payload.as_ref()))
     }
 
+    /// Feeds what [`Reservation::fingerprint`] digests to `field`, one field at a time, for a
+    /// store that keeps a digest of its own.
+    pub(crate) fn identify(&self, field: impl FnMut(&[u8])) {
+        identify(&self.claims, self.payload.as_ref(), field);
+    }
+
     /// The claims, taken out.
     pub(crate) fn into_claims(self) -> Vec<Claim> {
         self.claims
@@ -424,17 +430,24 @@ pub(crate) type Fingerprint = [u8; 8];
 
 fn fingerprint(claims: &[Claim], payload: Option<&Fingerprint>) -> Fingerprint {
     let mut h = Sha256::new();
-    let mut field = |bytes: &[u8]| {
+    identify(claims, payload, |bytes| {
         h.update((bytes.len() as u64).to_be_bytes());
         h.update(bytes);
-    };
+    });
+    let mut digest = [0; 8];
+    digest.copy_from_slice(&h.finalize()[..8]);
+    digest
+}
+
+/// What tells a retry from a reuse of an id with other claims, one field at a time, for a digest
+/// to take in (each field with its length, so that fields cannot run into each other): the
+/// payload alone, when there is one; otherwise each claim's kind, target and amount or owner.
+fn identify(claims: &[Claim], payload: Option<&Fingerprint>, mut field: impl FnMut(&[u8])) {
     if let Some(payload) = payload {
         // A payload identifies the command by itself: its claims do not enter.
         field(b"payload");
         field(payload);
-        let mut digest = [0; 8];
-        digest.copy_from_slice(&h.finalize()[..8]);
-        return digest;
+        return;
     }
     for claim in claims {
         match claim {
@@ -459,9 +472,6 @@ fn fingerprint(claims: &[Claim], payload: Option<&Fingerprint>) -> Fingerprint {
             }
         }
     }
-    let mut digest = [0; 8];
-    digest.copy_from_slice(&h.finalize()[..8]);
-    digest
 }
 
 /// What [`Store::reserve`](crate::Store::reserve) answers.

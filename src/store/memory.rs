@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -61,6 +62,9 @@ struct Inner {
     shards: Box<[Mutex<Shard>]>,
     retain_ms: u64,
     clock: Clock,
+    /// The key of the records' fingerprints ([`MemoryStore::fingerprint`]), drawn at random
+    /// for this store.
+    fingerprints: RandomState,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -93,6 +97,7 @@ impl MemoryStore {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 retain_ms,
                 clock,
+                fingerprints: RandomState::new(),
             }),
         }
     }
@@ -607,9 +612,14 @@ impl Shard {
 
 /// The answer a reserve gets from an existing record, or `None` when the record is a live hold
 /// to answer as a replay.
-fn refusal(record: &Record, reservation: &Reservation, now: u64) -> Option<Error> {
+fn refusal(
+    record: &Record,
+    reservation: &Reservation,
+    fingerprint: Fingerprint,
+    now: u64,
+) -> Option<Error> {
     let id = reservation.id();
-    let same = &record.fingerprint == reservation.fingerprint();
+    let same = record.fingerprint == fingerprint;
     let kind = match record.phase {
         _ if record.phase != Phase::Tombstone && !same => ErrorKind::Conflict,
         Phase::Held if now >= record.expires_at => ErrorKind::Expired,
@@ -622,6 +632,24 @@ fn refusal(record: &Record, reservation: &Reservation, now: u64) -> Option<Error
 }
 
 impl MemoryStore {
+    /// What a record keeps of its reservation's claims, to tell a retry from a reuse of its id
+    /// with other claims: the fields [`Reservation::identify`] lists, as the SHA-256 fingerprint
+    /// a Redis record keeps covers them, but under SipHash keyed at random for this store.
+    ///
+    /// That is as safe, and far cheaper. A record and its fingerprint never leave the process;
+    /// the one use of a fingerprint is the comparison with a retry's under the same id. A client
+    /// who wants a retry with other claims taken for the first must make the two collide under a
+    /// 128-bit key it never sees, learning at most one bit (conflict or not) per attempt, each a
+    /// 2^-64 chance; the 64 bits of SHA-256 can at least be searched offline.
+    fn fingerprint(&self, reservation: &Reservation) -> Fingerprint {
+        let mut hasher = self.inner.fingerprints.build_hasher();
+        reservation.identify(|field| {
+            hasher.write_usize(field.len());
+            hasher.write(field);
+        });
+        hasher.finish().to_be_bytes()
+    }
+
     /// Every slot a reservation touches: its record's and its claims'.
     fn slots_of(reservation: &Reservation) -> impl Iterator<Item = u16> + '_ {
         std::iter::once(reservation.id().slot()).chain(reservation.claims().iter().map(Claim::slot))
@@ -633,7 +661,7 @@ impl MemoryStore {
         let id = reservation.id();
         let record_slot = id.slot();
         if let Some(record) = locked.shard(record_slot).records.get(id) {
-            if let Some(err) = refusal(record, reservation, now) {
+            if let Some(err) = refusal(record, reservation, self.fingerprint(reservation), now) {
                 return Err(err);
             }
             // A retry of a live hold: the same hold, with what the retry's own budget claims
@@ -771,7 +799,7 @@ impl MemoryStore {
             Record {
                 phase: Phase::Held,
                 expires_at,
-                fingerprint: *reservation.fingerprint(),
+                fingerprint: self.fingerprint(reservation),
                 claims: resolved,
                 drop_at: expires_at + self.inner.retain_ms,
                 memo: None,
