@@ -438,7 +438,7 @@ struct Record {
     phase: Phase,
     expires_at: u64,
     fingerprint: Fingerprint,
-    claims: Vec<Resolved>,
+    claims: ResolvedClaims,
     /// When the record goes (its deadline in the shard).
     drop_at: u64,
     memo: Option<bytes::Bytes>,
@@ -472,6 +472,41 @@ enum Resolved {
         tag: String,
         owner: String,
     },
+}
+
+/// A record's claims. Most reservations have one, kept in the record itself rather than in an
+/// allocation of its own.
+#[derive(Debug, Default)]
+enum ResolvedClaims {
+    #[default]
+    Empty,
+    One(Resolved),
+    Many(Vec<Resolved>),
+}
+
+impl ResolvedClaims {
+    fn push(&mut self, claim: Resolved) {
+        *self = match std::mem::take(self) {
+            ResolvedClaims::Empty => ResolvedClaims::One(claim),
+            ResolvedClaims::One(first) => ResolvedClaims::Many(vec![first, claim]),
+            ResolvedClaims::Many(mut all) => {
+                all.push(claim);
+                ResolvedClaims::Many(all)
+            }
+        };
+    }
+}
+
+impl std::ops::Deref for ResolvedClaims {
+    type Target = [Resolved];
+
+    fn deref(&self) -> &[Resolved] {
+        match self {
+            ResolvedClaims::Empty => &[],
+            ResolvedClaims::One(claim) => std::slice::from_ref(claim),
+            ResolvedClaims::Many(all) => all,
+        }
+    }
 }
 
 impl Resolved {
@@ -694,7 +729,7 @@ impl MemoryStore {
         }
 
         // Check every claim before writing anything.
-        let mut resolved = Vec::with_capacity(reservation.claims().len());
+        let mut resolved = ResolvedClaims::default();
         let mut remaining = Vec::with_capacity(reservation.claims().len());
         for (i, claim) in reservation.claims().iter().enumerate() {
             let deny = |reason| Ok(Reserved::Denied(Denial { claim: i, reason }));
@@ -767,7 +802,7 @@ impl MemoryStore {
                 replayed: false,
             }));
         }
-        for claim in &resolved {
+        for claim in resolved.iter() {
             let shard = locked.shard(claim.slot());
             match claim {
                 Resolved::Spend {
@@ -855,7 +890,7 @@ impl MemoryStore {
                 phase: Phase::Tombstone,
                 expires_at: now,
                 fingerprint: Fingerprint::default(),
-                claims: Vec::new(),
+                claims: ResolvedClaims::Empty,
                 drop_at: now + retain_ms.unwrap_or(default_ms),
                 memo: None,
             };
@@ -959,7 +994,7 @@ impl MemoryStore {
         let mut record = shard.take_record(id).expect("read above");
         let old = record.expires_at;
         let new = now + lease.as_millis() as u64;
-        for claim in &record.claims {
+        for claim in record.claims.iter() {
             let shard = locked.shard(claim.slot());
             match claim {
                 Resolved::Spend {
@@ -1132,7 +1167,7 @@ fn check_actual(record: &Record, settlement: &Settlement) -> Result<(), ActualEr
             return Err(ActualError::NotHeld);
         }
     }
-    for claim in &record.claims {
+    for claim in record.claims.iter() {
         if let Resolved::Spend {
             key, spec, amount, ..
         } = claim
@@ -1180,7 +1215,7 @@ fn commit(
     settlement: &Settlement,
     now: u64,
 ) {
-    for claim in &record.claims {
+    for claim in record.claims.iter() {
         let shard = locked.shard(claim.slot());
         match claim {
             Resolved::Spend {
@@ -1226,7 +1261,7 @@ fn commit(
 
 /// Gives back whatever the hold still holds.
 fn undo(locked: &mut Locked<'_>, id: &HoldId, record: &Record, now: u64) {
-    for claim in &record.claims {
+    for claim in record.claims.iter() {
         let shard = locked.shard(claim.slot());
         match claim {
             Resolved::Spend { key, amount, .. } => {
