@@ -141,7 +141,7 @@ impl HoldId {
 // One id, one text: the slot follows from the text, so only the text is compared and hashed.
 impl PartialEq for HoldId {
     fn eq(&self, other: &Self) -> bool {
-        self.text.as_str() == other.text.as_str()
+        self.text.as_bytes() == other.text.as_bytes()
     }
 }
 
@@ -149,7 +149,9 @@ impl Eq for HoldId {}
 
 impl std::hash::Hash for HoldId {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.text.as_str().hash(state);
+        // As `str` hashes itself.
+        state.write(self.text.as_bytes());
+        state.write_u8(0xff);
     }
 }
 
@@ -161,7 +163,7 @@ impl PartialOrd for HoldId {
 
 impl Ord for HoldId {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.text.as_str().cmp(other.text.as_str())
+        self.text.as_bytes().cmp(other.text.as_bytes())
     }
 }
 
@@ -197,11 +199,15 @@ impl IdText {
     }
 
     fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).expect("copied from a str")
+    }
+
+    /// The text's bytes, unchecked: what ids are compared, ordered and hashed by (as their
+    /// text would be), on every lookup of a store's maps.
+    fn as_bytes(&self) -> &[u8] {
         match self {
-            IdText::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes[..usize::from(*len)]).expect("copied from a str")
-            }
-            IdText::Shared(text) => text,
+            IdText::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            IdText::Shared(text) => text.as_bytes(),
         }
     }
 }
