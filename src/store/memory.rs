@@ -223,21 +223,27 @@ impl Locked<'_> {
     }
 }
 
-/// A budget's storage key: its key, then `{` (which keys may not contain), then its window's
-/// suffix, so that no two budgets share one.
-type BudgetKey = String;
+/// A budget's storage key: its key, and for a windowed budget `{` (which keys may not contain)
+/// and its window's suffix, so that no two budgets share one. Shared by the budget's cell and
+/// the records of the holds on it: a hold on a budget already there allocates no key.
+type BudgetKey = Arc<str>;
 
 /// The budget's own key in a storage key.
 fn budget_of(key: &BudgetKey) -> &str {
     key.split('{').next().unwrap_or_default()
 }
 
-fn budget_key(key: &str, suffix: &str) -> BudgetKey {
+/// The storage key of `key` in the window of `suffix` (empty for a lifetime budget: then the
+/// budget's own key, looked up without a copy).
+fn budget_key<'a>(key: &'a str, suffix: &str) -> Cow<'a, str> {
+    if suffix.is_empty() {
+        return Cow::Borrowed(key);
+    }
     let mut k = String::with_capacity(key.len() + 1 + suffix.len());
     k.push_str(key);
     k.push('{');
     k.push_str(suffix);
-    k
+    Cow::Owned(k)
 }
 
 /// What a shard keeps. Every entry that can expire has its deadline in `deadlines` (and keeps
@@ -260,8 +266,10 @@ enum Expiring {
     Refund(String, HoldId),
 }
 
-#[derive(Default, Debug)]
+#[derive(Debug)]
 struct BudgetCell {
+    /// The cell's own key in `budgets`, for the records of holds on it to share.
+    key: BudgetKey,
     spent: u64,
     held: u64,
     /// The amount held per bucket of lease ends (see `store/lua`).
@@ -366,6 +374,16 @@ impl Buckets {
 }
 
 impl BudgetCell {
+    fn new(key: BudgetKey) -> Self {
+        Self {
+            key,
+            spent: 0,
+            held: 0,
+            buckets: Buckets::default(),
+            drop_at: None,
+        }
+    }
+
     /// Gives back the buckets whose end has passed (a bounded number per call).
     fn expire_buckets(&mut self, now: u64) {
         for _ in 0..MAX_EXPIRED_PER_CALL {
@@ -738,10 +756,10 @@ impl MemoryStore {
             match claim {
                 Claim::Spend { budget, amount } => {
                     let window = budget.window().slot(now);
-                    let key = budget_key(budget.key(), &window.suffix);
-                    let left = match shard.budget_cell(&key, now) {
-                        Some(cell) => cell.remaining(budget.limit()),
-                        None => budget.limit(),
+                    let name = budget_key(budget.key(), &window.suffix);
+                    let (left, key) = match shard.budget_cell(&name, now) {
+                        Some(cell) => (cell.remaining(budget.limit()), cell.key.clone()),
+                        None => (budget.limit(), BudgetKey::from(name)),
                     };
                     if *amount > left {
                         return deny(DenialReason::OverBudget {
@@ -811,11 +829,10 @@ impl MemoryStore {
                     window_ends,
                     ..
                 } => {
-                    // The key is copied only for a budget not there yet.
                     match shard.budgets.get_mut(key) {
                         Some(cell) => cell.hold_in(expires_at, *amount),
                         None => {
-                            let mut cell = BudgetCell::default();
+                            let mut cell = BudgetCell::new(key.clone());
                             cell.hold_in(expires_at, *amount);
                             shard.budgets.insert(key.clone(), cell);
                         }
@@ -1058,7 +1075,7 @@ impl MemoryStore {
         if refund.amount > spent {
             return Err(Error::refused(ErrorKind::ExceedsSpent, &refund.id));
         }
-        shard.budgets.get_mut(&key).expect("it has spent").spent -= refund.amount;
+        shard.budgets.get_mut(&*key).expect("it has spent").spent -= refund.amount;
         shard.tidy_budget(&key);
         let drop_at = now + refund.retain.as_millis() as u64;
         shard.refunds.insert(
@@ -1099,7 +1116,12 @@ impl MemoryStore {
         let shard = locked.shard(slot);
         let window = budget.window().slot(now);
         let key = budget_key(budget.key(), &window.suffix);
-        shard.budgets.entry(key.clone()).or_default().spent = spent;
+        let key = BudgetKey::from(key);
+        shard
+            .budgets
+            .entry(key.clone())
+            .or_insert_with(|| BudgetCell::new(key.clone()))
+            .spent = spent;
         match window.ends_at_ms {
             Some(ends) => shard.keep_budget_until(&key, ends + WINDOW_GRACE_MS),
             None => shard.tidy_budget(&key),
