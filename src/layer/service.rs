@@ -162,7 +162,13 @@ where
     // Tokio's clock, which a test can move: the instant the store answered also starts the
     // handler's time under the lease (one reading of the clock for both).
     let started = Instant::now();
-    let (answer, reservation) = InFlight::new(&shared, reservation, route.clone()).await;
+    let (answer, reservation) = match crate::store::embedded(&shared.store) {
+        Some(memory) => (
+            memory.reserve_sync(&reservation, !options.shadow),
+            reservation,
+        ),
+        None => InFlight::new(&shared, reservation, route.clone()).await,
+    };
     let answered = Instant::now();
     let took = answered - started;
     let op = if options.shadow {
@@ -178,7 +184,15 @@ where
     if options.shadow {
         return shadow(answer, &reservation, &route, request);
     }
-    answer_of(&shared, answer, reservation, named, route, request, answered)
+    answer_of(
+        &shared,
+        answer,
+        reservation,
+        named,
+        route,
+        request,
+        answered,
+    )
 }
 
 /// How much of an oversized body is read and thrown away before the `413` goes out, and for how

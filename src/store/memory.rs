@@ -193,6 +193,13 @@ fn shard_of(slot: u16) -> usize {
 }
 
 /// The wall clock in Unix milliseconds: the layer's estimate of when a window resets.
+/// `store`, when it is the embedded store. It answers without waiting, so the layer calls it in
+/// place: no future boxed to keep the call, none to hand to a task should the request go away
+/// meanwhile (there is no meanwhile).
+pub(crate) fn embedded<St: Store>(store: &St) -> Option<&MemoryStore> {
+    (store as &dyn std::any::Any).downcast_ref()
+}
+
 pub(crate) fn now_ms() -> u64 {
     super::clock::system_ms()
 }
@@ -708,8 +715,13 @@ impl MemoryStore {
         std::iter::once(reservation.id().slot()).chain(reservation.claims().iter().map(Claim::slot))
     }
 
-    /// Reserve, or (`write` false) only check.
-    fn reserve_sync(&self, reservation: &Reservation, write: bool) -> Result<Reserved, Error> {
+    /// Reserve, or (`write` false) only check: [`Store::reserve`] and [`Store::check`], which
+    /// never wait, called in place (see [`embedded`]).
+    pub(crate) fn reserve_sync(
+        &self,
+        reservation: &Reservation,
+        write: bool,
+    ) -> Result<Reserved, Error> {
         let (mut locked, now) = self.lock(Self::slots_of(reservation));
         let id = reservation.id();
         let record_slot = id.slot();
@@ -889,7 +901,12 @@ impl MemoryStore {
         }
     }
 
-    fn settle_sync(&self, id: &HoldId, settlement: &Settlement) -> Result<Settled, Error> {
+    /// [`Store::settle`], which never waits, called in place (see [`embedded`]).
+    pub(crate) fn settle_sync(
+        &self,
+        id: &HoldId,
+        settlement: &Settlement,
+    ) -> Result<Settled, Error> {
         settlement.validate()?;
         let default_ms = self.inner.retain_ms;
         let retain_ms = settlement
