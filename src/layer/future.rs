@@ -287,7 +287,9 @@ where
                         }
                         Prepared::Pass(request) => (request, None, None),
                         Prepared::Held(request, hold, answered) => {
-                            this.span.record("hold", hold.id().as_str());
+                            if !this.span.is_disabled() {
+                                this.span.record("hold", hold.id().as_str());
+                            }
                             let started = (answered, hold.expires_at_ms());
                             (request, Some(hold), Some(started))
                         }
