@@ -580,3 +580,43 @@ impl BudgetStatus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::hash::{BuildHasher, RandomState};
+
+    use super::*;
+
+    /// Ids kept in place and shared ones, on either side of the boundary, read, compare, order
+    /// and hash as their texts do.
+    #[test]
+    fn an_id_behaves_as_its_text_in_place_or_shared() {
+        let texts = [
+            "a".to_owned(),
+            "b".repeat(INLINE_ID),
+            "b".repeat(INLINE_ID + 1),
+            "a".repeat(INLINE_ID + 1),
+            format!("{}@42", "c".repeat(INLINE_ID - 3)),
+        ];
+        let ids: Vec<HoldId> = texts
+            .iter()
+            .map(|t| HoldId::new(t.as_str()).unwrap())
+            .collect();
+        assert!(matches!(ids[1].text, IdText::Inline { .. }));
+        assert!(matches!(ids[2].text, IdText::Shared(_)));
+        assert_eq!(ids[4].slot(), 42);
+        let state = RandomState::new();
+        for (a, text_a) in ids.iter().zip(&texts) {
+            assert_eq!(a.as_str(), text_a);
+            assert_eq!(a.to_string(), *text_a);
+            assert_eq!(state.hash_one(a), state.hash_one(text_a.as_str()));
+            for (b, text_b) in ids.iter().zip(&texts) {
+                assert_eq!(a == b, text_a == text_b, "{text_a} == {text_b}");
+                assert_eq!(a.cmp(b), text_a.cmp(text_b), "{text_a} against {text_b}");
+            }
+        }
+        let minted = HoldId::random_in(16_383);
+        assert!(matches!(minted.text, IdText::Inline { .. }), "{minted}");
+        assert_eq!(HoldId::new(minted.as_str()).unwrap(), minted);
+    }
+}
