@@ -192,7 +192,6 @@ fn shard_of(slot: u16) -> usize {
     slot as usize & (SHARDS - 1)
 }
 
-/// The wall clock in Unix milliseconds: the layer's estimate of when a window resets.
 /// `store`, when it is the embedded store. It answers without waiting, so the layer calls it in
 /// place: no future boxed to keep the call, none to hand to a task should the request go away
 /// meanwhile (there is no meanwhile).
@@ -200,6 +199,7 @@ pub(crate) fn embedded<St: Store>(store: &St) -> Option<&MemoryStore> {
     (store as &dyn std::any::Any).downcast_ref()
 }
 
+/// The wall clock in Unix milliseconds: the layer's estimate of when a window resets.
 pub(crate) fn now_ms() -> u64 {
     super::clock::system_ms()
 }
