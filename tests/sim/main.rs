@@ -84,6 +84,24 @@ fn config(cases: usize, steps: usize) -> Config {
     }
 }
 
+/// The seeds to run, one at a time: those `SIM_SEED` names (then none), the bounded run's own,
+/// or fresh ones.
+fn seed_source(cfg: &Config) -> impl FnMut() -> Option<u64> + use<> {
+    let fixed = cfg.seeds.clone();
+    let bounded = cfg.bounded();
+    let mut i = 0;
+    move || {
+        i += 1;
+        if !fixed.is_empty() {
+            return fixed.get(i - 1).copied();
+        }
+        if bounded {
+            return Some(BOUNDED_SEEDS + i as u64);
+        }
+        Some(rand::rng().random())
+    }
+}
+
 /// The settings that shape generation, to replay a seed as it ran (a seed of a long run with
 /// `SIM_RANDOM=1`, which draws the long run's fault lengths).
 fn replay_env() -> String {
@@ -333,21 +351,7 @@ fn simulate(name: &str, kind: Kind, cases: usize, steps: usize) {
     let mut failed: Vec<(u64, String)> = Vec::new();
     let mut n = 0usize;
     let mut last_history = Vec::new();
-    let mut next_seed = {
-        let fixed = cfg.seeds.clone();
-        let bounded = cfg.bounded();
-        let mut i = 0;
-        move || -> Option<u64> {
-            i += 1;
-            if !fixed.is_empty() {
-                return fixed.get(i - 1).copied();
-            }
-            if bounded {
-                return Some(BOUNDED_SEEDS + i as u64);
-            }
-            Some(rand::rng().random())
-        }
-    };
+    let mut next_seed = seed_source(&cfg);
     loop {
         let more = match cfg.until {
             Some(until) => Instant::now() < until,
@@ -458,19 +462,18 @@ fn simulate_layer(name: &str, node: bool, cases: usize, steps: usize) {
     let cfg = config(cases, steps);
     let rt = runtime();
     let server = node.then(RedisServer::start);
-    let seeds: Vec<u64> = if cfg.seeds.is_empty() && cfg.bounded() {
-        (1..=cfg.cases as u64).map(|i| BOUNDED_SEEDS + i).collect()
-    } else if cfg.seeds.is_empty() {
-        (0..cfg.cases).map(|_| rand::rng().random()).collect()
-    } else {
-        cfg.seeds.clone()
-    };
+    let mut next_seed = seed_source(&cfg);
     let started = Instant::now();
     let mut failed = Vec::new();
-    for (i, seed) in seeds.iter().copied().enumerate() {
-        if cfg.until.is_some_and(|u| Instant::now() >= u) && i > 0 {
+    for n in 0.. {
+        // A long run goes on until its time is up; a bounded one runs its cases.
+        let more = match cfg.until {
+            Some(until) => n == 0 || Instant::now() < until,
+            None => n < cfg.cases || !cfg.seeds.is_empty(),
+        };
+        let Some(seed) = next_seed().filter(|_| more) else {
             break;
-        }
+        };
         eprintln!("{name}: seed {seed}");
         let retain = Duration::from_millis(layer::RETAIN_MS);
         let result = rt.block_on(async {
