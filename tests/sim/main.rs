@@ -84,22 +84,31 @@ fn config(cases: usize, steps: usize) -> Config {
     }
 }
 
-/// The seeds to run, one at a time: those `SIM_SEED` names (then none), the bounded run's own,
-/// or fresh ones.
-fn seed_source(cfg: &Config) -> impl FnMut() -> Option<u64> + use<> {
+/// The seeds to run, each drawn when the one before has run: those `SIM_SEED` names; else, until
+/// `SIM_SECONDS` is up (one at least), fresh ones; else `cases` of them, the bounded run's own
+/// (fresh ones with `SIM_RANDOM=1`).
+fn seeds(cfg: &Config) -> impl Iterator<Item = u64> + use<> {
     let fixed = cfg.seeds.clone();
-    let bounded = cfg.bounded();
-    let mut i = 0;
-    move || {
-        i += 1;
+    let (bounded, until, cases) = (cfg.bounded(), cfg.until, cfg.cases);
+    let mut n = 0;
+    std::iter::from_fn(move || {
+        n += 1;
         if !fixed.is_empty() {
-            return fixed.get(i - 1).copied();
+            return fixed.get(n - 1).copied();
         }
-        if bounded {
-            return Some(BOUNDED_SEEDS + i as u64);
+        let more = match until {
+            Some(until) => n == 1 || Instant::now() < until,
+            None => n <= cases,
+        };
+        if !more {
+            return None;
         }
-        Some(rand::rng().random())
-    }
+        Some(if bounded {
+            BOUNDED_SEEDS + n as u64
+        } else {
+            rand::rng().random()
+        })
+    })
 }
 
 /// The settings that shape generation, to replay a seed as it ran (a seed of a long run with
@@ -351,19 +360,7 @@ fn simulate(name: &str, kind: Kind, cases: usize, steps: usize) {
     let mut failed: Vec<(u64, String)> = Vec::new();
     let mut n = 0usize;
     let mut last_history = Vec::new();
-    let mut next_seed = seed_source(&cfg);
-    loop {
-        let more = match cfg.until {
-            Some(until) => Instant::now() < until,
-            None => n < cfg.cases,
-        };
-        if !more {
-            break;
-        }
-        let Some(seed) = next_seed() else { break };
-        if !cfg.seeds.is_empty() && n >= cfg.seeds.len() {
-            break;
-        }
+    for seed in seeds(&cfg) {
         n += 1;
         eprintln!("{name}: seed {seed}");
         let mut rng = StdRng::seed_from_u64(seed);
@@ -462,18 +459,9 @@ fn simulate_layer(name: &str, node: bool, cases: usize, steps: usize) {
     let cfg = config(cases, steps);
     let rt = runtime();
     let server = node.then(RedisServer::start);
-    let mut next_seed = seed_source(&cfg);
     let started = Instant::now();
     let mut failed = Vec::new();
-    for n in 0.. {
-        // A long run goes on until its time is up; a bounded one runs its cases.
-        let more = match cfg.until {
-            Some(until) => n == 0 || Instant::now() < until,
-            None => n < cfg.cases || !cfg.seeds.is_empty(),
-        };
-        let Some(seed) = next_seed().filter(|_| more) else {
-            break;
-        };
+    for seed in seeds(&cfg) {
         eprintln!("{name}: seed {seed}");
         let retain = Duration::from_millis(layer::RETAIN_MS);
         let result = rt.block_on(async {
