@@ -48,8 +48,7 @@ const MANY: u64 = 10_000;
 /// The limit of budgets that never refuse in these runs. Below 2^31, so that its MessagePack
 /// form (`ce 7f ff ff ff`) has no zero byte: `redis-benchmark` takes its arguments as C strings.
 const BIG: u64 = 0x7fff_ffff;
-/// Reserves per call in the batched `redis-benchmark` run: a MessagePack array of at most 15 is
-/// one byte (`0x9f`); 16 would write a zero byte.
+/// Reserves per call in the batched `redis-benchmark` run.
 const RB_BATCH: usize = 10;
 
 fn env_list(name: &str, default: &str) -> Vec<usize> {
@@ -382,42 +381,38 @@ async fn hand_once(
 /// spends `AMOUNT` on `budget_key`, with `__rand_int__` where redis-benchmark puts a random
 /// number of 12 digits (a placeholder is 12 characters too, so every length stays right).
 fn rb_reserve_op(out: &mut Vec<u8>, budget_key: &str) {
-    use rmp::encode::{write_array_len, write_str, write_str_len, write_uint};
+    use rmp::encode::{write_str, write_str_len, write_uint};
     // Two placeholders, drawn one by one: 10^8 distinct hold ids with `-r 10000`.
     let id = "__rand_int____rand_int__";
     let record = format!("rb:h:{{{id}}}");
-    // The hold record's body, as the store packs it: { claims, groups, spends }.
+    // The limits of the claims, and the hold record's body, as the store packs them: claims,
+    // groups and spends counted, then the one claim.
+    let mut limits = Vec::new();
+    write_uint(&mut limits, BIG).unwrap();
     let mut body = Vec::new();
-    write_array_len(&mut body, 3).unwrap();
-    write_array_len(&mut body, 1).unwrap();
-    write_array_len(&mut body, 4).unwrap();
+    for n in [1, 0, 0] {
+        write_uint(&mut body, n).unwrap();
+    }
     write_str(&mut body, "b").unwrap();
     write_str(&mut body, budget_key).unwrap();
     write_uint(&mut body, AMOUNT).unwrap();
     write_str(&mut body, "0").unwrap();
-    write_array_len(&mut body, 0).unwrap();
-    write_array_len(&mut body, 0).unwrap();
 
-    write_array_len(out, 8).unwrap();
     write_uint(out, 1).unwrap();
     write_str(out, &record).unwrap();
     write_str(out, id).unwrap();
     write_uint(out, LEASE_MS).unwrap();
-    // A claims' fingerprint (16 hex) and the call's nonce (16 hex).
-    write_str(out, "5eed5eed5eed5eed1badcafe1badcafe").unwrap();
-    write_str(out, "hH").unwrap();
-    write_array_len(out, 1).unwrap();
-    write_array_len(out, 5).unwrap();
-    write_str(out, "b").unwrap();
-    write_str(out, budget_key).unwrap();
-    write_uint(out, AMOUNT).unwrap();
-    write_uint(out, BIG).unwrap();
-    write_str(out, "0").unwrap();
+    // A claims' fingerprint (8 bytes) and the call's nonce (8 bytes).
+    write_str(out, "5eed5eed1badcafe").unwrap();
+    // Mode 1: the id's own record.
+    write_uint(out, 1).unwrap();
+    write_str_len(out, limits.len() as u32).unwrap();
+    out.extend_from_slice(&limits);
     write_str_len(out, body.len() as u32).unwrap();
     out.extend_from_slice(&body);
 }
 
-/// A batch of `n` reserves, as the store's worker sends it: the array of its operations.
+/// A batch of `n` reserves, as the store's worker sends it: its operations one after the other.
 fn rb_payload(spread: Spread, n: usize) -> Vec<u8> {
     let budget_key = match spread {
         Spread::Hot => "rb:b:{rb-hot}",
@@ -425,7 +420,6 @@ fn rb_payload(spread: Spread, n: usize) -> Vec<u8> {
         Spread::Many => "rb:b:{rb-__rand_int__}",
     };
     let mut out = Vec::new();
-    rmp::encode::write_array_len(&mut out, n as u32).unwrap();
     for _ in 0..n {
         rb_reserve_op(&mut out, budget_key);
     }

@@ -15,13 +15,27 @@
 --   <p>:u:{<ns>:<digest>}        string: the owner of a unique value
 --   <p>:u:{<ns>:<digest>}:p      string: the hold that has the value in flight; expires with it
 --   <p>:h:{<tag>}<name>          string: a hold record (see below), in the slot of <tag>
---   <p>:h:{<tag>}<name>:m        string: what the hold's settler kept with it (a memo), if any
---   <p>:f:{<budget>}<window>:<id> string: a refund's fingerprint, for as long as it is kept
+--   <p>:g:{<tag>}<id>            string: the record of one slot group of a hold across slots
+--   <p>:m:{<tag>}<name>          string: what the hold's settler kept with it (a memo), if any
+--   <p>:f:{<budget>}#<id>        string: a refund's fingerprint, for as long as it is kept
 --
--- A script's cost is mostly its commands and its conversions of numbers to text, so both are
--- kept few: a purchase is three commands to reserve and three to commit, numbers are formatted
--- once per batch where they repeat (lease ends, bucket ends), and a hold record is text whose
--- claims the client packed.
+-- What a call costs Redis is its commands and every Lua value it makes: each string, table and
+-- number-to-text conversion is an allocation (and garbage to collect), each call of a C function
+-- (string.sub, tonumber, redis.call) costs as much as dozens of Lua operations. So an operation
+-- runs as few commands as it can (a purchase: three to reserve and three to commit, after the
+-- batch's one TIME), reads its fields without building a table for them (batch.lua), reads a
+-- hold record's fixed head in one call, formats numbers once per batch where they repeat, and
+-- leaves the rare paths (windows, many buckets, value claims, a Cluster's groups) to pay for
+-- themselves.
+
+-- The C functions the operations call, bound when the first batch runs (a library's own code
+-- runs when it is loaded, where only the registering API is visible).
+local PACK, UNPACK, MP_PACK, MP_UNPACK, MP_READ
+
+local function bind()
+  PACK, UNPACK = struct.pack, struct.unpack
+  MP_PACK, MP_UNPACK, MP_READ = cmsgpack.pack, cmsgpack.unpack, cmsgpack.unpack_limit
+end
 
 -- Integers as text, for Redis: %d is exact to 2^63 (Lua's numbers are doubles, exact to 2^53,
 -- and amounts and limits are at most 2^53 - 1). Values are never negative; zero is '0', never
@@ -124,12 +138,14 @@ local BUCKET_MS = 100
 
 -- The end of the bucket of lease end `e`, as text.
 local function bucket(e)
-  return num(math.ceil(e / BUCKET_MS) * BUCKET_MS)
+  local past = e % BUCKET_MS
+  if past ~= 0 then e = e - past + BUCKET_MS end
+  return num(e)
 end
 
--- Hold records are text: a fixed head, then the claims as the client packed them (MessagePack),
--- so that writing one formats nothing and reading one cuts it at known places:
---   <phase><fingerprint: 16 hex><nonce: 16 hex><lease end: 13 digits><start: 13 digits><body>
+-- Hold records are bytes: a fixed head of 29, read in one call, then the claims as the client
+-- packed them:
+--   <phase: 1><fingerprint: 8><nonce: 8><lease end: 6><start: 6><body>
 --   phase: H held, P held but still reserving its other slot groups (a Cluster home record),
 --          C committed, R released, X expired, T tombstone (released before reserved: with a
 --          zero nonce it refuses every reserve of the id, and its fingerprint is the release
@@ -137,45 +153,65 @@ end
 --          whose hold was given back), F forgotten (settled, then dropped; see below)
 --   nonce: which call reserved it, so that a call's own retried request is not taken for another
 --          attempt's; once settled, which call settled it
---   start: when it was reserved (windowed budgets are found again by it)
---   body:  { claims, groups, spends }
---          claim: { 'b', budget base key, amount, window spec } | { 'u' or 'r', value key, owner }
---          groups: on a Cluster, the records of a reservation's other slot groups (home only)
---          spends: a Cluster home's list of every group's budget claims { base key, spec, amount },
---                  to check a commit's actual amounts against
--- A forgotten hold leaves, for ANSWER_MS only, 'F', zeros, the settling call's nonce and 'a'
--- (it applied) or 'p' (it replayed an earlier settlement): the same call sent again (its answer
--- was lost) is answered as it was; to everyone else the hold is gone, as if nothing were left.
+--   lease end, start: ms, unsigned big-endian; start is when it was reserved (windowed budgets
+--          are found again by it)
+--   body:  a MessagePack sequence (no arrays, so that reading it builds no table but the
+--          claims'): n, g, v, then n claims, g groups, v spends
+--          claim: 'b', budget base key, amount, window spec | 'u' or 'r', value key, 0, owner
+--          group: on a Cluster, the record of one of a reservation's other slot groups (home only)
+--          spend: a Cluster home's list of every group's budget claims: base key, spec, amount,
+--                 to check a commit's actual amounts against
+-- A tombstone is the head alone (zero times). A forgotten hold leaves, for ANSWER_MS only, 'F',
+-- a zero fingerprint, the settling call's nonce, zero times and 'a' (it applied) or 'p' (it
+-- replayed an earlier settlement): the same call sent again (its answer was lost) is answered as
+-- it was; to everyone else the hold is gone, as if nothing were left.
 --
 -- Key names are injective: records are '<p>:h:{tag}name' (the id's own) or '<p>:g:{tag}id' (a
 -- slot group), a record's memo '<p>:m:{tag}name', and none of the parts may hold a brace.
 
-local function record(phase, fp, nonce, ends, start, body)
-  return phase .. fp .. nonce .. ends .. start .. body
-end
+local ZEROS = '\0\0\0\0\0\0\0\0'
+local NO_TIMES = '\0\0\0\0\0\0\0\0\0\0\0\0'
+local HEAD = '>c1c8c8I6I6'
+-- Where a record's body starts, as MessagePack reads offsets (from 0).
+local BODY = 29
 
-local ZEROS = '0000000000000000'
+-- A shared empty list (never written to): no groups, no spends.
+local NONE = {}
+
+-- The lease end and start of a record, packed; memoized for the batch (a batch's reserves with
+-- one lease share them).
+local TIMES = {}
+local function times(e, now)
+  local packed = TIMES[e]
+  if not packed then
+    packed = PACK('>I6I6', e, now)
+    TIMES[e] = packed
+  end
+  return packed
+end
 
 -- A tombstone that refuses every reserve of the id, left by the release call `nonce` (in the
 -- fingerprint's place, so that the same call sent again is answered as it was).
 local function tombstone(nonce)
-  return 'T' .. nonce .. ZEROS .. '00000000000000000000000000'
+  return 'T' .. nonce .. ZEROS .. NO_TIMES
 end
 
 -- A tombstone that refuses one reserve call only: the one with `nonce`.
 local function tombstone_for(nonce)
-  return 'T' .. ZEROS .. nonce .. '00000000000000000000000000'
+  return 'T' .. ZEROS .. nonce .. NO_TIMES
 end
 
 -- What a forgotten hold leaves for the call `nonce` that forgot it, which `replayed` an earlier
 -- settlement or applied its own.
+local FORGOTTEN = 'F' .. ZEROS
+local APPLIED, REPLAYED = NO_TIMES .. 'a', NO_TIMES .. 'p'
 local function forgotten(nonce, replayed)
-  return 'F' .. ZEROS .. nonce .. (replayed and 'p' or 'a')
+  return FORGOTTEN .. nonce .. (replayed and REPLAYED or APPLIED)
 end
 
 -- What the call that left the forgotten record `r` answered.
 local function forgot_with(r)
-  return string.sub(r.raw, 34, 34) == 'p' and 'replayed' or 'applied'
+  return string.sub(r.raw, BODY + 1, BODY + 1) == 'p' and 'replayed' or 'applied'
 end
 
 -- The key of a record's memo ('<p>:h:{..}..' -> '<p>:m:{..}..'); nil for a slot group's record,
@@ -187,32 +223,58 @@ local function memo_key(key)
 end
 
 local function parse(raw)
-  local e_text = string.sub(raw, 34, 46)
-  return {
-    raw = raw, s = string.sub(raw, 1, 1), f = string.sub(raw, 2, 17),
-    nonce = string.sub(raw, 18, 33), e = tonumber(e_text), e_text = e_text,
-  }
+  local s, f, nonce, e, start = UNPACK(HEAD, raw)
+  return { raw = raw, s = s, f = f, nonce = nonce, e = e, start = start, c = false, g = false,
+    v = false }
 end
 
--- The record's claims, groups and spends (read only when needed). A claim's budget key gets the
--- window the hold was reserved in.
+-- `count` spends (base key, spec, amount) of `packed` from `off`; answers them and the offset
+-- after them.
+local function read_spends(packed, off, count)
+  if count == 0 then return NONE, off end
+  local spends = {}
+  for i = 1, count do
+    local key, spec, amount
+    off, key, spec, amount = MP_READ(packed, 3, off)
+    spends[i] = { key, spec, amount }
+  end
+  return spends, off
+end
+
+-- The claims, groups and spends of a body that starts at `off` of `packed`, for a hold reserved
+-- at `start`. A budget claim is { 'b', base key, amount, spec, key in its window, window end };
+-- a value claim { 'u' or 'r', value key, 0, owner }.
+local function read_body(packed, off, start)
+  local n, g, v
+  off, n, g, v = MP_READ(packed, 3, off)
+  local claims = {}
+  for i = 1, n do
+    local kind, key, amount, other
+    off, kind, key, amount, other = MP_READ(packed, 4, off)
+    if kind ~= 'b' then
+      claims[i] = { kind, key, amount, other }
+    elseif other == '0' then
+      claims[i] = { kind, key, amount, other, key, false }
+    else
+      local suffix, ends = window(other, start)
+      claims[i] = { kind, key, amount, other, key .. suffix, ends }
+    end
+  end
+  local groups = NONE
+  if g > 0 then
+    groups = {}
+    for i = 1, g do off, groups[i] = MP_READ(packed, 1, off) end
+  end
+  return claims, groups, (read_spends(packed, off, v))
+end
+
+-- The record's claims, groups and spends (read only when needed; a tombstone has none).
 local function claims_of(r)
   if r.c then return r.c end
-  local body = string.sub(r.raw, 60)
-  if body == '' then
-    r.c, r.g, r.v = {}, {}, {}
-    return r.c
-  end
-  body = cmsgpack.unpack(body)
-  r.c, r.g, r.v = body[1], body[2], body[3]
-  for _, c in ipairs(r.c) do
-    if c[1] == 'b' then
-      if c[4] == '0' then
-        c.key = c[2]
-      else
-        c.key = c[2] .. window(c[4], tonumber(string.sub(r.raw, 47, 59)))
-      end
-    end
+  if #r.raw > BODY then
+    r.c, r.g, r.v = read_body(r.raw, BODY, r.start)
+  else
+    r.c, r.g, r.v = NONE, NONE, NONE
   end
   return r.c
 end
@@ -231,7 +293,7 @@ end
 -- reserve's (a reserve is answered by the phase alone from now on), so that the same call sent
 -- again (its answer was lost) is answered as it was.
 local function settled_by(r, phase, nonce)
-  return phase .. r.f .. nonce .. string.sub(r.raw, 34)
+  return phase .. r.f .. nonce .. string.sub(r.raw, 18)
 end
 
 -- Whether a record is a slot group's (its home decides for it).
@@ -251,25 +313,30 @@ end
 -- Bucket counts and whether a field holds one, without conversions.
 local COUNT = { ['0'] = 0, ['1'] = 1, ['2'] = 2, ['3'] = 3, ['4'] = 4 }
 
--- Reads budget `bkey` and the sums of the buckets ending at `ends` (bucket ends as text).
-local function load_budget(bkey, ends)
+-- Reads budget `bkey` (`windowed`: a window's, which has a `t`) and, with two buckets or more,
+-- the sums of the buckets ending at `ends` (bucket ends as text). The table is made with room
+-- for every field an operation may add, so that adding one never grows it.
+local function load_budget(bkey, windowed, ends)
   local v
-  if #ends == 0 then
+  if windowed then
     v = redis.call('HMGET', bkey, 'spent', 'held', 'n', 'c', 't')
-  elseif #ends == 1 then
-    v = redis.call('HMGET', bkey, 'spent', 'held', 'n', 'c', 't', 'x' .. ends[1])
   else
-    local fields = { 'spent', 'held', 'n', 'c', 't' }
-    for i, T in ipairs(ends) do fields[5 + i] = 'x' .. T end
-    v = redis.call('HMGET', bkey, unpack(fields))
+    v = redis.call('HMGET', bkey, 'spent', 'held', 'n', 'c')
   end
   local c = v[4] and (COUNT[v[4]] or tonumber(v[4])) or 0
   local b = {
     key = bkey, spent = v[1] and tonumber(v[1]) or 0, held = 0, n = v[3] or '', c = c,
-    t = v[5] and tonumber(v[5]) or 0, exists = v[1] or v[4], x = {},
+    t = v[5] and tonumber(v[5]) or 0, exists = v[1] or v[4], x = {}, changed = false,
+    spent_changed = false, set = false, del = false, z = false, expire = false,
+    window_ends = false,
   }
   if c > 0 then b.held = tonumber(v[2]) or 0 end
-  for i, T in ipairs(ends) do b.x[T] = v[5 + i] and tonumber(v[5 + i]) end
+  if c >= 2 and #ends > 0 then
+    local fields = {}
+    for i = 1, #ends do fields[i] = 'x' .. ends[i] end
+    local x = redis.call('HMGET', bkey, unpack(fields))
+    for i = 1, #ends do b.x[ends[i]] = x[i] and tonumber(x[i]) end
+  end
   return b
 end
 
@@ -473,7 +540,8 @@ end
 
 -- Writes what changed: the hash in one command (two when a bucket's field goes), the sorted set
 -- in one or two. A lifetime budget with nothing spent and nothing held is deleted: there is
--- nothing to remember. A key a write creates gets its expiry at once (windowed budgets).
+-- nothing to remember. A key a write creates gets its expiry at once (windowed budgets). `n` is
+-- written whatever the count: with no bucket it is never read.
 local function save_budget(b)
   if not b.changed then return end
   local zkey = b.key .. ':h'
@@ -497,18 +565,21 @@ local function save_budget(b)
     if b.exists then redis.call('DEL', b.key) end
     return
   end
-  local args = { 'held', num(b.held), 'c', count(b.c) }
-  if b.c > 0 then args[5], args[6] = 'n', b.n end
-  if b.spent_changed or not b.exists then
-    args[#args + 1], args[#args + 2] = 'spent', num(b.spent)
-  end
+  local held, c, spent = num(b.held), count(b.c), nil
+  if b.spent_changed or not b.exists then spent = num(b.spent) end
   if b.set then
+    local args = { 'held', held, 'c', c, 'n', b.n }
+    if spent then args[7], args[8] = 'spent', spent end
     for field, value in pairs(b.set) do
       args[#args + 1] = field
       args[#args + 1] = value
     end
+    redis.call('HSET', b.key, unpack(args))
+  elseif spent then
+    redis.call('HSET', b.key, 'held', held, 'c', c, 'n', b.n, 'spent', spent)
+  else
+    redis.call('HSET', b.key, 'held', held, 'c', c, 'n', b.n)
   end
-  redis.call('HSET', b.key, unpack(args))
   if b.del then
     local dels = {}
     for field in pairs(b.del) do dels[#dels + 1] = field end

@@ -1,8 +1,8 @@
 -- Operations on holds: reserve, check, settle, extend, and, for a reservation across slots on a
 -- Cluster, mark (its other groups are held) and forget (give back what one call held).
--- Each takes its operation (an array, decoded from MessagePack), the batch's `now` and its text,
--- and answers an array. A claim to check is { 'b', budget base key, amount, limit, window spec }
--- or { 'u' or 'r', value key, owner }.
+-- Each takes the batch's `now` and its text, then its own fields (batch.lua reads them), and
+-- answers an array. Claims come as a record's body packs them (common.lua), with the limits of
+-- the budget claims apart: a record keeps no limit.
 --
 -- Each operation reads every key it may write before its first write, and each budget is
 -- written by its save alone (common.lua): an operation refused half-way, or whose keys this node
@@ -10,6 +10,19 @@
 
 -- What a settled record answers, by phase.
 local WHY = { C = 'committed', R = 'released', T = 'released', X = 'expired' }
+
+-- Answers that need no table of their own.
+local OK = { 'OK' }
+local OK_APPLIED = { 'OK', 'applied', NONE }
+local OK_REPLAYED = { 'OK', 'replayed', NONE }
+local OK_TOMBSTONED = { 'OK', 'tombstoned', NONE }
+local UNKNOWN = { 'E', 'unknown' }
+local UNKNOWN_NONE = { 'E', 'unknown', NONE }
+local IN_FLIGHT = { 'E', 'in_flight' }
+local IN_FLIGHT_NONE = { 'E', 'in_flight', NONE }
+local EXPIRED = { 'E', 'expired' }
+local RELEASED = { 'E', 'released' }
+local CONFLICT = { 'E', 'conflict' }
 
 -- The answer to a retry of a record that is settled: with its memo, if its settler left one.
 local function refuse(key, r)
@@ -27,49 +40,51 @@ local function stands_for_nothing(r, nonce)
   return r.s == 'F' or (r.s == 'T' and r.nonce ~= ZEROS and r.nonce ~= nonce)
 end
 
--- Reads and checks every claim, writing nothing. Answers the budgets and values to hold them
--- (state.budgets by claim index), or a denial naming the first claim that failed.
-local function check_claims(id, claims, e, now, now_text)
-  local state = { budgets = {}, remaining = {} }
+-- Reads and checks every claim (`limits`: each budget claim's limit, by claim index), writing
+-- nothing. Answers the budgets to hold them in (by claim index) and what each claim has left
+-- once held (-1: not a budget), or a denial naming the first claim that failed.
+local function check_claims(id, claims, limits, e, now, now_text)
+  local budgets, left = {}, {}
   local T = bucket(e)
-  for i, c in ipairs(claims) do
+  for i = 1, #claims do
+    local c = claims[i]
     if c[1] == 'b' then
-      local suffix, ends = window(c[5], now)
-      local b = load_budget(c[2] .. suffix, { T })
+      local b = load_budget(c[5], c[6], { T })
       expire(b, now, now_text)
-      local left = remaining(b, c[4])
-      if c[3] > left then return nil, { 'D', i, 'budget', left } end
+      local room = remaining(b, limits[i])
+      if c[3] > room then return nil, nil, { 'D', i, 'budget', room } end
       -- A second bucket creates the sorted set: read it first (see the top of this file).
       if b.c == 1 and b.n ~= T then redis.call('EXISTS', b.key .. ':h') end
-      b.window_ends = ends
-      state.budgets[i] = b
-      state.remaining[i] = left - c[3]
+      b.window_ends = c[6]
+      budgets[i] = b
+      left[i] = room - c[3]
     else
       local v = redis.call('MGET', c[2], c[2] .. ':p')
       local owner, pending = v[1], v[2]
       if c[1] == 'u' then
-        if owner and owner ~= c[3] then return nil, { 'D', i, 'taken', 0 } end
-      elseif owner ~= c[3] then
-        return nil, { 'D', i, 'not_owner', 0 }
+        if owner and owner ~= c[4] then return nil, nil, { 'D', i, 'taken', 0 } end
+      elseif owner ~= c[4] then
+        return nil, nil, { 'D', i, 'not_owner', 0 }
       end
       -- One hold at a time has a value in flight, whatever it claims of it.
-      if pending and pending ~= id then return nil, { 'D', i, 'taken', 0 } end
-      state.remaining[i] = -1
+      if pending and pending ~= id then return nil, nil, { 'D', i, 'taken', 0 } end
+      left[i] = -1
     end
   end
-  return state, nil
+  return budgets, left, nil
 end
 
 -- The answer to a retry of a live hold: the same hold, with what the retry's own budget claims
 -- have left now (a retry may work out other claims than its first attempt: with a payload, the
 -- payload identifies the reservation).
-local function replay(r, nonce, claims, now, now_text)
+local function replay(r, nonce, claims, limits, now, now_text)
   local out = { 'G', r.e, (r.nonce == nonce) and 0 or 1 }
-  for i, c in ipairs(claims) do
+  for i = 1, #claims do
+    local c = claims[i]
     if c[1] == 'b' then
-      local b = load_budget(c[2] .. window(c[5], now), {})
+      local b = load_budget(c[5], c[6], {})
       expire(b, now, now_text)
-      out[3 + i] = remaining(b, c[4])
+      out[3 + i] = remaining(b, limits[i])
     else
       out[3 + i] = -1
     end
@@ -77,27 +92,44 @@ local function replay(r, nonce, claims, now, now_text)
   return out
 end
 
+-- The limits of a reserve's claims, as the client packed them.
+local function read_limits(packed)
+  if packed == '' then return NONE end
+  return { MP_UNPACK(packed) }
+end
+
+-- The actual amounts a commit carries, as the client packed them: a count, then base key, spec,
+-- amount each (nil: none).
+local function read_actuals(packed)
+  if not packed then return NONE end
+  local off, count = MP_READ(packed, 1, 0)
+  return (read_spends(packed, off, count))
+end
+
 -- Reads what settling a hold's claims needs: each budget with the hold taken out of it (and,
 -- committing, what it spends added), each value with its owner and in-flight marker. Writes
 -- nothing; `write_settled` writes it.
 local function read_settled(r, commit, actuals, now, now_text)
   local T = bucket(r.e)
+  local claims = claims_of(r)
   local plan = {}
-  for _, c in ipairs(claims_of(r)) do
+  for i = 1, #claims do
+    local c = claims[i]
     if c[1] == 'b' then
-      local b = load_budget(c.key, { T })
+      local b = load_budget(c[5], c[6], { T })
       expire(b, now, now_text)
       if take_out(b, T, c[3], now_text) and commit then
         local actual = nil
-        for _, a in ipairs(actuals) do
+        for j = 1, #actuals do
+          local a = actuals[j]
           if a[1] == c[2] and a[2] == c[4] then actual = a[3] end
         end
         spend(b, math.min(actual or c[3], c[3]))
       end
-      plan[#plan + 1] = { b = b }
+      plan[i] = { b = b }
     else
       local v = redis.call('MGET', c[2], c[2] .. ':p')
-      plan[#plan + 1] = { c = c, owner = v[1], pending = v[2] }
+      plan[i] = { c = c, owner = v[1], pending = v[2] }
     end
   end
   return plan
@@ -107,18 +139,19 @@ end
 -- (again, for an owner that claimed what it owned, even if an operator removed it meanwhile)
 -- and release-on-commit values are freed; either way the hold's in-flight markers go.
 local function write_settled(plan, id, commit)
-  for _, p in ipairs(plan) do
+  for i = 1, #plan do
+    local p = plan[i]
     if p.b then
       save_budget(p.b)
     elseif p.pending == id then
       local c = p.c
       if commit and c[1] == 'u' then
-        redis.call('SET', c[2], c[3])
-      elseif commit and p.owner == c[3] then
+        redis.call('SET', c[2], c[4])
+      elseif commit and p.owner == c[4] then
         redis.call('DEL', c[2])
       end
       redis.call('DEL', c[2] .. ':p')
-    elseif commit and p.c[1] == 'r' and p.owner == p.c[3] then
+    elseif commit and p.c[1] == 'r' and p.owner == p.c[4] then
       redis.call('DEL', p.c[2])
     end
   end
@@ -126,40 +159,45 @@ end
 
 -- Gives back whatever a hold still holds.
 local function undo(r, id, now, now_text)
-  write_settled(read_settled(r, false, {}, now, now_text), id, false)
+  write_settled(read_settled(r, false, NONE, now, now_text), id, false)
 end
 
--- Op 1. { 1, record, id, lease, fingerprint and nonce (32 hex), mode, claims, body }
--- mode 'hH': the id's own record (a hold on one node, or a Cluster home); 'hP': a Cluster home
--- with groups, which starts in phase P until marked; 'gH': another slot group of a Cluster
--- reservation. `body` is the record's body (see common.lua).
+-- The kind of record and the phase a reserve writes, by mode: 1, the id's own record (a hold on
+-- one node, or a Cluster home); 2, a Cluster home with groups, which starts in phase P until
+-- marked; 3, another slot group of a Cluster reservation.
+local MODES = { { 'h', 'H' }, { 'h', 'P' }, { 'g', 'H' } }
+
+-- Op 1: record, id, lease, fingerprint and nonce (8 bytes each), mode, limits, body
+-- `limits`: the budget claims' limits, a MessagePack sequence by claim index (0 for a value);
+-- `body`: the record's body (see common.lua).
 -- Answers { 'G', lease end, replayed, remaining per claim (-1: not a budget) }
 --       | { 'D', claim index (from 1), 'budget' | 'taken' | 'not_owner', remaining }
 --       | { 'E', 'conflict' | 'expired' | 'committed' | 'released' | 'in_flight', memo? }
-local function reserve(op, now, now_text)
-  local key, id, lease, fpnonce, mode, claims, body = op[2], op[3], op[4], op[5], op[6], op[7], op[8]
-  local fp, nonce = string.sub(fpnonce, 1, 16), string.sub(fpnonce, 17)
+local function reserve(now, now_text, key, id, lease, fpnonce, mode, limits, body)
   local e = now + lease
-  local e_text = num(e)
-  if #e_text ~= 13 or #now_text ~= 13 then
+  if now < 1e12 or e >= 1e13 then
+    -- Bucket ends are compared as 13-digit text.
     return { 'X', 'the server clock is outside the years 2001 to 2286' }
   end
-  mode = string.sub(mode, 1, 1)
+  local kind, phase = MODES[mode][1], MODES[mode][2]
+  limits = read_limits(limits)
+  local claims = read_body(body, 0, now)
   local old = redis.call('GET', key)
   if old then
     local r = parse(old)
+    local fp, nonce = string.sub(fpnonce, 1, 8), string.sub(fpnonce, 9)
     if stands_for_nothing(r, nonce) then
       -- Replaced below.
     elseif r.s == 'T' then
       -- A tombstone refuses the id's own record, and a group's only the call it was left for.
-      if mode == 'h' or r.nonce == nonce then return { 'E', 'released' } end
-    elseif mode == 'h' or (r.nonce == nonce and now < r.e) then
-      if r.f ~= fp then return { 'E', 'conflict' } end
+      if kind == 'h' or r.nonce == nonce then return RELEASED end
+    elseif kind == 'h' or (r.nonce == nonce and now < r.e) then
+      if r.f ~= fp then return CONFLICT end
       if r.s == 'H' or r.s == 'P' then
-        if now >= r.e then return { 'E', 'expired' } end
+        if now >= r.e then return EXPIRED end
         -- Another attempt is still reserving this reservation's other groups.
-        if r.s == 'P' and r.nonce ~= nonce then return { 'E', 'in_flight' } end
-        return replay(r, nonce, claims, now, now_text)
+        if r.s == 'P' and r.nonce ~= nonce then return IN_FLIGHT end
+        return replay(r, nonce, claims, limits, now, now_text)
       end
       return refuse(key, r)
     end
@@ -167,49 +205,45 @@ local function reserve(op, now, now_text)
     -- replaces it.
   end
 
-  local state, denial = check_claims(id, claims, e, now, now_text)
+  local budgets, left, denial = check_claims(id, claims, limits, e, now, now_text)
   if denial then return denial end
   local T = bucket(e)
-  for i, c in ipairs(claims) do
-    local b = state.budgets[i]
+  for i = 1, #claims do
+    local b = budgets[i]
     if b then
-      hold_in(b, T, c[3])
+      hold_in(b, T, claims[i][3])
       if b.window_ends then keep_until(b, math.max(b.window_ends, e) + WINDOW_GRACE_MS) end
       save_budget(b)
     else
-      redis.call('SET', c[2] .. ':p', id, 'PX', num(lease))
+      redis.call('SET', claims[i][2] .. ':p', id, 'PX', num(lease))
     end
   end
-  redis.call('SET', key, string.sub(op[6], 2) .. fpnonce .. e_text .. now_text .. body,
-    'PX', num(lease + RETAIN))
-  local out = { 'G', e, 0 }
-  for i, x in ipairs(state.remaining) do out[3 + i] = x end
-  return out
+  redis.call('SET', key, phase .. fpnonce .. times(e, now) .. body, 'PX', num(lease + RETAIN))
+  return { 'G', e, 0, unpack(left) }
 end
 
--- Op 9. { 9, record, id, lease, fingerprint, claims }: what reserve would answer now, holding
--- nothing.
-local function check(op, now, now_text)
-  local key, id, lease, fp, claims = op[2], op[3], op[4], op[5], op[6]
+-- Op 9: record, id, lease, fingerprint (8 bytes), limits, body: what reserve would answer now,
+-- holding nothing.
+local function check(now, now_text, key, id, lease, fp, limits, body)
+  limits = read_limits(limits)
+  local claims = read_body(body, 0, now)
   -- A slot group's record is its home's to answer for: only its claims are checked here.
   local old = not is_group(key) and redis.call('GET', key)
   if old then
     local r = parse(old)
     if not stands_for_nothing(r, '') then
-      if r.s == 'T' then return { 'E', 'released' } end
-      if r.f ~= fp then return { 'E', 'conflict' } end
+      if r.s == 'T' then return RELEASED end
+      if r.f ~= fp then return CONFLICT end
       if r.s == 'H' or r.s == 'P' then
-        if now >= r.e then return { 'E', 'expired' } end
-        return replay(r, '', claims, now, now_text)
+        if now >= r.e then return EXPIRED end
+        return replay(r, '', claims, limits, now, now_text)
       end
       return refuse(key, r)
     end
   end
-  local state, denial = check_claims(id, claims, now + lease, now, now_text)
+  local _, left, denial = check_claims(id, claims, limits, now + lease, now, now_text)
   if denial then return denial end
-  local out = { 'G', now + lease, 0 }
-  for i, x in ipairs(state.remaining) do out[3 + i] = x end
-  return out
+  return { 'G', now + lease, 0, unpack(left) }
 end
 
 -- Keeps `key` at least `keep` ms from now; answers false when it does not exist.
@@ -220,47 +254,46 @@ local function keep_at_least(key, keep)
   return true
 end
 
--- Op 2. { 2, record, id, how, keep ms (0: forget), memo ('' for none),
---         actuals { { budget base key, window spec, amount } }, call nonce (16 hex) }
--- how: 'c' commit or 'r' release; then '1' strict or '0': strict, actual amounts must each name
--- a budget of this hold (a whole hold, or a Cluster home, which checks them against every
--- group's), else a group applies those that name its own budgets; then, for a Cluster home's
--- commit, '1' when its groups were made sure to outlive the commit (see cluster.rs), 'x' when
--- one of them has ended (the commit expires), 'f' when every group has followed a settlement
--- that forgets (the home, kept for them, goes now), else '0'.
+-- Op 2: record, id, commit (boolean), strict (boolean), prepared, keep ms (0: forget), memo (nil
+-- for none), actuals (nil for none; else a count, then base key, window spec, amount each, a
+-- MessagePack sequence), call nonce (8 bytes)
+-- strict: actual amounts must each name a budget of this hold (a whole hold, or a Cluster home,
+-- which checks them against every group's), else a group applies those that name its own
+-- budgets. prepared, for a Cluster home's commit: '1' when its groups were made sure to outlive
+-- the commit (see cluster.rs), 'x' when one of them has ended (the commit expires), 'f' when
+-- every group has followed a settlement that forgets (the home, kept for them, goes now), else
+-- '0'.
 -- Answers { 'OK', 'applied' | 'replayed' | 'tombstoned', groups }
 --       | { 'E', 'unknown' | 'committed' | 'released' | 'expired' | 'in_flight' | 'exceeds'
 --              | 'not_held' | 'prepare', groups, memo? }
 -- 'prepare': a commit of a home with groups that were not made sure of: nothing changed.
-local function settle(op, now, now_text)
-  local key, id, how, keep, memo, actuals, nonce = op[2], op[3], op[4], op[5], op[6], op[7], op[8]
-  local commit = string.sub(how, 1, 1) == 'c'
-  local strict, prepared = string.sub(how, 2, 2) == '1', string.sub(how, 3, 3)
-  if memo == '' then memo = nil end
-  local mkey = memo_key(key)
+local function settle(now, now_text, key, id, commit, strict, prepared, keep, memo, actuals, nonce)
   local raw = redis.call('GET', key)
   local r = raw and parse(raw)
   if prepared == 'f' then
     -- Forgotten as a whole hold is: for ANSWER_MS its settling call is still answered.
     if r and (r.s == 'C' or r.s == 'R' or r.s == 'X') then
+      local mkey = memo_key(key)
       redis.call('SET', key, forgotten(r.nonce, false), 'PX', num(ANSWER_MS))
       if mkey then redis.call('DEL', mkey) end
     end
-    return { 'OK', 'applied', {} }
+    return OK_APPLIED
   end
   -- The same call sent again (its answer was lost) is answered as it was.
-  if r and r.s == 'F' and r.nonce == nonce then return { 'OK', forgot_with(r), {} } end
-  if r and r.s == 'T' and r.f == nonce then return { 'OK', 'tombstoned', {} } end
+  if r and r.s == 'F' and r.nonce == nonce then
+    return forgot_with(r) == 'replayed' and OK_REPLAYED or OK_APPLIED
+  end
+  if r and r.s == 'T' and r.f == nonce then return OK_TOMBSTONED end
   -- What a forgotten hold or a lost reserve call left is nothing to anyone else.
   if r and stands_for_nothing(r, '') then r = nil end
   if not r then
-    if commit then return { 'E', 'unknown', {} } end
+    if commit then return UNKNOWN_NONE end
     -- Released before reserved: the tombstone refuses the late reserve (and is always kept).
     redis.call('SET', key, tombstone(nonce), 'PX', num(math.max(keep, RETAIN)))
-    return { 'OK', 'tombstoned', {} }
+    return OK_TOMBSTONED
   end
   if r.s ~= 'H' then
-    if r.s == 'P' then return { 'E', 'in_flight', {} } end
+    if r.s == 'P' then return IN_FLIGHT_NONE end
     local same = (commit and r.s == 'C') or (not commit and r.s ~= 'C')
     if not same then return { 'E', WHY[r.s], groups_of(r) } end
     -- The same call sent again (its answer was lost) is answered as it was.
@@ -269,6 +302,7 @@ local function settle(op, now, now_text)
       -- Settled the same way before. A retry that forgets drops the record (a home with groups
       -- once they have followed, as below); one that keeps it keeps it (and its memo, or this
       -- one if none was kept) at least as long as it asks.
+      local mkey = memo_key(key)
       if keep == 0 and #groups_of(r) > 0 then keep = RETAIN end
       if keep == 0 then
         redis.call('SET', key, forgotten(nonce, true), 'PX', num(ANSWER_MS))
@@ -297,16 +331,20 @@ local function settle(op, now, now_text)
     return { 'E', 'expired', groups }
   end
   if commit and now >= r.e then return expire_now() end
+  actuals = read_actuals(actuals)
   if commit and strict then
     -- Every actual amount is checked before anything changes (a Cluster home's groups too):
     -- against this record's claims, and a Cluster home's list of every group's budget claims.
-    local claims = claims_of(r)
-    for _, a in ipairs(actuals) do
+    local claims, spends = r.c, r.v
+    for i = 1, #actuals do
+      local a = actuals[i]
       local held = nil
-      for _, c in ipairs(claims) do
+      for j = 1, #claims do
+        local c = claims[j]
         if c[1] == 'b' and a[1] == c[2] and a[2] == c[4] then held = c[3] end
       end
-      for _, v in ipairs(r.v or {}) do
+      for j = 1, #spends do
+        local v = spends[j]
         if v[1] == a[1] and v[2] == a[2] then held = v[3] end
       end
       if not held or a[3] > held then return { 'E', held and 'exceeds' or 'not_held', groups } end
@@ -315,39 +353,40 @@ local function settle(op, now, now_text)
   if commit and #groups > 0 and prepared == '0' then return { 'E', 'prepare', groups } end
   if commit and prepared == 'x' then return expire_now() end
   local plan = read_settled(r, commit, actuals, now, now_text)
-  local kept_memo = keep > 0 and memo and mkey
-  if kept_memo then redis.call('EXISTS', mkey) end
+  local mkey = keep > 0 and memo and memo_key(key)
+  if mkey then redis.call('EXISTS', mkey) end
   -- Writes, every key read above.
   write_settled(plan, id, commit)
   if keep == 0 then
     redis.call('SET', key, forgotten(nonce, false), 'PX', num(ANSWER_MS))
   else
     redis.call('SET', key, settled_by(r, commit and 'C' or 'R', nonce), 'PX', num(keep))
-    if kept_memo then redis.call('SET', mkey, memo, 'PX', num(keep)) end
+    if mkey then redis.call('SET', mkey, memo, 'PX', num(keep)) end
   end
+  if groups == NONE then return OK_APPLIED end
   return { 'OK', 'applied', groups }
 end
 
--- Op 3. { 3, record, id, lease, at least ('1') or exactly ('0') }: renews a live hold's lease to
--- `lease` from now (at least: never shortened, for a slot group, whose lease must outlast its
--- home's).
+-- Op 3: record, id, lease, at least (boolean): renews a live hold's lease to `lease` from now (at
+-- least: never shortened, for a slot group, whose lease must outlast its home's).
 -- Answers { 'OK', new lease end, groups } | { 'E', why }
-local function extend(op, now, now_text)
-  local key, id, lease, at_least = op[2], op[3], op[4], op[5] == '1'
+local function extend(now, now_text, key, id, lease, at_least)
   local raw = redis.call('GET', key)
-  if not raw then return { 'E', 'unknown' } end
+  if not raw then return UNKNOWN end
   local r = parse(raw)
-  if stands_for_nothing(r, '') then return { 'E', 'unknown' } end
-  if r.s == 'P' then return { 'E', 'in_flight' } end
+  if stands_for_nothing(r, '') then return UNKNOWN end
+  if r.s == 'P' then return IN_FLIGHT end
   if r.s ~= 'H' then return refuse(key, r) end
-  if now >= r.e then return { 'E', 'expired' } end
+  if now >= r.e then return EXPIRED end
   local e = now + lease
   if at_least and e <= r.e then return { 'OK', r.e, groups_of(r) } end
   local old_T, new_T = bucket(r.e), bucket(e)
   local budgets, values = {}, {}
-  for _, c in ipairs(claims_of(r)) do
+  local claims = claims_of(r)
+  for i = 1, #claims do
+    local c = claims[i]
     if c[1] == 'b' then
-      local b = load_budget(c.key, { old_T, new_T })
+      local b = load_budget(c[5], c[6], { old_T, new_T })
       expire(b, now, now_text)
       if take_out(b, old_T, c[3], now_text) then
         if b.c == 1 and b.n ~= new_T then redis.call('EXISTS', b.key .. ':h') end
@@ -359,38 +398,36 @@ local function extend(op, now, now_text)
       values[#values + 1] = c[2] .. ':p'
     end
   end
-  for _, b in ipairs(budgets) do save_budget(b) end
-  for _, pkey in ipairs(values) do redis.call('PEXPIRE', pkey, num(lease)) end
-  local rest = string.sub(raw, 47)
-  redis.call('SET', key, record('H', r.f, r.nonce, num(e), '', rest), 'PX', num(lease + RETAIN))
-  return { 'OK', e, r.g or {} }
+  for i = 1, #budgets do save_budget(budgets[i]) end
+  for i = 1, #values do redis.call('PEXPIRE', values[i], num(lease)) end
+  redis.call('SET', key, 'H' .. r.f .. r.nonce .. PACK('>I6', e) .. string.sub(raw, 24),
+    'PX', num(lease + RETAIN))
+  return { 'OK', e, r.g }
 end
 
--- Op 4. { 4, record, nonce }: a Cluster home whose groups are all held is held too.
-local function mark(op, now)
-  local key, nonce = op[2], op[3]
+-- Op 4: record, nonce: a Cluster home whose groups are all held is held too.
+local function mark(now, now_text, key, nonce)
   local raw = redis.call('GET', key)
-  if not raw then return { 'E', 'unknown' } end
+  if not raw then return UNKNOWN end
   local r = parse(raw)
   if r.s ~= 'P' or r.nonce ~= nonce then return { 'E', 'not_pending' } end
   redis.call('SET', key, with_phase(r, 'H'), 'KEEPTTL')
-  return { 'OK' }
+  return OK
 end
 
--- Op 5. { 5, record, id, nonce }: gives back what one reserve call held under `record` (a call
--- denied elsewhere, or whose answer was lost), and leaves a tombstone that refuses that call,
--- should it still arrive. Another call's record is left alone.
-local function forget(op, now, now_text)
-  local key, id, nonce = op[2], op[3], op[4]
+-- Op 5: record, id, nonce: gives back what one reserve call held under `record` (a call denied
+-- elsewhere, or whose answer was lost), and leaves a tombstone that refuses that call, should it
+-- still arrive. Another call's record is left alone.
+local function forget(now, now_text, key, id, nonce)
   local raw = redis.call('GET', key)
   if raw then
     local r = parse(raw)
     if r.nonce ~= nonce or not (r.s == 'H' or r.s == 'P') then
-      if not stands_for_nothing(r, nonce) then return { 'OK' } end
+      if not stands_for_nothing(r, nonce) then return OK end
     else
       undo(r, id, now, now_text)
     end
   end
   redis.call('SET', key, tombstone_for(nonce), 'PX', num(RETAIN))
-  return { 'OK' }
+  return OK
 end

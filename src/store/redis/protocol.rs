@@ -1,5 +1,6 @@
-//! The wire between the store and `lua/batch.lua`: each operation is one MessagePack array,
-//! written in the caller's task; a batch is the array of its operations; the answer is the array
+//! The wire between the store and `lua/batch.lua`: each operation is a MessagePack sequence (its
+//! code, then its fields; no array, which the script would have to build a table for), written
+//! in the caller's task; a batch is its operations one after the other; the answer is the array
 //! of their answers, each handed back to its caller as a slice of the one reply.
 
 use bytes::Bytes;
@@ -10,7 +11,7 @@ use crate::{Error, ErrorKind};
 /// One operation for the script, with what routes it.
 #[derive(Debug, Clone)]
 pub(crate) struct Op {
-    /// The operation, as one MessagePack value.
+    /// The operation: its code and fields, MessagePack values one after the other.
     pub(crate) bytes: Vec<u8>,
     /// The first key it touches: on a Cluster, the batch is routed by its first operation's.
     pub(crate) key: String,
@@ -24,24 +25,25 @@ pub(crate) struct Op {
 pub(crate) struct Writer(Vec<u8>);
 
 impl Writer {
-    /// An operation of `items` values, the first its code.
-    pub(crate) fn op(code: u8, items: u32) -> Self {
+    /// An operation: its code, then (written next) as many fields as `ARITY` in `batch.lua`
+    /// gives it.
+    pub(crate) fn op(code: u8) -> Self {
         let mut w = Writer(Vec::with_capacity(128));
-        w.array(items).uint(u64::from(code));
+        w.uint(u64::from(code));
         w
     }
 
-    /// A value of its own (an array of `items`), to be embedded as bytes.
-    pub(crate) fn value(items: u32) -> Self {
-        let mut w = Writer(Vec::with_capacity(64));
-        w.array(items);
-        w
+    /// A sequence of values of its own, to be embedded as bytes.
+    pub(crate) fn sequence() -> Self {
+        Writer(Vec::with_capacity(64))
     }
 
     pub(crate) fn into_bytes(self) -> Vec<u8> {
         self.0
     }
 
+    /// An array header (answers are arrays; operations are not).
+    #[cfg(test)]
     pub(crate) fn array(&mut self, len: u32) -> &mut Self {
         rmp::encode::write_array_len(&mut self.0, len).expect("writing to a Vec");
         self
@@ -63,6 +65,22 @@ impl Writer {
     pub(crate) fn uint(&mut self, n: u64) -> &mut Self {
         rmp::encode::write_uint(&mut self.0, n).expect("writing to a Vec");
         self
+    }
+
+    pub(crate) fn bool(&mut self, b: bool) -> &mut Self {
+        rmp::encode::write_bool(&mut self.0, b).expect("writing to a Vec");
+        self
+    }
+
+    /// Bytes, or nil for none.
+    pub(crate) fn bytes_or_nil(&mut self, b: Option<&[u8]>) -> &mut Self {
+        match b {
+            Some(b) => self.bytes(b),
+            None => {
+                rmp::encode::write_nil(&mut self.0).expect("writing to a Vec");
+                self
+            }
+        }
     }
 
     pub(crate) fn done(self, key: String, work: usize) -> Op {
@@ -89,12 +107,22 @@ fn hash_tag(key: &str) -> &[u8] {
 /// array of one 1-byte string), as `batch.lua` answers it.
 pub(crate) const MOVED: &[u8] = &[0x91, 0xa1, b'M'];
 
-/// A whole batch: the array of its operations.
+/// A whole batch: its operations one after the other.
 pub(crate) fn batch<'a>(ops: impl ExactSizeIterator<Item = &'a [u8]>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + ops.len() * 96);
-    rmp::encode::write_array_len(&mut out, ops.len() as u32).expect("writing to a Vec");
+    let mut out = Vec::with_capacity(ops.len() * 128);
     for op in ops {
         out.extend_from_slice(op);
+    }
+    out
+}
+
+/// The answer of a batch of `n` operations that its node turned away: each "moved", as the
+/// script answers one whose keys its node does not serve.
+pub(crate) fn all_moved(n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + n * MOVED.len());
+    rmp::encode::write_array_len(&mut out, n as u32).expect("writing to a Vec");
+    for _ in 0..n {
+        out.extend_from_slice(MOVED);
     }
     out
 }
@@ -201,12 +229,12 @@ mod tests {
     fn a_batch_splits_into_its_answers() {
         let mut reply = Vec::new();
         rmp::encode::write_array_len(&mut reply, 3).unwrap();
-        let mut a = Writer::op(1, 3);
-        a.str("G").uint(12);
-        let mut b = Writer::op(2, 2);
-        b.str("OK");
-        let mut c = Writer::op(3, 3);
-        c.array(2).str("x").bytes(b"\x00\xff");
+        let mut a = Writer::sequence();
+        a.array(3).uint(1).str("G").uint(12);
+        let mut b = Writer::sequence();
+        b.array(2).uint(2).str("OK");
+        let mut c = Writer::sequence();
+        c.array(3).uint(3).array(2).str("x").bytes(b"\x00\xff");
         c.uint(u64::MAX);
         for w in [&a, &b, &c] {
             reply.extend_from_slice(&w.0);
@@ -224,15 +252,21 @@ mod tests {
 
     #[test]
     fn the_moved_answer_is_what_the_function_answers_for_a_key_elsewhere() {
-        let mut w = Writer::value(1);
-        w.str("M");
+        let mut w = Writer::sequence();
+        w.array(1).str("M");
         assert_eq!(&w.0[..], MOVED);
         assert!(super::super::ops::is_moved(MOVED));
+        let moved = split(Bytes::from(all_moved(3)), 3).unwrap();
+        assert!(
+            moved
+                .iter()
+                .all(|answer| super::super::ops::is_moved(answer))
+        );
     }
 
     #[test]
     fn ops_are_routed_by_their_first_key() {
-        let op = Writer::op(6, 1).done("p:b:{customer-42}".into(), 1);
+        let op = Writer::op(6).done("p:b:{customer-42}".into(), 1);
         assert_eq!(op.slot, crate::claim::slot_of(b"customer-42"));
     }
 }
