@@ -410,6 +410,8 @@ fn rb_reserve_op(out: &mut Vec<u8>, budget_key: &str) {
     out.extend_from_slice(&limits);
     write_str_len(out, body.len() as u32).unwrap();
     out.extend_from_slice(&body);
+    // Every operation is ten values: the two fields a reserve does not have are nil.
+    out.extend_from_slice(&[0xc0, 0xc0]);
 }
 
 /// A batch of `n` reserves, as the store's worker sends it: its operations one after the other.

@@ -5,8 +5,8 @@
 -- (ms; read by a test library only); the answer is the MessagePack array of their answers, in
 -- order. One TIME for the whole batch.
 --
--- The operations are one MessagePack sequence, not an array: each is its code, then as many
--- values as that code has fields (ARITY), read in one call and handed to the operation as its
+-- The operations are one MessagePack sequence, not an array: each is OP_VALUES values, its code
+-- then its fields (nil past the last), read in one call and handed to the operation as its
 -- arguments, so that no table is built to hold them.
 --
 -- It is a Redis Function, not a script: the library (everything above) is run once, when it is
@@ -18,7 +18,7 @@
 -- before it writes anything, and is answered { 'M' } to be sent again where it belongs.
 
 local OPS = { reserve, settle, extend, mark, forget, budget, set_spent, refund, check, owner, remove }
-local ARITY = { 7, 9, 4, 2, 3, 2, 4, 7, 6, 1, 2 }
+local OP_VALUES = 10
 
 -- The answers that are the same every time, packed once.
 local CONSTANT = { OK, OK_APPLIED, OK_REPLAYED, OK_TOMBSTONED, UNKNOWN, UNKNOWN_NONE, IN_FLIGHT,
@@ -40,8 +40,8 @@ end
 
 -- Runs operation `code` on its fields; answers where the next operation starts and the answer,
 -- packed.
-local function run_one(code, now, now_text, next_op, ...)
-  local ok, answer = pcall(OPS[code], now, now_text, ...)
+local function run_one(now, next_op, code, ...)
+  local ok, answer = pcall(OPS[code], now, ...)
   if ok then return next_op, packed(answer) end
   return next_op, MP_PACK(failed(type(answer) == 'table' and answer.err or tostring(answer)))
 end
@@ -56,12 +56,10 @@ local function run(keys, args)
   ANSWER_MS = tonumber(args[3])
   if TEST_CLOCK then SHIFT = tonumber(args[4]) end
   local ops = args[1]
-  local now, now_text = now_ms()
+  local now = now_ms()
   local out, at = {}, 0
   while at ~= -1 do
-    local code
-    at, code = MP_READ(ops, 1, at)
-    at, out[#out + 1] = run_one(code, now, now_text, MP_READ(ops, ARITY[code], at))
+    at, out[#out + 1] = run_one(now, MP_READ(ops, OP_VALUES, at))
   end
   local head = #out < 16 and PACK('B', 0x90 + #out) or PACK('>BH', 0xdc, #out)
   return head .. table.concat(out)

@@ -15,22 +15,21 @@ local function ran(key, nonce, answer)
 end
 
 -- Op 6: budget base key, window spec -> { spent, held, window end or -1 }
-local function budget(now, now_text, base, spec)
+local function budget(now, base, spec)
   local suffix, ends = window(spec, now)
-  local b = load_budget(base .. suffix, ends, {})
-  expire(b, now, now_text)
+  local b = load_budget(base .. suffix)
+  expire(b, now)
   return { b.spent, b.held, ends or -1 }
 end
 
 -- Op 7: budget base key, window spec, spent, call nonce (16 hex) -> { 'OK' }
-local function set_spent(now, now_text, base, spec, spent, nonce)
+local function set_spent(now, base, spec, spent, nonce)
   local suffix, ends = window(spec, now)
   local key = base .. suffix
   if ran_before(key, nonce) then return OK end
-  local b = load_budget(key, ends, {})
-  expire(b, now, now_text)
+  local b = load_budget(key)
+  expire(b, now)
   b.spent = spent
-  b.spent_changed = true
   b.changed = true
   if ends then keep_until(b, ends + WINDOW_GRACE_MS) end
   save_budget(b)
@@ -42,7 +41,7 @@ end
 -- The refund's record ('<p>:f:{budget}#<id>', beside the budget, whatever window the refund goes
 -- to) is kept `retain` ms, so that a retry counts once; its fingerprint covers the window spec.
 -- Answers { 'OK', 'applied' | 'replayed' } | { 'E', 'conflict' | 'exceeds_spent' | 'expired' | 'future' }
-local function refund(now, now_text, key, base, spec, at, amount, fp, retain)
+local function refund(now, key, base, spec, at, amount, fp, retain)
   if at == 0 then at = now end
   if at > now + 1000 then return { 'E', 'future' } end
   local done = redis.call('GET', key)
@@ -52,11 +51,10 @@ local function refund(now, now_text, key, base, spec, at, amount, fp, retain)
   end
   local suffix, ends = window(spec, at)
   if ends and ends <= now then return { 'E', 'expired' } end
-  local b = load_budget(base .. suffix, ends, {})
-  expire(b, now, now_text)
+  local b = load_budget(base .. suffix)
+  expire(b, now)
   if amount > b.spent then return { 'E', 'exceeds_spent' } end
   b.spent = b.spent - amount
-  b.spent_changed = true
   b.changed = true
   save_budget(b)
   redis.call('SET', key, fp, 'PX', num(retain))
@@ -64,7 +62,7 @@ local function refund(now, now_text, key, base, spec, at, amount, fp, retain)
 end
 
 -- Op 10: value key -> { owner } | {}: who owns a value (holds in flight are not ownership).
-local function owner(now, now_text, key)
+local function owner(now, key)
   local who = redis.call('GET', key)
   if who then return { who } end
   return {}
@@ -72,7 +70,7 @@ end
 
 -- Op 11: value key, call nonce (16 hex) -> { 1 } if it was owned, { 0 } if not: frees a value at
 -- once.
-local function remove(now, now_text, key, nonce)
+local function remove(now, key, nonce)
   local before = ran_before(key, nonce)
   if before then return { tonumber(before) } end
   local owned = redis.call('DEL', key)

@@ -4,13 +4,12 @@
 --
 -- Key layout (every key of one budget or one unique value shares one hash tag, so one slot):
 --   <p>:b:{<budget>}<window>     hash: the budget in one window (window '' for lifetime)
---       spent     spent amount
---       held      amount held by holds in flight
---       c         how many buckets of lease ends those holds fall in (100 ms each)
---       n         the earliest of those buckets' ends (ms)
+--       s         its state, packed (STATE): the spent amount; the amount held by holds in
+--                 flight; how many buckets of lease ends those holds fall in (100 ms each); the
+--                 earliest of those buckets' ends (ms); for a windowed budget, when the keys of
+--                 this window expire (ms)
 --       x<T>      with two buckets or more: the amount held by holds whose lease ends in the
---                 bucket that ends at T (with one bucket, that amount is `held`, its end `n`)
---       t         windowed budgets: when the keys of this window expire (ms)
+--                 bucket that ends at T (with one bucket, that amount is the held amount)
 --   <p>:b:{<budget>}<window>:h   sorted set of the bucket ends T, only with two buckets or more
 --   <p>:u:{<ns>:<digest>}        string: the owner of a unique value
 --   <p>:u:{<ns>:<digest>}:p      string: the hold that has the value in flight; expires with it
@@ -19,14 +18,14 @@
 --   <p>:m:{<tag>}<name>          string: what the hold's settler kept with it (a memo), if any
 --   <p>:f:{<budget>}#<id>        string: a refund's fingerprint, for as long as it is kept
 --
--- What a call costs Redis is its commands and every Lua value it makes: each string, table and
--- number-to-text conversion is an allocation (and garbage to collect), each call of a C function
--- (string.sub, tonumber, redis.call) costs as much as dozens of Lua operations. So an operation
--- runs as few commands as it can (a purchase: three to reserve and three to commit, after the
--- batch's one TIME), reads its fields without building a table for them (batch.lua), reads a
--- hold record's fixed head in one call, formats numbers once per batch where they repeat, and
--- leaves the rare paths (windows, many buckets, value claims, a Cluster's groups) to pay for
--- themselves.
+-- What a call costs Redis is its commands, their arguments and answers, and every Lua value it
+-- makes: each string and table is an allocation (and garbage to collect), each conversion of a
+-- number to text or back a C library call, and each call of a C function (string.sub, tonumber,
+-- redis.call) costs as much as dozens of Lua operations. So an operation runs as few commands
+-- as it can (a purchase: three to reserve and three to commit, after the batch's one TIME),
+-- reads its fields without building a table for them (batch.lua), reads a hold record's fixed
+-- head and a budget's state in one call each, with no number as text, and leaves the rare
+-- paths (windows, many buckets, value claims, a Cluster's groups) to pay for themselves.
 
 -- The C functions the operations call, bound when the first batch runs (a library's own code
 -- runs when it is loaded, where only the registering API is visible).
@@ -39,7 +38,7 @@ end
 
 -- Integers as text, for Redis: %d is exact to 2^63 (Lua's numbers are doubles, exact to 2^53,
 -- and amounts and limits are at most 2^53 - 1). Values are never negative; zero is '0', never
--- '-0'. Memoized for the batch (batch.lua starts each with an empty table): lease ends and bucket
+-- '-0'. Memoized for the batch (batch.lua starts each with an empty table): expiries and bucket
 -- ends repeat across its operations.
 local TEXT = {}
 local function num(x)
@@ -52,29 +51,16 @@ local function num(x)
   return text
 end
 
--- Small counts, without formatting.
-local COUNTS = { [0] = '0', '1', '2', '3', '4', '5', '6', '7', '8', '9' }
-local function count(c)
-  return COUNTS[c] or num(c)
-end
-
 -- Tests only: the library a store with a test clock loads says `true` here (connection.rs), and
 -- each of its calls carries how far that clock is ahead of the server's (batch.lua sets SHIFT).
 -- The store's own library has no way to be shifted.
 local TEST_CLOCK = false
 local SHIFT = 0
 
--- The store's clock in milliseconds: as a number, and as text made from TIME's own strings.
+-- The store's clock in milliseconds.
 local function now_ms()
   local t = redis.call('TIME')
-  local us = t[2]
-  if #us < 6 then us = string.rep('0', 6 - #us) .. us end
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(us) / 1000)
-  if SHIFT ~= 0 then
-    now = now + SHIFT
-    return now, string.format('%d', now)
-  end
-  return now, t[1] .. string.sub(us, 1, 3)
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + SHIFT
 end
 
 -- A time on the store's clock as the server's own, for PEXPIREAT.
@@ -136,11 +122,11 @@ local WINDOW_GRACE_MS = 60000
 -- its end has passed: an expired hold's capacity returns at most 100 ms after its lease.
 local BUCKET_MS = 100
 
--- The end of the bucket of lease end `e`, as text.
+-- The end of the bucket of lease end `e`.
 local function bucket(e)
   local past = e % BUCKET_MS
-  if past ~= 0 then e = e - past + BUCKET_MS end
-  return num(e)
+  if past == 0 then return e end
+  return e - past + BUCKET_MS
 end
 
 -- Hold records are bytes: a fixed head of 29, read in one call, then the claims as the client
@@ -244,13 +230,13 @@ end
 -- The claims, groups and spends of a body that starts at `off` of `packed`, for a hold reserved
 -- at `start`. A budget claim is { 'b', base key, amount, spec, key in its window, window end };
 -- a value claim { 'u' or 'r', value key, 0, owner }.
-local function read_body(packed, off, start)
-  local n, g, v
-  off, n, g, v = MP_READ(packed, 3, off)
+local function read_body(packed, from, start)
+  -- The counts and the first claim in one call; without a claim, the counts again.
+  local off, n, g, v, kind, key, amount, other = MP_READ(packed, 7, from)
+  if n == 0 then off = MP_READ(packed, 3, from) end
   local claims = {}
   for i = 1, n do
-    local kind, key, amount, other
-    off, kind, key, amount, other = MP_READ(packed, 4, off)
+    if i > 1 then off, kind, key, amount, other = MP_READ(packed, 4, off) end
     if kind ~= 'b' then
       claims[i] = { kind, key, amount, other }
     elseif other == '0' then
@@ -307,35 +293,28 @@ end
 -- check, a refused refund) leaves the budget exactly as it was: its state cannot be
 -- half-written. Operations read every key they touch before their first write, so that a key
 -- this node does not serve (a slot moving) fails the operation before it changed anything.
--- Times are compared as text where they can be: milliseconds since 1970 are 13 digits until the
--- year 2286, and equal-length digit strings order as their numbers do.
+--
+-- A budget's state is one field, `s`, packed: read in one command and one call, written in one,
+-- with no number converted to text or back. Bucket ends are numbers (ms); they become text only
+-- as the names of their fields and members, with two buckets or more.
+local STATE = '>I7I7I4I6I6'
 
--- Bucket counts and whether a field holds one, without conversions.
-local COUNT = { ['0'] = 0, ['1'] = 1, ['2'] = 2, ['3'] = 3, ['4'] = 4 }
-
--- Reads budget `bkey` (`windowed`: a window's, which has a `t`) and, with two buckets or more,
--- the sums of the buckets ending at `ends` (bucket ends as text). The table is made with room
--- for every field an operation may add, so that adding one never grows it.
-local function load_budget(bkey, windowed, ends)
-  local v
-  if windowed then
-    v = redis.call('HMGET', bkey, 'spent', 'held', 'n', 'c', 't')
-  else
-    v = redis.call('HMGET', bkey, 'spent', 'held', 'n', 'c')
-  end
-  local c = v[4] and (COUNT[v[4]] or tonumber(v[4])) or 0
+-- Reads budget `bkey` and, with two buckets or more, the sums of the buckets ending at T1 and T2
+-- (either may be nil). The table is made with room for every field an operation may add, so
+-- that adding one never grows it.
+local function load_budget(bkey, T1, T2)
+  local state = redis.call('HGET', bkey, 's')
   local b = {
-    key = bkey, spent = v[1] and tonumber(v[1]) or 0, held = 0, n = v[3] or '', c = c,
-    t = v[5] and tonumber(v[5]) or 0, exists = v[1] or v[4], x = {}, changed = false,
-    spent_changed = false, set = false, del = false, z = false, expire = false,
-    window_ends = false,
+    key = bkey, spent = 0, held = 0, c = 0, n = 0, t = 0, exists = state, x = false,
+    changed = false, set = false, del = false, z = false, expire = false, window_ends = false,
   }
-  if c > 0 then b.held = tonumber(v[2]) or 0 end
-  if c >= 2 and #ends > 0 then
-    local fields = {}
-    for i = 1, #ends do fields[i] = 'x' .. ends[i] end
-    local x = redis.call('HMGET', bkey, unpack(fields))
-    for i = 1, #ends do b.x[ends[i]] = x[i] and tonumber(x[i]) end
+  if not state then return b end
+  b.spent, b.held, b.c, b.n, b.t = UNPACK(STATE, state)
+  b.x = {}
+  if b.c >= 2 and T1 then
+    local x = redis.call('HMGET', bkey, 'x' .. num(T1), T2 and 'x' .. num(T2) or 'x')
+    b.x[T1] = x[1] and tonumber(x[1])
+    if T2 then b.x[T2] = x[2] and tonumber(x[2]) end
   end
   return b
 end
@@ -354,7 +333,6 @@ end
 
 local function spend(b, amount)
   b.spent = b.spent + amount
-  b.spent_changed = true
   b.changed = true
 end
 
@@ -382,7 +360,7 @@ local function zgone(b)
   b.z = { add = {}, rem = {}, gone = true }
 end
 
--- The earliest bucket end the sorted set will hold once saved ('' if none): the first of its
+-- The earliest bucket end the sorted set will hold once saved (0 if none): the first of its
 -- members this operation did not remove (at most as many reads past the start as it removed),
 -- or one it added, whichever is earlier.
 local function earliest(b)
@@ -394,22 +372,28 @@ local function earliest(b)
   if not z.gone then
     local removed = 0
     for _ in pairs(z.rem) do removed = removed + 1 end
-    for _, T in ipairs(redis.call('ZRANGE', b.key .. ':h', 0, removed)) do
+    for _, member in ipairs(redis.call('ZRANGE', b.key .. ':h', 0, removed)) do
+      local T = tonumber(member)
       if not z.rem[T] then
         if not first or T < first then first = T end
         break
       end
     end
   end
-  return first or ''
+  return first or 0
+end
+
+-- The field of the sum of the bucket that ends at T.
+local function x_field(T)
+  return 'x' .. num(T)
 end
 
 -- With exactly one bucket left, goes back to keeping it in `held` and `n`.
 local function collapse(b)
   local only = earliest(b)
   zgone(b)
-  if only ~= '' then
-    del_field(b, 'x' .. only)
+  if only ~= 0 then
+    del_field(b, x_field(only))
     b.x[only] = nil
     b.n = only
   end
@@ -426,23 +410,24 @@ local RETAIN = 600000
 -- with each batch (batch.lua sets it).
 local ANSWER_MS = 4000
 
--- Gives back up to MAX_CLEAR buckets whose end has passed (`now` and its text). Called right
--- after load_budget, before anything else changed the budget.
-local function expire(b, now, now_text)
-  if b.c == 0 or b.n > now_text then return end
+-- Gives back up to MAX_CLEAR buckets whose end has passed by `now`. Called right after
+-- load_budget, before anything else changed the budget.
+local function expire(b, now)
+  if b.c == 0 or b.n > now then return end
   b.changed = true
   if b.c == 1 then
     b.held, b.c = 0, 0
     return
   end
-  local due = redis.call('ZRANGEBYSCORE', b.key .. ':h', '-inf', now_text, 'LIMIT', 0, MAX_CLEAR)
+  local due = redis.call('ZRANGEBYSCORE', b.key .. ':h', '-inf', num(now), 'LIMIT', 0, MAX_CLEAR)
   if #due > 0 then
     local fields = {}
-    for i, T in ipairs(due) do fields[i] = 'x' .. T end
+    for i, member in ipairs(due) do fields[i] = 'x' .. member end
     local sum = 0
     for _, v in ipairs(redis.call('HMGET', b.key, unpack(fields))) do sum = sum + (tonumber(v) or 0) end
-    for _, T in ipairs(due) do
-      del_field(b, 'x' .. T)
+    for i, member in ipairs(due) do
+      local T = tonumber(member)
+      del_field(b, fields[i])
       b.x[T] = nil
       zrem(b, T)
     end
@@ -465,7 +450,7 @@ local function remaining(b, limit)
   return left
 end
 
--- Holds `amount` in the bucket that ends at T (as text).
+-- Holds `amount` in the bucket that ends at T.
 local function hold_in(b, T, amount)
   b.changed = true
   if b.c == 0 then
@@ -476,29 +461,29 @@ local function hold_in(b, T, amount)
     -- A second bucket: both go into the sorted set, their sums into fields of their own.
     zadd(b, b.n)
     zadd(b, T)
-    set_field(b, 'x' .. b.n, num(b.held))
-    set_field(b, 'x' .. T, num(amount))
+    set_field(b, x_field(b.n), num(b.held))
+    set_field(b, x_field(T), num(amount))
     b.x[b.n], b.x[T] = b.held, amount
     b.c = 2
     if T < b.n then b.n = T end
   elseif b.x[T] then
     b.x[T] = b.x[T] + amount
-    set_field(b, 'x' .. T, num(b.x[T]))
+    set_field(b, x_field(T), num(b.x[T]))
   else
     zadd(b, T)
     b.x[T] = amount
-    set_field(b, 'x' .. T, num(amount))
+    set_field(b, x_field(T), num(amount))
     b.c = b.c + 1
     if T < b.n then b.n = T end
   end
   b.held = b.held + amount
 end
 
--- Takes a hold of `amount` out of the bucket that ends at T (as text). Answers true when it was
--- still held; false when its bucket's end has passed (its capacity is back, or comes back as
+-- Takes a hold of `amount` out of the bucket that ends at T. Answers true when it was still
+-- held; false when its bucket's end has passed by `now` (its capacity is back, or comes back as
 -- soon as that bucket is cleared, and until then it counts as held, never as free) or is gone.
-local function take_out(b, T, amount, now_text)
-  if T <= now_text or b.c == 0 then return false end
+local function take_out(b, T, amount, now)
+  if T <= now or b.c == 0 then return false end
   if b.c == 1 then
     if T ~= b.n then return false end
     b.changed = true
@@ -513,11 +498,11 @@ local function take_out(b, T, amount, now_text)
   x = x - amount
   if x > 0 then
     b.x[T] = x
-    set_field(b, 'x' .. T, num(x))
+    set_field(b, x_field(T), num(x))
     return true
   end
   b.x[T] = nil
-  del_field(b, 'x' .. T)
+  del_field(b, x_field(T))
   zrem(b, T)
   b.c = b.c - 1
   if b.c == 1 then
@@ -533,15 +518,14 @@ local function keep_until(b, at)
   if at > b.t then
     b.t = at
     b.expire = true
-    set_field(b, 't', num(at))
     b.changed = true
   end
 end
 
--- Writes what changed: the hash in one command (two when a bucket's field goes), the sorted set
--- in one or two. A lifetime budget with nothing spent and nothing held is deleted: there is
--- nothing to remember. A key a write creates gets its expiry at once (windowed budgets). `n` is
--- written whatever the count: with no bucket it is never read.
+-- Writes what changed: the state in one command (with the fields of buckets that change, a
+-- second when one goes), the sorted set in one or two. A lifetime budget with nothing spent and
+-- nothing held is deleted: there is nothing to remember. A key a write creates gets its expiry
+-- at once (windowed budgets).
 local function save_budget(b)
   if not b.changed then return end
   local zkey = b.key .. ':h'
@@ -551,13 +535,13 @@ local function save_budget(b)
       redis.call('DEL', zkey)
     else
       local rem = {}
-      for T in pairs(z.rem) do rem[#rem + 1] = T end
+      for T in pairs(z.rem) do rem[#rem + 1] = num(T) end
       if #rem > 0 then redis.call('ZREM', zkey, unpack(rem)) end
     end
     local add = {}
     for T in pairs(z.add) do
       add[#add + 1] = T
-      add[#add + 1] = T
+      add[#add + 1] = num(T)
     end
     if #add > 0 then redis.call('ZADD', zkey, unpack(add)) end
   end
@@ -565,20 +549,16 @@ local function save_budget(b)
     if b.exists then redis.call('DEL', b.key) end
     return
   end
-  local held, c, spent = num(b.held), count(b.c), nil
-  if b.spent_changed or not b.exists then spent = num(b.spent) end
+  local state = PACK(STATE, b.spent, b.held, b.c, b.c > 0 and b.n or 0, b.t)
   if b.set then
-    local args = { 'held', held, 'c', c, 'n', b.n }
-    if spent then args[7], args[8] = 'spent', spent end
+    local args = { 's', state }
     for field, value in pairs(b.set) do
       args[#args + 1] = field
       args[#args + 1] = value
     end
     redis.call('HSET', b.key, unpack(args))
-  elseif spent then
-    redis.call('HSET', b.key, 'held', held, 'c', c, 'n', b.n, 'spent', spent)
   else
-    redis.call('HSET', b.key, 'held', held, 'c', c, 'n', b.n)
+    redis.call('HSET', b.key, 's', state)
   end
   if b.del then
     local dels = {}

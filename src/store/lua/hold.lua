@@ -43,14 +43,14 @@ end
 -- Reads and checks every claim (`limits`: each budget claim's limit, by claim index), writing
 -- nothing. Answers the budgets to hold them in (by claim index) and what each claim has left
 -- once held (-1: not a budget), or a denial naming the first claim that failed.
-local function check_claims(id, claims, limits, e, now, now_text)
+local function check_claims(id, claims, limits, e, now)
   local budgets, left = {}, {}
   local T = bucket(e)
   for i = 1, #claims do
     local c = claims[i]
     if c[1] == 'b' then
-      local b = load_budget(c[5], c[6], { T })
-      expire(b, now, now_text)
+      local b = load_budget(c[5], T)
+      expire(b, now)
       local room = remaining(b, limits[i])
       if c[3] > room then return nil, nil, { 'D', i, 'budget', room } end
       -- A second bucket creates the sorted set: read it first (see the top of this file).
@@ -77,13 +77,13 @@ end
 -- The answer to a retry of a live hold: the same hold, with what the retry's own budget claims
 -- have left now (a retry may work out other claims than its first attempt: with a payload, the
 -- payload identifies the reservation).
-local function replay(r, nonce, claims, limits, now, now_text)
+local function replay(r, nonce, claims, limits, now)
   local out = { 'G', r.e, (r.nonce == nonce) and 0 or 1 }
   for i = 1, #claims do
     local c = claims[i]
     if c[1] == 'b' then
-      local b = load_budget(c[5], c[6], {})
-      expire(b, now, now_text)
+      local b = load_budget(c[5])
+      expire(b, now)
       out[3 + i] = remaining(b, limits[i])
     else
       out[3 + i] = -1
@@ -107,18 +107,18 @@ local function read_actuals(packed)
 end
 
 -- Reads what settling a hold's claims needs: each budget with the hold taken out of it (and,
--- committing, what it spends added), each value with its owner and in-flight marker. Writes
--- nothing; `write_settled` writes it.
-local function read_settled(r, commit, actuals, now, now_text)
+-- committing, what it spends added), each value claim with its owner and in-flight marker.
+-- Writes nothing; `write_settled` writes it.
+local function read_settled(r, commit, actuals, now)
   local T = bucket(r.e)
   local claims = claims_of(r)
   local plan = {}
   for i = 1, #claims do
     local c = claims[i]
     if c[1] == 'b' then
-      local b = load_budget(c[5], c[6], { T })
-      expire(b, now, now_text)
-      if take_out(b, T, c[3], now_text) and commit then
+      local b = load_budget(c[5], T)
+      expire(b, now)
+      if take_out(b, T, c[3], now) and commit then
         local actual = nil
         for j = 1, #actuals do
           local a = actuals[j]
@@ -126,10 +126,10 @@ local function read_settled(r, commit, actuals, now, now_text)
         end
         spend(b, math.min(actual or c[3], c[3]))
       end
-      plan[i] = { b = b }
+      plan[i] = b
     else
       local v = redis.call('MGET', c[2], c[2] .. ':p')
-      plan[i] = { c = c, owner = v[1], pending = v[2] }
+      plan[i] = { claim = c, owner = v[1], pending = v[2] }
     end
   end
   return plan
@@ -141,25 +141,25 @@ end
 local function write_settled(plan, id, commit)
   for i = 1, #plan do
     local p = plan[i]
-    if p.b then
-      save_budget(p.b)
+    local c = p.claim
+    if not c then
+      save_budget(p)
     elseif p.pending == id then
-      local c = p.c
       if commit and c[1] == 'u' then
         redis.call('SET', c[2], c[4])
       elseif commit and p.owner == c[4] then
         redis.call('DEL', c[2])
       end
       redis.call('DEL', c[2] .. ':p')
-    elseif commit and p.c[1] == 'r' and p.owner == p.c[4] then
-      redis.call('DEL', p.c[2])
+    elseif commit and c[1] == 'r' and p.owner == c[4] then
+      redis.call('DEL', c[2])
     end
   end
 end
 
 -- Gives back whatever a hold still holds.
-local function undo(r, id, now, now_text)
-  write_settled(read_settled(r, false, NONE, now, now_text), id, false)
+local function undo(r, id, now)
+  write_settled(read_settled(r, false, NONE, now), id, false)
 end
 
 -- The kind of record and the phase a reserve writes, by mode: 1, the id's own record (a hold on
@@ -173,7 +173,7 @@ local MODES = { { 'h', 'H' }, { 'h', 'P' }, { 'g', 'H' } }
 -- Answers { 'G', lease end, replayed, remaining per claim (-1: not a budget) }
 --       | { 'D', claim index (from 1), 'budget' | 'taken' | 'not_owner', remaining }
 --       | { 'E', 'conflict' | 'expired' | 'committed' | 'released' | 'in_flight', memo? }
-local function reserve(now, now_text, key, id, lease, fpnonce, mode, limits, body)
+local function reserve(now, key, id, lease, fpnonce, mode, limits, body)
   local e = now + lease
   if now < 1e12 or e >= 1e13 then
     -- Bucket ends are compared as 13-digit text.
@@ -197,7 +197,7 @@ local function reserve(now, now_text, key, id, lease, fpnonce, mode, limits, bod
         if now >= r.e then return EXPIRED end
         -- Another attempt is still reserving this reservation's other groups.
         if r.s == 'P' and r.nonce ~= nonce then return IN_FLIGHT end
-        return replay(r, nonce, claims, limits, now, now_text)
+        return replay(r, nonce, claims, limits, now)
       end
       return refuse(key, r)
     end
@@ -205,7 +205,7 @@ local function reserve(now, now_text, key, id, lease, fpnonce, mode, limits, bod
     -- replaces it.
   end
 
-  local budgets, left, denial = check_claims(id, claims, limits, e, now, now_text)
+  local budgets, left, denial = check_claims(id, claims, limits, e, now)
   if denial then return denial end
   local T = bucket(e)
   for i = 1, #claims do
@@ -224,7 +224,7 @@ end
 
 -- Op 9: record, id, lease, fingerprint (8 bytes), limits, body: what reserve would answer now,
 -- holding nothing.
-local function check(now, now_text, key, id, lease, fp, limits, body)
+local function check(now, key, id, lease, fp, limits, body)
   limits = read_limits(limits)
   local claims = read_body(body, 0, now)
   -- A slot group's record is its home's to answer for: only its claims are checked here.
@@ -236,12 +236,12 @@ local function check(now, now_text, key, id, lease, fp, limits, body)
       if r.f ~= fp then return CONFLICT end
       if r.s == 'H' or r.s == 'P' then
         if now >= r.e then return EXPIRED end
-        return replay(r, '', claims, limits, now, now_text)
+        return replay(r, '', claims, limits, now)
       end
       return refuse(key, r)
     end
   end
-  local _, left, denial = check_claims(id, claims, limits, now + lease, now, now_text)
+  local _, left, denial = check_claims(id, claims, limits, now + lease, now)
   if denial then return denial end
   return { 'G', now + lease, 0, unpack(left) }
 end
@@ -252,6 +252,14 @@ local function keep_at_least(key, keep)
   if ttl == -2 then return false end
   if ttl >= 0 and ttl < keep then redis.call('PEXPIRE', key, num(keep)) end
   return true
+end
+
+-- A commit of a hold whose lease ran out (here, or in a group that cannot follow): whatever is
+-- still held goes back now, and the record says it expired.
+local function expire_now(key, r, id, nonce, now)
+  undo(r, id, now)
+  redis.call('SET', key, settled_by(r, 'X', nonce), 'PX', num(RETAIN))
+  return { 'E', 'expired', r.g }
 end
 
 -- Op 2: record, id, commit (boolean), strict (boolean), prepared, keep ms (0: forget), memo (nil
@@ -267,7 +275,7 @@ end
 --       | { 'E', 'unknown' | 'committed' | 'released' | 'expired' | 'in_flight' | 'exceeds'
 --              | 'not_held' | 'prepare', groups, memo? }
 -- 'prepare': a commit of a home with groups that were not made sure of: nothing changed.
-local function settle(now, now_text, key, id, commit, strict, prepared, keep, memo, actuals, nonce)
+local function settle(now, key, id, commit, strict, prepared, keep, memo, actuals, nonce)
   local raw = redis.call('GET', key)
   local r = raw and parse(raw)
   if prepared == 'f' then
@@ -323,14 +331,7 @@ local function settle(now, now_text, key, id, commit, strict, prepared, keep, me
   -- group is finished by a retry, which needs the list (cluster.rs drops it afterwards when
   -- the settlement forgets).
   if #groups > 0 and keep == 0 then keep = RETAIN end
-  local function expire_now()
-    -- The lease ran out (here, or in a group that cannot follow): whatever is still held goes
-    -- back now.
-    undo(r, id, now, now_text)
-    redis.call('SET', key, settled_by(r, 'X', nonce), 'PX', num(RETAIN))
-    return { 'E', 'expired', groups }
-  end
-  if commit and now >= r.e then return expire_now() end
+  if commit and now >= r.e then return expire_now(key, r, id, nonce, now) end
   actuals = read_actuals(actuals)
   if commit and strict then
     -- Every actual amount is checked before anything changes (a Cluster home's groups too):
@@ -351,8 +352,8 @@ local function settle(now, now_text, key, id, commit, strict, prepared, keep, me
     end
   end
   if commit and #groups > 0 and prepared == '0' then return { 'E', 'prepare', groups } end
-  if commit and prepared == 'x' then return expire_now() end
-  local plan = read_settled(r, commit, actuals, now, now_text)
+  if commit and prepared == 'x' then return expire_now(key, r, id, nonce, now) end
+  local plan = read_settled(r, commit, actuals, now)
   local mkey = keep > 0 and memo and memo_key(key)
   if mkey then redis.call('EXISTS', mkey) end
   -- Writes, every key read above.
@@ -370,7 +371,7 @@ end
 -- Op 3: record, id, lease, at least (boolean): renews a live hold's lease to `lease` from now (at
 -- least: never shortened, for a slot group, whose lease must outlast its home's).
 -- Answers { 'OK', new lease end, groups } | { 'E', why }
-local function extend(now, now_text, key, id, lease, at_least)
+local function extend(now, key, id, lease, at_least)
   local raw = redis.call('GET', key)
   if not raw then return UNKNOWN end
   local r = parse(raw)
@@ -386,9 +387,9 @@ local function extend(now, now_text, key, id, lease, at_least)
   for i = 1, #claims do
     local c = claims[i]
     if c[1] == 'b' then
-      local b = load_budget(c[5], c[6], { old_T, new_T })
-      expire(b, now, now_text)
-      if take_out(b, old_T, c[3], now_text) then
+      local b = load_budget(c[5], old_T, new_T)
+      expire(b, now)
+      if take_out(b, old_T, c[3], now) then
         if b.c == 1 and b.n ~= new_T then redis.call('EXISTS', b.key .. ':h') end
         hold_in(b, new_T, c[3])
       end
@@ -406,7 +407,7 @@ local function extend(now, now_text, key, id, lease, at_least)
 end
 
 -- Op 4: record, nonce: a Cluster home whose groups are all held is held too.
-local function mark(now, now_text, key, nonce)
+local function mark(now, key, nonce)
   local raw = redis.call('GET', key)
   if not raw then return UNKNOWN end
   local r = parse(raw)
@@ -418,14 +419,14 @@ end
 -- Op 5: record, id, nonce: gives back what one reserve call held under `record` (a call denied
 -- elsewhere, or whose answer was lost), and leaves a tombstone that refuses that call, should it
 -- still arrive. Another call's record is left alone.
-local function forget(now, now_text, key, id, nonce)
+local function forget(now, key, id, nonce)
   local raw = redis.call('GET', key)
   if raw then
     local r = parse(raw)
     if r.nonce ~= nonce or not (r.s == 'H' or r.s == 'P') then
       if not stands_for_nothing(r, nonce) then return OK end
     else
-      undo(r, id, now, now_text)
+      undo(r, id, now)
     end
   end
   redis.call('SET', key, tombstone_for(nonce), 'PX', num(RETAIN))

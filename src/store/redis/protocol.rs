@@ -21,54 +21,80 @@ pub(crate) struct Op {
     pub(crate) work: usize,
 }
 
-/// Writes an operation. Writing to a `Vec` cannot fail, so the writes answer nothing.
-pub(crate) struct Writer(Vec<u8>);
+/// How many values every operation is: its code and nine fields, the unused ones nil, so that
+/// `batch.lua` reads each in one call (`OP_VALUES` there).
+const OP_VALUES: usize = 10;
+
+/// Writes an operation, or a sequence of values to embed in one. Writing to a `Vec` cannot fail,
+/// so the writes answer nothing.
+pub(crate) struct Writer {
+    buf: Vec<u8>,
+    /// Values written at the top level (an embedded sequence is one).
+    values: usize,
+}
 
 impl Writer {
-    /// An operation: its code, then (written next) as many fields as `ARITY` in `batch.lua`
-    /// gives it.
+    /// An operation: its code, then (written next) its fields, as `hold.lua` and `budget.lua`
+    /// list them.
     pub(crate) fn op(code: u8) -> Self {
-        let mut w = Writer(Vec::with_capacity(128));
+        let mut w = Writer {
+            buf: Vec::with_capacity(128),
+            values: 0,
+        };
         w.uint(u64::from(code));
         w
     }
 
     /// A sequence of values of its own, to be embedded as bytes.
     pub(crate) fn sequence() -> Self {
-        Writer(Vec::with_capacity(64))
+        Writer {
+            buf: Vec::with_capacity(64),
+            values: 0,
+        }
     }
 
     pub(crate) fn into_bytes(self) -> Vec<u8> {
-        self.0
+        self.buf
     }
 
     /// An array header (answers are arrays; operations are not).
     #[cfg(test)]
     pub(crate) fn array(&mut self, len: u32) -> &mut Self {
-        rmp::encode::write_array_len(&mut self.0, len).expect("writing to a Vec");
+        rmp::encode::write_array_len(&mut self.buf, len).expect("writing to a Vec");
+        self.values += 1;
         self
     }
 
     pub(crate) fn str(&mut self, s: &str) -> &mut Self {
-        rmp::encode::write_str(&mut self.0, s).expect("writing to a Vec");
+        rmp::encode::write_str(&mut self.buf, s).expect("writing to a Vec");
+        self.values += 1;
         self
     }
 
     /// Any bytes, as a MessagePack string: Redis's `cmsgpack` reads no `bin` type, and a Lua
     /// string is any bytes.
     pub(crate) fn bytes(&mut self, b: &[u8]) -> &mut Self {
-        rmp::encode::write_str_len(&mut self.0, b.len() as u32).expect("writing to a Vec");
-        self.0.extend_from_slice(b);
+        rmp::encode::write_str_len(&mut self.buf, b.len() as u32).expect("writing to a Vec");
+        self.buf.extend_from_slice(b);
+        self.values += 1;
         self
     }
 
     pub(crate) fn uint(&mut self, n: u64) -> &mut Self {
-        rmp::encode::write_uint(&mut self.0, n).expect("writing to a Vec");
+        rmp::encode::write_uint(&mut self.buf, n).expect("writing to a Vec");
+        self.values += 1;
         self
     }
 
     pub(crate) fn bool(&mut self, b: bool) -> &mut Self {
-        rmp::encode::write_bool(&mut self.0, b).expect("writing to a Vec");
+        rmp::encode::write_bool(&mut self.buf, b).expect("writing to a Vec");
+        self.values += 1;
+        self
+    }
+
+    fn nil(&mut self) -> &mut Self {
+        rmp::encode::write_nil(&mut self.buf).expect("writing to a Vec");
+        self.values += 1;
         self
     }
 
@@ -76,17 +102,22 @@ impl Writer {
     pub(crate) fn bytes_or_nil(&mut self, b: Option<&[u8]>) -> &mut Self {
         match b {
             Some(b) => self.bytes(b),
-            None => {
-                rmp::encode::write_nil(&mut self.0).expect("writing to a Vec");
-                self
-            }
+            None => self.nil(),
         }
     }
 
-    pub(crate) fn done(self, key: String, work: usize) -> Op {
+    /// The operation, its fields padded with nil to `OP_VALUES`.
+    pub(crate) fn done(mut self, key: String, work: usize) -> Op {
+        assert!(
+            self.values <= OP_VALUES,
+            "an operation has at most nine fields"
+        );
+        while self.values < OP_VALUES {
+            self.nil();
+        }
         let slot = crate::claim::slot_of(hash_tag(&key));
         Op {
-            bytes: self.0,
+            bytes: self.buf,
             key,
             slot,
             work,
@@ -237,12 +268,12 @@ mod tests {
         c.array(3).uint(3).array(2).str("x").bytes(b"\x00\xff");
         c.uint(u64::MAX);
         for w in [&a, &b, &c] {
-            reply.extend_from_slice(&w.0);
+            reply.extend_from_slice(&w.buf);
         }
         let parts = split(Bytes::from(reply), 3).unwrap();
-        assert_eq!(&parts[0][..], &a.0[..]);
-        assert_eq!(&parts[1][..], &b.0[..]);
-        assert_eq!(&parts[2][..], &c.0[..]);
+        assert_eq!(&parts[0][..], &a.buf[..]);
+        assert_eq!(&parts[1][..], &b.buf[..]);
+        assert_eq!(&parts[2][..], &c.buf[..]);
         let answer = Answer::read(&parts[0]).unwrap();
         assert_eq!(answer.int(0).unwrap(), 1);
         assert_eq!(answer.word(1).unwrap(), "G");
@@ -254,7 +285,7 @@ mod tests {
     fn the_moved_answer_is_what_the_function_answers_for_a_key_elsewhere() {
         let mut w = Writer::sequence();
         w.array(1).str("M");
-        assert_eq!(&w.0[..], MOVED);
+        assert_eq!(&w.buf[..], MOVED);
         assert!(super::super::ops::is_moved(MOVED));
         let moved = split(Bytes::from(all_moved(3)), 3).unwrap();
         assert!(
@@ -268,5 +299,7 @@ mod tests {
     fn ops_are_routed_by_their_first_key() {
         let op = Writer::op(6).done("p:b:{customer-42}".into(), 1);
         assert_eq!(op.slot, crate::claim::slot_of(b"customer-42"));
+        // The code, then nine nil fields: every operation is read in one call.
+        assert_eq!(op.bytes, [&[6][..], &[0xc0; 9][..]].concat());
     }
 }
