@@ -400,7 +400,6 @@ fn rb_reserve_op(out: &mut Vec<u8>, budget_key: &str) {
 
     write_uint(out, 1).unwrap();
     write_str(out, &record).unwrap();
-    write_str(out, id).unwrap();
     write_uint(out, LEASE_MS).unwrap();
     // A claims' fingerprint (8 bytes) and the call's nonce (8 bytes).
     write_str(out, "5eed5eed1badcafe").unwrap();
@@ -410,8 +409,8 @@ fn rb_reserve_op(out: &mut Vec<u8>, budget_key: &str) {
     out.extend_from_slice(&limits);
     write_str_len(out, body.len() as u32).unwrap();
     out.extend_from_slice(&body);
-    // Every operation is ten values: the two fields a reserve does not have are nil.
-    out.extend_from_slice(&[0xc0, 0xc0]);
+    // Every operation is ten values: the three fields a reserve does not have are nil.
+    out.extend_from_slice(&[0xc0, 0xc0, 0xc0]);
 }
 
 /// A batch of `n` reserves, as the store's worker sends it: its operations one after the other.

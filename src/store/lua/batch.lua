@@ -46,14 +46,17 @@ local function run_one(now, next_op, code, ...)
   return next_op, MP_PACK(failed(type(answer) == 'table' and answer.err or tostring(answer)))
 end
 
+-- The texts RETAIN and ANSWER_MS were last read from: every call of a store sends the same.
+local RETAIN_ARG, ANSWER_ARG
+
 local function run(keys, args)
   if not MP_READ then
     bind()
     for i = 1, #CONSTANT do PACKED[CONSTANT[i]] = MP_PACK(CONSTANT[i]) end
   end
   TEXT, TIMES = {}, {}
-  RETAIN = tonumber(args[2])
-  ANSWER_MS = tonumber(args[3])
+  if args[2] ~= RETAIN_ARG then RETAIN, RETAIN_ARG = tonumber(args[2]), args[2] end
+  if args[3] ~= ANSWER_ARG then ANSWER_MS, ANSWER_ARG = tonumber(args[3]), args[3] end
   if TEST_CLOCK then SHIFT = tonumber(args[4]) end
   local ops = args[1]
   local now = now_ms()

@@ -7,11 +7,11 @@
 -- again (its answer was lost, or the Cluster client sent it twice) is answered, not run again.
 -- '#' is in no key's name.
 local function ran_before(key, nonce)
-  return redis.call('GET', key .. '#' .. nonce)
+  return CALL('GET', key .. '#' .. nonce)
 end
 
 local function ran(key, nonce, answer)
-  redis.call('SET', key .. '#' .. nonce, answer, 'PX', num(ANSWER_MS))
+  CALL('SET', key .. '#' .. nonce, answer, 'PX', num(ANSWER_MS))
 end
 
 -- Op 6: budget base key, window spec -> { spent, held, window end or -1 }
@@ -44,7 +44,7 @@ end
 local function refund(now, key, base, spec, at, amount, fp, retain)
   if at == 0 then at = now end
   if at > now + 1000 then return { 'E', 'future' } end
-  local done = redis.call('GET', key)
+  local done = CALL('GET', key)
   if done then
     if done == fp then return { 'OK', 'replayed' } end
     return { 'E', 'conflict' }
@@ -57,13 +57,13 @@ local function refund(now, key, base, spec, at, amount, fp, retain)
   b.spent = b.spent - amount
   b.changed = true
   save_budget(b)
-  redis.call('SET', key, fp, 'PX', num(retain))
+  CALL('SET', key, fp, 'PX', num(retain))
   return { 'OK', 'applied' }
 end
 
 -- Op 10: value key -> { owner } | {}: who owns a value (holds in flight are not ownership).
 local function owner(now, key)
-  local who = redis.call('GET', key)
+  local who = CALL('GET', key)
   if who then return { who } end
   return {}
 end
@@ -73,7 +73,7 @@ end
 local function remove(now, key, nonce)
   local before = ran_before(key, nonce)
   if before then return { tonumber(before) } end
-  local owned = redis.call('DEL', key)
+  local owned = CALL('DEL', key)
   ran(key, nonce, tostring(owned))
   return { owned }
 end

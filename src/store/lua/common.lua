@@ -27,11 +27,13 @@
 -- head and a budget's state in one call each, with no number as text, and leaves the rare
 -- paths (windows, many buckets, value claims, a Cluster's groups) to pay for themselves.
 
--- The C functions the operations call, bound when the first batch runs (a library's own code
--- runs when it is loaded, where only the registering API is visible).
-local PACK, UNPACK, MP_PACK, MP_UNPACK, MP_READ
+-- The C functions the operations call most, bound when the first batch runs (a library's own
+-- code runs when it is loaded, where only the registering API is visible), so that a call finds
+-- each in one step, not by name in a global table: CALL is redis.call.
+local CALL, PACK, UNPACK, MP_PACK, MP_UNPACK, MP_READ
 
 local function bind()
+  CALL = redis.call
   PACK, UNPACK = struct.pack, struct.unpack
   MP_PACK, MP_UNPACK, MP_READ = cmsgpack.pack, cmsgpack.unpack, cmsgpack.unpack_limit
 end
@@ -59,7 +61,7 @@ local SHIFT = 0
 
 -- The store's clock in milliseconds.
 local function now_ms()
-  local t = redis.call('TIME')
+  local t = CALL('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + SHIFT
 end
 
@@ -157,7 +159,8 @@ end
 
 local ZEROS = '\0\0\0\0\0\0\0\0'
 local NO_TIMES = '\0\0\0\0\0\0\0\0\0\0\0\0'
-local HEAD = '>c1c8c8I6I6'
+-- The phase, then (past the fingerprint and the nonce) the lease end and the start.
+local HEAD = '>c1xxxxxxxxxxxxxxxxI6I6'
 -- Where a record's body starts, as MessagePack reads offsets (from 0).
 local BODY = 29
 
@@ -208,10 +211,19 @@ local function memo_key(key)
   return string.sub(key, 1, brace - 3) .. 'm' .. string.sub(key, brace - 1)
 end
 
+-- A record's phase, lease end and start, read in one call; its claims, groups and spends are
+-- read when needed (claims_of), its fingerprint and nonce too (fp_of, nonce_of).
 local function parse(raw)
-  local s, f, nonce, e, start = UNPACK(HEAD, raw)
-  return { raw = raw, s = s, f = f, nonce = nonce, e = e, start = start, c = false, g = false,
-    v = false }
+  local s, e, start = UNPACK(HEAD, raw)
+  return { raw = raw, s = s, e = e, start = start, c = false, g = false, v = false }
+end
+
+local function fp_of(r)
+  return string.sub(r.raw, 2, 9)
+end
+
+local function nonce_of(r)
+  return string.sub(r.raw, 10, 17)
 end
 
 -- `count` spends (base key, spec, amount) of `packed` from `off`; answers them and the offset
@@ -246,6 +258,7 @@ local function read_body(packed, from, start)
       claims[i] = { kind, key, amount, other, key .. suffix, ends }
     end
   end
+  if g == 0 and v == 0 then return claims, NONE, NONE end
   local groups = NONE
   if g > 0 then
     groups = {}
@@ -279,7 +292,7 @@ end
 -- reserve's (a reserve is answered by the phase alone from now on), so that the same call sent
 -- again (its answer was lost) is answered as it was.
 local function settled_by(r, phase, nonce)
-  return phase .. r.f .. nonce .. string.sub(r.raw, 18)
+  return phase .. fp_of(r) .. nonce .. string.sub(r.raw, 18)
 end
 
 -- Whether a record is a slot group's (its home decides for it).
@@ -300,21 +313,18 @@ end
 local STATE = '>I7I7I4I6I6'
 
 -- Reads budget `bkey` and, with two buckets or more, the sums of the buckets ending at T1 and T2
--- (either may be nil). The table is made with room for every field an operation may add, so
--- that adding one never grows it.
+-- (either may be nil). The table holds the budget's fields by name and, with two buckets or
+-- more, each bucket's sum under its end (b[T]; a number, never a field's name). It is made with
+-- the fields every operation has, so that the common ones never grow it.
 local function load_budget(bkey, T1, T2)
-  local state = redis.call('HGET', bkey, 's')
-  local b = {
-    key = bkey, spent = 0, held = 0, c = 0, n = 0, t = 0, exists = state, x = false,
-    changed = false, set = false, del = false, z = false, expire = false, window_ends = false,
-  }
+  local state = CALL('HGET', bkey, 's')
+  local b = { key = bkey, spent = 0, held = 0, c = 0, n = 0, t = 0, exists = state, changed = false }
   if not state then return b end
   b.spent, b.held, b.c, b.n, b.t = UNPACK(STATE, state)
-  b.x = {}
   if b.c >= 2 and T1 then
-    local x = redis.call('HMGET', bkey, 'x' .. num(T1), T2 and 'x' .. num(T2) or 'x')
-    b.x[T1] = x[1] and tonumber(x[1])
-    if T2 then b.x[T2] = x[2] and tonumber(x[2]) end
+    local x = CALL('HMGET', bkey, 'x' .. num(T1), T2 and 'x' .. num(T2) or 'x')
+    b[T1] = x[1] and tonumber(x[1])
+    if T2 then b[T2] = x[2] and tonumber(x[2]) end
   end
   return b
 end
@@ -372,7 +382,7 @@ local function earliest(b)
   if not z.gone then
     local removed = 0
     for _ in pairs(z.rem) do removed = removed + 1 end
-    for _, member in ipairs(redis.call('ZRANGE', b.key .. ':h', 0, removed)) do
+    for _, member in ipairs(CALL('ZRANGE', b.key .. ':h', 0, removed)) do
       local T = tonumber(member)
       if not z.rem[T] then
         if not first or T < first then first = T end
@@ -394,7 +404,7 @@ local function collapse(b)
   zgone(b)
   if only ~= 0 then
     del_field(b, x_field(only))
-    b.x[only] = nil
+    b[only] = nil
     b.n = only
   end
 end
@@ -419,16 +429,16 @@ local function expire(b, now)
     b.held, b.c = 0, 0
     return
   end
-  local due = redis.call('ZRANGEBYSCORE', b.key .. ':h', '-inf', num(now), 'LIMIT', 0, MAX_CLEAR)
+  local due = CALL('ZRANGEBYSCORE', b.key .. ':h', '-inf', num(now), 'LIMIT', 0, MAX_CLEAR)
   if #due > 0 then
     local fields = {}
     for i, member in ipairs(due) do fields[i] = 'x' .. member end
     local sum = 0
-    for _, v in ipairs(redis.call('HMGET', b.key, unpack(fields))) do sum = sum + (tonumber(v) or 0) end
+    for _, v in ipairs(CALL('HMGET', b.key, unpack(fields))) do sum = sum + (tonumber(v) or 0) end
     for i, member in ipairs(due) do
       local T = tonumber(member)
       del_field(b, fields[i])
-      b.x[T] = nil
+      b[T] = nil
       zrem(b, T)
     end
     b.held = math.max(0, b.held - sum)
@@ -463,15 +473,15 @@ local function hold_in(b, T, amount)
     zadd(b, T)
     set_field(b, x_field(b.n), num(b.held))
     set_field(b, x_field(T), num(amount))
-    b.x[b.n], b.x[T] = b.held, amount
+    b[b.n], b[T] = b.held, amount
     b.c = 2
     if T < b.n then b.n = T end
-  elseif b.x[T] then
-    b.x[T] = b.x[T] + amount
-    set_field(b, x_field(T), num(b.x[T]))
+  elseif b[T] then
+    b[T] = b[T] + amount
+    set_field(b, x_field(T), num(b[T]))
   else
     zadd(b, T)
-    b.x[T] = amount
+    b[T] = amount
     set_field(b, x_field(T), num(amount))
     b.c = b.c + 1
     if T < b.n then b.n = T end
@@ -491,17 +501,17 @@ local function take_out(b, T, amount, now)
     if b.held <= 0 then b.held, b.c = 0, 0 end
     return true
   end
-  local x = b.x[T]
+  local x = b[T]
   if not x then return false end
   b.changed = true
   b.held = math.max(0, b.held - amount)
   x = x - amount
   if x > 0 then
-    b.x[T] = x
+    b[T] = x
     set_field(b, x_field(T), num(x))
     return true
   end
-  b.x[T] = nil
+  b[T] = nil
   del_field(b, x_field(T))
   zrem(b, T)
   b.c = b.c - 1
@@ -532,21 +542,21 @@ local function save_budget(b)
   local z = b.z
   if z then
     if z.gone then
-      redis.call('DEL', zkey)
+      CALL('DEL', zkey)
     else
       local rem = {}
       for T in pairs(z.rem) do rem[#rem + 1] = num(T) end
-      if #rem > 0 then redis.call('ZREM', zkey, unpack(rem)) end
+      if #rem > 0 then CALL('ZREM', zkey, unpack(rem)) end
     end
     local add = {}
     for T in pairs(z.add) do
       add[#add + 1] = T
       add[#add + 1] = num(T)
     end
-    if #add > 0 then redis.call('ZADD', zkey, unpack(add)) end
+    if #add > 0 then CALL('ZADD', zkey, unpack(add)) end
   end
   if b.t == 0 and b.spent <= 0 and b.c == 0 then
-    if b.exists then redis.call('DEL', b.key) end
+    if b.exists then CALL('DEL', b.key) end
     return
   end
   local state = PACK(STATE, b.spent, b.held, b.c, b.c > 0 and b.n or 0, b.t)
@@ -556,19 +566,19 @@ local function save_budget(b)
       args[#args + 1] = field
       args[#args + 1] = value
     end
-    redis.call('HSET', b.key, unpack(args))
+    CALL('HSET', b.key, unpack(args))
   else
-    redis.call('HSET', b.key, 's', state)
+    CALL('HSET', b.key, 's', state)
   end
   if b.del then
     local dels = {}
     for field in pairs(b.del) do dels[#dels + 1] = field end
-    if #dels > 0 then redis.call('HDEL', b.key, unpack(dels)) end
+    if #dels > 0 then CALL('HDEL', b.key, unpack(dels)) end
   end
   if b.t > 0 then
-    if b.expire or not b.exists then redis.call('PEXPIREAT', b.key, server_time(b.t)) end
+    if b.expire or not b.exists then CALL('PEXPIREAT', b.key, server_time(b.t)) end
     if b.c >= 2 and (b.expire or (z and next(z.add))) then
-      redis.call('PEXPIREAT', zkey, server_time(b.t))
+      CALL('PEXPIREAT', zkey, server_time(b.t))
     end
   end
 end

@@ -29,7 +29,7 @@ local function refuse(key, r)
   local why = WHY[r.s]
   local mkey = memo_key(key)
   if r.s == 'T' or not mkey then return { 'E', why } end
-  local memo = redis.call('GET', mkey)
+  local memo = CALL('GET', mkey)
   if memo then return { 'E', why, memo } end
   return { 'E', why }
 end
@@ -37,13 +37,13 @@ end
 -- Whether a record stands for nothing to a reserve: a forgotten hold, or a tombstone left for
 -- another call than `nonce` (a reserve whose answer was lost, given back since).
 local function stands_for_nothing(r, nonce)
-  return r.s == 'F' or (r.s == 'T' and r.nonce ~= ZEROS and r.nonce ~= nonce)
+  return r.s == 'F' or (r.s == 'T' and nonce_of(r) ~= ZEROS and nonce_of(r) ~= nonce)
 end
 
 -- Reads and checks every claim (`limits`: each budget claim's limit, by claim index), writing
 -- nothing. Answers the budgets to hold them in (by claim index) and what each claim has left
 -- once held (-1: not a budget), or a denial naming the first claim that failed.
-local function check_claims(id, claims, limits, e, now)
+local function check_claims(key, claims, limits, e, now)
   local budgets, left = {}, {}
   local T = bucket(e)
   for i = 1, #claims do
@@ -54,12 +54,12 @@ local function check_claims(id, claims, limits, e, now)
       local room = remaining(b, limits[i])
       if c[3] > room then return nil, nil, { 'D', i, 'budget', room } end
       -- A second bucket creates the sorted set: read it first (see the top of this file).
-      if b.c == 1 and b.n ~= T then redis.call('EXISTS', b.key .. ':h') end
-      b.window_ends = c[6]
+      if b.c == 1 and b.n ~= T then CALL('EXISTS', b.key .. ':h') end
+      if c[6] then b.window_ends = c[6] end
       budgets[i] = b
       left[i] = room - c[3]
     else
-      local v = redis.call('MGET', c[2], c[2] .. ':p')
+      local v = CALL('MGET', c[2], c[2] .. ':p')
       local owner, pending = v[1], v[2]
       if c[1] == 'u' then
         if owner and owner ~= c[4] then return nil, nil, { 'D', i, 'taken', 0 } end
@@ -67,7 +67,7 @@ local function check_claims(id, claims, limits, e, now)
         return nil, nil, { 'D', i, 'not_owner', 0 }
       end
       -- One hold at a time has a value in flight, whatever it claims of it.
-      if pending and pending ~= id then return nil, nil, { 'D', i, 'taken', 0 } end
+      if pending and pending ~= key then return nil, nil, { 'D', i, 'taken', 0 } end
       left[i] = -1
     end
   end
@@ -78,7 +78,7 @@ end
 -- have left now (a retry may work out other claims than its first attempt: with a payload, the
 -- payload identifies the reservation).
 local function replay(r, nonce, claims, limits, now)
-  local out = { 'G', r.e, (r.nonce == nonce) and 0 or 1 }
+  local out = { 'G', r.e, (nonce_of(r) == nonce) and 0 or 1 }
   for i = 1, #claims do
     local c = claims[i]
     if c[1] == 'b' then
@@ -99,9 +99,8 @@ local function read_limits(packed)
 end
 
 -- The actual amounts a commit carries, as the client packed them: a count, then base key, spec,
--- amount each (nil: none).
+-- amount each.
 local function read_actuals(packed)
-  if not packed then return NONE end
   local off, count = MP_READ(packed, 1, 0)
   return (read_spends(packed, off, count))
 end
@@ -124,42 +123,43 @@ local function read_settled(r, commit, actuals, now)
           local a = actuals[j]
           if a[1] == c[2] and a[2] == c[4] then actual = a[3] end
         end
-        spend(b, math.min(actual or c[3], c[3]))
+        if not actual or actual > c[3] then actual = c[3] end
+        spend(b, actual)
       end
       plan[i] = b
     else
-      local v = redis.call('MGET', c[2], c[2] .. ':p')
+      local v = CALL('MGET', c[2], c[2] .. ':p')
       plan[i] = { claim = c, owner = v[1], pending = v[2] }
     end
   end
   return plan
 end
 
--- Writes what read_settled planned for hold `id`: committing, held values become their owners'
+-- Writes what read_settled planned for the hold of record `key`: committing, held values become their owners'
 -- (again, for an owner that claimed what it owned, even if an operator removed it meanwhile)
 -- and release-on-commit values are freed; either way the hold's in-flight markers go.
-local function write_settled(plan, id, commit)
+local function write_settled(plan, key, commit)
   for i = 1, #plan do
     local p = plan[i]
     local c = p.claim
     if not c then
       save_budget(p)
-    elseif p.pending == id then
+    elseif p.pending == key then
       if commit and c[1] == 'u' then
-        redis.call('SET', c[2], c[4])
+        CALL('SET', c[2], c[4])
       elseif commit and p.owner == c[4] then
-        redis.call('DEL', c[2])
+        CALL('DEL', c[2])
       end
-      redis.call('DEL', c[2] .. ':p')
+      CALL('DEL', c[2] .. ':p')
     elseif commit and c[1] == 'r' and p.owner == c[4] then
-      redis.call('DEL', c[2])
+      CALL('DEL', c[2])
     end
   end
 end
 
 -- Gives back whatever a hold still holds.
-local function undo(r, id, now)
-  write_settled(read_settled(r, false, NONE, now), id, false)
+local function undo(r, key, now)
+  write_settled(read_settled(r, false, NONE, now), key, false)
 end
 
 -- The kind of record and the phase a reserve writes, by mode: 1, the id's own record (a hold on
@@ -167,13 +167,13 @@ end
 -- marked; 3, another slot group of a Cluster reservation.
 local MODES = { { 'h', 'H' }, { 'h', 'P' }, { 'g', 'H' } }
 
--- Op 1: record, id, lease, fingerprint and nonce (8 bytes each), mode, limits, body
+-- Op 1: record, lease, fingerprint and nonce (8 bytes each), mode, limits, body
 -- `limits`: the budget claims' limits, a MessagePack sequence by claim index (0 for a value);
 -- `body`: the record's body (see common.lua).
 -- Answers { 'G', lease end, replayed, remaining per claim (-1: not a budget) }
 --       | { 'D', claim index (from 1), 'budget' | 'taken' | 'not_owner', remaining }
 --       | { 'E', 'conflict' | 'expired' | 'committed' | 'released' | 'in_flight', memo? }
-local function reserve(now, key, id, lease, fpnonce, mode, limits, body)
+local function reserve(now, key, lease, fpnonce, mode, limits, body)
   local e = now + lease
   if now < 1e12 or e >= 1e13 then
     -- Bucket ends are compared as 13-digit text.
@@ -182,7 +182,7 @@ local function reserve(now, key, id, lease, fpnonce, mode, limits, body)
   local kind, phase = MODES[mode][1], MODES[mode][2]
   limits = read_limits(limits)
   local claims = read_body(body, 0, now)
-  local old = redis.call('GET', key)
+  local old = CALL('GET', key)
   if old then
     local r = parse(old)
     local fp, nonce = string.sub(fpnonce, 1, 8), string.sub(fpnonce, 9)
@@ -190,13 +190,13 @@ local function reserve(now, key, id, lease, fpnonce, mode, limits, body)
       -- Replaced below.
     elseif r.s == 'T' then
       -- A tombstone refuses the id's own record, and a group's only the call it was left for.
-      if kind == 'h' or r.nonce == nonce then return RELEASED end
-    elseif kind == 'h' or (r.nonce == nonce and now < r.e) then
-      if r.f ~= fp then return CONFLICT end
+      if kind == 'h' or nonce_of(r) == nonce then return RELEASED end
+    elseif kind == 'h' or (nonce_of(r) == nonce and now < r.e) then
+      if fp_of(r) ~= fp then return CONFLICT end
       if r.s == 'H' or r.s == 'P' then
         if now >= r.e then return EXPIRED end
         -- Another attempt is still reserving this reservation's other groups.
-        if r.s == 'P' and r.nonce ~= nonce then return IN_FLIGHT end
+        if r.s == 'P' and nonce_of(r) ~= nonce then return IN_FLIGHT end
         return replay(r, nonce, claims, limits, now)
       end
       return refuse(key, r)
@@ -205,7 +205,7 @@ local function reserve(now, key, id, lease, fpnonce, mode, limits, body)
     -- replaces it.
   end
 
-  local budgets, left, denial = check_claims(id, claims, limits, e, now)
+  local budgets, left, denial = check_claims(key, claims, limits, e, now)
   if denial then return denial end
   local T = bucket(e)
   for i = 1, #claims do
@@ -215,25 +215,25 @@ local function reserve(now, key, id, lease, fpnonce, mode, limits, body)
       if b.window_ends then keep_until(b, math.max(b.window_ends, e) + WINDOW_GRACE_MS) end
       save_budget(b)
     else
-      redis.call('SET', claims[i][2] .. ':p', id, 'PX', num(lease))
+      CALL('SET', claims[i][2] .. ':p', key, 'PX', num(lease))
     end
   end
-  redis.call('SET', key, phase .. fpnonce .. times(e, now) .. body, 'PX', num(lease + RETAIN))
+  CALL('SET', key, phase .. fpnonce .. times(e, now) .. body, 'PX', num(lease + RETAIN))
   return { 'G', e, 0, unpack(left) }
 end
 
--- Op 9: record, id, lease, fingerprint (8 bytes), limits, body: what reserve would answer now,
+-- Op 9: record, lease, fingerprint (8 bytes), limits, body: what reserve would answer now,
 -- holding nothing.
-local function check(now, key, id, lease, fp, limits, body)
+local function check(now, key, lease, fp, limits, body)
   limits = read_limits(limits)
   local claims = read_body(body, 0, now)
   -- A slot group's record is its home's to answer for: only its claims are checked here.
-  local old = not is_group(key) and redis.call('GET', key)
+  local old = not is_group(key) and CALL('GET', key)
   if old then
     local r = parse(old)
     if not stands_for_nothing(r, '') then
       if r.s == 'T' then return RELEASED end
-      if r.f ~= fp then return CONFLICT end
+      if fp_of(r) ~= fp then return CONFLICT end
       if r.s == 'H' or r.s == 'P' then
         if now >= r.e then return EXPIRED end
         return replay(r, '', claims, limits, now)
@@ -241,28 +241,28 @@ local function check(now, key, id, lease, fp, limits, body)
       return refuse(key, r)
     end
   end
-  local _, left, denial = check_claims(id, claims, limits, now + lease, now)
+  local _, left, denial = check_claims(key, claims, limits, now + lease, now)
   if denial then return denial end
   return { 'G', now + lease, 0, unpack(left) }
 end
 
 -- Keeps `key` at least `keep` ms from now; answers false when it does not exist.
 local function keep_at_least(key, keep)
-  local ttl = redis.call('PTTL', key)
+  local ttl = CALL('PTTL', key)
   if ttl == -2 then return false end
-  if ttl >= 0 and ttl < keep then redis.call('PEXPIRE', key, num(keep)) end
+  if ttl >= 0 and ttl < keep then CALL('PEXPIRE', key, num(keep)) end
   return true
 end
 
 -- A commit of a hold whose lease ran out (here, or in a group that cannot follow): whatever is
 -- still held goes back now, and the record says it expired.
-local function expire_now(key, r, id, nonce, now)
-  undo(r, id, now)
-  redis.call('SET', key, settled_by(r, 'X', nonce), 'PX', num(RETAIN))
+local function expire_now(key, r, nonce, now)
+  undo(r, key, now)
+  CALL('SET', key, settled_by(r, 'X', nonce), 'PX', num(RETAIN))
   return { 'E', 'expired', r.g }
 end
 
--- Op 2: record, id, commit (boolean), strict (boolean), prepared, keep ms (0: forget), memo (nil
+-- Op 2: record, commit (boolean), strict (boolean), prepared, keep ms (0: forget), memo (nil
 -- for none), actuals (nil for none; else a count, then base key, window spec, amount each, a
 -- MessagePack sequence), call nonce (8 bytes)
 -- strict: actual amounts must each name a budget of this hold (a whole hold, or a Cluster home,
@@ -275,29 +275,29 @@ end
 --       | { 'E', 'unknown' | 'committed' | 'released' | 'expired' | 'in_flight' | 'exceeds'
 --              | 'not_held' | 'prepare', groups, memo? }
 -- 'prepare': a commit of a home with groups that were not made sure of: nothing changed.
-local function settle(now, key, id, commit, strict, prepared, keep, memo, actuals, nonce)
-  local raw = redis.call('GET', key)
+local function settle(now, key, commit, strict, prepared, keep, memo, actuals, nonce)
+  local raw = CALL('GET', key)
   local r = raw and parse(raw)
   if prepared == 'f' then
     -- Forgotten as a whole hold is: for ANSWER_MS its settling call is still answered.
     if r and (r.s == 'C' or r.s == 'R' or r.s == 'X') then
       local mkey = memo_key(key)
-      redis.call('SET', key, forgotten(r.nonce, false), 'PX', num(ANSWER_MS))
-      if mkey then redis.call('DEL', mkey) end
+      CALL('SET', key, forgotten(nonce_of(r), false), 'PX', num(ANSWER_MS))
+      if mkey then CALL('DEL', mkey) end
     end
     return OK_APPLIED
   end
   -- The same call sent again (its answer was lost) is answered as it was.
-  if r and r.s == 'F' and r.nonce == nonce then
+  if r and r.s == 'F' and nonce_of(r) == nonce then
     return forgot_with(r) == 'replayed' and OK_REPLAYED or OK_APPLIED
   end
-  if r and r.s == 'T' and r.f == nonce then return OK_TOMBSTONED end
+  if r and r.s == 'T' and fp_of(r) == nonce then return OK_TOMBSTONED end
   -- What a forgotten hold or a lost reserve call left is nothing to anyone else.
   if r and stands_for_nothing(r, '') then r = nil end
   if not r then
     if commit then return UNKNOWN_NONE end
     -- Released before reserved: the tombstone refuses the late reserve (and is always kept).
-    redis.call('SET', key, tombstone(nonce), 'PX', num(math.max(keep, RETAIN)))
+    CALL('SET', key, tombstone(nonce), 'PX', num(math.max(keep, RETAIN)))
     return OK_TOMBSTONED
   end
   if r.s ~= 'H' then
@@ -305,7 +305,7 @@ local function settle(now, key, id, commit, strict, prepared, keep, memo, actual
     local same = (commit and r.s == 'C') or (not commit and r.s ~= 'C')
     if not same then return { 'E', WHY[r.s], groups_of(r) } end
     -- The same call sent again (its answer was lost) is answered as it was.
-    if r.nonce == nonce and r.s ~= 'T' then return { 'OK', 'applied', groups_of(r) } end
+    if nonce_of(r) == nonce and r.s ~= 'T' then return { 'OK', 'applied', groups_of(r) } end
     if r.s ~= 'T' then
       -- Settled the same way before. A retry that forgets drops the record (a home with groups
       -- once they have followed, as below); one that keeps it keeps it (and its memo, or this
@@ -313,13 +313,13 @@ local function settle(now, key, id, commit, strict, prepared, keep, memo, actual
       local mkey = memo_key(key)
       if keep == 0 and #groups_of(r) > 0 then keep = RETAIN end
       if keep == 0 then
-        redis.call('SET', key, forgotten(nonce, true), 'PX', num(ANSWER_MS))
-        if mkey then redis.call('DEL', mkey) end
+        CALL('SET', key, forgotten(nonce, true), 'PX', num(ANSWER_MS))
+        if mkey then CALL('DEL', mkey) end
       else
         -- A memo lives as long as its record.
-        local ttl = math.max(keep, redis.call('PTTL', key))
+        local ttl = math.max(keep, CALL('PTTL', key))
         local kept = mkey and keep_at_least(mkey, ttl)
-        if memo and mkey and not kept then redis.call('SET', mkey, memo, 'PX', num(ttl)) end
+        if memo and mkey and not kept then CALL('SET', mkey, memo, 'PX', num(ttl)) end
         keep_at_least(key, keep)
       end
     end
@@ -331,8 +331,8 @@ local function settle(now, key, id, commit, strict, prepared, keep, memo, actual
   -- group is finished by a retry, which needs the list (cluster.rs drops it afterwards when
   -- the settlement forgets).
   if #groups > 0 and keep == 0 then keep = RETAIN end
-  if commit and now >= r.e then return expire_now(key, r, id, nonce, now) end
-  actuals = read_actuals(actuals)
+  if commit and now >= r.e then return expire_now(key, r, nonce, now) end
+  actuals = actuals and read_actuals(actuals) or NONE
   if commit and strict then
     -- Every actual amount is checked before anything changes (a Cluster home's groups too):
     -- against this record's claims, and a Cluster home's list of every group's budget claims.
@@ -352,27 +352,27 @@ local function settle(now, key, id, commit, strict, prepared, keep, memo, actual
     end
   end
   if commit and #groups > 0 and prepared == '0' then return { 'E', 'prepare', groups } end
-  if commit and prepared == 'x' then return expire_now(key, r, id, nonce, now) end
+  if commit and prepared == 'x' then return expire_now(key, r, nonce, now) end
   local plan = read_settled(r, commit, actuals, now)
   local mkey = keep > 0 and memo and memo_key(key)
-  if mkey then redis.call('EXISTS', mkey) end
+  if mkey then CALL('EXISTS', mkey) end
   -- Writes, every key read above.
-  write_settled(plan, id, commit)
+  write_settled(plan, key, commit)
   if keep == 0 then
-    redis.call('SET', key, forgotten(nonce, false), 'PX', num(ANSWER_MS))
+    CALL('SET', key, forgotten(nonce, false), 'PX', num(ANSWER_MS))
   else
-    redis.call('SET', key, settled_by(r, commit and 'C' or 'R', nonce), 'PX', num(keep))
-    if mkey then redis.call('SET', mkey, memo, 'PX', num(keep)) end
+    CALL('SET', key, settled_by(r, commit and 'C' or 'R', nonce), 'PX', num(keep))
+    if mkey then CALL('SET', mkey, memo, 'PX', num(keep)) end
   end
   if groups == NONE then return OK_APPLIED end
   return { 'OK', 'applied', groups }
 end
 
--- Op 3: record, id, lease, at least (boolean): renews a live hold's lease to `lease` from now (at
+-- Op 3: record, lease, at least (boolean): renews a live hold's lease to `lease` from now (at
 -- least: never shortened, for a slot group, whose lease must outlast its home's).
 -- Answers { 'OK', new lease end, groups } | { 'E', why }
-local function extend(now, key, id, lease, at_least)
-  local raw = redis.call('GET', key)
+local function extend(now, key, lease, at_least)
+  local raw = CALL('GET', key)
   if not raw then return UNKNOWN end
   local r = parse(raw)
   if stands_for_nothing(r, '') then return UNKNOWN end
@@ -390,45 +390,45 @@ local function extend(now, key, id, lease, at_least)
       local b = load_budget(c[5], old_T, new_T)
       expire(b, now)
       if take_out(b, old_T, c[3], now) then
-        if b.c == 1 and b.n ~= new_T then redis.call('EXISTS', b.key .. ':h') end
+        if b.c == 1 and b.n ~= new_T then CALL('EXISTS', b.key .. ':h') end
         hold_in(b, new_T, c[3])
       end
       if b.t > 0 then keep_until(b, e + WINDOW_GRACE_MS) end
       budgets[#budgets + 1] = b
-    elseif redis.call('GET', c[2] .. ':p') == id then
+    elseif CALL('GET', c[2] .. ':p') == key then
       values[#values + 1] = c[2] .. ':p'
     end
   end
   for i = 1, #budgets do save_budget(budgets[i]) end
-  for i = 1, #values do redis.call('PEXPIRE', values[i], num(lease)) end
-  redis.call('SET', key, 'H' .. r.f .. r.nonce .. PACK('>I6', e) .. string.sub(raw, 24),
+  for i = 1, #values do CALL('PEXPIRE', values[i], num(lease)) end
+  CALL('SET', key, 'H' .. string.sub(raw, 2, 17) .. PACK('>I6', e) .. string.sub(raw, 24),
     'PX', num(lease + RETAIN))
   return { 'OK', e, r.g }
 end
 
 -- Op 4: record, nonce: a Cluster home whose groups are all held is held too.
 local function mark(now, key, nonce)
-  local raw = redis.call('GET', key)
+  local raw = CALL('GET', key)
   if not raw then return UNKNOWN end
   local r = parse(raw)
-  if r.s ~= 'P' or r.nonce ~= nonce then return { 'E', 'not_pending' } end
-  redis.call('SET', key, with_phase(r, 'H'), 'KEEPTTL')
+  if r.s ~= 'P' or nonce_of(r) ~= nonce then return { 'E', 'not_pending' } end
+  CALL('SET', key, with_phase(r, 'H'), 'KEEPTTL')
   return OK
 end
 
--- Op 5: record, id, nonce: gives back what one reserve call held under `record` (a call denied
+-- Op 5: record, nonce: gives back what one reserve call held under `record` (a call denied
 -- elsewhere, or whose answer was lost), and leaves a tombstone that refuses that call, should it
 -- still arrive. Another call's record is left alone.
-local function forget(now, key, id, nonce)
-  local raw = redis.call('GET', key)
+local function forget(now, key, nonce)
+  local raw = CALL('GET', key)
   if raw then
     local r = parse(raw)
-    if r.nonce ~= nonce or not (r.s == 'H' or r.s == 'P') then
+    if nonce_of(r) ~= nonce or not (r.s == 'H' or r.s == 'P') then
       if not stands_for_nothing(r, nonce) then return OK end
     else
-      undo(r, id, now)
+      undo(r, key, now)
     end
   end
-  redis.call('SET', key, tombstone_for(nonce), 'PX', num(RETAIN))
+  CALL('SET', key, tombstone_for(nonce), 'PX', num(RETAIN))
   return OK
 end

@@ -426,7 +426,7 @@ impl RedisStore {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                 }
-                left = store.forget_all(&id, left, &nonce).await;
+                left = store.forget_all(left, &nonce).await;
                 if left.is_empty() {
                     return;
                 }
@@ -440,11 +440,11 @@ impl RedisStore {
 
     /// Forgets what the reserve call `nonce` held under each of `records`, at once; answers the
     /// records that could not be reached.
-    async fn forget_all(&self, id: &HoldId, records: Vec<String>, nonce: &Nonce) -> Vec<String> {
+    async fn forget_all(&self, records: Vec<String>, nonce: &Nonce) -> Vec<String> {
         let answers = futures_util::future::join_all(
             records
                 .iter()
-                .map(|record| self.call(ops::forget(record.clone(), id, nonce), false)),
+                .map(|record| self.call(ops::forget(record.clone(), nonce), false)),
         )
         .await;
         records
@@ -464,7 +464,7 @@ impl RedisStore {
         settlement: &Settlement,
         args: ops::SettleArgs,
     ) -> Result<ops::SettleAnswer, Error> {
-        let op = ops::settle(self.keys(), record.to_owned(), id, settlement, args);
+        let op = ops::settle(self.keys(), record.to_owned(), settlement, args);
         let answer = self.call_again_if_lost(op, settlement.is_commit()).await?;
         ops::settled(&answer, id)
     }
@@ -592,7 +592,7 @@ impl Store for RedisStore {
 
     async fn extend(&self, id: &HoldId, lease: Duration) -> Result<u64, Error> {
         crate::reservation::check_lease(lease)?;
-        let op = ops::extend(self.keys().record(id), id, lease.as_millis() as u64, false);
+        let op = ops::extend(self.keys().record(id), lease.as_millis() as u64, false);
         let answer = self.call(op, false).await?;
         let (until, groups) = ops::extended(&answer, id)?;
         if !groups.is_empty() {

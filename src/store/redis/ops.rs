@@ -109,7 +109,6 @@ pub(crate) fn reserve(keys: &Keys, r: &Reservation, a: &ReserveArgs<'_>) -> Op {
     };
     let mut w = Writer::op(1);
     w.str(&a.record)
-        .str(r.id().as_str())
         .uint(a.lease_ms)
         .bytes(&fp_nonce)
         .uint(mode)
@@ -122,7 +121,6 @@ pub(crate) fn reserve(keys: &Keys, r: &Reservation, a: &ReserveArgs<'_>) -> Op {
 pub(crate) fn check(keys: &Keys, r: &Reservation, record: String, indices: &[usize]) -> Op {
     let mut w = Writer::op(9);
     w.str(&record)
-        .str(r.id().as_str())
         .uint(r.lease().as_millis() as u64)
         .bytes(&r.fingerprint()[..])
         .bytes(&limits(r, indices))
@@ -157,13 +155,7 @@ pub(crate) enum Prepared {
 }
 
 /// Op 2: settle one record.
-pub(crate) fn settle(
-    keys: &Keys,
-    record: String,
-    id: &HoldId,
-    s: &Settlement,
-    a: SettleArgs,
-) -> Op {
+pub(crate) fn settle(keys: &Keys, record: String, s: &Settlement, a: SettleArgs) -> Op {
     let prepared = match a.prepared {
         Prepared::No => "0",
         Prepared::Yes => "1",
@@ -182,7 +174,6 @@ pub(crate) fn settle(
     });
     let mut w = Writer::op(2);
     w.str(&record)
-        .str(id.as_str())
         .bool(s.is_commit())
         .bool(a.strict)
         .str(prepared)
@@ -194,12 +185,9 @@ pub(crate) fn settle(
 }
 
 /// Op 3: extend one record's lease to `lease_ms` from now; `at_least`: never shorten it.
-pub(crate) fn extend(record: String, id: &HoldId, lease_ms: u64, at_least: bool) -> Op {
+pub(crate) fn extend(record: String, lease_ms: u64, at_least: bool) -> Op {
     let mut w = Writer::op(3);
-    w.str(&record)
-        .str(id.as_str())
-        .uint(lease_ms)
-        .bool(at_least);
+    w.str(&record).uint(lease_ms).bool(at_least);
     w.done(record, 1)
 }
 
@@ -211,9 +199,9 @@ pub(crate) fn mark(record: String, nonce: &Nonce) -> Op {
 }
 
 /// Op 5: undo and remove this attempt's record of a denied reservation.
-pub(crate) fn forget(record: String, id: &HoldId, nonce: &Nonce) -> Op {
+pub(crate) fn forget(record: String, nonce: &Nonce) -> Op {
     let mut w = Writer::op(5);
-    w.str(&record).str(id.as_str()).bytes(&nonce[..]);
+    w.str(&record).bytes(&nonce[..]);
     w.done(record, 1)
 }
 
