@@ -144,7 +144,8 @@ end
 --   lease end, start: ms, unsigned big-endian; start is when it was reserved (windowed budgets
 --          are found again by it)
 --   body:  a MessagePack sequence (no arrays, so that reading it builds no table but the
---          claims'): n, g, v, then n claims, g groups, v spends
+--          claims'): n, then n claims; then, only for a Cluster home with groups, g and v, then
+--          g groups and v spends
 --          claim: 'b', budget base key, amount, window spec | 'u' or 'r', value key, 0, owner
 --          group: on a Cluster, the record of one of a reservation's other slot groups (home only)
 --          spend: a Cluster home's list of every group's budget claims: base key, spec, amount,
@@ -239,13 +240,13 @@ local function read_spends(packed, off, count)
   return spends, off
 end
 
--- The claims, groups and spends of a body that starts at `off` of `packed`, for a hold reserved
+-- The claims, groups and spends of a body that starts at `from` of `packed`, for a hold reserved
 -- at `start`. A budget claim is { 'b', base key, amount, spec, key in its window, window end };
 -- a value claim { 'u' or 'r', value key, 0, owner }.
 local function read_body(packed, from, start)
-  -- The counts and the first claim in one call; without a claim, the counts again.
-  local off, n, g, v, kind, key, amount, other = MP_READ(packed, 7, from)
-  if n == 0 then off = MP_READ(packed, 3, from) end
+  -- The count and the first claim in one call; without a claim, the count alone.
+  local off, n, kind, key, amount, other = MP_READ(packed, 5, from)
+  if n == 0 then off = MP_READ(packed, 1, from) end
   local claims = {}
   for i = 1, n do
     if i > 1 then off, kind, key, amount, other = MP_READ(packed, 4, off) end
@@ -258,7 +259,9 @@ local function read_body(packed, from, start)
       claims[i] = { kind, key, amount, other, key .. suffix, ends }
     end
   end
-  if g == 0 and v == 0 then return claims, NONE, NONE end
+  if off == -1 then return claims, NONE, NONE end
+  local g, v
+  off, g, v = MP_READ(packed, 2, off)
   local groups = NONE
   if g > 0 then
     groups = {}

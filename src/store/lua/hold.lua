@@ -92,10 +92,11 @@ local function replay(r, nonce, claims, limits, now)
   return out
 end
 
--- The limits of a reserve's claims, as the client packed them.
-local function read_limits(packed)
-  if packed == '' then return NONE end
-  return { MP_UNPACK(packed) }
+-- The limits of a reserve's claims: the first claim's, and the others' as the client packed them
+-- (nil when there are none).
+local function read_limits(limit, more)
+  if not more then return { limit } end
+  return { limit, MP_UNPACK(more) }
 end
 
 -- The actual amounts a commit carries, as the client packed them: a count, then base key, spec,
@@ -167,20 +168,20 @@ end
 -- marked; 3, another slot group of a Cluster reservation.
 local MODES = { { 'h', 'H' }, { 'h', 'P' }, { 'g', 'H' } }
 
--- Op 1: record, lease, fingerprint and nonce (8 bytes each), mode, limits, body
--- `limits`: the budget claims' limits, a MessagePack sequence by claim index (0 for a value);
--- `body`: the record's body (see common.lua).
+-- Op 1: record, lease, fingerprint and nonce (8 bytes each), mode, body, limit, more limits
+-- `body`: the record's body (see common.lua); `limit`: the first claim's limit (0 for a value),
+-- `more limits`: the other claims', a MessagePack sequence by claim index (nil for none).
 -- Answers { 'G', lease end, replayed, remaining per claim (-1: not a budget) }
 --       | { 'D', claim index (from 1), 'budget' | 'taken' | 'not_owner', remaining }
 --       | { 'E', 'conflict' | 'expired' | 'committed' | 'released' | 'in_flight', memo? }
-local function reserve(now, key, lease, fpnonce, mode, limits, body)
+local function reserve(now, key, lease, fpnonce, mode, body, limit, more_limits)
   local e = now + lease
   if now < 1e12 or e >= 1e13 then
     -- Bucket ends are compared as 13-digit text.
     return { 'X', 'the server clock is outside the years 2001 to 2286' }
   end
   local kind, phase = MODES[mode][1], MODES[mode][2]
-  limits = read_limits(limits)
+  local limits = read_limits(limit, more_limits)
   local claims = read_body(body, 0, now)
   local old = CALL('GET', key)
   if old then
@@ -222,10 +223,10 @@ local function reserve(now, key, lease, fpnonce, mode, limits, body)
   return { 'G', e, 0, unpack(left) }
 end
 
--- Op 9: record, lease, fingerprint (8 bytes), limits, body: what reserve would answer now,
+-- Op 9: record, lease, fingerprint (8 bytes), body, limit, more limits: what reserve would answer now,
 -- holding nothing.
-local function check(now, key, lease, fp, limits, body)
-  limits = read_limits(limits)
+local function check(now, key, lease, fp, body, limit, more_limits)
+  local limits = read_limits(limit, more_limits)
   local claims = read_body(body, 0, now)
   -- A slot group's record is its home's to answer for: only its claims are checked here.
   local old = not is_group(key) and CALL('GET', key)

@@ -33,17 +33,23 @@ pub(crate) struct ReserveArgs<'a> {
     pub(crate) nonce: &'a Nonce,
 }
 
-/// The limits of the claims at `indices`, as `check_claims` in `hold.lua` reads them: one per
-/// claim, 0 for a value claim (a record keeps no limit).
-fn limits(r: &Reservation, indices: &[usize]) -> Vec<u8> {
-    let mut w = Writer::sequence();
-    for &i in indices {
-        match &r.claims()[i] {
-            Claim::Spend { budget, .. } => w.uint(budget.limit()),
-            _ => w.uint(0),
-        };
-    }
-    w.into_bytes()
+/// The limits of the claims at `indices`, as `check_claims` in `hold.lua` reads them: the first
+/// claim's, and the others' packed (none when it is alone); 0 for a value claim (a record keeps
+/// no limit).
+fn limits(r: &Reservation, indices: &[usize]) -> (u64, Option<Vec<u8>>) {
+    let limit = |i: usize| match &r.claims()[i] {
+        Claim::Spend { budget, .. } => budget.limit(),
+        _ => 0,
+    };
+    let first = indices.first().map_or(0, |&i| limit(i));
+    let more = (indices.len() > 1).then(|| {
+        let mut w = Writer::sequence();
+        for &i in &indices[1..] {
+            w.uint(limit(i));
+        }
+        w.into_bytes()
+    });
+    (first, more)
 }
 
 fn value_claim(claim: &Claim) -> (&'static str, &crate::Unique, &str) {
@@ -69,9 +75,7 @@ fn record_body(keys: &Keys, r: &Reservation, indices: &[usize], groups: &[String
             .collect()
     };
     let mut w = Writer::sequence();
-    w.uint(indices.len() as u64)
-        .uint(groups.len() as u64)
-        .uint(spends.len() as u64);
+    w.uint(indices.len() as u64);
     for &i in indices {
         match &r.claims()[i] {
             Claim::Spend { budget, amount } => {
@@ -86,6 +90,10 @@ fn record_body(keys: &Keys, r: &Reservation, indices: &[usize], groups: &[String
             }
         }
     }
+    if groups.is_empty() && spends.is_empty() {
+        return w.into_bytes();
+    }
+    w.uint(groups.len() as u64).uint(spends.len() as u64);
     for g in groups {
         w.str(g);
     }
@@ -107,24 +115,28 @@ pub(crate) fn reserve(keys: &Keys, r: &Reservation, a: &ReserveArgs<'_>) -> Op {
         (Mode::Home, false) => 2,
         (Mode::Group, _) => 3,
     };
+    let (limit, more_limits) = limits(r, a.claims);
     let mut w = Writer::op(1);
     w.str(&a.record)
         .uint(a.lease_ms)
         .bytes(&fp_nonce)
         .uint(mode)
-        .bytes(&limits(r, a.claims))
-        .bytes(&record_body(keys, r, a.claims, a.groups));
+        .bytes(&record_body(keys, r, a.claims, a.groups))
+        .uint(limit)
+        .bytes_or_nil(more_limits.as_deref());
     w.done(a.record.clone(), a.claims.len().max(1))
 }
 
 /// Op 9: what reserving the claims at `indices` under `record` would answer now.
 pub(crate) fn check(keys: &Keys, r: &Reservation, record: String, indices: &[usize]) -> Op {
+    let (limit, more_limits) = limits(r, indices);
     let mut w = Writer::op(9);
     w.str(&record)
         .uint(r.lease().as_millis() as u64)
         .bytes(&r.fingerprint()[..])
-        .bytes(&limits(r, indices))
-        .bytes(&record_body(keys, r, indices, &[]));
+        .bytes(&record_body(keys, r, indices, &[]))
+        .uint(limit)
+        .bytes_or_nil(more_limits.as_deref());
     w.done(record, indices.len().max(1))
 }
 
