@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
 use crate::Error;
@@ -281,11 +281,29 @@ impl fmt::Debug for DigestKey {
 /// assert_eq!(a, b);
 /// assert_ne!(a, Unique::new("accounts", "Ann@Example.COM"));
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone)]
 pub struct Unique {
     namespace: String,
     digest: [u8; 16],
     empty: bool,
+    /// How the client's request names the value, for what the client is told: no part of its
+    /// identity.
+    words: Option<Cow<'static, str>>,
+}
+
+impl PartialEq for Unique {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.namespace, &self.digest, self.empty)
+            == (&other.namespace, &other.digest, other.empty)
+    }
+}
+
+impl Eq for Unique {}
+
+impl std::hash::Hash for Unique {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (&self.namespace, &self.digest, self.empty).hash(state);
+    }
 }
 
 impl Unique {
@@ -341,7 +359,7 @@ impl Unique {
                 hasher.finalize().into()
             }
             Some(key) => {
-                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&key.0)
+                let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key.0)
                     .expect("HMAC takes a key of any length");
                 mac.update(&(namespace.len() as u64).to_be_bytes());
                 mac.update(namespace.as_bytes());
@@ -355,7 +373,32 @@ impl Unique {
             namespace,
             digest,
             empty: value.is_empty() || value.len() > MAX_KEY_LEN,
+            words: None,
         }
+    }
+
+    /// Says how the client's request names this value (`"the value at /email"`, `"the header
+    /// x-username"`), so that a refusal tells the client which of its values is taken in its own
+    /// words, as the `400`s name a header or a JSON pointer: `409` with the detail *the value at
+    /// /email is already taken*. Without it the detail says *the value is already taken*. The
+    /// words are not part of the value's identity (two claims of one value with other words are
+    /// one value), and are never stored.
+    ///
+    /// ```
+    /// use tower_reserve::Unique;
+    ///
+    /// let email = Unique::email("accounts", "ann@example.com").described_as("the value at /email");
+    /// assert_eq!(email.description(), Some("the value at /email"));
+    /// assert_eq!(email, Unique::email("accounts", "ann@example.com"));
+    /// ```
+    pub fn described_as(mut self, words: impl Into<Cow<'static, str>>) -> Self {
+        self.words = Some(words.into());
+        self
+    }
+
+    /// How the client's request names this value, if [`Unique::described_as`] said.
+    pub fn description(&self) -> Option<&str> {
+        self.words.as_deref()
     }
 
     /// An e-mail address, normalized by [`normalize_email`].

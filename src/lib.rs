@@ -53,7 +53,7 @@
 //!         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("created"))))
 //!     }));
 //! // It takes any request body, hyper's `Incoming` included: serve it with hyper-util's
-//! // `TowerToHyperService` (examples/hyper_service.rs).
+//! // `TowerToHyperService` (examples/hyper_service/).
 //! # let _ = service;
 //! ```
 //!
@@ -63,7 +63,7 @@
 //! place. The claims spend from it ([`BudgetOf::spend`]) and [`usage`] answers its state, so a
 //! usage endpoint can never show another limit than the one the route enforces. A handler that
 //! learns what the work really cost commits that much ([`Hold::set_actual`]); the rest of what
-//! was held goes back in the same step. `examples/metered_api.rs` is the whole of it.
+//! was held goes back in the same step. `examples/metered_api/` is the whole of it.
 //!
 //! ```
 //! use axum::{Json, Router, routing::{get_service, post}};
@@ -330,8 +330,8 @@ pub use claim::{
 pub use error::{Error, ErrorKind};
 pub use layer::{
     ACTUAL_HEADER, Actual, BudgetOf, DEFAULT_BODY_LIMIT, Disconnect, ExtractClaims, Extracted,
-    Hold, Idempotency, PROBLEM_TYPES, Rejection, RejectionKind, RequestBody, Reserve, ReserveLayer,
-    ResponseBody, ResponseFuture, Routes, Spend, Usage, Validate, extract, usage,
+    Hold, Idempotency, Rejection, RejectionKind, RequestBody, Reserve, ReserveLayer, ResponseBody,
+    ResponseFuture, Routes, Spend, Usage, Validate, extract, usage,
 };
 pub use reservation::{
     BudgetStatus, Denial, DenialReason, Grant, HoldId, MAX_CLAIMS, MAX_LEASE, Reservation,

@@ -1,5 +1,6 @@
 //! Reservations: all the claims of one command, and what a store answers about them.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -31,8 +32,14 @@ pub const MAX_LEASE: Duration = Duration::from_secs(86_400);
 /// assert!(HoldId::new("Xk2vR8@16384").is_err());
 /// assert_eq!(HoldId::derive(["POST /orders", "key 1"]), HoldId::derive(["POST /orders", "key 1"]));
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct HoldId(String);
+#[derive(Clone)]
+pub struct HoldId {
+    /// Shared, not copied: an id is cloned into the grant, the store's record and its deadline,
+    /// the hold and every settlement of it.
+    text: Arc<str>,
+    /// Where the record lives, read from the text once: every store call asks.
+    slot: u16,
+}
 
 impl HoldId {
     /// Checks and wraps an id.
@@ -55,7 +62,7 @@ impl HoldId {
                 && slot.parse::<u16>().is_ok_and(|n| n < SLOTS)
         });
         if name_ok && slot_ok {
-            Ok(Self(id))
+            Ok(Self::placed_by_text(&id))
         } else {
             Err(Error::invalid(
                 "a hold id must be 1 to 128 characters of [A-Za-z0-9_.:-], optionally followed by @ and a slot 0 to 16383",
@@ -63,18 +70,40 @@ impl HoldId {
         }
     }
 
+    /// A checked id's text, with the slot it names or, naming none, that of the whole text.
+    fn placed_by_text(text: &str) -> Self {
+        let slot = match text.split_once('@') {
+            Some((_, slot)) => slot.parse().expect("a checked slot"),
+            None => slot_of(text.as_bytes()),
+        };
+        Self {
+            text: Arc::from(text),
+            slot,
+        }
+    }
+
     /// A fresh random id: 96 random bits in 16 URL-safe base64 characters, placed by its own
     /// text.
     pub fn random() -> Self {
-        Self(random_name())
+        let mut buf = [0; RANDOM_NAME];
+        Self::placed_by_text(random_name(&mut buf))
     }
 
     /// A fresh random id whose record lives in `slot`.
     pub(crate) fn random_in(slot: u16) -> Self {
-        let mut id = random_name();
-        id.push('@');
-        id.push_str(itoa::Buffer::new().format(slot));
-        Self(id)
+        // The name, `@` and at most five digits, written in place: one allocation, the id's.
+        let mut buf = [0; RANDOM_NAME + 6];
+        random_name(&mut buf[..RANDOM_NAME]);
+        buf[RANDOM_NAME] = b'@';
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(slot).as_bytes();
+        let len = RANDOM_NAME + 1 + digits.len();
+        buf[RANDOM_NAME + 1..len].copy_from_slice(digits);
+        let text = std::str::from_utf8(&buf[..len]).expect("base64, @ and digits are ASCII");
+        Self {
+            text: Arc::from(text),
+            slot,
+        }
     }
 
     /// A stable id digested from `parts`, e.g. a route and a client's idempotency key.
@@ -89,40 +118,76 @@ impl HoldId {
             hasher.update((part.len() as u64).to_be_bytes());
             hasher.update(part);
         }
-        Self(hex(&hasher.finalize()[..16]))
+        Self::placed_by_text(&hex(&hasher.finalize()[..16]))
     }
 
     /// The id as text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
     }
 
     /// The slot the hold's record lives in: the one after `@`, or else that of the whole id.
     pub fn slot(&self) -> u16 {
-        match self.placed() {
-            Some((_, slot)) => slot,
-            None => slot_of(self.0.as_bytes()),
-        }
+        self.slot
     }
 
     /// The name and the slot of an id that names its slot.
     pub(crate) fn placed(&self) -> Option<(&str, u16)> {
-        let (name, slot) = self.0.split_once('@')?;
-        Some((name, slot.parse().ok()?))
+        let (name, _) = self.text.split_once('@')?;
+        Some((name, self.slot))
     }
 }
 
-/// 96 random bits in 16 URL-safe base64 characters. Short on purpose: it names a record in Redis,
-/// and a key of at most 28 bytes is stored in a smaller allocation.
-fn random_name() -> String {
+// One id, one text: the slot follows from the text, so only the text is compared and hashed.
+impl PartialEq for HoldId {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for HoldId {}
+
+impl std::hash::Hash for HoldId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+    }
+}
+
+impl PartialOrd for HoldId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for HoldId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.text.cmp(&other.text)
+    }
+}
+
+impl std::fmt::Debug for HoldId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("HoldId").field(&&*self.text).finish()
+    }
+}
+
+/// The length of a random name: 12 bytes in URL-safe base64.
+const RANDOM_NAME: usize = 16;
+
+/// 96 random bits in 16 URL-safe base64 characters, written into `buf`. Short on purpose: it
+/// names a record in Redis, and a key of at most 28 bytes is stored in a smaller allocation.
+fn random_name(buf: &mut [u8]) -> &str {
     use base64::Engine;
     let bytes: [u8; 12] = rand::random();
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode_slice(bytes, buf)
+        .expect("16 bytes hold 12 in base64");
+    std::str::from_utf8(&buf[..n]).expect("base64 is ASCII")
 }
 
 impl std::fmt::Display for HoldId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 
@@ -415,6 +480,10 @@ pub enum DenialReason {
         requested: u64,
         /// What is left: limit minus spent minus held (never below zero).
         remaining: u64,
+        /// When the window this was counted in ends, in Unix milliseconds by the store's clock
+        /// (the budget is whole again then, but for what later windows hold); `None` for a
+        /// lifetime budget, which never resets.
+        resets_at_ms: Option<u64>,
     },
     /// The value is owned, or held by another command in flight, on behalf of someone else.
     Taken,

@@ -1,8 +1,6 @@
 //! The stores' test clock: a lease, a retention and a window pass in one step, on every store,
 //! and Redis's own expiries follow.
 
-mod support;
-
 use std::time::Duration;
 
 use support::redis_server::{RedisCluster, RedisServer};

@@ -2,8 +2,6 @@
 //! inside and outside it, with a route's own `route_layer`, and `Option<Hold>` for a handler
 //! that serves requests with and without claims.
 
-mod support;
-
 use std::time::Duration;
 
 use axum::Router;

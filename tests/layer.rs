@@ -1,8 +1,6 @@
 //! The layer end to end, against every store: settle paths, disconnects, concurrency, body
 //! limits, rejections, per-route policies and idempotency keys.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -11,14 +9,14 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
-use rand::Rng;
+use rand::RngExt;
 use support::fresh;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_reserve::{
     Budget, Claim, Disconnect, ExtractClaims, Extracted, Hold, HoldId, Rejection, RejectionKind,
-    RequestBody, ReserveLayer, Routes, Store, Unique, extract,
+    RequestBody, ReserveLayer, Routes, Store, Unique, Window, extract,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -34,7 +32,7 @@ macro_rules! layer_suite {
             )*
         }
         mod redis {
-            use super::support::redis_server::RedisServer;
+            use support::redis_server::RedisServer;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
@@ -83,6 +81,7 @@ layer_suite!(
     actual_amounts_commit_what_was_used,
     bad_actual_reports_release_the_hold,
     remaining_headers_tell_what_is_left,
+    over_a_window_the_answer_can_be_429_with_retry_after,
     shadow_mode_holds_nothing_and_lets_all_through,
     the_layer_forgets_the_holds_it_named,
 );
@@ -175,7 +174,10 @@ async fn handle(ctl: Ctl, req: Request<RequestBody>) -> Result<Response<Full<Byt
             let (budget, _) = hold.budgets().next().expect("a budget claim");
             let budget = budget.clone();
             hold.set_actual(&budget, actual_of(&req))?;
-            reply(200, held, "used less")
+            let left = hold
+                .remaining_after_commit(&budget)
+                .expect("spends from it");
+            reply(200, held, format!("used less; {left} left"))
         }
         "actual-ext" => {
             let mut response = reply(200, held, "used less")?;
@@ -277,11 +279,8 @@ impl Answer {
             "application/problem+json"
         );
         let json = self.json();
-        let kind = json["type"].as_str().unwrap_or_default();
-        assert!(
-            kind == "about:blank" || kind.starts_with(tower_reserve::PROBLEM_TYPES),
-            "{json}"
-        );
+        // No type URI that would not resolve: the title names the problem.
+        assert_eq!(json["type"], "about:blank", "{json}");
         assert_eq!(json["title"], title, "{json}");
         assert_eq!(json["status"], status, "{json}");
         assert!(
@@ -905,7 +904,8 @@ fn name_claims() -> impl ExtractClaims + Clone {
     |req: Request<Bytes>| async move {
         let name = extract::header(&req, "x-name")?.to_owned();
         let owner = extract::header(&req, "x-owner")?.to_owned();
-        let mut claims = vec![Claim::own(Unique::new("names", &name), owner)];
+        let name = Unique::new("names", &name).described_as("the header x-name");
+        let mut claims = vec![Claim::own(name, owner)];
         if let Some(amount) = req.headers().get("x-amount") {
             let amount: u64 = amount.to_str().unwrap().parse().unwrap();
             let key = extract::header(&req, "x-budget")?.to_owned();
@@ -944,7 +944,9 @@ async fn taken_unique_is_a_409_problem<St: Store>(store: St) {
     req.headers_mut()
         .insert("x-budget", budget.key().parse().unwrap());
     let a = call(svc, req).await;
-    a.problem(409, "Already taken");
+    let json = a.problem(409, "Already taken");
+    // Which value, in the client's own words.
+    assert_eq!(json["detail"], "the header x-name is already taken");
     // A denial holds none of the request's claims.
     assert_budget(&store, &budget, 0, 0).await;
 }
@@ -1102,7 +1104,8 @@ async fn custom_error_handler_reshapes<St: Store>(store: St) {
             RejectionKind::OverBudget {
                 key: budget.key().to_owned(),
                 requested: 101,
-                remaining: 100
+                remaining: 100,
+                resets_at_ms: None,
             },
             RejectionKind::BadRequest,
         ]
@@ -1222,6 +1225,33 @@ async fn axum_routes_keep_their_own_policies<St: Store>(store: St) {
     for (account, spent) in [("x", 20), ("y", 20)] {
         let budget = Budget::new(format!("{prefix}-{account}"), 30);
         assert_budget(&store, &budget, spent, 0).await;
+    }
+
+    // In a nested router, whose handlers see paths without the prefix, a path parameter is read
+    // at its place in that path (the matched path has the prefix).
+    let p = prefix.clone();
+    let nested = axum::Router::new().route(
+        "/acct/{id}/spend",
+        axum::routing::post(hold_echo).layer(ReserveLayer::new(
+            store.clone(),
+            move |req: Request<Bytes>| {
+                let prefix = p.clone();
+                async move {
+                    let id = extract::path_param(&req, "id")?;
+                    let budget = Budget::new(format!("{prefix}-nested-{id}"), 30);
+                    Extracted::Ok((req, vec![Claim::spend(budget, 20)]))
+                }
+            },
+        )),
+    );
+    let app = axum::Router::new().nest("/v1/{tenant}", nested);
+    for (account, expect) in [("x", 200), ("x", 403), ("y", 200)] {
+        let a = call(app.clone(), req(&format!("/v1/t/acct/{account}/spend"), 0)).await;
+        assert_eq!(a.status.as_u16(), expect, "{account}: {:?}", a.body);
+    }
+    for account in ["x", "y"] {
+        let budget = Budget::new(format!("{prefix}-nested-{account}"), 30);
+        assert_budget(&store, &budget, 20, 0).await;
     }
 }
 
@@ -1523,6 +1553,68 @@ async fn requests_are_traced_with_their_hold_and_no_raw_values() {
     assert!(logs.contains(&digest), "its digest does: {logs}");
 }
 
+/// The route's pattern is a field of the request's span; denials can be logged at `INFO`, with
+/// the route and without the claims, rather than at `DEBUG` in the span.
+#[tokio::test(flavor = "current_thread")]
+async fn denials_are_logged_with_their_route_at_the_level_asked() {
+    let budget = new_budget(10);
+    let routes = |budget: &Budget| {
+        Routes::new().route(
+            http::Method::POST,
+            "/teams/{team}/completions",
+            spend_claims(budget.clone()),
+        )
+    };
+    let over = || {
+        let mut req = request("ok", 11);
+        *req.uri_mut() = "/teams/t-7/completions".parse().unwrap();
+        req
+    };
+
+    let (logs, capturing) = support::capture_logs_at(tracing::Level::INFO);
+    let quiet = ReserveLayer::new(tower_reserve::MemoryStore::new(), routes(&budget))
+        .layer(handler(Ctl::default()));
+    assert_eq!(call(quiet, over()).await.status, 403);
+    assert!(
+        !logs.text().contains("denied"),
+        "at DEBUG by default: {}",
+        logs.text()
+    );
+    let told = ReserveLayer::new(tower_reserve::MemoryStore::new(), routes(&budget))
+        .log_denials(tracing::Level::INFO)
+        .layer(handler(Ctl::default()));
+    assert_eq!(call(told, over()).await.status, 403);
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("denied"))
+        .unwrap_or_else(|| panic!("a denial at INFO: {text}"));
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(
+        line.contains(r#"route="/teams/{team}/completions""#),
+        "{line}"
+    );
+    assert!(line.contains("reason=\"over_budget\""), "{line}");
+    assert!(
+        !line.contains(budget.key()),
+        "no budget key at INFO: {line}"
+    );
+    drop(capturing);
+
+    // At DEBUG, the request's span names the route.
+    let (logs, _capturing) = support::capture_logs();
+    let svc = ReserveLayer::new(tower_reserve::MemoryStore::new(), routes(&budget))
+        .layer(handler(Ctl::default()));
+    assert_eq!(call(svc, over()).await.status, 403);
+    let text = logs.text();
+    assert!(
+        text.contains(
+            r#"reserve{method=POST path="/teams/t-7/completions" route="/teams/{team}/completions""#
+        ),
+        "{text}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Actual amounts, remaining headers, shadow mode, retention
 
@@ -1543,8 +1635,15 @@ async fn actual_amounts_commit_what_was_used<St: Store>(store: St) {
         ("actual-ext", 45),
         ("actual-header", 0),
     ] {
+        let spent_before = store.budget(&budget).await.unwrap().spent;
         let a = call(svc.clone(), actual_request(mode, 300, &used.to_string())).await;
         assert_eq!(a.status, 200, "{mode}: {:?}", a.body);
+        if mode == "actual-hold" {
+            // What the handler said would be left is what is left once it committed.
+            let left = LIMIT - spent_before - used;
+            assert_eq!(a.body, format!("used less; {left} left"));
+            assert_budget(&store, &budget, spent_before + used, 0).await;
+        }
         assert!(
             !a.headers.contains_key(tower_reserve::ACTUAL_HEADER),
             "the report never leaves"
@@ -1616,6 +1715,79 @@ async fn remaining_headers_tell_what_is_left<St: Store>(store: St) {
             .contains_key("ratelimit")
     );
     assert_budget(&store, &budget, 101, 0).await;
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+async fn over_a_window_the_answer_can_be_429_with_retry_after<St: Store>(store: St) {
+    const HOUR_MS: u64 = 3_600_000;
+    let hourly = Budget::new(fresh("budget"), 100).per(Window::Every(Duration::from_secs(3600)));
+    let lifetime = new_budget(100);
+    let layer = |budget: &Budget| {
+        ReserveLayer::new(store.clone(), spend_claims(budget.clone()))
+            .too_many_requests(true)
+            .remaining_headers(true)
+            .layer(handler(Ctl::default()))
+    };
+    let svc = layer(&hourly);
+    assert_eq!(call(svc.clone(), request("ok", 100)).await.status, 200);
+    // The seconds left in the hour, read before and after the refusal.
+    let left = |now: u64| ((now / HOUR_MS + 1) * HOUR_MS - now).div_ceil(1000);
+    let before = left(unix_ms());
+    let a = call(svc.clone(), request("ok", 1)).await;
+    let after = left(unix_ms());
+    let json = a.problem(429, "Over budget");
+    assert_eq!(
+        (json["requested"].as_u64(), json["remaining"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let retry: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        (after.min(before)..=before.max(after)).contains(&retry),
+        "Retry-After {retry}, the hour ends in {before} to {after} s"
+    );
+    // The budget that refused, in the remaining fields: nothing left, back in `t` seconds.
+    let pk = a.headers["ratelimit-policy"]
+        .to_str()
+        .unwrap()
+        .split_once(";pk=")
+        .map(|(_, pk)| pk.to_owned())
+        .expect("a partition key");
+    assert_eq!(
+        a.headers["ratelimit-policy"],
+        format!("\"budget\";q=100;qu=\"units\";w=3600;pk={pk}").as_str()
+    );
+    assert_eq!(
+        a.headers["ratelimit"],
+        format!("\"budget\";r=0;t={retry};pk={pk}").as_str()
+    );
+    assert_budget(&store, &hourly, 100, 0).await;
+
+    // A lifetime budget never resets: 403, no Retry-After, its remaining fields all the same.
+    let svc = layer(&lifetime);
+    assert_eq!(call(svc.clone(), request("ok", 60)).await.status, 200);
+    let a = call(svc, request("ok", 41)).await;
+    a.problem(403, "Over budget");
+    assert!(!a.headers.contains_key("retry-after"));
+    assert!(
+        a.headers["ratelimit"]
+            .to_str()
+            .unwrap()
+            .starts_with("\"budget\";r=40;pk=")
+    );
+
+    // Off by default: over the hour is 403, and says nothing of when.
+    let plain = ReserveLayer::new(store.clone(), spend_claims(hourly.clone()))
+        .layer(handler(Ctl::default()));
+    let a = call(plain, request("ok", 1)).await;
+    a.problem(403, "Over budget");
+    assert!(!a.headers.contains_key("retry-after"));
+    assert!(!a.headers.contains_key("ratelimit"));
 }
 
 async fn shadow_mode_holds_nothing_and_lets_all_through<St: Store>(store: St) {

@@ -4,8 +4,6 @@
 //! Specs, as `Window::spec` encodes them: `0` lifetime, `s<seconds>` fixed windows aligned to the
 //! epoch (`Window::Day` is `s86400`), `m` calendar months in UTC.
 
-mod support;
-
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::MultiplexedConnection;

@@ -6,8 +6,6 @@
 //! three unique values in one namespace, three owners and six hold ids, all under fresh keys.
 //! Every lease is long (60 s), so nothing expires during a case.
 
-mod support;
-
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -420,6 +418,7 @@ impl Model {
                         return denied(DenialReason::OverBudget {
                             requested: amount,
                             remaining: left,
+                            resets_at_ms: None,
                         });
                     }
                     remaining.push(Some(left - amount));
@@ -928,6 +927,7 @@ fn over(claim: usize, requested: u64, remaining: u64) -> Answer {
         reason: DenialReason::OverBudget {
             requested,
             remaining,
+            resets_at_ms: None,
         },
     }
 }

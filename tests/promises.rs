@@ -2,8 +2,6 @@
 //! an answer is lost or a response misbehaves: each case here once broke one, on every store
 //! where it applies (the embedded one, one Redis node, a three-primary Cluster).
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -35,7 +33,7 @@ macro_rules! on_every_store {
             )*
         }
         mod redis {
-            use super::support::redis_server::RedisServer;
+            use support::redis_server::RedisServer;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
@@ -51,7 +49,7 @@ macro_rules! on_every_store {
             )*
         }
         mod cluster {
-            use super::support::redis_server::RedisCluster;
+            use support::redis_server::RedisCluster;
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn every_case_on_a_three_primary_cluster() {
                 let cluster = RedisCluster::start(3, 0);

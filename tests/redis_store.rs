@@ -3,8 +3,6 @@
 //! batches that mix slots, and the server settings it refuses. Every case runs against real
 //! `redis-server` processes started here.
 
-mod support;
-
 use std::time::Duration;
 
 use support::fresh;

@@ -3,8 +3,6 @@
 //! Redis that went away. No response may carry a store's error text or internal validation
 //! text; the cause goes to the logs. And a `Rejection` is an axum response.
 
-mod support;
-
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -643,7 +641,7 @@ async fn a_rejection_is_an_axum_handler_error() {
     let svc = ReserveLayer::new(store, claims)
         .error_handler(move |r: Rejection| {
             *slot.lock().unwrap() = Some(r.clone());
-            r.into_response()
+            r.into_problem_response()
         })
         .layer(tower::service_fn(|_req: Request<RequestBody>| async {
             Ok::<_, BoxError>(Response::new(Full::new(Bytes::new())))
@@ -655,7 +653,7 @@ async fn a_rejection_is_an_axum_handler_error() {
     );
     assert_eq!(call("unreachable", svc, req).await.status, 503);
     let rejection = caught.lock().unwrap().take().expect("the rejection");
-    let plain = rejection.clone().into_response();
+    let plain = rejection.clone().into_problem_response();
     let via_axum = axum::response::IntoResponse::into_response(rejection);
     assert_eq!(plain.status(), via_axum.status());
     assert_eq!(plain.headers(), via_axum.headers());
@@ -663,4 +661,75 @@ async fn a_rejection_is_an_axum_handler_error() {
     let plain = plain.into_body().collect().await.unwrap().to_bytes();
     let via_axum = via_axum.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(plain, via_axum);
+}
+
+/// An error handler answers what axum handlers answer: a `(StatusCode, Json(..))` tuple for the
+/// refusal it shapes, the rejection itself (axum's `IntoResponse`, which the crate's own
+/// rendering no longer shadows) for the rest; both reach the client through the layer.
+#[tokio::test]
+async fn an_error_handler_answers_axum_responses() {
+    use axum::Json;
+    use axum::response::IntoResponse;
+    use tower_reserve::RejectionKind;
+
+    let budget = Budget::new(fresh("team"), 100);
+    let of_team = budget.clone();
+    let layer = ReserveLayer::new(MemoryStore::new(), move |req: Request<Bytes>| {
+        let budget = of_team.clone();
+        async move {
+            let tokens: u64 = extract::json_pointer(&req, "/max_tokens")?;
+            Extracted::Ok((req, vec![Claim::spend(budget, tokens)]))
+        }
+    })
+    .error_handler(|rejection: Rejection| match rejection.kind() {
+        RejectionKind::OverBudget { remaining, .. } => (
+            StatusCode::PAYMENT_REQUIRED,
+            Json(serde_json::json!({ "error": "out_of_tokens", "tokens_left": remaining })),
+        )
+            .into_response(),
+        _ => rejection.into_response(),
+    });
+    let app: axum::Router = axum::Router::new()
+        .route("/complete", axum::routing::post(|| async { "done" }))
+        .route_layer(layer);
+    let post = |body: &'static str| {
+        Request::post("/complete")
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body))
+            .unwrap()
+    };
+
+    let response = app
+        .clone()
+        .oneshot(post(r#"{"max_tokens": 60}"#))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = app
+        .clone()
+        .oneshot(post(r#"{"max_tokens": 60}"#))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({ "error": "out_of_tokens", "tokens_left": 40 })
+    );
+
+    // Anything else: the problem document, as axum renders a rejection.
+    let response = app
+        .oneshot(post(r#"{"max_tokens": "lots"}"#))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["status"], 422);
 }

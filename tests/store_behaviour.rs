@@ -1,10 +1,8 @@
 //! One behaviour suite, run against every store: the embedded one and real Redis.
 
-mod support;
-
 use std::time::Duration;
 
-use rand::Rng;
+use rand::RngExt;
 use support::{denied, fresh, granted, kind, spend, status};
 use tower_reserve::{
     Budget, Claim, DenialReason, ErrorKind, HoldId, MAX_AMOUNT, Refund, Reservation, Reserved,
@@ -24,7 +22,7 @@ macro_rules! store_suite {
             )*
         }
         mod redis {
-            use super::support::redis_server::RedisServer;
+            use support::redis_server::RedisServer;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
@@ -35,7 +33,7 @@ macro_rules! store_suite {
             )*
         }
         mod cluster {
-            use super::support::redis_server::RedisCluster;
+            use support::redis_server::RedisCluster;
             // One three-primary cluster for every case: starting one takes seconds. The cases
             // use fresh keys, so they do not see each other.
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,6 +60,7 @@ store_suite!(
     commit_after_expiry_is_refused,
     extend_keeps_a_hold_alive,
     windows_roll_over,
+    a_denial_says_when_its_window_resets,
     unique_values_are_owned_and_freed,
     an_email_change_swaps_addresses_in_one_commit,
     a_denial_holds_nothing,
@@ -96,11 +95,14 @@ async fn one_window_spelled_two_ways_is_one_budget<S: Store>(store: &S) {
     // Apart, they share one counter.
     granted(store, &spend(&day, 60, LONG)).await;
     let d = denied(store, &spend(&every_day, 60, LONG)).await;
+    let resets_at_ms = status(store, &day).await.resets_at_ms;
+    assert!(resets_at_ms.is_some());
     assert_eq!(
         d.reason,
         DenialReason::OverBudget {
             requested: 60,
-            remaining: 40
+            remaining: 40,
+            resets_at_ms,
         }
     );
     assert_eq!(status(store, &every_day).await.held, 60);
@@ -162,7 +164,8 @@ async fn claims_on_many_keys_are_all_or_nothing<S: Store>(store: &S) {
         d.reason,
         DenialReason::OverBudget {
             requested: 6,
-            remaining: 5
+            remaining: 5,
+            resets_at_ms: None,
         }
     );
     for b in &budgets {
@@ -230,7 +233,8 @@ async fn exact_limit_is_granted_and_one_more_is_denied<S: Store>(store: &S) {
         d.reason,
         DenialReason::OverBudget {
             requested: 1,
-            remaining: 0
+            remaining: 0,
+            resets_at_ms: None,
         }
     );
     let s = status(store, &budget).await;
@@ -619,6 +623,42 @@ async fn windows_roll_over<S: Store>(store: &S) {
     assert_eq!(status(store, &lifetime).await.resets_at_ms, None);
 }
 
+async fn a_denial_says_when_its_window_resets<S: Store>(store: &S) {
+    // Each window's denial carries the end of the window it was counted in, by the store's
+    // clock: what a budget read says in that window. (A boundary crossed between the reads
+    // makes the two reads differ; the denial's is one of them.)
+    let key = fresh("customer");
+    let hour = Window::Every(Duration::from_secs(3600));
+    for window in [hour, Window::Day, Window::Month] {
+        let budget = Budget::new(key.clone(), 100).per(window);
+        let g = granted(store, &spend(&budget, 100, LONG)).await;
+        store.commit(&g.id).await.unwrap();
+        let before = status(store, &budget).await.resets_at_ms;
+        let d = denied(store, &spend(&budget, 1, LONG)).await;
+        let after = status(store, &budget).await.resets_at_ms;
+        let DenialReason::OverBudget { resets_at_ms, .. } = d.reason else {
+            panic!("{window:?}: over budget, not {:?}", d.reason);
+        };
+        assert!(resets_at_ms.is_some(), "{window:?}");
+        assert!(
+            resets_at_ms == before || resets_at_ms == after,
+            "{window:?}: {resets_at_ms:?} is not {before:?} or {after:?}"
+        );
+    }
+    // A lifetime budget never resets.
+    let lifetime = Budget::new(key, 100);
+    store.set_spent(&lifetime, 100).await.unwrap();
+    let d = denied(store, &spend(&lifetime, 1, LONG)).await;
+    assert_eq!(
+        d.reason,
+        DenialReason::OverBudget {
+            requested: 1,
+            remaining: 0,
+            resets_at_ms: None,
+        }
+    );
+}
+
 async fn wait_until(unix_ms: u64) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -739,7 +779,8 @@ async fn a_denial_holds_nothing<S: Store>(store: &S) {
         d.reason,
         DenialReason::OverBudget {
             requested: 11,
-            remaining: 10
+            remaining: 10,
+            resets_at_ms: None,
         }
     );
     assert_eq!(status(store, &roomy).await.held, 0);
@@ -850,7 +891,8 @@ async fn spent_can_be_seeded<S: Store>(store: &S) {
         d.reason,
         DenialReason::OverBudget {
             requested: 2_001,
-            remaining: 2_000
+            remaining: 2_000,
+            resets_at_ms: None,
         }
     );
     let g = granted(store, &spend(&budget, 2_000, LONG)).await;
@@ -872,7 +914,8 @@ async fn the_largest_amounts_are_exact<S: Store>(store: &S) {
         d.reason,
         DenialReason::OverBudget {
             requested: 2,
-            remaining: 1
+            remaining: 1,
+            resets_at_ms: None,
         }
     );
     let b = granted(store, &spend(&budget, 1, LONG)).await;

@@ -4,14 +4,22 @@
 //!   (body read, extraction, reservation building, hold bookkeeping, settling);
 //! - `memory_*`: the embedded `MemoryStore`;
 //! - `redis_*`: `RedisStore` on a loopback `redis-server` this bench starts (skipped, with a
-//!   note, when `redis-server` is not installed).
+//!   note, when `redis-server` is not installed);
+//! - `route_*`: one axum route answering `"ok"`, bare, behind tower_governor (an in-memory GCRA
+//!   rate limiter keyed by a header: the peer that users already run in front of a route), and
+//!   behind `ReserveLayer` on the instant store and on `MemoryStore`, one spend claim from a
+//!   header, committed on `200`.
 //!
-//! Besides criterion's own output, writes a Markdown table (ns per request, ratio to bare,
-//! heap allocations per request) to `$BENCH_OUT` (default `target/bench-overhead.md` in the
-//! workspace).
+//! Besides criterion's own output, every case is also timed in interleaved rounds (each round
+//! runs every case in turn), by the CPU time of the bench's thread, so that a ratio compares
+//! cases measured side by side even on a busy machine. Writes a Markdown table (ns per
+//! request, ratio to bare, heap allocations per request) and the targets to `$BENCH_OUT`
+//! (default `target/bench-overhead.md` in the workspace), and with `$BENCH_FACTS` set, the store's
+//! and the layer's own CPU per request there, for `scripts/bench`'s breakdown of a purchase.
 //!
 //! ```text
 //! cargo bench -p tower-reserve-benches --bench overhead
+//! BENCH_PROFILE=route_memory_commit perf record -g target/release/deps/overhead-<hash> --bench
 //! ```
 
 #[path = "../../tests/support/redis_server.rs"]
@@ -28,6 +36,9 @@ use criterion::Criterion;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tower::{Service, ServiceExt, service_fn};
+use tower_governor::GovernorLayer;
+use tower_governor::governor::GovernorConfigBuilder;
+use tower_governor::key_extractor::KeyExtractor;
 use tower_reserve::{
     Budget, BudgetStatus, Claim, Denial, Error, Extracted, Grant, HoldId, MemoryStore, RedisStore,
     Refund, Reservation, ReserveLayer, Reserved, Settled, Settlement, Store, Unique, extract,
@@ -263,6 +274,85 @@ impl<S, L: tower::Layer<S>> LayerOn<S> for L {
     }
 }
 
+/// tower_governor's key: the `x-customer` header, as the reserve cases read their budget's key.
+#[derive(Clone)]
+struct CustomerKey;
+
+impl KeyExtractor for CustomerKey {
+    type Key = String;
+
+    fn extract<T>(&self, req: &Request<T>) -> Result<String, tower_governor::GovernorError> {
+        req.headers()
+            .get("x-customer")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or(tower_governor::GovernorError::UnableToExtractKey)
+    }
+}
+
+/// The axum route of the `route_*` cases: `POST /purchases` answering `"ok"`.
+fn route() -> axum::routing::MethodRouter {
+    axum::routing::post(|| async { "ok" })
+}
+
+/// One `route_*` case: the router's one route, as `axum::serve` runs it (its handlers turned
+/// into services once, by `with_state`, not at every request).
+fn route_case(name: &'static str, what: &'static str, router: axum::Router) -> Case {
+    let router: axum::Router = router.with_state(());
+    Case {
+        name,
+        what,
+        bare: "route_bare",
+        call: Box::new(move || {
+            let router = router.clone();
+            Box::pin(async move { router.oneshot(header_request()).await.unwrap().status() })
+        }),
+    }
+}
+
+/// The route behind `ReserveLayer` on `store`, claims from a header.
+fn reserve_route<St: Store>(store: St) -> axum::Router {
+    axum::Router::new().route(
+        "/purchases",
+        route().route_layer(ReserveLayer::new(store, from_header)),
+    )
+}
+
+fn route_cases(instant: InstantStore, memory: MemoryStore) -> Vec<Case> {
+    // A quota no request here reaches: what is measured is the check, never a refusal.
+    let governor = GovernorConfigBuilder::default()
+        .per_nanosecond(1)
+        .burst_size(u32::MAX)
+        .key_extractor(CustomerKey)
+        .finish()
+        .expect("a valid governor configuration");
+    vec![
+        route_case(
+            "route_bare",
+            "no layer",
+            axum::Router::new().route("/purchases", route()),
+        ),
+        route_case(
+            "route_governor",
+            "tower_governor keyed by a header (the peer)",
+            axum::Router::new().route(
+                "/purchases",
+                route().route_layer(GovernorLayer::new(governor)),
+            ),
+        ),
+        route_case(
+            "route_instant_commit",
+            "instant store, claims from a header, 2xx: grant + commit",
+            reserve_route(instant),
+        ),
+        route_case(
+            "route_memory_commit",
+            "MemoryStore, claims from a header, grant + commit",
+            reserve_route(memory),
+        ),
+    ]
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -323,7 +413,7 @@ fn main() {
             "instant_json_commit",
             "instant store, claims from a JSON body, 2xx: grant + commit",
             "bare_json",
-            instant,
+            instant.clone(),
             from_json,
             ok,
             json_request,
@@ -350,12 +440,13 @@ fn main() {
             "memory_json_commit",
             "MemoryStore, claims from a JSON body, grant + commit",
             "bare_json",
-            memory,
+            memory.clone(),
             from_json,
             ok,
             json_request,
         ),
     ];
+    cases.extend(route_cases(instant, memory));
     if let Some(redis) = redis {
         cases.push(layered_case(
             "redis_header_commit",
@@ -375,6 +466,24 @@ fn main() {
             declined,
             header_request,
         ));
+    }
+
+    // `BENCH_PROFILE=<case>`: only that case, in a loop for 10 s, for a profiler to watch
+    // (`perf record -g`): where its time goes, without the other cases in the picture.
+    if let Ok(name) = std::env::var("BENCH_PROFILE") {
+        let case = cases
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no case {name}"));
+        rt.block_on(async {
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < until {
+                for _ in 0..1_000 {
+                    (case.call)().await;
+                }
+            }
+        });
+        return;
     }
 
     // Sanity: every case answers what it should before it is timed.
@@ -405,6 +514,8 @@ fn main() {
     }
     criterion.final_summary();
 
+    let cpu = Rounds::measure(&rt, &cases);
+
     // Heap allocations per request, outside criterion (steady state: after a warm-up).
     let allocs: Vec<f64> = cases
         .iter()
@@ -423,7 +534,71 @@ fn main() {
         })
         .collect();
 
-    write_report(&cases, &allocs, redis_server.is_some());
+    write_report(&cases, &cpu, &allocs, redis_server.is_some());
+}
+
+/// Rounds of the interleaved timing, and requests per case in each.
+const ROUNDS: usize = 15;
+const ROUND_REQUESTS: usize = 10_000;
+
+/// The CPU time this thread has used, in nanoseconds: what a request costs, whatever else the
+/// machine runs meanwhile (wall time on a shared machine counts the others' turns too).
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to write into.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// One round's CPU ns per request, by case index.
+type Round<'a> = &'a dyn Fn(usize) -> f64;
+
+/// CPU ns per request of each case in each round ([`ROUNDS`] rounds, each running every case
+/// in turn; the Redis cases, whose cost is mostly Redis's, are left out).
+struct Rounds(Vec<Vec<f64>>);
+
+impl Rounds {
+    fn measure(rt: &tokio::runtime::Runtime, cases: &[Case]) -> Self {
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+        rt.block_on(async {
+            for _ in 0..ROUNDS {
+                for (i, case) in cases.iter().enumerate() {
+                    if case.name.starts_with("redis") {
+                        continue;
+                    }
+                    let start = thread_cpu_ns();
+                    for _ in 0..ROUND_REQUESTS {
+                        (case.call)().await;
+                    }
+                    let ns = (thread_cpu_ns() - start) as f64 / ROUND_REQUESTS as f64;
+                    samples[i].push(ns);
+                }
+            }
+        });
+        Self(samples)
+    }
+
+    /// The median over the rounds of `f` of one round's figures (indexed like the cases):
+    /// a ratio taken within each round, then the median, so that a busy moment of the machine
+    /// slows both sides of a ratio alike.
+    fn median_of(&self, f: impl Fn(Round<'_>) -> f64) -> Option<f64> {
+        let rounds = self.0.iter().map(Vec::len).max()?;
+        let mut values: Vec<f64> = (0..rounds)
+            .map(|r| f(&|case: usize| self.0[case].get(r).copied().unwrap_or(f64::NAN)))
+            .filter(|v| v.is_finite())
+            .collect();
+        values.sort_by(f64::total_cmp);
+        (!values.is_empty()).then(|| values[values.len() / 2])
+    }
+
+    fn median(&self, case: usize) -> Option<f64> {
+        self.median_of(|ns| ns(case))
+    }
 }
 
 /// The workspace's target directory (a bench runs in its package's directory, not the
@@ -449,30 +624,30 @@ fn median_ns(name: &str) -> Option<f64> {
     json.pointer("/median/point_estimate")?.as_f64()
 }
 
-fn write_report(cases: &[Case], all_allocs: &[f64], with_redis: bool) {
+fn write_report(cases: &[Case], cpu: &Rounds, all_allocs: &[f64], with_redis: bool) {
+    let index = |name: &str| cases.iter().position(|c| c.name == name);
+    let cpu_of = |name: &str| index(name).and_then(|i| cpu.median(i));
+    let allocs_of = |name: &str| index(name).map_or(0.0, |i| all_allocs[i]);
+    let fmt = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.0}"));
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "| case | what | ns/request (median) | layer's cost (ns) | ratio to bare | allocations/request (bare) |"
+        "| case | what | ns/request (criterion median) | CPU ns/request (interleaved median) | layer's cost (CPU ns) | ratio to bare (CPU) | allocations/request (bare) |"
     );
-    let _ = writeln!(md, "| --- | --- | ---: | ---: | ---: | ---: |");
-    for (case, allocs) in cases.iter().zip(all_allocs) {
-        let ns = median_ns(case.name);
-        let bare_ns = median_ns(case.bare);
-        let bare_allocs = cases
-            .iter()
-            .position(|c| c.name == case.bare)
-            .map_or(0.0, |i| all_allocs[i]);
-        let fmt = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.0}"));
+    let _ = writeln!(md, "| --- | --- | ---: | ---: | ---: | ---: | ---: |");
+    for (i, case) in cases.iter().enumerate() {
+        let ns = cpu.median(i);
+        let bare_ns = cpu_of(case.bare);
         let cost = ns.zip(bare_ns).map(|(n, b)| n - b);
         let ratio = ns
             .zip(bare_ns)
-            .map_or("n/a".to_owned(), |(n, b)| format!("{:.1}x", n / b));
+            .map_or("n/a".to_owned(), |(n, b)| format!("{:.2}x", n / b));
         let _ = writeln!(
             md,
-            "| `{}` | {} | {} | {} | {} | {:.1} ({:.1}) |",
+            "| `{}` | {} | {} | {} | {} | {} | {:.1} ({:.1}) |",
             case.name,
             case.what,
+            fmt(median_ns(case.name)),
             fmt(ns),
             if case.name == case.bare {
                 "-".to_owned()
@@ -480,12 +655,76 @@ fn write_report(cases: &[Case], all_allocs: &[f64], with_redis: bool) {
                 fmt(cost)
             },
             ratio,
-            allocs,
-            bare_allocs
+            all_allocs[i],
+            allocs_of(case.bare)
         );
     }
     if !with_redis {
         md.push_str("\n`redis-server` was not found: the Redis cases were skipped.\n");
+    }
+
+    // The targets, each a ratio of cases of this run, taken within each round.
+    let added = |name: &str, bare: &str| cpu_of(name).zip(cpu_of(bare)).map(|(n, b)| n - b);
+    let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
+    let _ = writeln!(md, "\n| target | measured in this run | |");
+    let _ = writeln!(md, "| --- | --- | --- |");
+    if let (Some(reserve), Some(governor), Some(bare), Some(memory), Some(peer)) = (
+        added("route_memory_commit", "route_bare"),
+        added("route_governor", "route_bare"),
+        index("route_bare"),
+        index("route_memory_commit"),
+        index("route_governor"),
+    ) {
+        let times = cpu
+            .median_of(|ns| (ns(memory) - ns(bare)) / (ns(peer) - ns(bare)))
+            .unwrap_or(f64::NAN);
+        let _ = writeln!(
+            md,
+            "| `ReserveLayer` + `MemoryStore` (one claim, commit) adds ≤ 3 × what tower_governor adds on the same axum route | {reserve:.0} ns against {governor:.0} ns (medians); per round, **{times:.2} ×** (median) | {} |",
+            verdict(times <= 3.0)
+        );
+    }
+    for (name, bare) in [
+        ("memory_header_commit", "bare_header"),
+        ("route_memory_commit", "route_bare"),
+    ] {
+        let layer = allocs_of(name) - allocs_of(bare);
+        let _ = writeln!(
+            md,
+            "| ≤ 12 allocations per request on the commit path (`{name}` less `{bare}`) | **{layer:.1}** ({:.1} against {:.1}) | {} |",
+            allocs_of(name),
+            allocs_of(bare),
+            verdict(layer <= 12.0)
+        );
+    }
+    for (name, bare) in [
+        ("instant_header_commit", "bare_header"),
+        ("route_instant_commit", "route_bare"),
+    ] {
+        if let (Some(n), Some(b), Some(i), Some(j)) =
+            (cpu_of(name), cpu_of(bare), index(name), index(bare))
+        {
+            let ratio = cpu.median_of(|ns| ns(i) / ns(j)).unwrap_or(f64::NAN);
+            let _ = writeln!(
+                md,
+                "| the instant-store row ≤ 1.5 × the bare row (`{name}` / `{bare}`) | {n:.0} ns against {b:.0} ns (medians); per round, **{ratio:.2} ×** (median) | {} |",
+                verdict(ratio <= 1.5)
+            );
+        }
+    }
+    // `key=value` lines for scripts/bench: the store's and the layer's own shares of a purchase.
+    if let Ok(facts) = std::env::var("BENCH_FACTS") {
+        let mut text = String::new();
+        for (key, name, bare) in [
+            ("store_ns", "route_memory_commit", "route_instant_commit"),
+            ("layer_ns", "route_instant_commit", "route_bare"),
+            ("governor_ns", "route_governor", "route_bare"),
+        ] {
+            if let Some(ns) = added(name, bare) {
+                let _ = writeln!(text, "{key}={ns:.0}");
+            }
+        }
+        std::fs::write(&facts, text).expect("write the overhead facts");
     }
     let out = std::env::var("BENCH_OUT").unwrap_or_else(|_| {
         target_dir()

@@ -1,5 +1,6 @@
 //! Serving HTTP on the open internet, for the shop and the gateway: hyper's connection builder
-//! with every socket timed and every buffer bounded, which `axum::serve` does not do.
+//! with every socket timed and every buffer bounded, which `axum::serve` does not do; and the
+//! settings and logging both read from the environment.
 //!
 //! - A request head must arrive within the head timeout, from the connection's start or the end
 //!   of the previous answer (hyper's `header_read_timeout`, which is also HTTP/1's keep-alive
@@ -323,6 +324,27 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         ));
     }
     Ok(duration)
+}
+
+/// Logs to standard error, in colour only for a person at a terminal (never into a log file),
+/// filtered by `RUST_LOG`: a default level and `target=level` pairs (`warn`,
+/// `warn,tower_reserve=debug`); `info` when it is unset or cannot be read.
+pub fn init_logging() {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|directives| directives.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
+    let output = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    tracing_subscriber::registry()
+        .with(output)
+        .with(filter)
+        .init();
 }
 
 /// Connections served at once by default: `1 / share` of the process's soft limit on open

@@ -195,6 +195,13 @@ impl RouteMatch {
         self.method == method && pattern_matches(&self.pattern, path)
     }
 
+    /// Whether a request with this method, which a router sent to its route `pattern`, takes
+    /// this route.
+    #[cfg_attr(not(all(feature = "axum", feature = "policy")), allow(dead_code))]
+    pub(crate) fn is_route(&self, method: &Method, pattern: &str) -> bool {
+        self.method == method && same_pattern(&self.pattern, pattern)
+    }
+
     /// Records the route's pattern on a request that took it.
     pub(crate) fn mark<B>(&self, request: &mut Request<B>) {
         request
@@ -256,13 +263,52 @@ fn is_param(segment: &str) -> bool {
     segment.len() > 2 && segment.starts_with('{') && segment.ends_with('}')
 }
 
+/// Whether two route patterns match the same paths: the same segments, a parameter (whatever its
+/// name) where the other has one.
+pub(crate) fn same_pattern(a: &str, b: &str) -> bool {
+    let (mut a, mut b) = (a.split('/'), b.split('/'));
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return true,
+            (Some(x), Some(y)) if x == y || (is_param(x) && is_param(y)) => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Whether a router's pattern hands every path under it to one service: a wildcard segment
+/// (`/{*rest}`).
+#[cfg_attr(not(all(feature = "axum", feature = "policy")), allow(dead_code))]
+pub(crate) fn is_wildcard(pattern: &str) -> bool {
+    pattern.split('/').any(|segment| segment.starts_with("{*"))
+}
+
+/// The pattern of the router's route that a request took (axum's `MatchedPath`), as it applies
+/// to the request's path: inside a nested router, whose requests come with the nesting prefix
+/// stripped, without that prefix.
+#[cfg(feature = "axum")]
+pub(crate) fn router_pattern<B>(request: &Request<B>) -> Option<&str> {
+    let matched = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()?
+        .as_str();
+    let Some(nested) = request.extensions().get::<axum::extract::NestedPath>() else {
+        return Some(matched);
+    };
+    match matched.strip_prefix(nested.as_str()) {
+        Some("") => Some("/"),
+        Some(rest) if rest.starts_with('/') => Some(rest),
+        _ => Some(matched),
+    }
+}
+
 fn route_pattern<B>(request: &Request<B>) -> Option<&str> {
     if let Some(RoutePattern(p)) = request.extensions().get::<RoutePattern>() {
         return Some(p);
     }
     #[cfg(feature = "axum")]
-    if let Some(p) = request.extensions().get::<axum::extract::MatchedPath>() {
-        return Some(p.as_str());
+    if let Some(p) = router_pattern(request) {
+        return Some(p);
     }
     None
 }

@@ -16,7 +16,7 @@ use tower_service::Service;
 
 use super::Rejection;
 use super::idempotency::{BoxBody, Capture, Captured};
-use super::layer::{Disconnect, Options};
+use super::layer::{Disconnect, Options, OwnBody};
 use super::service::Prepared;
 use super::settle::{ACTUAL_HEADER, Actual, Cause, Hold, Settle, SettleGuard};
 use crate::Settlement;
@@ -99,6 +99,9 @@ enum After<R, E> {
     Captured(Captured),
 }
 
+/// [`ACTUAL_HEADER`] as a header name, parsed once rather than at every response.
+static ACTUAL: http::HeaderName = http::HeaderName::from_static(ACTUAL_HEADER);
+
 /// How the layer ends a hold whose handler answered `result`: the settlement to make, or a
 /// rejection (the response reported actual amounts that do not fit the hold; then the hold is
 /// released). Reports are taken out of the response whatever the outcome: they never leave.
@@ -111,7 +114,7 @@ fn decide<B, E>(
         return Ok((hold.settlement(false), Cause::HandlerError));
     };
     let reported = response.extensions_mut().remove::<Actual>();
-    let header = response.headers_mut().remove(ACTUAL_HEADER);
+    let header = response.headers_mut().remove(&ACTUAL);
     if !(options.commit_if)(response.status()) {
         let settlement = hold.settlement(false);
         if options.remaining_headers {
@@ -280,7 +283,7 @@ where
                     let (request, hold) = match prepared {
                         Prepared::Reject(response) => {
                             this.state.set(State::Done);
-                            return Poll::Ready(Ok(response.map(ResponseBody::problem)));
+                            return Poll::Ready(Ok(response.map(ResponseBody::own)));
                         }
                         Prepared::Pass(request) => (request, None),
                         Prepared::Held(request, hold) => {
@@ -390,7 +393,7 @@ where
                         return Poll::Pending;
                     }
                     let hold = running.guard.disarm().expect("a hold has a deadline");
-                    tracing::warn!(hold = %hold.id(), "the handler outlived its lease; cancelling and releasing");
+                    tracing::warn!(hold = %hold.id(), route = hold.route(), "the handler outlived its lease; cancelling and releasing");
                     let settle =
                         Settle::layer(&hold, false, Cause::Lease, !this.span.is_disabled());
                     *this.after = Some(After::LeaseRanOut);
@@ -443,7 +446,7 @@ where
                             _ => return Poll::Ready(Ok(response.map(ResponseBody::inner))),
                         },
                     };
-                    return Poll::Ready(Ok(response.map(ResponseBody::problem)));
+                    return Poll::Ready(Ok(response.map(ResponseBody::own)));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
@@ -469,7 +472,8 @@ mod body {
             /// A rejection's problem document, or a response replayed for an idempotency key.
             Problem { #[pin] body: Full<Bytes> },
             /// A response the layer read to keep it for an idempotency key: what was read, then
-            /// the rest, if the body was larger than what is kept.
+            /// the rest, if the body was larger than what is kept. Also a rejection's response
+            /// as an error handler shaped it (no head, its body as the rest).
             Read { head: Option<Bytes>, rest: Option<BoxBody> },
         }
     }
@@ -504,8 +508,15 @@ impl<B> ResponseBody<B> {
         ResponseBody::Inner { body }
     }
 
-    pub(crate) fn problem(body: Full<Bytes>) -> Self {
-        ResponseBody::Problem { body }
+    /// The body of a response the layer answered on its own (a rejection, a replay).
+    pub(crate) fn own(body: OwnBody) -> Self {
+        match body {
+            OwnBody::Full(body) => ResponseBody::Problem { body },
+            OwnBody::Boxed(rest) => ResponseBody::Read {
+                head: None,
+                rest: Some(rest),
+            },
+        }
     }
 
     pub(crate) fn read(head: Bytes, rest: Option<BoxBody>) -> Self {

@@ -7,17 +7,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use tower_layer::Layer;
 
 use super::Rejection;
 use super::extract::ExtractClaims;
-use super::idempotency::Idempotency;
+use super::idempotency::{BoxBody, Idempotency};
+use super::metrics::RouteTable;
 use super::service::Reserve;
 use super::settle::SettleStore;
 use crate::Store;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+#[cfg(not(feature = "axum"))]
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A check of the user's own that runs before anything is reserved: a schema check, a read-model
 /// look-up. A request it refuses reserves nothing. Any closure
@@ -47,7 +50,19 @@ pub(crate) type Validator =
     Arc<dyn Fn(Request<Bytes>) -> BoxFuture<Result<Request<Bytes>, Rejection>> + Send + Sync>;
 
 /// Renders a [`Rejection`] as the response the client sees.
-pub(crate) type ErrorHandler = Arc<dyn Fn(Rejection) -> Response<Full<Bytes>> + Send + Sync>;
+pub(crate) type ErrorHandler = Arc<dyn Fn(Rejection) -> Response<OwnBody> + Send + Sync>;
+
+/// The body of a response the layer answers on its own: a problem document (or a replayed
+/// response) as it is, or the body an [`error_handler`](ReserveLayer::error_handler) made, boxed.
+pub(crate) enum OwnBody {
+    Full(Full<Bytes>),
+    Boxed(BoxBody),
+}
+
+/// The default error handler: the problem document, unboxed.
+fn problem_response(rejection: Rejection) -> Response<OwnBody> {
+    rejection.into_problem_response().map(OwnBody::Full)
+}
 
 /// The layer's knobs, shared by every request.
 #[derive(Clone)]
@@ -64,6 +79,8 @@ pub(crate) struct Options {
     pub(crate) on_disconnect: Disconnect,
     pub(crate) shadow: bool,
     pub(crate) remaining_headers: bool,
+    pub(crate) too_many_requests: bool,
+    pub(crate) denial_level: tracing::Level,
 }
 
 /// What happens to a handler whose request goes away while it runs: the client hung up, or a
@@ -115,7 +132,7 @@ impl Options {
         self.lease.saturating_sub(margin)
     }
 
-    pub(crate) fn reject(&self, rejection: Rejection) -> Response<Full<Bytes>> {
+    pub(crate) fn reject(&self, rejection: Rejection) -> Response<OwnBody> {
         (self.error_handler)(rejection)
     }
 }
@@ -127,6 +144,8 @@ pub(crate) struct Shared<St, E> {
     pub(crate) extract: Arc<E>,
     pub(crate) validators: Vec<Validator>,
     pub(crate) options: Arc<Options>,
+    /// The metrics of the routes this service has seen.
+    pub(crate) routes: RouteTable,
 }
 
 /// The tower [`Layer`]: reserves a request's claims before the inner service runs, then commits
@@ -162,6 +181,17 @@ pub(crate) struct Shared<St, E> {
 /// | `tower_reserve_settlements_total` | counter, holds | `result`: `committed`, `released`, `expired`, `failed`; `cause`: `success`, `error_response`, `handler_error`, `panic`, `dropped`, `lease`, `invalid_actual` |
 /// | `tower_reserve_store_errors_total` | counter, store calls | `op`: `reserve`, `check`, `commit`, `release`; only the store's failures (unreachable, an answer not understood), never its answers about a request (a replay, a reused key), which clients cause at will |
 /// | `tower_reserve_store_seconds` | histogram, seconds | `op` |
+///
+///
+/// # Logs
+///
+/// Through [`tracing`](https://docs.rs/tracing). With `DEBUG` on for this crate, each request
+/// runs in a `reserve` span with its `method`, `path`, `route` (the pattern, as the metrics
+/// label it) and `hold` id, and its steps (reserved, denied, settled, with timings) are events
+/// in it. Above `DEBUG` no span is made, so that a request pays nothing for it; the events the
+/// layer logs at `INFO` and above (a shadow-mode denial, a store unavailable, a lease run out,
+/// a failed settlement, and denials with [`ReserveLayer::log_denials`]) carry the `route`
+/// themselves.
 ///
 /// [`Routes`]: super::Routes
 pub struct ReserveLayer<St, E> {
@@ -211,7 +241,7 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
                 margin: None,
                 body_limit: DEFAULT_BODY_LIMIT,
                 commit_if: Arc::new(|status: StatusCode| status.is_success()),
-                error_handler: Arc::new(Rejection::into_response),
+                error_handler: Arc::new(problem_response),
                 commit_in_background: false,
                 fail_open: false,
                 retry_after_secs: 1,
@@ -219,6 +249,8 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
                 on_disconnect: Disconnect::default(),
                 shadow: false,
                 remaining_headers: false,
+                too_many_requests: false,
+                denial_level: tracing::Level::DEBUG,
             },
         }
     }
@@ -251,13 +283,70 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
         self
     }
 
-    /// Shapes every rejection into the response the client sees (default: problem+json). A
-    /// failed commit reaches it too, as [`RejectionKind::CommitFailed`](super::RejectionKind).
-    pub fn error_handler(
+    /// Shapes every rejection into the response the client sees (default: problem+json, as
+    /// [`Rejection::into_problem_response`] renders it). A failed commit reaches it too, as
+    /// [`RejectionKind::CommitFailed`](super::RejectionKind).
+    ///
+    /// With the `axum` feature, `f` answers anything axum's `IntoResponse` takes: a
+    /// `(StatusCode, Json(..))` tuple, an axum `Response`, the [`Rejection`] itself. Without it,
+    /// an `http::Response` whose body yields [`Bytes`].
+    ///
+    /// ```
+    /// use axum::Json;
+    /// use axum::http::StatusCode;
+    /// use axum::response::IntoResponse;
+    /// use bytes::Bytes;
+    /// use http::Request;
+    /// use serde_json::json;
+    /// use tower_reserve::{Budget, Claim, Extracted, MemoryStore, Rejection, RejectionKind, ReserveLayer, extract};
+    ///
+    /// let layer = ReserveLayer::new(MemoryStore::new(), |req: Request<Bytes>| async move {
+    ///     let team = extract::header(&req, "x-team")?.to_owned();
+    ///     let tokens: u64 = extract::json_pointer(&req, "/max_tokens")?;
+    ///     Extracted::Ok((req, vec![Claim::spend(Budget::new(team, 1_000_000), tokens)]))
+    /// })
+    /// .error_handler(|rejection: Rejection| match rejection.kind() {
+    ///     // An API of the user's own shape, for the one refusal it cares about...
+    ///     RejectionKind::OverBudget { remaining, .. } => (
+    ///         StatusCode::PAYMENT_REQUIRED,
+    ///         Json(json!({ "error": "out_of_tokens", "tokens_left": remaining })),
+    ///     )
+    ///         .into_response(),
+    ///     // ...and the problem document for the rest.
+    ///     _ => rejection.into_response(),
+    /// });
+    /// # let _ = layer;
+    /// ```
+    #[cfg(feature = "axum")]
+    pub fn error_handler<R: axum::response::IntoResponse>(
         mut self,
-        f: impl Fn(Rejection) -> Response<Full<Bytes>> + Send + Sync + 'static,
+        f: impl Fn(Rejection) -> R + Send + Sync + 'static,
     ) -> Self {
-        self.options.error_handler = Arc::new(f);
+        self.options.error_handler = Arc::new(move |rejection| {
+            f(rejection)
+                .into_response()
+                .map(|body| OwnBody::Boxed(body.map_err(Into::into).boxed_unsync()))
+        });
+        self
+    }
+
+    /// Shapes every rejection into the response the client sees (default: problem+json, as
+    /// [`Rejection::into_problem_response`] renders it). A failed commit reaches it too, as
+    /// [`RejectionKind::CommitFailed`](super::RejectionKind).
+    ///
+    /// With the `axum` feature, `f` may answer anything axum's `IntoResponse` takes.
+    #[cfg(not(feature = "axum"))]
+    pub fn error_handler<B>(
+        mut self,
+        f: impl Fn(Rejection) -> Response<B> + Send + Sync + 'static,
+    ) -> Self
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.options.error_handler = Arc::new(move |rejection| {
+            f(rejection).map(|body| OwnBody::Boxed(body.map_err(Into::into).boxed_unsync()))
+        });
         self
     }
 
@@ -315,12 +404,63 @@ impl<St: Store, E: ExtractClaims> ReserveLayer<St, E> {
 
     /// Adds `RateLimit-Policy` and `RateLimit` response headers (after the IETF draft *RateLimit
     /// header fields for HTTP*) that tell the client what each budget it spent from has left
-    /// (default off): each budget is a quota policy named after the route, with a digest of its
+    /// (default off), and, on a refusal over budget, what the budget that refused it has left: each budget is a quota policy named after the route, with a digest of its
     /// key as the partition key (`pk`) and `qu="units"` (a budget does not count requests), so
     /// that a key such as an API key or a customer id never appears in a header. See
     /// [`Hold::remaining_of`](super::Hold::remaining_of) for the same in a handler.
     pub fn remaining_headers(mut self, yes: bool) -> Self {
         self.options.remaining_headers = yes;
+        self
+    }
+
+    /// Refuses a request over a windowed budget ([`Window::Day`](crate::Window::Day), `Month`,
+    /// fixed seconds) with `429 Too Many Requests` and `Retry-After`, the seconds until the
+    /// window the refusal was counted in ends, instead of `403` (default off): what rate
+    /// limiters answer, and what clients' retry logic knows, for a limit that comes back with
+    /// time. A lifetime budget never resets, so a refusal over one stays `403`. The window's end
+    /// is the store's (its clock decides the window); the seconds are counted from this
+    /// process's clock.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use http::Request;
+    /// use tower_reserve::{Budget, Claim, Extracted, MemoryStore, ReserveLayer, Window, extract};
+    ///
+    /// // 1 000 calls an hour per API key: the 1 001st gets 429 and when to come back.
+    /// let layer = ReserveLayer::new(MemoryStore::new(), |req: Request<Bytes>| async move {
+    ///     let key = extract::header(&req, "x-api-key")?.to_owned();
+    ///     let hourly = Budget::new(key, 1_000).per(Window::Every(Duration::from_secs(3600)));
+    ///     Extracted::Ok((req, vec![Claim::spend(hourly, 1)]))
+    /// })
+    /// .too_many_requests(true)
+    /// .remaining_headers(true);
+    /// # let _ = layer;
+    /// ```
+    pub fn too_many_requests(mut self, yes: bool) -> Self {
+        self.options.too_many_requests = yes;
+        self
+    }
+
+    /// The level at which a refused reservation (over budget, a value taken) is logged (default
+    /// `DEBUG`, in the request's span, with its claims). Above `DEBUG` (`INFO`, say) the event
+    /// stands on its own: the route's pattern, the hold's id, which claim failed and why, never
+    /// the claims themselves (a budget's key is often a customer's id).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::Request;
+    /// use tower_reserve::{Budget, Claim, Extracted, MemoryStore, ReserveLayer, extract};
+    ///
+    /// let layer = ReserveLayer::new(MemoryStore::new(), |req: Request<Bytes>| async move {
+    ///     let key = extract::header(&req, "x-api-key")?.to_owned();
+    ///     Extracted::Ok((req, vec![Claim::spend(Budget::new(key, 1_000), 1)]))
+    /// })
+    /// .log_denials(tracing::Level::INFO);
+    /// # let _ = layer;
+    /// ```
+    pub fn log_denials(mut self, level: tracing::Level) -> Self {
+        self.options.denial_level = level;
         self
     }
 
@@ -345,6 +485,7 @@ impl<S, St: Store, E: ExtractClaims> Layer<S> for ReserveLayer<St, E> {
                 extract: self.extract.clone(),
                 validators: self.validators.clone(),
                 options: Arc::new(self.options.clone()),
+                routes: RouteTable::default(),
             }),
         )
     }

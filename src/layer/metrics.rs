@@ -1,40 +1,218 @@
 //! What the layer counts, through the `metrics` facade; the list, with labels and units, is in
 //! [`ReserveLayer`](super::ReserveLayer)'s docs (*Metrics*).
+//!
+//! Every key a route can record is built once, the first time its layer sees the route, and
+//! kept with the route ([`RouteMetrics`]): recording is then a look-up in the recorder, with no
+//! label vector built, no label copied and no key hashed per request.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-pub(crate) use ::metrics::SharedString;
+use ::metrics::{Key, Label, Level, Metadata, SharedString};
 use http::Request;
 
 use super::extract::RoutePattern;
+use super::settle::Cause;
+use crate::DenialReason;
+
+/// What the `metrics` macros would say of a metric recorded from this module.
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// `tower_reserve_reservations_total{outcome}`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outcome {
+    Granted,
+    Denied,
+    InFlight,
+    Conflict,
+    Replayed,
+    Settled,
+    Invalid,
+    Unavailable,
+}
+
+const OUTCOMES: [&str; 8] = [
+    "granted",
+    "denied",
+    "in_flight",
+    "conflict",
+    "replayed",
+    "settled",
+    "invalid",
+    "unavailable",
+];
+
+/// A store call, the `op` label.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Op {
+    Reserve,
+    Check,
+    Commit,
+    Release,
+}
+
+const OPS: [&str; 4] = ["reserve", "check", "commit", "release"];
+
+/// How a settlement went: the `result` label.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Settling {
+    Committed,
+    Released,
+    Expired,
+    Failed,
+}
+
+const RESULTS: [&str; 4] = ["committed", "released", "expired", "failed"];
+
+const REASONS: [&str; 3] = ["over_budget", "taken", "not_owner"];
+const MODES: [&str; 2] = ["enforce", "shadow"];
+
+fn reason_index(reason: &DenialReason) -> usize {
+    match reason {
+        DenialReason::OverBudget { .. } => 0,
+        DenialReason::Taken => 1,
+        DenialReason::NotOwner => 2,
+    }
+}
+
+/// The `reason` label of a denial.
+pub(crate) fn reason_label(reason: &DenialReason) -> &'static str {
+    REASONS[reason_index(reason)]
+}
+
+/// Every key one route records, labelled by its route.
+pub(crate) struct RouteMetrics {
+    route: SharedString,
+    reservations: [Key; OUTCOMES.len()],
+    denials: [[Key; MODES.len()]; REASONS.len()],
+    settlements: [[Key; Cause::ALL.len()]; RESULTS.len()],
+    store_seconds: [Key; OPS.len()],
+    store_errors: [Key; OPS.len()],
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RouteMetrics").field(&&*self.route).finish()
+    }
+}
+
+impl RouteMetrics {
+    fn new(route: &str) -> Self {
+        // One shared string for every key: the label's text is not copied per key.
+        let route = SharedString::from(Arc::<str>::from(route));
+        let key = |name: &'static str, labels: &[(&'static str, &'static str)]| {
+            let mut all = vec![Label::new("route", route.clone())];
+            all.extend(labels.iter().map(|&(k, v)| Label::from_static_parts(k, v)));
+            Key::from_parts(name, all)
+        };
+        Self {
+            reservations: OUTCOMES
+                .map(|outcome| key("tower_reserve_reservations_total", &[("outcome", outcome)])),
+            denials: REASONS.map(|reason| {
+                MODES.map(|mode| {
+                    key(
+                        "tower_reserve_denials_total",
+                        &[("reason", reason), ("mode", mode)],
+                    )
+                })
+            }),
+            settlements: RESULTS.map(|result| {
+                Cause::ALL.map(|cause| {
+                    key(
+                        "tower_reserve_settlements_total",
+                        &[("result", result), ("cause", cause.label())],
+                    )
+                })
+            }),
+            store_seconds: OPS.map(|op| key("tower_reserve_store_seconds", &[("op", op)])),
+            store_errors: OPS.map(|op| key("tower_reserve_store_errors_total", &[("op", op)])),
+            route,
+        }
+    }
+
+    /// The route's label: its pattern, or `unmatched`.
+    pub(crate) fn route(&self) -> &str {
+        &self.route
+    }
+
+    pub(crate) fn reservation(&self, outcome: Outcome) {
+        count(&self.reservations[outcome as usize]);
+    }
+
+    pub(crate) fn denial(&self, reason: &DenialReason, shadow: bool) {
+        count(&self.denials[reason_index(reason)][usize::from(shadow)]);
+    }
+
+    pub(crate) fn settlement(&self, result: Settling, cause: Cause) {
+        count(&self.settlements[result as usize][cause as usize]);
+    }
+
+    pub(crate) fn store_call(&self, op: Op, took: Duration, ok: bool) {
+        let seconds = &self.store_seconds[op as usize];
+        ::metrics::with_recorder(|r| {
+            r.register_histogram(seconds, &METADATA)
+                .record(took.as_secs_f64())
+        });
+        if !ok {
+            count(&self.store_errors[op as usize]);
+        }
+    }
+}
+
+fn count(key: &Key) {
+    ::metrics::with_recorder(|r| r.register_counter(key, &METADATA).increment(1));
+}
+
+/// The [`RouteMetrics`] of every route one layer has seen, by route label. Route labels are
+/// patterns (a router's, a [`Routes`](super::Routes) table's) or `unmatched`, never taken from
+/// the request's own path: the map stays as small as the app's routes.
+#[derive(Default)]
+pub(crate) struct RouteTable {
+    /// The first route seen: a layer put on one route (`route_layer`) sees no other, and finds
+    /// it here without a lock.
+    first: OnceLock<Arc<RouteMetrics>>,
+    others: RwLock<HashMap<Box<str>, Arc<RouteMetrics>>>,
+}
+
+impl RouteTable {
+    /// The metrics of the route `request` took.
+    pub(crate) fn of<B>(&self, request: &Request<B>) -> Arc<RouteMetrics> {
+        let route = route_of(request);
+        let first = self
+            .first
+            .get_or_init(|| Arc::new(RouteMetrics::new(route)));
+        if first.route() == route {
+            return first.clone();
+        }
+        if let Some(metrics) = self
+            .others
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(route)
+        {
+            return metrics.clone();
+        }
+        self.others
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(route.into())
+            .or_insert_with(|| Arc::new(RouteMetrics::new(route)))
+            .clone()
+    }
+}
 
 /// The route label of a request: its matched pattern, or `unmatched`.
-pub(crate) fn route_of<B>(request: &Request<B>) -> SharedString {
+fn route_of<B>(request: &Request<B>) -> &str {
     if let Some(RoutePattern(p)) = request.extensions().get::<RoutePattern>() {
-        return SharedString::from(Arc::clone(p));
+        return p;
     }
     #[cfg(feature = "axum")]
     if let Some(p) = request.extensions().get::<axum::extract::MatchedPath>() {
-        return SharedString::from(p.as_str().to_owned());
+        return p.as_str();
     }
-    SharedString::const_str("unmatched")
-}
-
-pub(crate) fn reservation(route: &SharedString, outcome: &'static str) {
-    metrics::counter!("tower_reserve_reservations_total", "route" => route.clone(), "outcome" => outcome)
-        .increment(1);
-}
-
-pub(crate) fn denial(route: &SharedString, reason: &'static str, shadow: bool) {
-    let mode = if shadow { "shadow" } else { "enforce" };
-    metrics::counter!("tower_reserve_denials_total", "route" => route.clone(), "reason" => reason, "mode" => mode)
-        .increment(1);
-}
-
-pub(crate) fn settlement(route: &SharedString, result: &'static str, cause: &'static str) {
-    metrics::counter!("tower_reserve_settlements_total", "route" => route.clone(), "result" => result, "cause" => cause)
-        .increment(1);
+    "unmatched"
 }
 
 /// Whether a store call failed as a store (it could not be reached, or answered something not
@@ -47,11 +225,133 @@ pub(crate) fn is_store_fault(err: &crate::Error) -> bool {
     )
 }
 
-pub(crate) fn store_call(route: &SharedString, op: &'static str, took: Duration, ok: bool) {
-    metrics::histogram!("tower_reserve_store_seconds", "route" => route.clone(), "op" => op)
-        .record(took.as_secs_f64());
-    if !ok {
-        metrics::counter!("tower_reserve_store_errors_total", "route" => route.clone(), "op" => op)
-            .increment(1);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    use ::metrics::{Counter, CounterFn, Gauge, Histogram, HistogramFn, KeyName, Recorder, Unit};
+
+    /// Remembers every key registered, with the sum of what was recorded under it.
+    #[derive(Default, Clone)]
+    struct Seen(Arc<Mutex<Vec<(String, f64)>>>);
+
+    struct Cell(Arc<Mutex<Vec<(String, f64)>>>, String);
+
+    impl CounterFn for Cell {
+        fn increment(&self, value: u64) {
+            self.add(value as f64);
+        }
+        fn absolute(&self, _: u64) {}
+    }
+
+    impl HistogramFn for Cell {
+        fn record(&self, value: f64) {
+            self.add(value);
+        }
+    }
+
+    impl Cell {
+        fn add(&self, value: f64) {
+            let mut seen = self.0.lock().unwrap();
+            match seen.iter_mut().find(|(k, _)| *k == self.1) {
+                Some((_, sum)) => *sum += value,
+                None => seen.push((self.1.clone(), value)),
+            }
+        }
+    }
+
+    fn text(key: &Key) -> String {
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        format!("{}{{{}}}", key.name(), labels.join(","))
+    }
+
+    impl Recorder for Seen {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::from_arc(Arc::new(Cell(self.0.clone(), text(key))))
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::from_arc(Arc::new(Cell(self.0.clone(), text(key))))
+        }
+    }
+
+    #[test]
+    fn causes_are_listed_in_declaration_order() {
+        for (i, cause) in Cause::ALL.iter().enumerate() {
+            assert_eq!(*cause as usize, i, "{cause:?}");
+        }
+    }
+
+    /// The keys built once per route carry the names and labels the docs list, and each call
+    /// records under its own.
+    #[test]
+    fn each_call_records_under_its_documented_key() {
+        let seen = Seen::default();
+        ::metrics::with_local_recorder(&seen, || {
+            let table = RouteTable::default();
+            let mut request = Request::new(());
+            request
+                .extensions_mut()
+                .insert(RoutePattern(Arc::from("/orders/{id}")));
+            let route = table.of(&request);
+            assert_eq!(route.route(), "/orders/{id}");
+            route.reservation(Outcome::Granted);
+            route.reservation(Outcome::Granted);
+            route.reservation(Outcome::Unavailable);
+            route.denial(&DenialReason::Taken, true);
+            route.settlement(Settling::Expired, Cause::Lease);
+            route.store_call(Op::Commit, Duration::from_millis(250), false);
+            let other = table.of(&Request::new(()));
+            assert_eq!(other.route(), "unmatched");
+            other.settlement(Settling::Committed, Cause::Success);
+            assert!(Arc::ptr_eq(&table.of(&request), &route));
+            assert!(Arc::ptr_eq(&table.of(&Request::new(())), &other));
+        });
+        let mut seen = seen.0.lock().unwrap().clone();
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        let expected = [
+            (
+                "tower_reserve_denials_total{route=/orders/{id},reason=taken,mode=shadow}",
+                1.0,
+            ),
+            (
+                "tower_reserve_reservations_total{route=/orders/{id},outcome=granted}",
+                2.0,
+            ),
+            (
+                "tower_reserve_reservations_total{route=/orders/{id},outcome=unavailable}",
+                1.0,
+            ),
+            (
+                "tower_reserve_settlements_total{route=/orders/{id},result=expired,cause=lease}",
+                1.0,
+            ),
+            (
+                "tower_reserve_settlements_total{route=unmatched,result=committed,cause=success}",
+                1.0,
+            ),
+            (
+                "tower_reserve_store_errors_total{route=/orders/{id},op=commit}",
+                1.0,
+            ),
+            (
+                "tower_reserve_store_seconds{route=/orders/{id},op=commit}",
+                0.25,
+            ),
+        ];
+        let expected: Vec<(String, f64)> = expected
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect();
+        assert_eq!(seen, expected);
     }
 }

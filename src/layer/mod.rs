@@ -25,7 +25,7 @@ pub use self::extract::{ExtractClaims, Extracted, Routes};
 pub use self::future::{ResponseBody, ResponseFuture};
 pub use self::idempotency::Idempotency;
 pub use self::layer::{DEFAULT_BODY_LIMIT, Disconnect, ReserveLayer, Validate};
-pub use self::rejection::{PROBLEM_TYPES, Rejection, RejectionKind};
+pub use self::rejection::{Rejection, RejectionKind};
 pub use self::service::Reserve;
 pub use self::settle::{ACTUAL_HEADER, Actual, Hold};
 pub use self::usage::{BudgetOf, Spend, Usage, usage};

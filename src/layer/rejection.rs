@@ -9,24 +9,34 @@ use serde_json::{Map, Value};
 
 use crate::{DenialReason, Error};
 
-/// Where the `type` URIs of the layer's own problems point: this enum's documentation.
-pub const PROBLEM_TYPES: &str = problem_type!("");
-
-macro_rules! problem_type {
-    ($variant:literal) => {
-        concat!(
-            "https://docs.rs/tower-reserve/latest/tower_reserve/enum.RejectionKind.html",
-            $variant
-        )
-    };
-}
-use problem_type;
-
 /// Why the layer refused a request, with everything needed to explain it.
+///
+/// Every problem the layer writes has the `type` `about:blank` (RFC 9457 4.2.1): the crate has
+/// no published page for a type URI to resolve to, and a URI that does not resolve helps no
+/// one. A client tells the layer's problems apart by `status` and `title`, which are stable:
+///
+/// | kind | status | title |
+/// | --- | --- | --- |
+/// | [`OverBudget`](Self::OverBudget) | `403` (`429` when asked, for a windowed budget) | `Over budget` |
+/// | [`Taken`](Self::Taken) | `409` | `Already taken` |
+/// | [`NotOwner`](Self::NotOwner) | `409` | `Not the owner` |
+/// | [`BadRequest`](Self::BadRequest) | `400`, `415`, `422` | the status's phrase: `Bad request`, ... |
+/// | [`BodyTooLarge`](Self::BodyTooLarge) | `413` | `Payload too large` |
+/// | [`Unavailable`](Self::Unavailable) | `503` | `Reservation store unavailable` |
+/// | [`LeaseRanOut`](Self::LeaseRanOut) | `503` | `Handler ran out of time` |
+/// | [`InFlight`](Self::InFlight) | `409` | `Request in flight` |
+/// | [`IdempotencyKeyMissing`](Self::IdempotencyKeyMissing) | `400` | `Idempotency-Key is missing` |
+/// | [`IdempotencyKeyInvalid`](Self::IdempotencyKeyInvalid) | `400` | `Idempotency-Key is not valid` |
+/// | [`IdempotencyKeyReused`](Self::IdempotencyKeyReused) | `422` | `Idempotency-Key is already used` |
+/// | [`IdempotentResponseUnavailable`](Self::IdempotentResponseUnavailable) | `409` | `Response not available` |
+/// | [`CommitFailed`](Self::CommitFailed) | `500` | `Commit failed` |
+/// | [`InvalidActual`](Self::InvalidActual) | `500` | `Invalid actual amount` |
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RejectionKind {
-    /// A budget would be exceeded (`403`, the RFC 9457 "out of credit" case).
+    /// A budget would be exceeded (`403`, the RFC 9457 "out of credit" case; `429` with
+    /// `Retry-After` over a windowed budget, with
+    /// [`ReserveLayer::too_many_requests`](crate::ReserveLayer::too_many_requests)).
     OverBudget {
         /// The budget's key.
         key: String,
@@ -34,6 +44,9 @@ pub enum RejectionKind {
         requested: u64,
         /// What is left in the budget.
         remaining: u64,
+        /// When the budget's window ends, in Unix milliseconds by the store's clock; `None`
+        /// for a lifetime budget.
+        resets_at_ms: Option<u64>,
     },
     /// A unique value is owned or held by someone else (`409`).
     Taken {
@@ -90,7 +103,7 @@ pub enum RejectionKind {
 ///
 /// let r = Rejection::new(StatusCode::UNPROCESSABLE_ENTITY, "Unknown product", "product 0 does not exist")
 ///     .with("product_id", 0);
-/// let response = r.into_response();
+/// let response = r.into_problem_response();
 /// assert_eq!(response.status(), 422);
 /// assert_eq!(response.headers()["content-type"], "application/problem+json");
 /// ```
@@ -133,38 +146,8 @@ impl Rejection {
         title: &'static str,
         detail: impl Into<Cow<'static, str>>,
     ) -> Self {
-        // Problems of the layer's own point at the documentation of their kind; a plain bad
-        // request stays `about:blank`, its title the status's own phrase (RFC 9457, 4.2.1).
-        let variant = match kind {
-            RejectionKind::OverBudget { .. } => Some(problem_type!("#variant.OverBudget")),
-            RejectionKind::Taken { .. } => Some(problem_type!("#variant.Taken")),
-            RejectionKind::NotOwner { .. } => Some(problem_type!("#variant.NotOwner")),
-            RejectionKind::Unavailable => Some(problem_type!("#variant.Unavailable")),
-            RejectionKind::LeaseRanOut => Some(problem_type!("#variant.LeaseRanOut")),
-            RejectionKind::InFlight => Some(problem_type!("#variant.InFlight")),
-            RejectionKind::IdempotencyKeyMissing => {
-                Some(problem_type!("#variant.IdempotencyKeyMissing"))
-            }
-            RejectionKind::IdempotencyKeyInvalid => {
-                Some(problem_type!("#variant.IdempotencyKeyInvalid"))
-            }
-            RejectionKind::IdempotencyKeyReused => {
-                Some(problem_type!("#variant.IdempotencyKeyReused"))
-            }
-            RejectionKind::IdempotentResponseUnavailable => {
-                Some(problem_type!("#variant.IdempotentResponseUnavailable"))
-            }
-            RejectionKind::CommitFailed => Some(problem_type!("#variant.CommitFailed")),
-            RejectionKind::InvalidActual => Some(problem_type!("#variant.InvalidActual")),
-            RejectionKind::BadRequest
-            | RejectionKind::BodyTooLarge { .. }
-            | RejectionKind::Custom => None,
-        };
         let mut r = Self::new(status, title, detail);
         r.0.kind = kind;
-        if let Some(variant) = variant {
-            r.0.type_uri = Cow::Borrowed(variant);
-        }
         r
     }
 
@@ -331,16 +314,26 @@ impl Rejection {
         Self::unprocessable("the request asks for an amount or a value that cannot be reserved")
     }
 
-    pub(crate) fn denied(key: String, namespace: String, reason: &DenialReason) -> Self {
+    /// The refusal of a denied claim. `words`: how the client's request names a unique value
+    /// ([`Unique::described_as`](crate::Unique::described_as)).
+    pub(crate) fn denied(
+        key: String,
+        namespace: String,
+        words: Option<&str>,
+        reason: &DenialReason,
+    ) -> Self {
+        let words = words.unwrap_or("the value");
         match *reason {
             DenialReason::OverBudget {
                 requested,
                 remaining,
+                resets_at_ms,
             } => Self::of(
                 RejectionKind::OverBudget {
                     key,
                     requested,
                     remaining,
+                    resets_at_ms,
                 },
                 StatusCode::FORBIDDEN,
                 "Over budget",
@@ -351,15 +344,30 @@ impl Rejection {
                 RejectionKind::Taken { namespace },
                 StatusCode::CONFLICT,
                 "Already taken",
-                "the value is already taken",
+                format!("{words} is already taken"),
             ),
             DenialReason::NotOwner => Self::of(
                 RejectionKind::NotOwner { namespace },
                 StatusCode::CONFLICT,
                 "Not the owner",
-                "the value is not owned by the one giving it up",
+                format!("{words} is not owned by the one giving it up"),
             ),
         }
+    }
+
+    /// Over a windowed budget, `429 Too Many Requests` with `Retry-After`: the seconds from
+    /// `now_ms` until the window the refusal was counted in ends (at least 1). Any other
+    /// rejection, and one over a lifetime budget (which never resets), stays as it is.
+    pub(crate) fn retry_at_reset(mut self, now_ms: u64) -> Self {
+        if let RejectionKind::OverBudget {
+            resets_at_ms: Some(at),
+            ..
+        } = self.0.kind
+        {
+            self = self.with_status(StatusCode::TOO_MANY_REQUESTS);
+            self.0.retry_after = Some(at.saturating_sub(now_ms).div_ceil(1000).max(1));
+        }
+        self
     }
 
     /// Adds an extension member to the problem body. The standard members (`type`, `title`,
@@ -473,8 +481,11 @@ impl Rejection {
         }
     }
 
-    /// Renders the rejection as an `application/problem+json` response.
-    pub fn into_response(self) -> Response<Full<Bytes>> {
+    /// Renders the rejection as an `application/problem+json` response: what the layer answers
+    /// unless an [`error_handler`](crate::ReserveLayer::error_handler) shapes it otherwise. (With
+    /// the `axum` feature, axum's `IntoResponse::into_response` renders the same document as an
+    /// axum response.)
+    pub fn into_problem_response(self) -> Response<Full<Bytes>> {
         let body = serde_json::to_vec(&self.document()).expect("a problem document serializes");
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = self.0.status;
@@ -492,7 +503,7 @@ impl Rejection {
 }
 
 /// With the `axum` feature, a rejection is an axum response: the same problem document as
-/// [`Rejection::into_response`], `Retry-After` included. So `Result<_, Rejection>` is a handler's
+/// [`Rejection::into_problem_response`], `Retry-After` included. So `Result<_, Rejection>` is a handler's
 /// return type, and `?` works on [`extract`](crate::extract)'s helpers in a handler.
 ///
 /// ```
@@ -512,7 +523,7 @@ impl Rejection {
 #[cfg(feature = "axum")]
 impl axum::response::IntoResponse for Rejection {
     fn into_response(self) -> axum::response::Response {
-        Rejection::into_response(self).map(axum::body::Body::new)
+        self.into_problem_response().map(axum::body::Body::new)
     }
 }
 

@@ -2,7 +2,8 @@
 //! HTTP* (draft-ietf-httpapi-ratelimit-headers): for each budget the request spent from, a quota
 //! policy item (`RateLimit-Policy: "<route>";q=<limit>;qu="units";w=<window seconds>;pk=:<digest>:`)
 //! and its state after this request (`RateLimit: "<route>";r=<remaining>;t=<seconds until the
-//! window resets>;pk=:<digest>:`).
+//! window resets>;pk=:<digest>:`). A request refused over budget gets the same for the budget
+//! that refused it.
 //!
 //! - The policy is named after the route (its pattern: `"/customers/{customer_id}/purchases"`;
 //!   a second budget of the route is `"<route>#2"`, and so on), never after the budget's key,
@@ -21,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use super::settle::Hold;
 use crate::store::now_ms;
-use crate::{Claim, Settlement, Window};
+use crate::{Budget, Claim, DenialReason, Settlement, Window};
 
 static POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static STATE: HeaderName = HeaderName::from_static("ratelimit");
@@ -30,26 +31,68 @@ static STATE: HeaderName = HeaderName::from_static("ratelimit");
 /// unused part of a partial commit (or all of a release) is back.
 pub(crate) fn insert(headers: &mut HeaderMap, hold: &Hold, settlement: &Settlement) {
     let now = now_ms();
-    let mut policy = Vec::new();
-    let mut state = Vec::new();
-    let route = match hold.route() {
-        "unmatched" => "budget",
-        route => route,
-    };
-    let mut n = 0;
+    let mut items = Items::default();
     for (i, claim) in hold.claims().iter().enumerate() {
-        let (Claim::Spend { budget, amount }, Some(left)) = (claim, hold.remaining()[i]) else {
+        let Claim::Spend { budget, .. } = claim else {
             continue;
         };
-        n += 1;
         let spent = if settlement.is_commit() {
-            settlement
-                .actual_for(budget.key(), &budget.window().spec())
-                .unwrap_or(*amount)
+            settlement.actual_for(budget.key(), &budget.window().spec())
         } else {
-            0
+            Some(0)
         };
-        let remaining = (left + (amount - spent)).min(budget.limit());
+        let Some(remaining) = hold.remaining_after(i, spent) else {
+            continue;
+        };
+        let ends = budget.window().slot(now).ends_at_ms;
+        items.push(hold.route(), budget, remaining, ends, now);
+    }
+    items.insert(headers);
+}
+
+/// Adds both headers for the budget that refused a request (its `nth` budget claim, from 1):
+/// what it has left, and when its window ends by the store that refused it.
+pub(crate) fn insert_denied(
+    headers: &mut HeaderMap,
+    route: &str,
+    nth: usize,
+    budget: &Budget,
+    reason: &DenialReason,
+) {
+    let DenialReason::OverBudget {
+        remaining,
+        resets_at_ms,
+        ..
+    } = *reason
+    else {
+        return;
+    };
+    let mut items = Items {
+        n: nth - 1,
+        ..Items::default()
+    };
+    items.push(route, budget, remaining, resets_at_ms, now_ms());
+    items.insert(headers);
+}
+
+/// The items of both headers, one per budget.
+#[derive(Default)]
+struct Items {
+    /// The budgets so far: the next is the route's `n + 1`th.
+    n: usize,
+    policy: Vec<String>,
+    state: Vec<String>,
+}
+
+impl Items {
+    /// `budget` of `route`, `remaining` left, its window ending at `ends` (Unix ms).
+    fn push(&mut self, route: &str, budget: &Budget, remaining: u64, ends: Option<u64>, now: u64) {
+        self.n += 1;
+        let n = self.n;
+        let route = match route {
+            "unmatched" => "budget",
+            route => route,
+        };
         let name = if n == 1 {
             route.to_owned()
         } else {
@@ -57,7 +100,6 @@ pub(crate) fn insert(headers: &mut HeaderMap, hold: &Hold, settlement: &Settleme
         };
         let name = sf_string(&name).unwrap_or_else(|| format!("\"budget#{n}\""));
         let pk = partition_key(budget.key());
-        let ends = budget.window().slot(now).ends_at_ms;
         let mut p = format!("{name};q={};qu=\"units\"", budget.limit());
         match budget.window() {
             Window::Lifetime | Window::Month => {}
@@ -70,18 +112,21 @@ pub(crate) fn insert(headers: &mut HeaderMap, hold: &Hold, settlement: &Settleme
             s.push_str(&format!(";t={}", ends.saturating_sub(now).div_ceil(1000)));
         }
         s.push_str(&format!(";pk={pk}"));
-        policy.push(p);
-        state.push(s);
+        self.policy.push(p);
+        self.state.push(s);
     }
-    if policy.is_empty() {
-        return;
-    }
-    if let (Ok(p), Ok(s)) = (
-        HeaderValue::from_str(&policy.join(", ")),
-        HeaderValue::from_str(&state.join(", ")),
-    ) {
-        headers.insert(POLICY.clone(), p);
-        headers.insert(STATE.clone(), s);
+
+    fn insert(self, headers: &mut HeaderMap) {
+        if self.policy.is_empty() {
+            return;
+        }
+        if let (Ok(p), Ok(s)) = (
+            HeaderValue::from_str(&self.policy.join(", ")),
+            HeaderValue::from_str(&self.state.join(", ")),
+        ) {
+            headers.insert(POLICY.clone(), p);
+            headers.insert(STATE.clone(), s);
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower_service::Service;
 
 use super::Rejection;
@@ -16,12 +16,10 @@ use super::body::RequestBody;
 use super::extract::ExtractClaims;
 use super::future::{ResponseBody, ResponseFuture};
 use super::idempotency;
-use super::layer::{Options, Shared};
-use super::metrics::{self, SharedString};
-use super::settle::{Hold, SettleStore};
-use crate::{
-    Claim, DenialReason, Error, ErrorKind, HoldId, Reservation, Reserved, Settlement, Store,
-};
+use super::layer::{Options, OwnBody, Shared};
+use super::metrics::{self, Op, Outcome, RouteMetrics, Settling};
+use super::settle::{Cause, Hold, SettleStore};
+use crate::{Claim, Denial, Error, ErrorKind, HoldId, Reservation, Reserved, Settlement, Store};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -86,6 +84,7 @@ where
                 "reserve",
                 method = %request.method(),
                 path = request.uri().path(),
+                route = tracing::field::Empty,
                 hold = tracing::field::Empty,
             )
         } else {
@@ -99,7 +98,7 @@ where
 /// What the layer decided before the handler runs.
 pub(crate) enum Prepared<B> {
     /// Refused: this response goes back, the handler never runs.
-    Reject(Response<Full<Bytes>>),
+    Reject(Response<OwnBody>),
     /// No claims (or failing open, or shadow mode): the handler runs with nothing held.
     Pass(Request<B>),
     /// Everything held: the handler runs under this hold.
@@ -128,8 +127,7 @@ where
         Ok(key) => key,
         Err(rejection) => return reject(rejection),
     };
-    let request = Request::from_parts(parts, body);
-    let mut request = match read_body(request, options.body_limit).await {
+    let mut request = match read_body(parts, body, options.body_limit).await {
         Ok(request) => request,
         Err(rejection) => return reject(rejection),
     };
@@ -143,14 +141,17 @@ where
         Ok(extracted) => extracted,
         Err(rejection) => return reject(rejection),
     };
-    let route = metrics::route_of(&request);
+    let route = shared.routes.of(&request);
+    if timed {
+        tracing::Span::current().record("route", route.route());
+    }
     if claims.is_empty() {
         return Prepared::Pass(request.map(RequestBody::new));
     }
     let (reservation, named) = match build(&request, claims, key, options) {
         Ok(built) => built,
         Err(rejection) => {
-            metrics::reservation(&route, "invalid");
+            route.reservation(Outcome::Invalid);
             return reject(rejection);
         }
     };
@@ -158,15 +159,16 @@ where
 
     let started = std::time::Instant::now();
     let (answer, reservation) = InFlight::new(&shared, reservation, route.clone()).await;
-    let op = if options.shadow { "check" } else { "reserve" };
+    let took = started.elapsed();
+    let op = if options.shadow {
+        Op::Check
+    } else {
+        Op::Reserve
+    };
     let failed = answer.as_ref().is_err_and(metrics::is_store_fault);
-    metrics::store_call(&route, op, started.elapsed(), !failed);
+    route.store_call(op, took, !failed);
     if timed {
-        tracing::debug!(
-            elapsed_us = started.elapsed().as_micros() as u64,
-            op,
-            "store answered"
-        );
+        tracing::debug!(elapsed_us = took.as_micros() as u64, ?op, "store answered");
     }
     if options.shadow {
         return shadow(answer, &reservation, &route, request);
@@ -182,12 +184,15 @@ const DRAIN_BYTES: u64 = 1 << 20;
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Reads the body, only up to the limit, whatever `Content-Length` claims.
-async fn read_body<B>(request: Request<B>, limit: usize) -> Result<Request<Bytes>, Rejection>
+async fn read_body<B>(
+    parts: http::request::Parts,
+    body: B,
+    limit: usize,
+) -> Result<Request<Bytes>, Rejection>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    let (parts, body) = request.into_parts();
     let mut body = std::pin::pin!(body);
     let declared = parts
         .headers
@@ -199,6 +204,10 @@ where
             discard(body).await;
         }
         return Err(Rejection::body_too_large(limit));
+    }
+    if body.is_end_stream() {
+        // Nothing to read (a `GET`, a `Content-Length: 0`): nothing to collect.
+        return Ok(Request::from_parts(parts, Bytes::new()));
     }
     match Limited::new(body.as_mut(), limit).collect().await {
         Ok(collected) => Ok(Request::from_parts(parts, collected.to_bytes())),
@@ -316,23 +325,24 @@ fn build(
 fn shadow<B>(
     answer: Result<Reserved, Error>,
     reservation: &Reservation,
-    route: &SharedString,
+    route: &RouteMetrics,
     request: Request<B>,
 ) -> Prepared<B> {
     match answer {
         Ok(Reserved::Denied(denial)) => {
-            let reason = denial_reason(&denial.reason);
-            metrics::denial(route, reason, true);
+            let reason = metrics::reason_label(&denial.reason);
+            route.denial(&denial.reason, true);
             tracing::info!(
+                route = route.route(),
                 hold = %reservation.id(),
                 claim = denial.claim,
                 reason,
                 "shadow mode: this request would have been refused"
             );
         }
-        Ok(Reserved::Granted(_)) => metrics::reservation(route, "granted"),
+        Ok(Reserved::Granted(_)) => route.reservation(Outcome::Granted),
         Err(err) => {
-            tracing::warn!(error = %err, "shadow mode: the store could not check this request");
+            tracing::warn!(route = route.route(), error = %err, "shadow mode: the store could not check this request");
         }
     }
     Prepared::Pass(request)
@@ -344,18 +354,18 @@ fn answer_of<St, E, B>(
     answer: Result<Reserved, Error>,
     reservation: Reservation,
     named: bool,
-    route: SharedString,
+    route: Arc<RouteMetrics>,
     mut request: Request<B>,
 ) -> Prepared<B> {
     let options = &shared.options;
     let reject = |rejection: Rejection| Prepared::Reject(options.reject(rejection));
     match answer {
         Ok(Reserved::Granted(grant)) if grant.replayed => {
-            metrics::reservation(&route, "in_flight");
+            route.reservation(Outcome::InFlight);
             reject(Rejection::in_flight())
         }
         Ok(Reserved::Granted(grant)) => {
-            metrics::reservation(&route, "granted");
+            route.reservation(Outcome::Granted);
             tracing::debug!(hold = %grant.id, claims = ?reservation.claims(), "reserved");
             let hold = Hold::new(
                 grant,
@@ -368,43 +378,30 @@ fn answer_of<St, E, B>(
             Prepared::Held(request, hold)
         }
         Ok(Reserved::Denied(denial)) => {
-            metrics::reservation(&route, "denied");
-            metrics::denial(&route, denial_reason(&denial.reason), false);
-            let (key, namespace) = match reservation.claims().get(denial.claim) {
-                Some(Claim::Spend { budget, .. }) => (budget.key().to_owned(), String::new()),
-                Some(Claim::Own { value, .. } | Claim::ReleaseOnCommit { value, .. }) => {
-                    (String::new(), value.namespace().to_owned())
-                }
-                _ => Default::default(),
-            };
-            tracing::debug!(
-                hold = %reservation.id(),
-                claims = ?reservation.claims(),
-                claim = denial.claim,
-                reason = ?denial.reason,
-                "denied"
-            );
-            reject(Rejection::denied(key, namespace, &denial.reason))
+            route.reservation(Outcome::Denied);
+            route.denial(&denial.reason, false);
+            log_denial(options.denial_level, &reservation, &denial, route.route());
+            Prepared::Reject(refuse(options, &reservation, &denial, route.route()))
         }
         Err(err) if err.is_unavailable() || err.kind() == ErrorKind::Protocol => {
-            metrics::reservation(&route, "unavailable");
+            route.reservation(Outcome::Unavailable);
             let budgets_only = reservation
                 .claims()
                 .iter()
                 .all(|c| matches!(c, Claim::Spend { .. }));
             if options.fail_open && budgets_only {
-                tracing::warn!(hold = %reservation.id(), error = %err, "store unavailable; failing open");
+                tracing::warn!(route = route.route(), hold = %reservation.id(), error = %err, "store unavailable; failing open");
                 return Prepared::Pass(request);
             }
-            tracing::warn!(hold = %reservation.id(), error = %err, "store unavailable; failing closed");
+            tracing::warn!(route = route.route(), hold = %reservation.id(), error = %err, "store unavailable; failing closed");
             reject(Rejection::unavailable(options.retry_after_secs))
         }
         Err(err) if err.kind() == ErrorKind::InFlight => {
-            metrics::reservation(&route, "in_flight");
+            route.reservation(Outcome::InFlight);
             reject(Rejection::in_flight())
         }
         Err(err) if err.is_conflict() => {
-            metrics::reservation(&route, "conflict");
+            route.reservation(Outcome::Conflict);
             reject(Rejection::idempotency_key_reused())
         }
         Err(err) => {
@@ -412,15 +409,15 @@ fn answer_of<St, E, B>(
             tracing::debug!(hold = %reservation.id(), error = %err, "retry of a request that has ended");
             match err.memo().map(idempotency::replay) {
                 Some(Ok(response)) => {
-                    metrics::reservation(&route, "replayed");
-                    Prepared::Reject(response)
+                    route.reservation(Outcome::Replayed);
+                    Prepared::Reject(response.map(OwnBody::Full))
                 }
                 Some(Err(rejection)) => {
-                    metrics::reservation(&route, "settled");
+                    route.reservation(Outcome::Settled);
                     reject(rejection)
                 }
                 None => {
-                    metrics::reservation(&route, "settled");
+                    route.reservation(Outcome::Settled);
                     reject(Rejection::idempotent_response_unavailable(None))
                 }
             }
@@ -428,11 +425,62 @@ fn answer_of<St, E, B>(
     }
 }
 
-fn denial_reason(reason: &DenialReason) -> &'static str {
-    match reason {
-        DenialReason::OverBudget { .. } => "over_budget",
-        DenialReason::Taken => "taken",
-        DenialReason::NotOwner => "not_owner",
+/// The response to a denied reservation: which claim failed and why, as the layer's options say
+/// (`429` over a windowed budget, the budget's remaining fields).
+fn refuse(
+    options: &Options,
+    reservation: &Reservation,
+    denial: &Denial,
+    route: &str,
+) -> Response<OwnBody> {
+    let claims = reservation.claims();
+    let (key, namespace, words) = match claims.get(denial.claim) {
+        Some(Claim::Spend { budget, .. }) => (budget.key().to_owned(), String::new(), None),
+        Some(Claim::Own { value, .. } | Claim::ReleaseOnCommit { value, .. }) => (
+            String::new(),
+            value.namespace().to_owned(),
+            value.description(),
+        ),
+        None => Default::default(),
+    };
+    let mut rejection = Rejection::denied(key, namespace, words, &denial.reason);
+    if options.too_many_requests {
+        rejection = rejection.retry_at_reset(crate::store::now_ms());
+    }
+    let mut response = options.reject(rejection);
+    if options.remaining_headers
+        && let Some(Claim::Spend { budget, .. }) = claims.get(denial.claim)
+    {
+        // The budget's place among the request's budgets names its policy, as on a success.
+        let nth = claims[..=denial.claim]
+            .iter()
+            .filter(|c| matches!(c, Claim::Spend { .. }))
+            .count();
+        super::remaining::insert_denied(response.headers_mut(), route, nth, budget, &denial.reason);
+    }
+    response
+}
+
+/// Logs a denial at `level`: at `DEBUG` (or `TRACE`) with its claims, in the request's span;
+/// above, on its own, with the route and without the claims.
+fn log_denial(level: tracing::Level, reservation: &Reservation, denial: &Denial, route: &str) {
+    use tracing::Level;
+    let (hold, claim, reason) = (
+        reservation.id(),
+        denial.claim,
+        metrics::reason_label(&denial.reason),
+    );
+    match level {
+        Level::TRACE | Level::DEBUG => tracing::debug!(
+            %hold,
+            claims = ?reservation.claims(),
+            claim,
+            reason = ?denial.reason,
+            "denied"
+        ),
+        Level::INFO => tracing::info!(route, %hold, claim, reason, "denied"),
+        Level::WARN => tracing::warn!(route, %hold, claim, reason, "denied"),
+        Level::ERROR => tracing::error!(route, %hold, claim, reason, "denied"),
     }
 }
 
@@ -444,14 +492,14 @@ type ReserveCall = Pin<Box<dyn Future<Output = (Result<Reserved, Error>, Reserva
 struct InFlight {
     call: Option<ReserveCall>,
     settle_store: Arc<dyn SettleStore>,
-    route: SharedString,
+    route: Arc<RouteMetrics>,
 }
 
 impl InFlight {
     fn new<St: Store, E>(
         shared: &Shared<St, E>,
         reservation: Reservation,
-        route: SharedString,
+        route: Arc<RouteMetrics>,
     ) -> Self {
         let store = shared.store.clone();
         let shadow = shared.options.shadow;
@@ -505,11 +553,11 @@ impl Drop for InFlight {
                     .settle(grant.id, Settlement::release().forget())
                     .await;
                 let result = if released.is_ok() {
-                    "released"
+                    Settling::Released
                 } else {
-                    "failed"
+                    Settling::Failed
                 };
-                metrics::settlement(&route, result, "dropped");
+                route.settlement(result, Cause::Dropped);
             }
         });
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::metrics::{self, SharedString};
+use super::metrics::{Op, RouteMetrics, Settling};
 use crate::settlement::same_budget;
 use crate::{Budget, Claim, Error, ErrorKind, Grant, HoldId, Settled, Settlement, Store};
 
@@ -70,8 +70,8 @@ struct HoldInner {
     named: bool,
     /// Actual amounts the handler reported, by budget.
     actual: Mutex<Vec<(Budget, u64)>>,
-    /// The route's metrics label.
-    route: SharedString,
+    /// The route's metrics.
+    metrics: Arc<RouteMetrics>,
     store: Arc<dyn SettleStore>,
 }
 
@@ -91,7 +91,7 @@ impl Hold {
         grant: Grant,
         claims: Vec<Claim>,
         named: bool,
-        route: SharedString,
+        metrics: Arc<RouteMetrics>,
         store: Arc<dyn SettleStore>,
     ) -> Self {
         Self {
@@ -103,7 +103,7 @@ impl Hold {
                 deferred: AtomicBool::new(false),
                 named,
                 actual: Mutex::default(),
-                route,
+                metrics,
                 store,
             }),
         }
@@ -130,6 +130,51 @@ impl Hold {
             .and_then(|i| self.inner.remaining[i])
     }
 
+    /// What `budget` will have left once this hold commits, if the hold spends from it: what it
+    /// had left once the hold was placed ([`Hold::remaining_of`]) and what the commit gives back
+    /// of the amount held, the actual amount set with [`Hold::set_actual`] being spent (all that
+    /// was held, if none was set). For the handler's answer (`"remaining": ...`) before the layer
+    /// commits; like `remaining_of`, it is as of the reserve: what other requests spent or held
+    /// since is not in it.
+    ///
+    /// ```
+    /// use http::{Request, Response};
+    /// use tower_reserve::{Budget, Hold};
+    ///
+    /// async fn handler(req: Request<()>) -> Response<String> {
+    ///     let hold = req.extensions().get::<Hold>().expect("behind ReserveLayer").clone();
+    ///     let tokens = Budget::new("team-7", 1_000_000);
+    ///     // Reserved max_tokens; the completion used 1 234 of them.
+    ///     hold.set_actual(&tokens, 1_234).expect("at most what was held");
+    ///     let left = hold.remaining_after_commit(&tokens).unwrap_or(0);
+    ///     Response::new(format!(r#"{{"tokens_left": {left}}}"#))
+    /// }
+    /// ```
+    pub fn remaining_after_commit(&self, budget: &Budget) -> Option<u64> {
+        let i = self.spend_index(budget)?;
+        let actual = self
+            .inner
+            .actual
+            .lock()
+            .expect("actual amounts lock")
+            .iter()
+            .find(|(b, _)| same_budget(b, budget))
+            .map(|(_, amount)| *amount);
+        self.remaining_after(i, actual)
+    }
+
+    /// What the budget of claim `i` has left once this hold settles with `spent` of it (`None`:
+    /// all it holds): the rest of what it holds goes back.
+    pub(crate) fn remaining_after(&self, i: usize, spent: Option<u64>) -> Option<u64> {
+        let (Claim::Spend { budget, amount }, Some(left)) =
+            (&self.inner.claims[i], self.inner.remaining[i])
+        else {
+            return None;
+        };
+        let spent = spent.unwrap_or(*amount).min(*amount);
+        Some((left + (amount - spent)).min(budget.limit()))
+    }
+
     /// The budgets this hold spends from, with the amounts held, in claim order.
     pub fn budgets(&self) -> impl Iterator<Item = (&Budget, u64)> {
         self.inner.claims.iter().filter_map(|c| match c {
@@ -147,7 +192,7 @@ impl Hold {
 
     /// The route's label (its pattern, or `unmatched`), as the metrics have it.
     pub(crate) fn route(&self) -> &str {
-        &self.inner.route
+        self.inner.metrics.route()
     }
 
     /// When the lease ends, in Unix milliseconds by the store's clock.
@@ -427,7 +472,7 @@ pub(crate) struct Settle {
 }
 
 /// Why a hold is settled the way it is: a metrics label.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cause {
     /// The handler succeeded (commit).
     Success,
@@ -446,7 +491,18 @@ pub(crate) enum Cause {
 }
 
 impl Cause {
-    fn label(self) -> &'static str {
+    /// Every cause, in declaration order (`cause as usize` indexes this).
+    pub(crate) const ALL: [Cause; 7] = [
+        Cause::Success,
+        Cause::ErrorResponse,
+        Cause::HandlerError,
+        Cause::Panic,
+        Cause::Dropped,
+        Cause::Lease,
+        Cause::InvalidActual,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Cause::Success => "success",
             Cause::ErrorResponse => "error_response",
@@ -499,22 +555,23 @@ fn record(
     result: &Result<Settled, Error>,
 ) {
     let took = started.elapsed();
-    let op = if commit { "commit" } else { "release" };
-    metrics::store_call(&hold.inner.route, op, took, result.is_ok());
+    let metrics = &hold.inner.metrics;
+    let op = if commit { Op::Commit } else { Op::Release };
+    metrics.store_call(op, took, result.is_ok());
     let outcome = match result {
-        Ok(_) if commit => "committed",
-        Ok(_) => "released",
-        Err(err) if err.is_expired() => "expired",
-        Err(_) => "failed",
+        Ok(_) if commit => Settling::Committed,
+        Ok(_) => Settling::Released,
+        Err(err) if err.is_expired() => Settling::Expired,
+        Err(_) => Settling::Failed,
     };
-    metrics::settlement(&hold.inner.route, outcome, cause.label());
+    metrics.settlement(outcome, cause);
     let elapsed_us = timed.then_some(took.as_micros() as u64);
     match result {
         Ok(settled) => {
             tracing::debug!(hold = %hold.id(), commit, ?settled, elapsed_us, "settled")
         }
         Err(err) => {
-            tracing::error!(hold = %hold.id(), commit, error = %err, elapsed_us, "settling failed")
+            tracing::error!(hold = %hold.id(), route = hold.route(), commit, error = %err, elapsed_us, "settling failed")
         }
     }
 }

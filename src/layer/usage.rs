@@ -202,18 +202,18 @@ impl<St: Store, B> Service<Request<B>> for Usage<St> {
         let request = request.map(|_| Bytes::new());
         let budget = match self.budget.budget(&request) {
             Ok(budget) => budget,
-            Err(rejection) => return Box::pin(ready(Ok(rejection.into_response()))),
+            Err(rejection) => return Box::pin(ready(Ok(rejection.into_problem_response()))),
         };
         let store = self.store.clone();
         Box::pin(async move {
             Ok(match store.budget(&budget).await {
                 Ok(status) => usage_response(&status),
                 Err(err) if err.is_invalid_input() => {
-                    Rejection::invalid_claims(&err).into_response()
+                    Rejection::invalid_claims(&err).into_problem_response()
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, "usage: the store could not read the budget");
-                    Rejection::unavailable(1).into_response()
+                    Rejection::unavailable(1).into_problem_response()
                 }
             })
         })

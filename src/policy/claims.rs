@@ -5,7 +5,7 @@ use std::future::{Ready, ready};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Request};
+use http::{HeaderName, HeaderValue, Method, Request};
 use serde_json::Value;
 
 use super::model::{BudgetRule, Normalize, Number, Table, UniqueRule};
@@ -49,6 +49,8 @@ pub struct RouteClaims {
 }
 
 struct Rules {
+    /// The request header a fresh id is minted into, first.
+    mint_id: Option<HeaderName>,
     budgets: Vec<BudgetRule>,
     uniques: Vec<UniqueRule>,
     tables: Arc<BTreeMap<String, Table>>,
@@ -86,7 +88,7 @@ impl Policy {
     /// The budgets the route `method pattern` spends from, each as a [`BudgetOf`], once the
     /// policy is [validated](Policy::validate): what a usage endpoint shows a client, from the
     /// very rules the route reserves by. Refused when the policy does not validate or has no
-    /// such route.
+    /// such route (the error lists the routes it has).
     ///
     /// The key and the limit are read from the usage request as the route reads them from its
     /// own: a `{path.NAME}` placeholder needs a parameter of that name in the usage route's
@@ -112,11 +114,19 @@ impl Policy {
     ///     .route_service("/keys/{key}/usage", usage(MemoryStore::new(), calls));
     /// ```
     pub fn budgets_of(&self, method: &Method, pattern: &str) -> Result<Vec<BudgetOf>, PolicyError> {
-        self.route_claims()?
+        let routes = self.route_claims()?;
+        let has: Vec<String> = routes.iter().map(|(m, p, _)| format!("{m} {p}")).collect();
+        routes
             .into_iter()
             .find(|(m, p, _)| m == method && p == pattern)
             .map(|(_, _, claims)| claims.budgets())
-            .ok_or_else(|| PolicyError::new(format!("the policy has no route {method} {pattern}")))
+            .ok_or_else(|| {
+                let has = match has.as_slice() {
+                    [] => "it has no routes".to_owned(),
+                    has => format!("its routes are {}", has.join(", ")),
+                };
+                PolicyError::new(format!("the policy has no route {method} {pattern}; {has}"))
+            })
     }
 }
 
@@ -128,6 +138,7 @@ impl RouteClaims {
     ) -> Self {
         Self {
             inner: Arc::new(Rules {
+                mint_id: route.mint_id_header().cloned(),
                 budgets: route.budgets().to_vec(),
                 uniques: route.uniques().to_vec(),
                 tables,
@@ -168,7 +179,8 @@ impl RouteClaims {
                     Unique::keyed(rule.namespace(), &value, std::borrow::Cow::Borrowed, key)
                 }
                 (Normalize::Email, Some(key)) => Unique::keyed_email(rule.namespace(), &value, key),
-            };
+            }
+            .described_as(rule.value().words());
             claims.push(if rule.releases() {
                 Claim::release_on_commit(value, owner)
             } else {
@@ -236,6 +248,48 @@ impl Rules {
     }
 }
 
+/// A fresh id minted for a request ([`Route::mint_id`]): in the request's extensions (an axum
+/// `Extension<MintedId>`) and in the route's header, for the inner service to create what the
+/// request claims values for (an account) under this id.
+///
+/// ```
+/// use axum::Extension;
+/// use tower_reserve::policy::MintedId;
+///
+/// // Behind a PolicyLayer whose sign-up route has `mint_id = "x-account-id"`.
+/// async fn sign_up(Extension(MintedId(account_id)): Extension<MintedId>) -> String {
+///     format!("created account {account_id}")
+/// }
+/// let _: axum::routing::MethodRouter = axum::routing::post(sign_up);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MintedId(pub String);
+
+/// Mints a fresh id into header `name` of `request` (in place of any the client sent: an owner
+/// is never the client's to choose) and its extensions.
+fn mint(name: &HeaderName, request: &mut Request<Bytes>) {
+    let id = fresh_id();
+    let value = HeaderValue::from_str(&id).expect("hex and dashes");
+    request.headers_mut().insert(name.clone(), value);
+    request.extensions_mut().insert(MintedId(id));
+}
+
+/// A UUID, version 4 (random): the form an account id takes in most databases.
+fn fresh_id() -> String {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex = crate::claim::hex(&bytes);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 /// `422`: `id` is not in `table`.
 fn unknown(table: &str, id: Value) -> Rejection {
     Rejection::unprocessable(format!("{id} is not in the table {table:?}"))
@@ -246,7 +300,10 @@ fn unknown(table: &str, id: Value) -> Rejection {
 impl ExtractClaims for RouteClaims {
     type Future = Ready<Extracted>;
 
-    fn extract(&self, request: Request<Bytes>) -> Self::Future {
+    fn extract(&self, mut request: Request<Bytes>) -> Self::Future {
+        if let Some(name) = &self.inner.mint_id {
+            mint(name, &mut request);
+        }
         ready(self.claims(&request).map(|claims| (request, claims)))
     }
 }

@@ -3,7 +3,6 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
-use http::Method;
 use tower_layer::Layer;
 
 use super::service::PolicyService;
@@ -24,6 +23,10 @@ type Configure<St> =
 /// The inner service takes `Request<`[`PolicyBody`](super::PolicyBody)`>`. A matched request
 /// carries its route's [`RoutePattern`](crate::extract::RoutePattern), so path parameters and
 /// the metrics' `route` label work as under [`Routes`](crate::Routes).
+///
+/// On an axum router, a request takes the policy route of the router route that took it; check
+/// the policy against the router at start with [`Policy::check_router`], so that a policy route
+/// the router does not serve is refused rather than silently off.
 ///
 /// Clones share one policy: [`PolicyLayer::reload`] on any of them replaces it for every
 /// service they made, from the next request on (requests in flight finish under the policy
@@ -101,8 +104,27 @@ impl<St> std::fmt::Debug for CompiledRoute<St> {
 }
 
 impl<St> Compiled<St> {
-    /// The first route a request with this method and path takes.
-    pub(crate) fn find(&self, method: &Method, path: &str) -> Option<&CompiledRoute<St>> {
+    /// The route a request takes.
+    ///
+    /// On an axum router (the layer given to `Router::layer` or `route_layer`), the router has
+    /// chosen: the request takes the policy route whose pattern is the one of the router's route
+    /// (parameters may be named otherwise), so that the router's rules decide (a static route
+    /// beside a parameter, a trailing slash), and a policy route whose pattern no router route
+    /// has takes nothing ([`Policy::check_router`] finds those at start). A router route with a
+    /// wildcard (`/{*rest}`) hands a whole subtree to one service: there, and with no router
+    /// (a plain hyper service, a gateway), the first route whose pattern matches the path.
+    pub(crate) fn find<B>(&self, request: &http::Request<B>) -> Option<&CompiledRoute<St>> {
+        let method = request.method();
+        #[cfg(feature = "axum")]
+        if let Some(pattern) = crate::layer::extract::router_pattern(request)
+            && !crate::layer::extract::is_wildcard(pattern)
+        {
+            return self
+                .routes
+                .iter()
+                .find(|r| r.matcher.is_route(method, pattern));
+        }
+        let path = request.uri().path();
         self.routes.iter().find(|r| r.matcher.matches(method, path))
     }
 }

@@ -6,7 +6,7 @@
 //! whose claims come from a [`RouteClaims`], the same [`ExtractClaims`](crate::ExtractClaims) a
 //! closure is, so the layer does not know whether a route's claims came from a closure or a
 //! file. Requests that match no route go to the inner service untouched, their bodies streamed.
-//! The policy can be [replaced](PolicyLayer::reload) while requests flow; `examples/gateway.rs`
+//! The policy can be [replaced](PolicyLayer::reload) while requests flow; `examples/gateway/`
 //! puts all of it in front of any HTTP service.
 //!
 //! All of it is behind the `policy` feature, on by default: the `toml` parser is the one
@@ -14,7 +14,7 @@
 //!
 //! The same model is built in Rust with [`Policy::new`], [`Route`], [`BudgetRule`] and
 //! [`UniqueRule`]; closures (with [`Routes`](crate::Routes)) stay for what data cannot express
-//! (a price from another service, an account id minted by the request).
+//! (a price from another service, a limit from an account's plan in a database).
 //!
 //! # The file format
 //!
@@ -37,6 +37,8 @@
 //! shadow = false               # check and count only: hold nothing, refuse nothing
 //! on_disconnect = "finish"     # or "release": what happens when the client goes away
 //! remaining_headers = false    # RateLimit-Policy / RateLimit response headers
+//! too_many_requests = false    # over a windowed budget: 429 with Retry-After, not 403
+//! # mint_id = "x-account-id"   # a fresh id per request, in this header (see Unique values)
 //!
 //! [[route.budget]]
 //! key = "customer:{path.customer_id}"               # text with placeholders
@@ -110,6 +112,13 @@
 //! [`MAX_CLAIMS`](crate::MAX_CLAIMS)): its budgets first, then its unique values, each in file
 //! order. A request that matches no route is not read, limited or reserved.
 //!
+//! On an axum router (the layer given to `Router::layer` or `route_layer`), the router decides:
+//! a request takes the policy route whose pattern is the pattern of the router route that took
+//! it (axum's `MatchedPath`; parameters may be named otherwise), and under a router route with
+//! a wildcard (`/{*rest}`) the first policy route that matches the path. A policy route that no
+//! router route serves would limit nothing: [`Policy::check_router`] refuses it at start, with
+//! its line's field (`route[0].path`), before the router serves.
+//!
 //! ## Templates
 //!
 //! Keys, values and owners are [`Template`]s: text with placeholders.
@@ -150,12 +159,36 @@
 //! [`Policy::digest_key`] (recommended) and the digest is keyed, so that whoever reads the store
 //! or the logs cannot test a guessed address against it.
 //!
+//! A sign-up that carries no id of its own yet gets one minted: `mint_id = "x-account-id"` on
+//! the route puts a fresh id (a UUID) in that request header, in place of anything the client
+//! sent, before the claims are read. The unique rule reads its owner there, and the inner
+//! service (the upstream, or a handler, as a [`MintedId`] extension) creates the account under
+//! that id:
+//!
+//! ```toml
+//! [[route]]
+//! method = "POST"
+//! path = "/accounts"
+//! mint_id = "x-account-id"
+//!
+//! [[route.unique]]
+//! namespace = "accounts"
+//! value = "{body./email}"
+//! normalize = "email"
+//! owner = "{header.x-account-id}"
+//! ```
+//!
+//! An owner read from nothing but what its value is read from (`owner = "{body./username}"`
+//! beside `value = "{body./username}"`, or fixed text) is refused at load: every request for one
+//! value would be one owner, and an owner claiming its own value again is granted, so nothing
+//! would ever be refused.
+//!
 //! ## Errors
 //!
 //! A file is checked whole before it is used ([`Policy::from_toml`], [`Policy::validate`]):
 //! unknown fields, wrong types, unknown placeholder sources, path parameters the pattern lacks,
 //! tables that do not exist, numbers out of range, leases outside 1 ms to 1 day, windows that are
-//! not whole seconds. A [`PolicyError`] names the line, the column and the field:
+//! not whole seconds, owners read from nothing but their value. A [`PolicyError`] names the line, the column and the field:
 //!
 //! ```text
 //! line 14, column 10, route[0].budget[0].amount: 0 is not within 1 to 9007199254740991 (2^53 - 1)
@@ -179,11 +212,13 @@ mod file;
 mod future;
 mod layer;
 mod model;
+#[cfg(feature = "axum")]
+mod router;
 mod service;
 mod template;
 
 pub use self::body::PolicyBody;
-pub use self::claims::RouteClaims;
+pub use self::claims::{MintedId, RouteClaims};
 pub use self::error::PolicyError;
 pub use self::future::PolicyFuture;
 pub use self::layer::PolicyLayer;

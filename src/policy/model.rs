@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use http::{Method, StatusCode};
+use http::{HeaderName, Method, StatusCode};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::PolicyError;
@@ -82,6 +82,10 @@ pub struct Route {
     on_disconnect: Option<Disconnect>,
     #[serde(default)]
     remaining_headers: bool,
+    #[serde(default)]
+    too_many_requests: bool,
+    #[serde(default, deserialize_with = "header_name")]
+    mint_id: Option<HeaderName>,
 }
 
 /// Spend an amount against a budget: the key, the amount, the limit and its window.
@@ -341,6 +345,8 @@ impl Route {
             shadow: false,
             on_disconnect: None,
             remaining_headers: false,
+            too_many_requests: false,
+            mint_id: None,
         }
     }
 
@@ -395,6 +401,29 @@ impl Route {
     /// Adds `RateLimit-Policy` and `RateLimit` response headers.
     pub fn remaining_headers(mut self, yes: bool) -> Self {
         self.remaining_headers = yes;
+        self
+    }
+
+    /// Mints a fresh id for every request that takes the route (a UUID, version 4), for a
+    /// command that creates what will own its values (a sign-up that carries no account id yet):
+    /// the id replaces whatever the client sent in the request header `name`, so that the
+    /// route's templates read it there (`owner = "{header.x-account-id}"`) and the inner service
+    /// gets it there and as a [`MintedId`](super::MintedId) extension, to create the account
+    /// under that id.
+    pub fn mint_id(mut self, name: HeaderName) -> Self {
+        self.mint_id = Some(name);
+        self
+    }
+
+    /// The request header the route mints a fresh id into, if it does ([`Route::mint_id`]).
+    pub fn mint_id_header(&self) -> Option<&HeaderName> {
+        self.mint_id.as_ref()
+    }
+
+    /// Refuses over a windowed budget with `429` and `Retry-After` instead of `403`; see
+    /// [`ReserveLayer::too_many_requests`](crate::ReserveLayer::too_many_requests).
+    pub fn too_many_requests(mut self, yes: bool) -> Self {
+        self.too_many_requests = yes;
         self
     }
 
@@ -486,6 +515,7 @@ impl Route {
             .fail_open(self.fail_open)
             .shadow(self.shadow)
             .remaining_headers(self.remaining_headers)
+            .too_many_requests(self.too_many_requests)
     }
 
     fn validate(&self, at: &str, policy: &Policy) -> Result<(), PolicyError> {
@@ -714,7 +744,21 @@ impl UniqueRule {
         crate::claim::check_tag("unique namespace", &self.namespace)
             .map_err(|e| PolicyError::at(format!("{at}.namespace"), e.to_string()))?;
         sources.check(&format!("{at}.value"), &self.value)?;
-        sources.check(&format!("{at}.owner"), &self.owner)
+        sources.check(&format!("{at}.owner"), &self.owner)?;
+        // An owner read from nothing but what the value is read from is the same for every
+        // request that claims one value, and an owner claiming its own value again is granted:
+        // uniqueness would never refuse anyone.
+        let value: Vec<&Source> = self.value.sources().collect();
+        if self.owner.sources().all(|s| value.contains(&s)) {
+            return Err(PolicyError::at(
+                format!("{at}.owner"),
+                format!(
+                    "the owner {} is read from nothing but what the value is read from, so every request for one value would have one owner and none would ever be refused: name who owns it (a header an authenticating proxy sets, a path parameter), or give the route a mint_id and read the owner from that header",
+                    self.owner
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -778,6 +822,13 @@ fn window<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Window, D::Error
             ))),
         },
     }
+}
+
+fn header_name<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<HeaderName>, D::Error> {
+    let text = Cow::<str>::deserialize(deserializer)?;
+    HeaderName::from_bytes(text.as_bytes())
+        .map(Some)
+        .map_err(|_| de::Error::custom(format!("{text:?} is not a header name")))
 }
 
 fn disconnect<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Disconnect>, D::Error> {

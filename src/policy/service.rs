@@ -69,7 +69,7 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let compiled = self.shared.current();
-        match compiled.find(request.method(), request.uri().path()) {
+        match compiled.find(&request) {
             Some(route) => {
                 route.matcher.mark(&mut request);
                 // The route's service only asks its inner service (this ready one) for

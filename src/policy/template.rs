@@ -86,6 +86,19 @@ impl Source {
     }
 }
 
+impl Source {
+    /// What the client sent, named as the client knows it: `the value at /email`, `the header
+    /// x-username`.
+    fn words(&self) -> String {
+        match self {
+            Source::Path(name) => format!("the path parameter {name}"),
+            Source::Header(name) => format!("the header {name}"),
+            Source::Query(name) => format!("the query parameter {name}"),
+            Source::Body(pointer) => format!("the value at {pointer}"),
+        }
+    }
+}
+
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -200,6 +213,18 @@ impl Template {
         })
     }
 
+    /// What the rendered text is made of, as the client knows it (`the value at /email`; `the
+    /// value made of the header x-tenant and the value at /name`), for what the client is told
+    /// about it.
+    pub(crate) fn words(&self) -> String {
+        let sources: Vec<String> = self.sources().map(Source::words).collect();
+        match sources.as_slice() {
+            [] => "the value".to_owned(),
+            [one] if self.as_source().is_some() => one.clone(),
+            many => format!("the value made of {}", many.join(" and ")),
+        }
+    }
+
     /// The text, with each placeholder read from `request`.
     pub(crate) fn render(&self, request: &Request<Bytes>) -> Result<String, Rejection> {
         if let [Part::Value(source)] = self.parts.as_slice() {
@@ -298,6 +323,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.render(&req).unwrap(), "42|k-1|t 1|7|ann");
+        assert_eq!(
+            Template::parse("{body./email}").unwrap().words(),
+            "the value at /email"
+        );
+        assert_eq!(
+            Template::parse("{header.x-tenant}:{query.name}")
+                .unwrap()
+                .words(),
+            "the value made of the header x-tenant and the query parameter name"
+        );
         let missing = Template::parse("{header.x-nope}").unwrap();
         assert_eq!(missing.render(&req).unwrap_err().status(), 400);
         let object = Template::parse("{body./customer}").unwrap();

@@ -164,7 +164,7 @@ const BAD: &[(&str, usize, &str, &str)] = &[
         "700 is not a status",
     ),
     (
-        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"o\"\n\n[[route]]\nmethod = \"POST\"\npath = \"/a\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"o\"\n",
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"{header.o}\"\n\n[[route]]\nmethod = \"POST\"\npath = \"/a\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"{header.o}\"\n",
         11,
         "route[1].path",
         "declared twice",
@@ -186,6 +186,24 @@ const BAD: &[(&str, usize, &str, &str)] = &[
         4,
         "route[0].lease",
         "1 ms to 1 day",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"{body./username}\"\nowner = \"{body./username}\"\n",
+        7,
+        "route[0].unique[0].owner",
+        "read from nothing but what the value is read from",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a/{id}\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"{path.id}:{body./v}\"\nowner = \"user-{path.id}\"\n",
+        7,
+        "route[0].unique[0].owner",
+        "give the route a mint_id",
+    ),
+    (
+        "[[route]]\nmethod = \"POST\"\npath = \"/a\"\nmint_id = \"x account\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"{header.o}\"\n",
+        4,
+        "route[0].mint_id",
+        "not a header name",
     ),
     (
         "[[route]]\nmethod = \"POST\"\npath = \"a/{id}\"\n[[route.unique]]\nnamespace = \"n\"\nvalue = \"v\"\nowner = \"o\"\n",
@@ -372,6 +390,12 @@ async fn a_routes_budgets_are_the_ones_its_claims_spend_from() {
         .budgets_of(&http::Method::GET, "/v1/jobs")
         .unwrap_err();
     assert!(err.message().contains("no route GET /v1/jobs"), "{err}");
+    // It says which routes the policy has.
+    assert!(
+        err.message()
+            .ends_with("; its routes are POST /customers/{customer_id}/purchases, POST /accounts, PUT /accounts/{account_id}/email, POST /v1/jobs"),
+        "{err}"
+    );
     assert!(
         Policy::new()
             .route(Route::new(http::Method::POST, "nope"))
@@ -492,6 +516,18 @@ mod layer {
         );
         let (status, _) = call(post("/customers/c-1/purchases", r#"{"product_ids": [1]}"#)).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
+        // A taken address is named as the client sent it.
+        let sign_up = |account: &'static str| {
+            let mut req = post("/accounts", r#"{"email": "Ann@Example.com"}"#);
+            req.headers_mut()
+                .insert("x-account-id", account.parse().unwrap());
+            req
+        };
+        assert_eq!(call(sign_up("a-1")).await.0, StatusCode::OK);
+        let (status, problem) = call(sign_up("a-2")).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        let problem: serde_json::Value = serde_json::from_str(&problem).unwrap();
+        assert_eq!(problem["detail"], "the value at /email is already taken");
         // Not a route: a body far above any limit goes through, unread.
         let big = vec![b'x'; 1 << 20];
         let (status, seen) = call(post("/customers/c-1/refunds", big)).await;
@@ -521,5 +557,219 @@ mod layer {
         let broken = Policy::new().route(Route::new(http::Method::POST, "/x"));
         assert!(layer.reload(&broken).is_err());
         assert_eq!(layer.policy().routes().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_route_can_answer_429_over_its_windowed_budget() {
+        let policy = Policy::from_toml(
+            r#"
+            [[route]]
+            method = "POST"
+            path = "/keys/{key}/calls"
+            too_many_requests = true
+            remaining_headers = true
+            [[route.budget]]
+            key = "calls:{path.key}"
+            amount = 1
+            limit = 2
+            window = "1h"
+            "#,
+        )
+        .unwrap();
+        let layer = PolicyLayer::new(MemoryStore::new(), &policy).unwrap();
+        let service = layer.layer(service_fn(echo));
+        let call = |req| async { service.clone().oneshot(req).await.unwrap() };
+        for _ in 0..2 {
+            assert_eq!(call(post("/keys/k-1/calls", "")).await.status(), 200);
+        }
+        let refused = call(post("/keys/k-1/calls", "")).await;
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        let retry: u64 = refused.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=3600).contains(&retry), "{retry}");
+        let state = refused.headers()["ratelimit"].to_str().unwrap();
+        assert!(
+            state.starts_with(&format!("\"/keys/{{key}}/calls\";r=0;t={retry};pk=")),
+            "{state}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sign_up_without_an_id_gets_one_minted_as_its_owner() {
+        let policy = Policy::from_toml(
+            r#"
+            [[route]]
+            method = "POST"
+            path = "/accounts"
+            mint_id = "x-account-id"
+            [[route.unique]]
+            namespace = "accounts"
+            value = "{body./email}"
+            normalize = "email"
+            owner = "{header.x-account-id}"
+            "#,
+        )
+        .unwrap();
+        let layer = PolicyLayer::new(MemoryStore::new(), &policy).unwrap();
+        // The inner service answers the id it got in the header and as an extension.
+        let service = layer.layer(service_fn(|req: Request<PolicyBody>| async move {
+            // One value: the client's were replaced.
+            assert_eq!(req.headers().get_all("x-account-id").iter().count(), 1);
+            let header = req.headers()["x-account-id"].to_str().unwrap().to_owned();
+            let MintedId(minted) = req.extensions().get::<MintedId>().cloned().unwrap();
+            assert_eq!(header, minted);
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(minted))))
+        }));
+        let sign_up = |email: &str, sent_id: Option<&str>| {
+            let mut req = post("/accounts", format!(r#"{{"email": "{email}"}}"#));
+            if let Some(id) = sent_id {
+                req.headers_mut()
+                    .append("x-account-id", id.parse().unwrap());
+                req.headers_mut()
+                    .append("x-account-id", id.parse().unwrap());
+            }
+            let service = service.clone();
+            async move {
+                let r = service.oneshot(req).await.unwrap();
+                let status = r.status();
+                let body = r.into_body().collect().await.unwrap().to_bytes();
+                (status, String::from_utf8(body.to_vec()).unwrap())
+            }
+        };
+        let (status, first) = sign_up("ann@example.com", None).await;
+        assert_eq!(status, StatusCode::OK);
+        // A UUID, version 4.
+        assert_eq!(first.len(), 36, "{first}");
+        assert_eq!(&first[14..15], "4", "{first}");
+        // Each sign-up is an owner of its own: the same address again is taken, whatever id the
+        // client sends (it is replaced, never used).
+        let (status, _) = sign_up(" Ann@Example.com", Some(&first)).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        let (status, second) = sign_up("bob@example.com", Some("chosen-by-client")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_ne!(second, "chosen-by-client");
+        assert_ne!(second, first);
+    }
+
+    /// A policy of one route, `method path`, spending 1 of a budget of 1 per `{path.PARAM}`
+    /// (or per route, when the pattern has no parameter).
+    fn one_call_each(method: &str, path: &str) -> Policy {
+        let key = match crate::layer::extract::pattern_params(path).unwrap().first() {
+            Some(param) => format!("calls:{{path.{param}}}"),
+            None => "calls".to_owned(),
+        };
+        Policy::from_toml(&format!(
+            "[[route]]\nmethod = \"{method}\"\npath = \"{path}\"\n[[route.budget]]\nkey = \"{key}\"\namount = 1\nlimit = 1\n"
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_policy_is_checked_against_its_router() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let ran = Arc::new(AtomicUsize::new(0));
+        let handler = {
+            let ran = ran.clone();
+            move || {
+                ran.fetch_add(1, Ordering::SeqCst);
+                async { "ran" }
+            }
+        };
+        let api: axum::Router =
+            axum::Router::new().route("/keys/{key}/calls", axum::routing::post(handler.clone()));
+        let app: axum::Router = axum::Router::new()
+            .route("/users", axum::routing::post(handler.clone()))
+            .route("/users/me", axum::routing::post(handler.clone()))
+            .route("/users/{id}/avatar", axum::routing::put(handler.clone()))
+            .route("/files/{*path}", axum::routing::any(handler.clone()))
+            .nest("/api", api);
+        // Served: by its pattern (parameters named otherwise), under a wildcard, nested.
+        for (method, path) in [
+            ("POST", "/users"),
+            ("PUT", "/users/{user_id}/avatar"),
+            ("POST", "/files/reports/{name}"),
+            ("POST", "/api/keys/{k}/calls"),
+            // Another method than the route's: the router answers 405, nothing runs.
+            ("GET", "/users"),
+        ] {
+            let policy = one_call_each(method, path);
+            policy
+                .check_router(&app)
+                .await
+                .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        }
+        // Not served: no route, or a route of another pattern takes it.
+        for (method, path, says) in [
+            ("POST", "/user", "no route of the router takes POST /user"),
+            (
+                "POST",
+                "/users/{id}",
+                "no route of the router takes POST /users/{id}",
+            ),
+            (
+                "PUT",
+                "/users/me/avatar",
+                "with its route /users/{id}/avatar",
+            ),
+            ("POST", "/keys/{key}/calls", "no route of the router takes"),
+        ] {
+            let err = one_call_each(method, path)
+                .check_router(&app)
+                .await
+                .expect_err(path);
+            assert_eq!(err.field(), Some("route[0].path"), "{err}");
+            assert!(err.message().contains(says), "{path}: {err}");
+        }
+        let empty = axum::Router::new();
+        assert!(
+            one_call_each("POST", "/users")
+                .check_router(&empty)
+                .await
+                .is_err()
+        );
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "a check runs no handler");
+    }
+
+    #[tokio::test]
+    async fn on_a_router_a_request_takes_the_policy_route_of_the_routers_choice() {
+        let post = |path: &str| Request::post(path).body(axum::body::Body::empty()).unwrap();
+        let status = |app: &axum::Router, path: &str| {
+            let (app, req) = (app.clone(), post(path));
+            async move { app.oneshot(req).await.unwrap().status() }
+        };
+        // The router sends /users/me to its static route: the policy's /users/{id} is not it.
+        let policy = one_call_each("POST", "/users/{id}");
+        let app: axum::Router = axum::Router::new()
+            .route("/users/me", axum::routing::post(|| async { "me" }))
+            .route("/users/{user}", axum::routing::post(|| async { "user" }))
+            .layer(PolicyLayer::new(MemoryStore::new(), &policy).unwrap());
+        for _ in 0..3 {
+            assert_eq!(status(&app, "/users/me").await, StatusCode::OK);
+        }
+        assert_eq!(status(&app, "/users/ann").await, StatusCode::OK);
+        assert_eq!(status(&app, "/users/ann").await, StatusCode::FORBIDDEN);
+        assert_eq!(status(&app, "/users/bob").await, StatusCode::OK);
+
+        // Inside a nested router, the layer sees paths without the prefix, and so does the
+        // policy: its pattern and its path parameters are the nested router's.
+        let policy = one_call_each("POST", "/keys/{key}/calls");
+        let api: axum::Router = axum::Router::new()
+            .route(
+                "/keys/{key}/calls",
+                axum::routing::post(|| async { "called" }),
+            )
+            .layer(PolicyLayer::new(MemoryStore::new(), &policy).unwrap());
+        let app: axum::Router = axum::Router::new().nest("/api", api);
+        assert_eq!(status(&app, "/api/keys/a/calls").await, StatusCode::OK);
+        assert_eq!(
+            status(&app, "/api/keys/a/calls").await,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(status(&app, "/api/keys/b/calls").await, StatusCode::OK);
     }
 }

@@ -138,23 +138,48 @@ impl MemoryStore {
     /// Locks the shards of `slots` (any order, repeats allowed) in ascending order, each swept of
     /// what has expired (a bounded amount per shard).
     fn lock(&self, slots: impl IntoIterator<Item = u16>) -> (Locked<'_>, u64) {
-        let mut shards: Vec<usize> = slots.into_iter().map(shard_of).collect();
-        shards.sort_unstable();
-        shards.dedup();
+        self.lock_shards(ShardSet::of(slots))
+    }
+
+    fn lock_shards(&self, shards: ShardSet) -> (Locked<'_>, u64) {
         let now = self.inner.clock.now_ms();
-        let guards = shards
-            .into_iter()
-            .map(|i| {
-                // A panic while a lock is held cannot leave a half-applied change behind: every
-                // operation checks everything before it writes. So a poisoned lock is usable.
-                let mut guard = self.inner.shards[i]
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                guard.sweep(now);
-                (i, guard)
-            })
-            .collect();
-        (Locked { guards }, now)
+        let lock = |i: usize| {
+            // A panic while a lock is held cannot leave a half-applied change behind: every
+            // operation checks everything before it writes. So a poisoned lock is usable.
+            let mut guard = self.inner.shards[i]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            guard.sweep(now);
+            (i, guard)
+        };
+        // Most operations touch one shard: that one is held without a vector.
+        let locked = if shards.0.count_ones() == 1 {
+            let (i, guard) = lock(shards.0.trailing_zeros() as usize);
+            Locked::One(i, guard)
+        } else {
+            Locked::Many(shards.iter().map(lock).collect())
+        };
+        (locked, now)
+    }
+}
+
+/// A set of shards, one bit each: iterated in ascending order, the order they are locked in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ShardSet(u64);
+
+const _: () = assert!(SHARDS <= u64::BITS as usize, "a shard set is one u64");
+
+impl ShardSet {
+    fn of(slots: impl IntoIterator<Item = u16>) -> Self {
+        Self(
+            slots
+                .into_iter()
+                .fold(0, |set, slot| set | 1 << shard_of(slot)),
+        )
+    }
+
+    fn iter(self) -> impl Iterator<Item = usize> {
+        (0..SHARDS).filter(move |i| self.0 & (1 << i) != 0)
     }
 }
 
@@ -168,31 +193,39 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// The shards one operation holds, by index.
-struct Locked<'a> {
-    guards: Vec<(usize, MutexGuard<'a, Shard>)>,
+enum Locked<'a> {
+    One(usize, MutexGuard<'a, Shard>),
+    Many(Vec<(usize, MutexGuard<'a, Shard>)>),
 }
 
 impl Locked<'_> {
-    /// Whether the shard of `slot` is locked.
-    fn holds(&self, slot: u16) -> bool {
-        let i = shard_of(slot);
-        self.guards.iter().any(|(j, _)| *j == i)
+    /// The shards held.
+    fn held(&self) -> ShardSet {
+        match self {
+            Locked::One(i, _) => ShardSet(1 << i),
+            Locked::Many(guards) => ShardSet(guards.iter().fold(0, |set, (i, _)| set | 1 << i)),
+        }
     }
 
     fn shard(&mut self, slot: u16) -> &mut Shard {
         let i = shard_of(slot);
-        let at = self
-            .guards
-            .iter()
-            .position(|(j, _)| *j == i)
-            .expect("the shard of every key an operation touches is locked");
-        &mut self.guards[at].1
+        let held = match self {
+            Locked::One(j, guard) if *j == i => Some(guard),
+            Locked::One(..) => None,
+            Locked::Many(guards) => guards.iter_mut().find(|(j, _)| *j == i).map(|(_, g)| g),
+        };
+        held.expect("the shard of every key an operation touches is locked")
     }
 }
 
 /// A budget's storage key: its key, then `{` (which keys may not contain), then its window's
 /// suffix, so that no two budgets share one.
 type BudgetKey = String;
+
+/// The budget's own key in a storage key.
+fn budget_of(key: &BudgetKey) -> &str {
+    key.split('{').next().unwrap_or_default()
+}
 
 fn budget_key(key: &str, suffix: &str) -> BudgetKey {
     let mut k = String::with_capacity(key.len() + 1 + suffix.len());
@@ -226,8 +259,8 @@ enum Expiring {
 struct BudgetCell {
     spent: u64,
     held: u64,
-    /// The amount held per bucket of lease ends, by the bucket's end (see `store/lua`).
-    buckets: BTreeMap<u64, u64>,
+    /// The amount held per bucket of lease ends (see `store/lua`).
+    buckets: Buckets,
     /// When a windowed budget may go (its window and its last hold ended); `None` for a
     /// lifetime budget, which goes when it holds and has spent nothing.
     drop_at: Option<u64>,
@@ -238,32 +271,111 @@ fn bucket(expires_at: u64) -> u64 {
     expires_at.div_ceil(HOLD_BUCKET_MS) * HOLD_BUCKET_MS
 }
 
+/// The amount a budget holds per bucket of lease ends, by the bucket's end. The holds of one
+/// budget in flight at once mostly share a bucket (it is 100 ms wide), so one bucket is kept
+/// inline and only more take a map; a budget with nothing in flight keeps no allocation, so
+/// that idle budgets cost their key and their counts only.
+#[derive(Debug, Default)]
+enum Buckets {
+    #[default]
+    Empty,
+    One {
+        end: u64,
+        sum: u64,
+    },
+    Many(BTreeMap<u64, u64>),
+}
+
+impl Buckets {
+    /// The bucket that ends first: its end and its sum.
+    fn first(&self) -> Option<(u64, u64)> {
+        match self {
+            Buckets::Empty => None,
+            Buckets::One { end, sum } => Some((*end, *sum)),
+            Buckets::Many(map) => map.first_key_value().map(|(end, sum)| (*end, *sum)),
+        }
+    }
+
+    /// Adds `amount` to the bucket that ends at `end`.
+    fn add(&mut self, end: u64, amount: u64) {
+        match self {
+            Buckets::Empty => *self = Buckets::One { end, sum: amount },
+            Buckets::One { end: e, sum } if *e == end => *sum += amount,
+            Buckets::One { end: e, sum } => {
+                *self = Buckets::Many(BTreeMap::from([(*e, *sum), (end, amount)]));
+            }
+            Buckets::Many(map) => *map.entry(end).or_default() += amount,
+        }
+    }
+
+    /// Takes the bucket that ends at `end` out whole: its sum, if it is there.
+    fn remove(&mut self, end: u64) -> Option<u64> {
+        let sum = match self {
+            Buckets::One { end: e, sum } if *e == end => Some(*sum),
+            Buckets::Many(map) => map.remove(&end),
+            _ => None,
+        };
+        if matches!(self, Buckets::One { end: e, .. } if *e == end) {
+            *self = Buckets::Empty;
+        }
+        self.shrink();
+        sum
+    }
+
+    /// Takes `amount` out of the bucket that ends at `end`, which goes once it holds nothing.
+    fn take(&mut self, end: u64, amount: u64) {
+        match self {
+            Buckets::One { end: e, sum } if *e == end => {
+                *sum -= amount;
+                if *sum == 0 {
+                    *self = Buckets::Empty;
+                }
+            }
+            Buckets::Many(map) => {
+                if let Some(sum) = map.get_mut(&end) {
+                    *sum -= amount;
+                    if *sum == 0 {
+                        map.remove(&end);
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.shrink();
+    }
+
+    /// A map left with one bucket or none goes back inline, and its nodes are freed.
+    fn shrink(&mut self) {
+        if let Buckets::Many(map) = self
+            && map.len() <= 1
+        {
+            *self = match map.first_key_value() {
+                Some((end, sum)) => Buckets::One {
+                    end: *end,
+                    sum: *sum,
+                },
+                None => Buckets::Empty,
+            };
+        }
+    }
+}
+
 impl BudgetCell {
     /// Gives back the buckets whose end has passed (a bounded number per call).
     fn expire_buckets(&mut self, now: u64) {
         for _ in 0..MAX_EXPIRED_PER_CALL {
-            match self.buckets.first_key_value() {
-                Some((end, _)) if *end <= now => {
-                    let (_, sum) = self.buckets.pop_first().expect("first exists");
-                    self.held -= sum;
+            match self.buckets.first() {
+                Some((end, _)) if end <= now => {
+                    self.held -= self.buckets.remove(end).expect("first exists");
                 }
                 _ => break,
             }
-        }
-        self.free_if_idle();
-    }
-
-    /// An emptied `BTreeMap` keeps its node; a budget with nothing in flight keeps no
-    /// allocation, so that idle budgets cost their key and their counts only.
-    fn free_if_idle(&mut self) {
-        if self.buckets.is_empty() {
-            self.buckets = BTreeMap::new();
         }
     }
 
     /// Holds `amount` until `expires_at`.
     fn hold_in(&mut self, expires_at: u64, amount: u64) {
-        *self.buckets.entry(bucket(expires_at)).or_default() += amount;
+        self.buckets.add(bucket(expires_at), amount);
         self.held += amount;
     }
 
@@ -272,20 +384,13 @@ impl BudgetCell {
     fn take_out(&mut self, expires_at: u64, amount: u64, now: u64) -> bool {
         let end = bucket(expires_at);
         if end <= now {
-            if let Some(sum) = self.buckets.remove(&end) {
+            if let Some(sum) = self.buckets.remove(end) {
                 self.held -= sum;
             }
-            self.free_if_idle();
             return false;
         }
-        if let Some(sum) = self.buckets.get_mut(&end) {
-            *sum -= amount;
-            if *sum == 0 {
-                self.buckets.remove(&end);
-            }
-        }
+        self.buckets.take(end, amount);
         self.held -= amount;
-        self.free_if_idle();
         true
     }
 
@@ -346,8 +451,7 @@ enum Resolved {
     Spend {
         slot: u16,
         key: BudgetKey,
-        /// The budget's key and window spec, to match actual amounts against.
-        budget: String,
+        /// The budget's window spec, to match actual amounts against (with [`budget_of`]).
         spec: Cow<'static, str>,
         amount: u64,
         /// When the budget's window ends; `None` for a lifetime budget.
@@ -414,7 +518,7 @@ impl Shard {
                         if cell.held == 0 {
                             self.budgets.remove(&key);
                         } else {
-                            let next = cell.buckets.first_key_value().map_or(now, |(end, _)| *end);
+                            let next = cell.buckets.first().map_or(now, |(end, _)| end);
                             let again = next.max(now + 1);
                             cell.drop_at = Some(again);
                             self.deadlines.insert((again, Expiring::Budget(key)));
@@ -580,13 +684,13 @@ impl MemoryStore {
                         return deny(DenialReason::OverBudget {
                             requested: *amount,
                             remaining: left,
+                            resets_at_ms: window.ends_at_ms,
                         });
                     }
                     remaining.push(Some(left - amount));
                     resolved.push(Resolved::Spend {
                         slot,
                         key,
-                        budget: budget.key().to_owned(),
                         spec: budget.window().spec(),
                         amount: *amount,
                         window_ends: window.ends_at_ms,
@@ -644,11 +748,15 @@ impl MemoryStore {
                     window_ends,
                     ..
                 } => {
-                    shard
-                        .budgets
-                        .entry(key.clone())
-                        .or_default()
-                        .hold_in(expires_at, *amount);
+                    // The key is copied only for a budget not there yet.
+                    match shard.budgets.get_mut(key) {
+                        Some(cell) => cell.hold_in(expires_at, *amount),
+                        None => {
+                            let mut cell = BudgetCell::default();
+                            cell.hold_in(expires_at, *amount);
+                            shard.budgets.insert(key.clone(), cell);
+                        }
+                    }
                     if let Some(ends) = window_ends {
                         shard.keep_budget_until(key, (*ends).max(expires_at) + WINDOW_GRACE_MS);
                     }
@@ -685,19 +793,19 @@ impl MemoryStore {
     /// then it is locked again, until the shards held are those of the record found.
     fn lock_hold(&self, id: &HoldId) -> (Locked<'_>, u64) {
         let record_slot = id.slot();
-        let mut slots = vec![record_slot];
+        let mut shards = ShardSet::of([record_slot]);
         loop {
-            let (mut locked, now) = self.lock(slots.iter().copied());
-            let claimed: Vec<u16> = match locked.shard(record_slot).records.get(id) {
-                Some(record) => record.claims.iter().map(Resolved::slot).collect(),
-                None => Vec::new(),
+            let (mut locked, now) = self.lock_shards(shards);
+            let claimed = match locked.shard(record_slot).records.get(id) {
+                Some(record) => ShardSet::of(record.claims.iter().map(Resolved::slot)),
+                None => ShardSet::default(),
             };
-            let missing: Vec<u16> = claimed.into_iter().filter(|s| !locked.holds(*s)).collect();
-            if missing.is_empty() {
+            let missing = claimed.0 & !locked.held().0;
+            if missing == 0 {
                 return (locked, now);
             }
             drop(locked);
-            slots.extend(missing);
+            shards.0 |= missing;
         }
     }
 
@@ -778,14 +886,11 @@ impl MemoryStore {
             return Err(Error::refused(ErrorKind::Expired, id));
         }
         let phase = if settlement.commit {
-            let actual = match actual_amounts(&record, settlement) {
-                Ok(actual) => actual,
-                Err(err) => {
-                    locked.shard(record_slot).put_record(id.clone(), record);
-                    return Err(err.with_id(id));
-                }
-            };
-            commit(&mut locked, id, &record, &actual, now);
+            if let Err(err) = check_actual(&record, settlement) {
+                locked.shard(record_slot).put_record(id.clone(), record);
+                return Err(err.with_id(id));
+            }
+            commit(&mut locked, id, &record, settlement, now);
             Phase::Committed
         } else {
             undo(&mut locked, id, &record, now);
@@ -987,38 +1092,36 @@ fn keep(
     shard.put_record(id.clone(), record);
 }
 
-/// The amount each spend claim of `record` commits: all of it, or the actual amount the
-/// settlement names for its budget. Refused, with nothing changed, when an actual amount names a
-/// budget the hold does not spend from or is above what it holds.
-fn actual_amounts(record: &Record, settlement: &Settlement) -> Result<Vec<u64>, ActualError> {
+/// Refuses, before anything changes, actual amounts that name a budget the hold does not spend
+/// from or are above what it holds.
+fn check_actual(record: &Record, settlement: &Settlement) -> Result<(), ActualError> {
     for (budget, _) in &settlement.actual {
         let held = record.claims.iter().any(|c| {
-            matches!(c, Resolved::Spend { budget: key, spec, .. }
-                if key == budget.key() && *spec == budget.window().spec())
+            matches!(c, Resolved::Spend { key, spec, .. }
+                if budget_of(key) == budget.key() && *spec == budget.window().spec())
         });
         if !held {
             return Err(ActualError::NotHeld);
         }
     }
-    let mut amounts = Vec::with_capacity(record.claims.len());
     for claim in &record.claims {
-        let Resolved::Spend {
-            budget,
-            spec,
-            amount,
-            ..
+        if let Resolved::Spend {
+            key, spec, amount, ..
         } = claim
-        else {
-            amounts.push(0);
-            continue;
-        };
-        match settlement.actual_for(budget, spec) {
-            Some(actual) if actual > *amount => return Err(ActualError::AboveHeld),
-            Some(actual) => amounts.push(actual),
-            None => amounts.push(*amount),
+            && committed(settlement, key, spec, *amount) > *amount
+        {
+            return Err(ActualError::AboveHeld);
         }
     }
-    Ok(amounts)
+    Ok(())
+}
+
+/// What a spend claim of `amount` on `key` commits: the actual amount the settlement names for
+/// its budget, or all of it.
+fn committed(settlement: &Settlement, key: &BudgetKey, spec: &str, amount: u64) -> u64 {
+    settlement
+        .actual_for(budget_of(key), spec)
+        .unwrap_or(amount)
 }
 
 /// Why actual amounts were refused.
@@ -1040,18 +1143,30 @@ impl ActualError {
     }
 }
 
-/// Makes a hold permanent, spending `actual[i]` of spend claim `i` and giving the rest back.
-fn commit(locked: &mut Locked<'_>, id: &HoldId, record: &Record, actual: &[u64], now: u64) {
-    for (claim, &spend) in record.claims.iter().zip(actual) {
+/// Makes a hold permanent, spending what `settlement` commits of each spend claim (checked by
+/// [`check_actual`]) and giving the rest back.
+fn commit(
+    locked: &mut Locked<'_>,
+    id: &HoldId,
+    record: &Record,
+    settlement: &Settlement,
+    now: u64,
+) {
+    for claim in &record.claims {
         let shard = locked.shard(claim.slot());
         match claim {
-            Resolved::Spend { key, amount, .. } => {
-                if let Some(cell) = shard.budgets.get_mut(key)
-                    && cell.take_out(record.expires_at, *amount, now)
-                {
-                    cell.spent = cell.spent.saturating_add(spend);
+            Resolved::Spend {
+                key, spec, amount, ..
+            } => {
+                if let Some(cell) = shard.budgets.get_mut(key) {
+                    if cell.take_out(record.expires_at, *amount, now) {
+                        let spend = committed(settlement, key, spec, *amount);
+                        cell.spent = cell.spent.saturating_add(spend);
+                    }
+                    if cell.is_empty() {
+                        shard.budgets.remove(key);
+                    }
                 }
-                shard.tidy_budget(key);
             }
             Resolved::Own { tag, owner, .. } => {
                 // The hold had the value in flight: it is the owner's now (again, for an owner
@@ -1089,8 +1204,10 @@ fn undo(locked: &mut Locked<'_>, id: &HoldId, record: &Record, now: u64) {
             Resolved::Spend { key, amount, .. } => {
                 if let Some(cell) = shard.budgets.get_mut(key) {
                     cell.take_out(record.expires_at, *amount, now);
+                    if cell.is_empty() {
+                        shard.budgets.remove(key);
+                    }
                 }
-                shard.tidy_budget(key);
             }
             Resolved::Own { tag, .. } | Resolved::ReleaseOnCommit { tag, .. } => {
                 shard.clear_pending(tag, id);
@@ -1148,6 +1265,34 @@ mod tests {
             .build()
             .unwrap()
             .block_on(f)
+    }
+
+    /// Buckets kept inline and in a map count the same: what is added to a bucket is there
+    /// until taken out or the bucket is removed whole, in order of the buckets' ends.
+    #[test]
+    fn buckets_inline_and_in_a_map_count_alike() {
+        let mut b = Buckets::default();
+        assert_eq!(b.first(), None);
+        b.add(300, 5);
+        b.add(300, 7);
+        assert!(matches!(b, Buckets::One { end: 300, sum: 12 }));
+        b.add(100, 1);
+        b.add(200, 2);
+        assert_eq!(b.first(), Some((100, 1)));
+        b.take(100, 1);
+        assert_eq!(b.first(), Some((200, 2)));
+        assert_eq!(b.remove(999), None);
+        assert_eq!(b.remove(200), Some(2));
+        // One bucket left: inline again, the map's nodes freed.
+        assert!(matches!(b, Buckets::One { end: 300, sum: 12 }));
+        b.take(300, 5);
+        assert_eq!(b.first(), Some((300, 7)));
+        b.take(999, 1);
+        b.take(300, 7);
+        assert!(matches!(b, Buckets::Empty));
+        b.add(400, 3);
+        assert_eq!(b.remove(400), Some(3));
+        assert!(matches!(b, Buckets::Empty));
     }
 
     /// A windowed budget whose drop deadline comes with more expired buckets than one call

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::support::redis_server::{RedisCluster, RedisServer};
+use support::redis_server::{RedisCluster, RedisServer};
 
 pub enum Env {
     Memory,

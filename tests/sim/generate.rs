@@ -1,7 +1,7 @@
 //! The seeded generator: operations over a tiny universe, chosen to collide, with clock jumps
 //! aimed at the model's next boundaries and faults.
 
-use rand::Rng;
+use rand::RngExt;
 use rand::rngs::StdRng;
 
 use crate::model::{Keep, Model, Phase, Spec};

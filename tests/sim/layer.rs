@@ -16,14 +16,14 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use tower::{Layer, ServiceExt};
 use tower_reserve::{
     Budget, Claim, Extracted, Hold, Idempotency, RequestBody, ReserveLayer, extract,
 };
 
 use crate::run::system_ms;
-use crate::support::{Advance, fresh};
+use support::{Advance, fresh};
 
 const CALLERS: [&str; 2] = ["alice", "bob"];
 const KEYS: usize = 3;

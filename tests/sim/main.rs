@@ -26,9 +26,6 @@
 //! that still fails (operations removed while the failure stays), and the command that replays
 //! the seed.
 
-#[path = "../support/mod.rs"]
-mod support;
-
 mod env;
 mod generate;
 mod layer;
@@ -39,7 +36,7 @@ mod scenarios;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use tower_reserve::{MemoryStore, RedisStore};
 
 use env::Env;

@@ -346,6 +346,7 @@ impl Model {
                         return denied(DenialReason::OverBudget {
                             requested: amount,
                             remaining: left,
+                            resets_at_ms: self.shape.windows[budget].at(now).1,
                         });
                     }
                     remaining.push(Some(left - amount));

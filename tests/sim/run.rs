@@ -15,7 +15,7 @@ use tower_reserve::{
 use crate::env::Env;
 use crate::generate::{Fault, Op};
 use crate::model::{Answer, Keep, Model, Phase, Res, Shape, Spec, Win};
-use crate::support::{Advance, fresh};
+use support::{Advance, fresh};
 
 /// The most states the model keeps at once.
 const WORLDS: usize = 64;

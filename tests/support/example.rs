@@ -1,52 +1,30 @@
-//! Any compiled example as a child process on a free loopback port, for end-to-end tests over
-//! HTTP.
+//! An example application's binary as a child process on a free loopback port, for end-to-end
+//! tests over HTTP.
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use reqwest::Client;
 
-/// The binary of example `name`, built once per test run (cheap when it is up to date), in the
-/// profile the tests run in.
+/// The binary of example application `name` (the workspace member `examples/<name>/`), as
+/// Cargo built it for this test run: Cargo builds a package's binary before that package's
+/// integration tests, in the same profile and with the same features, next to their `deps/`.
 pub fn example_binary(name: &str) -> PathBuf {
-    static BINARIES: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
-    let mut built = BINARIES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(binary) = built.get(name) {
-        return binary.clone();
-    }
-    // target/<profile>/deps/<test>-<hash> → target/<profile>/examples/<name>
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
     let exe = std::env::current_exe().expect("the test binary's path");
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target/<profile>/deps");
-    let release = profile_dir.file_name().is_some_and(|n| n == "release");
-    let mut build = Command::new(env!("CARGO"));
-    build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-        "build",
-        "--quiet",
-        "--all-features",
-        "--example",
-        name,
-    ]);
-    if release {
-        build.arg("--release");
-    }
-    let status = build.status().expect("run cargo build --example");
-    assert!(status.success(), "cargo build --example {name} failed");
-    let binary = profile_dir
-        .join("examples")
-        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(binary.exists(), "no example binary at {}", binary.display());
-    built.insert(name.to_owned(), binary.clone());
+    let binary = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        binary.exists(),
+        "no binary of {name} at {}: run its tests with `cargo test -p {name}`",
+        binary.display()
+    );
     binary
 }
 

@@ -20,7 +20,7 @@ use super::example::Example;
 
 /// The shop's policy, as shipped.
 pub fn shop_policy() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gateway/shop.toml")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/gateway/shop.toml")
 }
 
 /// One running gateway; killed when dropped.

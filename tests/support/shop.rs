@@ -1,5 +1,6 @@
 //! The compiled `shop` example as a child process, for the end-to-end and fault tests.
 
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use reqwest::{Client, Response, StatusCode};
@@ -20,7 +21,10 @@ impl Shop {
     /// waits (bounded) until it accepts connections.
     pub async fn start(env: &[(&str, &str)]) -> Shop {
         let mut command = Example::command("shop", "SHOP_ADDR", &[("SHOP_FAULTS", "1")]);
-        command.envs(env.iter().copied());
+        // Its standard error goes through the test's own output, which the harness shows only
+        // for a test that fails: the panics that `X-Simulate: panic` causes on purpose do not
+        // read as failures in a passing run.
+        command.envs(env.iter().copied()).stderr(Stdio::piped());
         let app = Example::spawn("the shop", command, Duration::from_secs(30));
         // It said it listens; check that it answers.
         app.wait_healthy().await;

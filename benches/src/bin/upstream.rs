@@ -1,6 +1,6 @@
 //! A trivial upstream for the gateway's benchmark: answers every request `200` with a small JSON
 //! body once it has read the request's body. Written with hyper alone, as a service in front of
-//! which `examples/gateway.rs` would run.
+//! which the gateway (`examples/gateway/`) would run.
 //!
 //! ```text
 //! UPSTREAM_ADDR=127.0.0.1:8000 cargo run --release -p tower-reserve-benches --bin upstream

@@ -52,7 +52,7 @@ local function check_claims(key, claims, limits, e, now)
       local b = load_budget(c[5], T)
       expire(b, now)
       local room = remaining(b, limits[i])
-      if c[3] > room then return nil, nil, { 'D', i, 'budget', room } end
+      if c[3] > room then return nil, nil, { 'D', i, 'budget', room, c[6] or -1 } end
       -- A second bucket creates the sorted set: read it first (see the top of this file).
       if b.c == 1 and b.n ~= T then CALL('EXISTS', b.key .. ':h') end
       if c[6] then b.window_ends = c[6] end
@@ -172,12 +172,13 @@ local MODES = { { 'h', 'H' }, { 'h', 'P' }, { 'g', 'H' } }
 -- `body`: the record's body (see common.lua); `limit`: the first claim's limit (0 for a value),
 -- `more limits`: the other claims', a MessagePack sequence by claim index (nil for none).
 -- Answers { 'G', lease end, replayed, remaining per claim (-1: not a budget) }
---       | { 'D', claim index (from 1), 'budget' | 'taken' | 'not_owner', remaining }
+--       | { 'D', claim index (from 1), 'budget', remaining, window end or -1 (lifetime) }
+--       | { 'D', claim index (from 1), 'taken' | 'not_owner', 0 }
 --       | { 'E', 'conflict' | 'expired' | 'committed' | 'released' | 'in_flight', memo? }
 local function reserve(now, key, lease, fpnonce, mode, body, limit, more_limits)
   local e = now + lease
   if now < 1e12 or e >= 1e13 then
-    -- Bucket ends are compared as 13-digit text.
+    -- A clock this far off is a misconfigured server: refuse to hold by it.
     return { 'X', 'the server clock is outside the years 2001 to 2286' }
   end
   local kind, phase = MODES[mode][1], MODES[mode][2]

@@ -72,6 +72,8 @@ pub struct RedisStore {
 
 struct Inner {
     engine: Engine,
+    /// A connection outside the batches, for `advance_clock` (feature `test-clock`) alone.
+    #[cfg_attr(not(feature = "test-clock"), allow(dead_code))]
     conn: Conn,
     keys: Keys,
     config: Config,

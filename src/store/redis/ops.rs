@@ -357,6 +357,7 @@ pub(crate) fn reserved(
                     DenialReason::OverBudget {
                         requested: *amount,
                         remaining: a.int(3)?.max(0) as u64,
+                        resets_at_ms: u64::try_from(a.int(4)?).ok(),
                     }
                 }
                 "taken" => DenialReason::Taken,

@@ -1,7 +1,7 @@
 //! An axum router with a different policy per route.
 //!
 //! ```text
-//! cargo run --example axum_routes
+//! cargo run -p axum_routes
 //! curl -i -X POST localhost:3002/tenants/t1/jobs -H 'content-type: application/json' -d '{"cpu_seconds": 30}'
 //! curl -i -X POST localhost:3002/usernames -H 'content-type: application/json' -d '{"username": "Ann", "user_id": "u1"}'
 //! curl -i localhost:3002/tenants/t1/quota

@@ -2,8 +2,6 @@
 //! sent slowly, connections beyond the limit, purchase-and-cancel churn, readiness. Raw bytes
 //! where a client library would have corrected the request.
 
-mod support;
-
 use std::time::Duration;
 
 use reqwest::StatusCode;

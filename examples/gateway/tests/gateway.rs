@@ -1,9 +1,6 @@
 //! End to end: the compiled `gateway` example as a child process, in front of an upstream
 //! written without this crate (a plain hyper service in the test that counts what reaches it),
 //! on the embedded store and on a real `redis-server`.
-#![cfg(feature = "policy")]
-
-mod support;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -2,8 +2,6 @@
 //! can count on. Idempotency keys (one charge however many sends race; the first answer again,
 //! across restarts on Redis), cancellations (the amount back once) and the metrics that show it.
 
-mod support;
-
 use std::time::Duration;
 
 use reqwest::{Client, Response, StatusCode};

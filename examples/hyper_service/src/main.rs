@@ -1,7 +1,7 @@
 //! A plain hyper 1 service, wrapped with the layer and served with hyper-util: no axum.
 //!
 //! ```text
-//! cargo run --example hyper_service
+//! cargo run -p hyper_service
 //! curl -i -X POST localhost:3001/wallets/w1/spend -H 'content-type: application/json' -d '{"cents": 400}'
 //! ```
 //!

@@ -5,10 +5,8 @@
 //! The cases run one at a time (a shared lock): they measure recovery times, and a 2-core
 //! machine running three Clusters at once would measure the scheduler instead.
 //!
-//! Not here because `tests/shop.rs` already covers it: a SIGKILLed shop's holds running out with
+//! Not here because `shop.rs` already covers it: a SIGKILLed shop's holds running out with
 //! their lease (`a_dead_shops_holds_run_out_with_their_lease`).
-
-mod support;
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -16,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
+use rand::RngExt;
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 use support::redis_server::{RedisCluster, RedisServer};

@@ -2,8 +2,6 @@
 //! embedded store, one `redis-server` and a Redis Cluster. The contract is the example's module
 //! docs.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -308,7 +306,7 @@ async fn ratelimit_headers_tell_what_is_left(api: &Example) {
     let u = settled_usage(api, &client, &key).await;
     assert_eq!(u["spent"], 70);
     assert_eq!(u["remaining"], 100_000 - 70);
-    // A job refused over budget carries no RateLimit headers and spends nothing.
+    // A job refused over budget spends nothing, and its RateLimit headers say what is left.
     let r = job(
         api,
         &client,
@@ -316,7 +314,11 @@ async fn ratelimit_headers_tell_what_is_left(api: &Example) {
         json!({"task": "transcode", "max_units": 10_000, "units": 1}),
     )
     .await;
-    assert!(!r.headers().contains_key("ratelimit"));
+    let state = r.headers()["ratelimit"].to_str().unwrap();
+    assert!(
+        state.starts_with("\"/jobs\";r=99930;t=") && state.ends_with(&format!("pk={}", names[0])),
+        "{state}"
+    );
     let body = problem(r, StatusCode::FORBIDDEN).await;
     assert_eq!(
         (body["requested"].as_u64(), body["remaining"].as_u64()),

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! GATEWAY_UPSTREAM=http://127.0.0.1:8000 GATEWAY_POLICY=examples/gateway/shop.toml \
-//!   cargo run --release --example gateway
+//!   cargo run --release -p gateway
 //! ```
 //!
 //! # Environment
@@ -16,7 +16,7 @@
 //! | `GATEWAY_POLICY` | the policy file (TOML; the format is in the `policy` module docs) | required |
 //! | `REDIS_URL` | one Redis node | unset: the embedded in-memory store |
 //! | `REDIS_CLUSTER_URLS` | comma-separated Redis Cluster seed nodes | unset |
-//! | `RUST_LOG` | log filter (logs go to standard error; colour only when it is a terminal) | `info` |
+//! | `RUST_LOG` | log filter (logs go to standard error; colour only when it is a terminal): a level, and `target=level` pairs (`warn,tower_reserve=debug`) | `info` |
 //! | `GATEWAY_HEADER_TIMEOUT` | how long a connection may take to send a request's head (from its start, or from the previous answer: also the idle timeout of a connection with no request in flight), the longest pause inside a request's body, and the longest a client may leave its answer unread | `10s` |
 //! | `GATEWAY_UPSTREAM_TIMEOUT` | how long the upstream may take to answer (its head), and the longest pause inside its body | `30s` |
 //! | `GATEWAY_DIGEST_KEY` | a secret (16 bytes or more) that keys the digests of the policy's unique values, so that whoever reads Redis or the logs cannot test a guessed e-mail address against them; recommended (changing it frees every value claimed under the old one) | unset: unkeyed SHA-256 |
@@ -113,14 +113,12 @@
 //! error on standard error (`policy: reload refused ...`), and the policy in force stays.
 //! `SIGTERM` or Ctrl-C stops accepting and lets requests in flight finish (10 s at most).
 
-#[path = "gateway/edge.rs"]
 mod edge;
-#[path = "common/server.rs"]
+#[path = "../../common/server.rs"]
 mod server;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -281,7 +279,7 @@ impl Proxy {
             Ok(Err(e)) => {
                 if let Some(fault) = client_body.and_then(|b| b.fault()) {
                     return ClientBody::rejection(fault)
-                        .into_response()
+                        .into_problem_response()
                         .map(|body| body.map_err(|never| match never {}).boxed_unsync());
                 }
                 tracing::warn!(error = %e, error_source = ?std::error::Error::source(&e), "the upstream could not be reached");
@@ -354,7 +352,7 @@ fn humanize(d: Duration) -> String {
 
 fn problem(status: StatusCode, title: &'static str, detail: String) -> Response<ProxyBody> {
     Rejection::new(status, title, detail)
-        .into_response()
+        .into_problem_response()
         .map(|body| body.map_err(|never| match never {}).boxed_unsync())
 }
 
@@ -380,7 +378,7 @@ async fn handle<St: Store>(
     let (mut parts, body) = request.into_parts();
     let policy = shared.layer.policy();
     if let Err(rejection) = edge::admit(&mut parts, &policy, peer) {
-        return Ok(rejection.into_response().map(Either::Right));
+        return Ok(rejection.into_problem_response().map(Either::Right));
     }
     if parts.method == Method::GET {
         match parts.uri.path() {
@@ -418,7 +416,7 @@ async fn handle<St: Store>(
         && client_body.fault() == Some(BodyFault::Stalled)
     {
         return Ok(ClientBody::rejection(BodyFault::Stalled)
-            .into_response()
+            .into_problem_response()
             .map(Either::Right));
     }
     // The layer reads and removes it on reserved routes; elsewhere it means nothing.
@@ -443,7 +441,7 @@ async fn ready<St: Store>(store: &St) -> Response<GatewayBody> {
 
 fn unready(detail: &'static str) -> Response<GatewayBody> {
     Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "Not ready", detail)
-        .into_response()
+        .into_problem_response()
         .map(Either::Right)
 }
 
@@ -716,15 +714,7 @@ async fn serve<St: Store>(store: St, cfg: Config, metrics: PrometheusHandle) {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, never into a log file.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    server::init_logging();
     let cfg = config();
     let metrics = PrometheusBuilder::new()
         .install_recorder()

@@ -5,8 +5,8 @@
 //! # Starting it
 //!
 //! ```text
-//! cargo run --release --example shop
-//! REDIS_URL=redis://127.0.0.1:6379/ cargo run --release --example shop
+//! cargo run --release -p shop
+//! REDIS_URL=redis://127.0.0.1:6379/ cargo run --release -p shop
 //! ```
 //!
 //! | variable | meaning | default |
@@ -21,7 +21,8 @@
 //! | `SHOP_MAX_CONNECTIONS` | connections served at once; more wait in the listen queue until one ends, never crash the shop | half the open-file limit, 16 to 4096 |
 //! | `SHOP_DIGEST_KEY` | a secret (16 bytes or more) that keys the digests of e-mail addresses in the store, so that whoever reads Redis or the logs cannot test a guessed address against them; recommended (changing it frees every address claimed under the old one) | unset: unkeyed SHA-256 |
 //! | `SHOP_CANCEL_WINDOW` | how long after a purchase it can be cancelled (at most 29 days: see *What the shop keeps*) | `696h` (29 days) |
-//! | `RUST_LOG` | what is logged (to stderr; colour only when it is a terminal) | `info` |
+//! | `SHOP_BENCH_WITHOUT` | for benchmarks only, never in service: `layer` runs purchases with the middleware taken out (the body read and the claims worked out as the layer would, then the handler, with nothing reserved and no budget enforced); `metrics` installs no metrics recorder; both, comma-separated. `scripts/bench` compares these rows to tell where a purchase's CPU goes | unset |
+//! | `RUST_LOG` | what is logged (to stderr; colour only when it is a terminal): a level, and `target=level` pairs (`warn,tower_reserve=debug`) | `info` |
 //!
 //! With neither Redis variable set it runs on the embedded in-memory store and says so in its
 //! first line. With one set it uses Redis and fails fast, with a clear message, when Redis cannot
@@ -126,7 +127,7 @@
 //! another spelling of a path (`/customers/%61nn/purchases`, `//accounts`) is no route of the
 //! shop's (`404`) or no valid customer id (`422`), never a purchase.
 
-#[path = "common/server.rs"]
+#[path = "../../common/server.rs"]
 mod server;
 
 use std::any::Any;
@@ -145,16 +146,16 @@ use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::json;
 use sha2::Sha256;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_reserve::{
-    Budget, BudgetOf, Claim, DigestKey, Disconnect, Extracted, Hold, HoldId, Idempotency,
-    MAX_RETAIN, MemoryStore, RedisStore, Refund, Rejection, RejectionKind, Reservation,
-    ReserveLayer, Reserved, Store, Unique, extract, normalize_email,
+    Budget, BudgetOf, Claim, DigestKey, Disconnect, ExtractClaims, Extracted, Hold, HoldId,
+    Idempotency, MAX_RETAIN, MemoryStore, RedisStore, Refund, Rejection, RejectionKind,
+    Reservation, ReserveLayer, Reserved, Store, Unique, extract, normalize_email,
 };
 
 /// The configuration read from the environment.
@@ -175,6 +176,10 @@ pub struct Config {
     pub cancel_window: Duration,
     /// Keys the digests of e-mail addresses in the store.
     pub digest_key: Option<DigestKey>,
+    /// For benchmarks only: purchases without the middleware (nothing reserved).
+    pub bench_without_layer: bool,
+    /// For benchmarks only: no metrics recorder.
+    pub bench_without_metrics: bool,
 }
 
 impl Default for Config {
@@ -187,6 +192,8 @@ impl Default for Config {
             max_connections: 1024,
             cancel_window: REFUND_RETAIN - CLOCK_MARGIN,
             digest_key: None,
+            bench_without_layer: false,
+            bench_without_metrics: false,
         }
     }
 }
@@ -227,7 +234,7 @@ fn render_rejection(rejection: Rejection) -> http::Response<http_body_util::Full
         }
         _ => rejection,
     };
-    rejection.into_response()
+    rejection.into_problem_response()
 }
 
 /// The response of a handler that panicked.
@@ -239,7 +246,7 @@ fn panic_response(
         "Internal server error",
         "the handler failed; nothing was kept",
     )
-    .into_response()
+    .into_problem_response()
 }
 
 /// Turns every error response that is not a problem yet (axum's own 404, 405, rejections) into
@@ -571,9 +578,10 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
 
     let budgets = customer_budgets(&cfg);
 
-    let purchase_layer = {
+    // A purchase's claim: its customer's budget, the sum of its products' prices.
+    let purchase_claims = {
         let budgets = budgets.clone();
-        ReserveLayer::new(store.clone(), move |mut req: Request<Bytes>| {
+        move |mut req: Request<Bytes>| {
             let budget = budgets.budget(&req);
             async move {
                 let budget = budget?;
@@ -603,12 +611,15 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
                 });
                 Extracted::Ok((req, vec![claim]))
             }
-        })
-        .lease(cfg.lease)
-        // The contract: a request whose client went away leaves nothing behind.
-        .on_disconnect(Disconnect::Release)
-        .idempotency(Idempotency::new())
-        .error_handler(render_rejection)
+        }
+    };
+    let purchase_layer = {
+        ReserveLayer::new(store.clone(), purchase_claims.clone())
+            .lease(cfg.lease)
+            // The contract: a request whose client went away leaves nothing behind.
+            .on_disconnect(Disconnect::Release)
+            .idempotency(Idempotency::new())
+            .error_handler(render_rejection)
     };
 
     let addresses = Addresses(cfg.digest_key.clone());
@@ -693,6 +704,7 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
         .error_handler(render_rejection)
     };
 
+    let bench_without_layer = cfg.bench_without_layer;
     let state = AppState {
         store,
         cfg,
@@ -709,9 +721,17 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
         .route("/readyz", get(readyz::<St>))
         .route(
             "/customers/{customer_id}/purchases",
-            post(purchase::<St>)
-                .layer::<_, Infallible>(catch_panic)
-                .route_layer(purchase_layer),
+            if bench_without_layer {
+                post(purchase::<St>)
+                    .layer::<_, Infallible>(catch_panic)
+                    .route_layer(axum::middleware::from_fn(move |req, next| {
+                        unreserved(purchase_claims.clone(), req, next)
+                    }))
+            } else {
+                post(purchase::<St>)
+                    .layer::<_, Infallible>(catch_panic)
+                    .route_layer(purchase_layer)
+            },
         )
         .route(
             "/customers/{customer_id}/purchases/{purchase_id}",
@@ -800,14 +820,35 @@ async fn readyz<St: Store>(State(state): State<AppState<St>>) -> Result<Response
     }
 }
 
+/// For benchmarks only (`SHOP_BENCH_WITHOUT=layer`): the purchase route with the middleware
+/// taken out. The body is read and the claims worked out as the layer would, so that the
+/// handler runs as it does behind the layer; nothing is reserved.
+async fn unreserved<E: ExtractClaims>(
+    claims: E,
+    request: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, BODY_LIMIT as usize).await else {
+        return IntoResponse::into_response(Rejection::bad_request("the body could not be read"));
+    };
+    match claims.extract(Request::from_parts(parts, body)).await {
+        Ok((request, _claims)) => next.run(request.map(Body::from)).await,
+        Err(rejection) => IntoResponse::into_response(rejection),
+    }
+}
+
 async fn purchase<St: Store>(
     State(state): State<AppState<St>>,
-    hold: Hold,
+    // Always there behind the layer; `None` only in the benchmarks' row without it.
+    hold: Option<Hold>,
     Extension(purchase): Extension<Purchase>,
     headers: HeaderMap,
 ) -> Result<Response, Rejection> {
     simulate(&state.cfg, &headers).await?;
-    let remaining = hold.remaining_of(&purchase.budget).unwrap_or(0);
+    let remaining = hold
+        .and_then(|hold| hold.remaining_of(&purchase.budget))
+        .unwrap_or(0);
     let purchase_id = state
         .purchase_ids
         .issue(&purchase.customer_id, purchase.amount_cents);
@@ -1002,6 +1043,21 @@ fn config() -> Config {
         ),
         _ => None,
     };
+    let bench_without = std::env::var("SHOP_BENCH_WITHOUT").unwrap_or_default();
+    let (mut bench_without_layer, mut bench_without_metrics) = (false, false);
+    for part in bench_without
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        match part {
+            "layer" => bench_without_layer = true,
+            "metrics" => bench_without_metrics = true,
+            other => fail(&format!(
+                "SHOP_BENCH_WITHOUT: {other:?} is not one of layer, metrics"
+            )),
+        }
+    }
     Config {
         budget_cents: env_u64("SHOP_BUDGET_CENTS", 50_000),
         lease: Duration::from_millis(lease_ms),
@@ -1010,6 +1066,8 @@ fn config() -> Config {
         max_connections,
         cancel_window,
         digest_key,
+        bench_without_layer,
+        bench_without_metrics,
     }
 }
 
@@ -1224,15 +1282,7 @@ fn redact(url: &str) -> String {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, never into a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    server::init_logging();
     let cfg = config();
     let addr = std::env::var("SHOP_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let redis_url = std::env::var("REDIS_URL")
@@ -1247,9 +1297,17 @@ async fn main() {
         cfg.lease.as_millis(),
         if cfg.faults { "on" } else { "off" }
     );
-    let metrics = PrometheusBuilder::new()
-        .install_recorder()
-        .unwrap_or_else(|e| fail(&format!("cannot install the metrics recorder: {e}")));
+    let metrics = if cfg.bench_without_metrics {
+        // Not installed: the middleware's metrics go nowhere, and `/metrics` stays empty.
+        PrometheusBuilder::new().build_recorder().handle()
+    } else {
+        PrometheusBuilder::new()
+            .install_recorder()
+            .unwrap_or_else(|e| fail(&format!("cannot install the metrics recorder: {e}")))
+    };
+    if cfg.bench_without_layer || cfg.bench_without_metrics {
+        eprintln!("shop: SHOP_BENCH_WITHOUT is set: a benchmark's configuration, not for service");
+    }
 
     match (redis_url, cluster) {
         (Some(_), Some(_)) => {

@@ -1,8 +1,6 @@
 //! End to end: the compiled `shop` example as a child process, over real HTTP, on a real
 //! `redis-server` (and once on the embedded store). The contract is the module docs of
-//! `examples/shop.rs`.
-
-mod support;
+//! `src/main.rs`.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

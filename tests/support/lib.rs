@@ -1,5 +1,4 @@
-//! Helpers shared by the integration tests.
-#![allow(dead_code)]
+//! Helpers shared by the tests of tower-reserve and of its example applications.
 
 pub mod example;
 pub mod gateway;
@@ -76,6 +75,11 @@ impl std::io::Write for Logs {
 /// thread's subscriber is being set. So a global subscriber that listens to everything (and
 /// writes nowhere) is installed first, once: no callsite is ever cached as unwanted.
 pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+    capture_logs_at(tracing::Level::DEBUG)
+}
+
+/// As [`capture_logs`], of events at `level` and above.
+pub fn capture_logs_at(level: tracing::Level) -> (Logs, tracing::subscriber::DefaultGuard) {
     static EVERYTHING: std::sync::Once = std::sync::Once::new();
     EVERYTHING.call_once(|| {
         let sink = tracing_subscriber::fmt()
@@ -87,7 +91,7 @@ pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
     let logs = Logs::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
+        .with_max_level(level)
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .finish();

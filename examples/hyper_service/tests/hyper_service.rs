@@ -1,14 +1,12 @@
 //! End to end: the compiled `hyper_service` example (plain hyper, no axum) as a child process,
 //! over real HTTP on loopback.
 
-mod support;
-
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{Value, json};
 use support::example::{Example, client};
 
 /// The example's source: it must stand for a service with no axum at all.
-const SOURCE: &str = include_str!("../examples/hyper_service.rs");
+const SOURCE: &str = include_str!("../src/main.rs");
 
 /// A wallet of its own for each case.
 fn wallet(prefix: &str) -> String {
@@ -43,7 +41,7 @@ fn the_example_uses_no_axum() {
         let code = line.split("//").next().unwrap_or("");
         assert!(
             !code.contains("axum"),
-            "line {} of examples/hyper_service.rs names axum: {line}",
+            "line {} of examples/hyper_service/src/main.rs names axum: {line}",
             n + 1
         );
     }

@@ -3,7 +3,7 @@
 //! same step. Hundreds of jobs at once on one key never spend a credit above the limit.
 //!
 //! ```text
-//! cargo run --release --example metered_api
+//! cargo run --release -p metered_api
 //! curl -i -X POST localhost:3003/jobs -H 'x-api-key: free_ann' \
 //!      -H 'content-type: application/json' -d '{"task": "resize", "max_units": 50, "units": 37}'
 //! curl -s localhost:3003/usage -H 'x-api-key: free_ann'
@@ -61,7 +61,7 @@
 //! job's commit: `RateLimit-Policy: "/jobs";q=<monthly credits>;qu="units";pk=:<k>:` and
 //! `RateLimit: "/jobs";r=<credits left>;t=<seconds until the month ends>;pk=:<k>:`, where `<k>`
 //! is a digest of the budget's key (the API key itself never appears in a header or a Redis
-//! key).
+//! key). A `403` over budget carries the same two, with what is left.
 //!
 //! `GET /usage`: `200` `{"limit", "spent", "held", "remaining", "resets_at"}` for the key's
 //! current month (`held` by jobs running now; `resets_at` RFC 3339, UTC), read through the same
