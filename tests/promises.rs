@@ -267,6 +267,32 @@ fn key_on(cluster: &RedisCluster, node: usize, prefix: &str) -> String {
     }
 }
 
+/// Both claims are over their budgets; the first is served by another node than the hold's
+/// home. A check answers the first claim that fails, as a reserve does and as on one node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_across_slots_names_the_first_claim_that_fails() {
+    let cluster = RedisCluster::start(3, 0);
+    let store = RedisStore::connect_cluster(cluster.urls()).await.unwrap();
+    let primaries = cluster.primaries();
+    let early = Budget::new(key_on(&cluster, primaries[1], "early"), 10);
+    let late = Budget::new(key_on(&cluster, primaries[0], "late"), 10);
+    let slot = cluster.keyslot(late.key());
+    let r = Reservation::builder()
+        .id(HoldId::new(format!("{}@{slot}", fresh("check"))).unwrap())
+        .claim(Claim::spend(early.clone(), 11))
+        .claim(Claim::spend(late.clone(), 11))
+        .build()
+        .unwrap();
+    for answer in [store.check(&r).await, store.reserve(&r).await] {
+        match answer.unwrap() {
+            Reserved::Denied(d) => assert_eq!(d.claim, 0, "{d:?}"),
+            other => panic!("expected a denial, got {other:?}"),
+        }
+    }
+    assert_eq!(status(&store, &early).await.held, 0);
+    assert_eq!(status(&store, &late).await.held, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_across_slots_is_whole_however_slow_a_group_node_is() {
     let cluster = RedisCluster::start(3, 0);

@@ -566,12 +566,18 @@ impl<'e, S: Advance> Sim<'e, S> {
         }
         if kept.len() > WORLDS {
             // The states differ in instants within a call or two; which of them the store is in
-            // is then left to later answers among the ones kept.
+            // is then left to later answers among the ones kept. They are kept spread out, the
+            // first and the last included: each world's candidates run from the call's first
+            // instant to its last, so keeping only the first ones would lose the worlds where
+            // the call ran late (and a record it wrote is dropped later).
             self.line(format!(
                 "    ({} possible states, {WORLDS} kept)",
                 kept.len()
             ));
-            kept.truncate(WORLDS);
+            let n = kept.len();
+            kept = (0..WORLDS)
+                .map(|i| kept[i * (n - 1) / (WORLDS - 1)].clone())
+                .collect();
         }
         self.worlds = kept;
         Ok(())
@@ -643,10 +649,8 @@ impl<'e, S: Advance> Sim<'e, S> {
         results: Vec<(u64, u64, Got)>,
         step: usize,
     ) -> Result<(), Failure> {
-        for (op, t0) in self.judge_known(ops, results, step)? {
-            self.resolve(&op, t0, step).await?;
-        }
-        Ok(())
+        let pending = self.judge_known(ops, results, step)?;
+        self.resolve_all(pending, step).await
     }
 
     /// Judges the answers that are known; answers the operations whose outcome is not (with
@@ -674,9 +678,29 @@ impl<'e, S: Advance> Sim<'e, S> {
         Ok(pending)
     }
 
+    /// Resolves operations whose outcome is unknown (with when each was first sent), then gives
+    /// up on the hold ids whose state no answer could tell. Giving up moves the clock past every
+    /// lease, so it waits until every other retry has been answered: a retry sent after that
+    /// jump would be a new operation (a refund id, say, is remembered only for its retention).
+    pub async fn resolve_all(
+        &mut self,
+        pending: Vec<(Op, u64)>,
+        step: usize,
+    ) -> Result<(), Failure> {
+        let mut unknowable = Vec::new();
+        for (op, t0) in pending {
+            unknowable.extend(self.resolve(&op, t0, step).await?);
+        }
+        for hold in unknowable {
+            self.poison(hold).await;
+        }
+        Ok(())
+    }
+
     /// Retries an operation whose outcome is unknown until the store answers it; the model
-    /// accepts either outcome of the first attempt.
-    pub async fn resolve(&mut self, op: &Op, t0: u64, step: usize) -> Result<(), Failure> {
+    /// accepts either outcome of the first attempt. Answers the hold id whose state the retry
+    /// could not tell, for [`Self::resolve_all`] to give up on.
+    async fn resolve(&mut self, op: &Op, t0: u64, step: usize) -> Result<Option<usize>, Failure> {
         let deadline = Instant::now() + Duration::from_secs(8);
         let mut last = None;
         while Instant::now() < deadline {
@@ -689,13 +713,15 @@ impl<'e, S: Advance> Sim<'e, S> {
                 {
                     // The first attempt landed and its lease ended before the retry: what its
                     // lease end was is unknown, so the id is not used again.
-                    self.poison(*hold).await;
-                    return Ok(());
+                    return Ok(Some(*hold));
                 }
-                return self.judge(op, t0, t1, &got, true).map_err(|what| Failure {
-                    step,
-                    what: format!("retry of {op:?} after an unknown outcome\n  {what}"),
-                });
+                return self
+                    .judge(op, t0, t1, &got, true)
+                    .map(|()| None)
+                    .map_err(|what| Failure {
+                        step,
+                        what: format!("retry of {op:?} after an unknown outcome\n  {what}"),
+                    });
             }
             last = Some(got.answer);
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -706,8 +732,7 @@ impl<'e, S: Advance> Sim<'e, S> {
         ) = (op, &last)
         {
             // A reservation across slots left half-made by a fault: its leases give it back.
-            self.poison(*hold).await;
-            return Ok(());
+            return Ok(Some(*hold));
         }
         Err(Failure {
             step,
@@ -836,10 +861,8 @@ impl<'e, S: Advance> Sim<'e, S> {
                 self.worlds = vec![Model::new(self.model().shape.clone())];
                 self.line("    the node restarted empty".to_owned());
                 let t0 = self.now();
-                for op in ops {
-                    self.resolve(op, t0, step).await?;
-                }
-                Ok(())
+                let pending = ops.iter().map(|op| (op.clone(), t0)).collect();
+                self.resolve_all(pending, step).await
             }
             Fault::Stop { pick, ms } => self.stop(pick, ms, ops, step).await,
             Fault::Migrate { budget } => self.migrate(budget, ops, step).await,
@@ -957,9 +980,7 @@ impl<'e, S: Advance> Sim<'e, S> {
             unsettled.extend(self.judge_known(one, results, step)?);
         }
         self.env.finish_migration(slot, to).await;
-        for (op, t0) in unsettled {
-            self.resolve(&op, t0, step).await?;
-        }
+        self.resolve_all(unsettled, step).await?;
         let rest: Vec<Op> = ops.cloned().collect();
         self.group(&rest, step).await
     }
@@ -967,8 +988,9 @@ impl<'e, S: Advance> Sim<'e, S> {
     /// After the run: far past every lease, retention and window, the store keeps only what is
     /// owned or spent for good.
     pub async fn census(&mut self, step: usize) -> Result<(), Failure> {
-        // A memo is kept once, with its home record: never more memo keys than records the
-        // model says keep one.
+        // A memo is kept once, with its home record: never more memo keys than records keep
+        // one in some world the answers allow (a settlement answered after a pause may have run
+        // at any instant of its call, and its record is dropped that much later).
         let now = self.now();
         let memos = self
             .env
@@ -978,11 +1000,16 @@ impl<'e, S: Advance> Sim<'e, S> {
             .filter(|k| k.contains(":m:"))
             .count();
         let kept = self
-            .model()
-            .holds
-            .values()
-            .filter(|h| h.memo.is_some() && h.drop_at + 50 > now)
-            .count();
+            .worlds
+            .iter()
+            .map(|m| {
+                m.holds
+                    .values()
+                    .filter(|h| h.memo.is_some() && h.drop_at + 50 > now)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
         if memos > kept {
             return Err(Failure {
                 step,

@@ -386,6 +386,7 @@ async fn replayed(
 }
 
 /// Checks a reservation across slots: every group's claims where they live, holding nothing.
+/// A denial names the first claim that fails, as a reserve's does.
 pub(crate) async fn check(
     store: &RedisStore,
     r: &Reservation,
@@ -396,7 +397,7 @@ pub(crate) async fn check(
     let mut grant = match ops::reserved(&answer, r, &plan.home)? {
         Reserved::Granted(g) if g.replayed => return replayed(store, r, &plan, g).await,
         Reserved::Granted(g) => g,
-        other => return Ok(other),
+        Reserved::Denied(d) => return first_denial(store, r, &plan, d).await,
     };
     let answers = join_all(plan.groups.iter().map(|(record, indices)| async {
         let op = ops::check(store.keys(), r, record.clone(), indices);
