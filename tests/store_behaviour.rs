@@ -526,7 +526,10 @@ async fn a_memo_comes_back_byte_for_byte_even_empty<S: Store>(store: &S) {
         };
         let settled = store.settle(r.id(), &settle.memo(memo.to_vec())).await;
         assert_eq!(settled.unwrap(), Settled::Applied);
-        let retry = store.reserve(&r).await.expect_err("a settled hold refuses its retry");
+        let retry = store
+            .reserve(&r)
+            .await
+            .expect_err("a settled hold refuses its retry");
         let settled_kind = if commit {
             ErrorKind::Committed
         } else {
