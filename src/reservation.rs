@@ -34,9 +34,9 @@ pub const MAX_LEASE: Duration = Duration::from_secs(86_400);
 /// ```
 #[derive(Clone)]
 pub struct HoldId {
-    /// Shared, not copied: an id is cloned into the grant, the store's record and its deadline,
-    /// the hold and every settlement of it.
-    text: Arc<str>,
+    /// An id is cloned into the grant, the store's record and its deadline, the hold and every
+    /// settlement of it: a short one is copied, a long one shared.
+    text: IdText,
     /// Where the record lives, read from the text once: every store call asks.
     slot: u16,
 }
@@ -77,7 +77,7 @@ impl HoldId {
             None => slot_of(text.as_bytes()),
         };
         Self {
-            text: Arc::from(text),
+            text: IdText::new(text),
             slot,
         }
     }
@@ -101,7 +101,7 @@ impl HoldId {
         buf[RANDOM_NAME + 1..len].copy_from_slice(digits);
         let text = std::str::from_utf8(&buf[..len]).expect("base64, @ and digits are ASCII");
         Self {
-            text: Arc::from(text),
+            text: IdText::new(text),
             slot,
         }
     }
@@ -123,7 +123,7 @@ impl HoldId {
 
     /// The id as text.
     pub fn as_str(&self) -> &str {
-        &self.text
+        self.text.as_str()
     }
 
     /// The slot the hold's record lives in: the one after `@`, or else that of the whole id.
@@ -133,7 +133,7 @@ impl HoldId {
 
     /// The name and the slot of an id that names its slot.
     pub(crate) fn placed(&self) -> Option<(&str, u16)> {
-        let (name, _) = self.text.split_once('@')?;
+        let (name, _) = self.text.as_str().split_once('@')?;
         Some((name, self.slot))
     }
 }
@@ -141,7 +141,7 @@ impl HoldId {
 // One id, one text: the slot follows from the text, so only the text is compared and hashed.
 impl PartialEq for HoldId {
     fn eq(&self, other: &Self) -> bool {
-        self.text == other.text
+        self.text.as_bytes() == other.text.as_bytes()
     }
 }
 
@@ -149,7 +149,9 @@ impl Eq for HoldId {}
 
 impl std::hash::Hash for HoldId {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.text.hash(state);
+        // As `str` hashes itself.
+        state.write(self.text.as_bytes());
+        state.write_u8(0xff);
     }
 }
 
@@ -161,13 +163,52 @@ impl PartialOrd for HoldId {
 
 impl Ord for HoldId {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.text.cmp(&other.text)
+        self.text.as_bytes().cmp(other.text.as_bytes())
     }
 }
 
 impl std::fmt::Debug for HoldId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("HoldId").field(&&*self.text).finish()
+        f.debug_tuple("HoldId").field(&self.text.as_str()).finish()
+    }
+}
+
+/// The longest id kept in place: a generated one (16 characters, `@` and a slot of up to five
+/// digits), so that minting an id allocates nothing and cloning one touches no shared counter.
+const INLINE_ID: usize = RANDOM_NAME + 6;
+
+/// A hold id's text: in place up to [`INLINE_ID`] bytes, shared beyond (a derived id, a caller's).
+#[derive(Clone)]
+enum IdText {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Shared(Arc<str>),
+}
+
+impl IdText {
+    fn new(text: &str) -> Self {
+        if text.len() <= INLINE_ID {
+            let mut bytes = [0; INLINE_ID];
+            bytes[..text.len()].copy_from_slice(text.as_bytes());
+            IdText::Inline {
+                len: text.len() as u8,
+                bytes,
+            }
+        } else {
+            IdText::Shared(Arc::from(text))
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).expect("copied from a str")
+    }
+
+    /// The text's bytes, unchecked: what ids are compared, ordered and hashed by (as their
+    /// text would be), on every lookup of a store's maps.
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            IdText::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            IdText::Shared(text) => text.as_bytes(),
+        }
     }
 }
 
@@ -187,7 +228,7 @@ fn random_name(buf: &mut [u8]) -> &str {
 
 impl std::fmt::Display for HoldId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(self.text.as_str())
     }
 }
 
@@ -255,6 +296,12 @@ impl Reservation {
     pub(crate) fn fingerprint(&self) -> &Fingerprint {
         self.fingerprint
             .get_or_init(|| fingerprint(&self.claims, self.payload.as_ref()))
+    }
+
+    /// Feeds what [`Reservation::fingerprint`] digests to `field`, one field at a time, for a
+    /// store that keeps a digest of its own.
+    pub(crate) fn identify(&self, field: impl FnMut(&[u8])) {
+        identify(&self.claims, self.payload.as_ref(), field);
     }
 
     /// The claims, taken out.
@@ -389,17 +436,24 @@ pub(crate) type Fingerprint = [u8; 8];
 
 fn fingerprint(claims: &[Claim], payload: Option<&Fingerprint>) -> Fingerprint {
     let mut h = Sha256::new();
-    let mut field = |bytes: &[u8]| {
+    identify(claims, payload, |bytes| {
         h.update((bytes.len() as u64).to_be_bytes());
         h.update(bytes);
-    };
+    });
+    let mut digest = [0; 8];
+    digest.copy_from_slice(&h.finalize()[..8]);
+    digest
+}
+
+/// What tells a retry from a reuse of an id with other claims, one field at a time, for a digest
+/// to take in (each field with its length, so that fields cannot run into each other): the
+/// payload alone, when there is one; otherwise each claim's kind, target and amount or owner.
+fn identify(claims: &[Claim], payload: Option<&Fingerprint>, mut field: impl FnMut(&[u8])) {
     if let Some(payload) = payload {
         // A payload identifies the command by itself: its claims do not enter.
         field(b"payload");
         field(payload);
-        let mut digest = [0; 8];
-        digest.copy_from_slice(&h.finalize()[..8]);
-        return digest;
+        return;
     }
     for claim in claims {
         match claim {
@@ -424,9 +478,6 @@ fn fingerprint(claims: &[Claim], payload: Option<&Fingerprint>) -> Fingerprint {
             }
         }
     }
-    let mut digest = [0; 8];
-    digest.copy_from_slice(&h.finalize()[..8]);
-    digest
 }
 
 /// What [`Store::reserve`](crate::Store::reserve) answers.
@@ -527,5 +578,45 @@ impl BudgetStatus {
             remaining: limit.saturating_sub(spent).saturating_sub(held),
             resets_at_ms,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hash::{BuildHasher, RandomState};
+
+    use super::*;
+
+    /// Ids kept in place and shared ones, on either side of the boundary, read, compare, order
+    /// and hash as their texts do.
+    #[test]
+    fn an_id_behaves_as_its_text_in_place_or_shared() {
+        let texts = [
+            "a".to_owned(),
+            "b".repeat(INLINE_ID),
+            "b".repeat(INLINE_ID + 1),
+            "a".repeat(INLINE_ID + 1),
+            format!("{}@42", "c".repeat(INLINE_ID - 3)),
+        ];
+        let ids: Vec<HoldId> = texts
+            .iter()
+            .map(|t| HoldId::new(t.as_str()).unwrap())
+            .collect();
+        assert!(matches!(ids[1].text, IdText::Inline { .. }));
+        assert!(matches!(ids[2].text, IdText::Shared(_)));
+        assert_eq!(ids[4].slot(), 42);
+        let state = RandomState::new();
+        for (a, text_a) in ids.iter().zip(&texts) {
+            assert_eq!(a.as_str(), text_a);
+            assert_eq!(a.to_string(), *text_a);
+            assert_eq!(state.hash_one(a), state.hash_one(text_a.as_str()));
+            for (b, text_b) in ids.iter().zip(&texts) {
+                assert_eq!(a == b, text_a == text_b, "{text_a} == {text_b}");
+                assert_eq!(a.cmp(b), text_a.cmp(text_b), "{text_a} against {text_b}");
+            }
+        }
+        let minted = HoldId::random_in(16_383);
+        assert!(matches!(minted.text, IdText::Inline { .. }), "{minted}");
+        assert_eq!(HoldId::new(minted.as_str()).unwrap(), minted);
     }
 }

@@ -151,8 +151,8 @@ pub(crate) struct Running<F> {
     /// Taken out only when the handler is handed to a task of its own, on drop.
     future: Option<Pin<Box<F>>>,
     guard: SettleGuard,
-    /// When the handler started and the lease end it started with: its time runs out at the
-    /// lease less the margin, moved along when the lease is extended.
+    /// When the handler's time started (the store's answer) and the lease end it started with:
+    /// its time runs out at the lease less the margin, moved along when the lease is extended.
     started: Option<(Instant, u64)>,
     options: Arc<Options>,
     /// Finishes the handler in a task of its own; set where the handler's types allow it.
@@ -280,18 +280,20 @@ where
             match this.state.as_mut().project() {
                 StateProj::Preparing { prepare } => {
                     let prepared = ready!(prepare.as_mut().poll(cx));
-                    let (request, hold) = match prepared {
+                    let (request, hold, started) = match prepared {
                         Prepared::Reject(response) => {
                             this.state.set(State::Done);
                             return Poll::Ready(Ok(response.map(ResponseBody::own)));
                         }
-                        Prepared::Pass(request) => (request, None),
-                        Prepared::Held(request, hold) => {
-                            this.span.record("hold", hold.id().as_str());
-                            (request, Some(hold))
+                        Prepared::Pass(request) => (request, None, None),
+                        Prepared::Held(request, hold, answered) => {
+                            if !this.span.is_disabled() {
+                                this.span.record("hold", hold.id().as_str());
+                            }
+                            let started = (answered, hold.expires_at_ms());
+                            (request, Some(hold), Some(started))
                         }
                     };
-                    let started = hold.as_ref().map(|h| (Instant::now(), h.expires_at_ms()));
                     // Armed before the inner service is called: a panic inside `call` itself
                     // unwinds through the guard, which releases the hold.
                     let guard = hold.map_or_else(SettleGuard::none, SettleGuard::new);

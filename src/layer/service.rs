@@ -9,6 +9,7 @@ use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::time::Instant;
 use tower_service::Service;
 
 use super::Rejection;
@@ -101,8 +102,9 @@ pub(crate) enum Prepared<B> {
     Reject(Response<OwnBody>),
     /// No claims (or failing open, or shadow mode): the handler runs with nothing held.
     Pass(Request<B>),
-    /// Everything held: the handler runs under this hold.
-    Held(Request<B>, Hold),
+    /// Everything held: the handler runs under this hold, its time counted from the instant the
+    /// store answered.
+    Held(Request<B>, Hold, Instant),
 }
 
 /// request → claims → store: the steps before the handler, each a function below.
@@ -157,9 +159,18 @@ where
     };
     let request = request.map(RequestBody::new);
 
-    let started = std::time::Instant::now();
-    let (answer, reservation) = InFlight::new(&shared, reservation, route.clone()).await;
-    let took = started.elapsed();
+    // Tokio's clock, which a test can move: the instant the store answered also starts the
+    // handler's time under the lease (one reading of the clock for both).
+    let started = Instant::now();
+    let (answer, reservation) = match crate::store::embedded(&shared.store) {
+        Some(memory) => (
+            memory.reserve_sync(&reservation, !options.shadow),
+            reservation,
+        ),
+        None => InFlight::new(&shared, reservation, route.clone()).await,
+    };
+    let answered = Instant::now();
+    let took = answered - started;
     let op = if options.shadow {
         Op::Check
     } else {
@@ -173,7 +184,15 @@ where
     if options.shadow {
         return shadow(answer, &reservation, &route, request);
     }
-    answer_of(&shared, answer, reservation, named, route, request)
+    answer_of(
+        &shared,
+        answer,
+        reservation,
+        named,
+        route,
+        request,
+        answered,
+    )
 }
 
 /// How much of an oversized body is read and thrown away before the `413` goes out, and for how
@@ -356,6 +375,7 @@ fn answer_of<St, E, B>(
     named: bool,
     route: Arc<RouteMetrics>,
     mut request: Request<B>,
+    answered: Instant,
 ) -> Prepared<B> {
     let options = &shared.options;
     let reject = |rejection: Rejection| Prepared::Reject(options.reject(rejection));
@@ -375,7 +395,7 @@ fn answer_of<St, E, B>(
                 shared.settle_store.clone(),
             );
             request.extensions_mut().insert(hold.clone());
-            Prepared::Held(request, hold)
+            Prepared::Held(request, hold, answered)
         }
         Ok(Reserved::Denied(denial)) => {
             route.reservation(Outcome::Denied);

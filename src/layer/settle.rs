@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::metrics::{Op, RouteMetrics, Settling};
 use crate::settlement::same_budget;
+use crate::store::embedded;
 use crate::{Budget, Claim, Error, ErrorKind, Grant, HoldId, Settled, Settlement, Store};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -17,6 +18,9 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// store.
 pub(crate) trait SettleStore: Send + Sync + 'static {
     fn settle(&self, id: HoldId, settlement: Settlement) -> BoxFuture<Result<Settled, Error>>;
+    /// The settlement made in place by a store that never waits ([`embedded`]); `None` from one
+    /// that does, whose future [`SettleStore::settle`] gives.
+    fn settle_now(&self, id: &HoldId, settlement: &Settlement) -> Option<Result<Settled, Error>>;
     fn extend(&self, id: HoldId, lease: Duration) -> BoxFuture<Result<u64, Error>>;
 }
 
@@ -24,6 +28,10 @@ impl<St: Store> SettleStore for St {
     fn settle(&self, id: HoldId, settlement: Settlement) -> BoxFuture<Result<Settled, Error>> {
         let store = self.clone();
         Box::pin(async move { Store::settle(&store, &id, &settlement).await })
+    }
+
+    fn settle_now(&self, id: &HoldId, settlement: &Settlement) -> Option<Result<Settled, Error>> {
+        embedded(self).map(|memory| memory.settle_sync(id, settlement))
     }
 
     fn extend(&self, id: HoldId, lease: Duration) -> BoxFuture<Result<u64, Error>> {
@@ -459,9 +467,10 @@ impl<S: Send + Sync> axum::extract::OptionalFromRequestParts<S> for Hold {
 
 /// A commit or release of a hold. Polled in place by the response future, so the response
 /// waits for it without a task switch; if the response future is dropped first (the client
-/// went away mid-commit), the rest runs to completion in a task of its own.
+/// went away mid-commit), the rest runs to completion in a task of its own. A store that never
+/// waits settles at once, when this is made.
 pub(crate) struct Settle {
-    task: Option<BoxFuture<Result<Settled, Error>>>,
+    progress: Progress,
     hold: Hold,
     commit: bool,
     /// Why the layer settles this way, for the metrics.
@@ -469,6 +478,16 @@ pub(crate) struct Settle {
     started: std::time::Instant,
     /// Whether the outcome is logged with its timing.
     timed: bool,
+}
+
+/// How far a [`Settle`] has come.
+enum Progress {
+    /// On its way to the store.
+    Sent(BoxFuture<Result<Settled, Error>>),
+    /// The store's answer, settled in place, not yet taken.
+    Answered(Result<Settled, Error>),
+    /// Answered, and the answer taken (and recorded).
+    Taken,
 }
 
 /// Why a hold is settled the way it is: a metrics label.
@@ -519,12 +538,17 @@ impl Settle {
     /// `timed`: whether the request is traced, so the settlement's timing is worth logging.
     pub(crate) fn new(hold: &Hold, settlement: Settlement, cause: Cause, timed: bool) -> Self {
         let commit = settlement.is_commit();
+        let started = std::time::Instant::now();
+        let progress = match hold.inner.store.settle_now(hold.id(), &settlement) {
+            Some(answer) => Progress::Answered(answer),
+            None => Progress::Sent(hold.settle_task(settlement)),
+        };
         Self {
-            task: Some(hold.settle_task(settlement)),
+            progress,
             hold: hold.clone(),
             commit,
             cause,
-            started: std::time::Instant::now(),
+            started,
             timed,
         }
     }
@@ -539,7 +563,8 @@ impl Settle {
         self.commit
     }
 
-    /// Runs the settlement in a task of its own, for when nobody waits for its answer.
+    /// Lets the settlement finish on its own (in a task, unless it is made already), for when
+    /// nobody waits for its answer.
     pub(crate) fn detach(self) {
         drop(self);
     }
@@ -583,9 +608,17 @@ impl Future for Settle {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        let task = self.task.as_mut().expect("Settle polled after completion");
-        let result = std::task::ready!(task.as_mut().poll(cx));
-        self.task = None;
+        let result = match std::mem::replace(&mut self.progress, Progress::Taken) {
+            Progress::Answered(result) => result,
+            Progress::Sent(mut task) => match task.as_mut().poll(cx) {
+                std::task::Poll::Ready(result) => result,
+                std::task::Poll::Pending => {
+                    self.progress = Progress::Sent(task);
+                    return std::task::Poll::Pending;
+                }
+            },
+            Progress::Taken => panic!("Settle polled after completion"),
+        };
         record(
             &self.hold,
             self.commit,
@@ -600,8 +633,17 @@ impl Future for Settle {
 
 impl Drop for Settle {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            if tokio::runtime::Handle::try_current().is_ok() {
+        match std::mem::replace(&mut self.progress, Progress::Taken) {
+            Progress::Taken => {}
+            Progress::Answered(result) => record(
+                &self.hold,
+                self.commit,
+                self.cause,
+                self.started,
+                self.timed,
+                &result,
+            ),
+            Progress::Sent(task) if tokio::runtime::Handle::try_current().is_ok() => {
                 use tracing::Instrument;
                 let (hold, commit, cause, started, timed) = (
                     self.hold.clone(),
@@ -613,7 +655,8 @@ impl Drop for Settle {
                 let finish =
                     async move { record(&hold, commit, cause, started, timed, &task.await) };
                 tokio::spawn(finish.instrument(tracing::Span::current()));
-            } else {
+            }
+            Progress::Sent(_) => {
                 tracing::warn!(hold = %self.hold.id(), "no tokio runtime to settle on; the hold ends with its lease");
             }
         }
@@ -658,7 +701,8 @@ impl Drop for SettleGuard {
             Cause::Dropped
         };
         tracing::debug!(hold = %hold.id(), ?cause, "request ended before it settled; releasing");
-        // Dropping an unfinished settlement hands it to a task of its own.
+        // A settlement dropped unfinished goes on in a task of its own (a store that never
+        // waits has made it already).
         drop(Settle::layer(&hold, false, cause, false));
     }
 }

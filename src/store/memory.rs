@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -61,6 +62,9 @@ struct Inner {
     shards: Box<[Mutex<Shard>]>,
     retain_ms: u64,
     clock: Clock,
+    /// The key of the records' fingerprints ([`MemoryStore::fingerprint`]), drawn at random
+    /// for this store.
+    fingerprints: RandomState,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -93,6 +97,7 @@ impl MemoryStore {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 retain_ms,
                 clock,
+                fingerprints: RandomState::new(),
             }),
         }
     }
@@ -187,6 +192,13 @@ fn shard_of(slot: u16) -> usize {
     slot as usize & (SHARDS - 1)
 }
 
+/// `store`, when it is the embedded store. It answers without waiting, so the layer calls it in
+/// place: no future boxed to keep the call, none to hand to a task should the request go away
+/// meanwhile (there is no meanwhile).
+pub(crate) fn embedded<St: Store>(store: &St) -> Option<&MemoryStore> {
+    (store as &dyn std::any::Any).downcast_ref()
+}
+
 /// The wall clock in Unix milliseconds: the layer's estimate of when a window resets.
 pub(crate) fn now_ms() -> u64 {
     super::clock::system_ms()
@@ -218,21 +230,27 @@ impl Locked<'_> {
     }
 }
 
-/// A budget's storage key: its key, then `{` (which keys may not contain), then its window's
-/// suffix, so that no two budgets share one.
-type BudgetKey = String;
+/// A budget's storage key: its key, and for a windowed budget `{` (which keys may not contain)
+/// and its window's suffix, so that no two budgets share one. Shared by the budget's cell and
+/// the records of the holds on it: a hold on a budget already there allocates no key.
+type BudgetKey = Arc<str>;
 
 /// The budget's own key in a storage key.
 fn budget_of(key: &BudgetKey) -> &str {
     key.split('{').next().unwrap_or_default()
 }
 
-fn budget_key(key: &str, suffix: &str) -> BudgetKey {
+/// The storage key of `key` in the window of `suffix` (empty for a lifetime budget: then the
+/// budget's own key, looked up without a copy).
+fn budget_key<'a>(key: &'a str, suffix: &str) -> Cow<'a, str> {
+    if suffix.is_empty() {
+        return Cow::Borrowed(key);
+    }
     let mut k = String::with_capacity(key.len() + 1 + suffix.len());
     k.push_str(key);
     k.push('{');
     k.push_str(suffix);
-    k
+    Cow::Owned(k)
 }
 
 /// What a shard keeps. Every entry that can expire has its deadline in `deadlines` (and keeps
@@ -255,8 +273,10 @@ enum Expiring {
     Refund(String, HoldId),
 }
 
-#[derive(Default, Debug)]
+#[derive(Debug)]
 struct BudgetCell {
+    /// The cell's own key in `budgets`, for the records of holds on it to share.
+    key: BudgetKey,
     spent: u64,
     held: u64,
     /// The amount held per bucket of lease ends (see `store/lua`).
@@ -361,6 +381,16 @@ impl Buckets {
 }
 
 impl BudgetCell {
+    fn new(key: BudgetKey) -> Self {
+        Self {
+            key,
+            spent: 0,
+            held: 0,
+            buckets: Buckets::default(),
+            drop_at: None,
+        }
+    }
+
     /// Gives back the buckets whose end has passed (a bounded number per call).
     fn expire_buckets(&mut self, now: u64) {
         for _ in 0..MAX_EXPIRED_PER_CALL {
@@ -433,7 +463,7 @@ struct Record {
     phase: Phase,
     expires_at: u64,
     fingerprint: Fingerprint,
-    claims: Vec<Resolved>,
+    claims: ResolvedClaims,
     /// When the record goes (its deadline in the shard).
     drop_at: u64,
     memo: Option<bytes::Bytes>,
@@ -467,6 +497,41 @@ enum Resolved {
         tag: String,
         owner: String,
     },
+}
+
+/// A record's claims. Most reservations have one, kept in the record itself rather than in an
+/// allocation of its own.
+#[derive(Debug, Default)]
+enum ResolvedClaims {
+    #[default]
+    Empty,
+    One(Resolved),
+    Many(Vec<Resolved>),
+}
+
+impl ResolvedClaims {
+    fn push(&mut self, claim: Resolved) {
+        *self = match std::mem::take(self) {
+            ResolvedClaims::Empty => ResolvedClaims::One(claim),
+            ResolvedClaims::One(first) => ResolvedClaims::Many(vec![first, claim]),
+            ResolvedClaims::Many(mut all) => {
+                all.push(claim);
+                ResolvedClaims::Many(all)
+            }
+        };
+    }
+}
+
+impl std::ops::Deref for ResolvedClaims {
+    type Target = [Resolved];
+
+    fn deref(&self) -> &[Resolved] {
+        match self {
+            ResolvedClaims::Empty => &[],
+            ResolvedClaims::One(claim) => std::slice::from_ref(claim),
+            ResolvedClaims::Many(all) => all,
+        }
+    }
 }
 
 impl Resolved {
@@ -607,9 +672,14 @@ impl Shard {
 
 /// The answer a reserve gets from an existing record, or `None` when the record is a live hold
 /// to answer as a replay.
-fn refusal(record: &Record, reservation: &Reservation, now: u64) -> Option<Error> {
+fn refusal(
+    record: &Record,
+    reservation: &Reservation,
+    fingerprint: Fingerprint,
+    now: u64,
+) -> Option<Error> {
     let id = reservation.id();
-    let same = &record.fingerprint == reservation.fingerprint();
+    let same = record.fingerprint == fingerprint;
     let kind = match record.phase {
         _ if record.phase != Phase::Tombstone && !same => ErrorKind::Conflict,
         Phase::Held if now >= record.expires_at => ErrorKind::Expired,
@@ -622,18 +692,41 @@ fn refusal(record: &Record, reservation: &Reservation, now: u64) -> Option<Error
 }
 
 impl MemoryStore {
+    /// What a record keeps of its reservation's claims, to tell a retry from a reuse of its id
+    /// with other claims: the fields [`Reservation::identify`] lists, as the SHA-256 fingerprint
+    /// a Redis record keeps covers them, but under SipHash keyed at random for this store.
+    ///
+    /// That is as safe, and far cheaper. A record and its fingerprint never leave the process;
+    /// the one use of a fingerprint is the comparison with a retry's under the same id. A client
+    /// who wants a retry with other claims taken for the first must make the two collide under a
+    /// 128-bit key it never sees, learning at most one bit (conflict or not) per attempt, each a
+    /// 2^-64 chance; the 64 bits of SHA-256 can at least be searched offline.
+    fn fingerprint(&self, reservation: &Reservation) -> Fingerprint {
+        let mut hasher = self.inner.fingerprints.build_hasher();
+        reservation.identify(|field| {
+            hasher.write_usize(field.len());
+            hasher.write(field);
+        });
+        hasher.finish().to_be_bytes()
+    }
+
     /// Every slot a reservation touches: its record's and its claims'.
     fn slots_of(reservation: &Reservation) -> impl Iterator<Item = u16> + '_ {
         std::iter::once(reservation.id().slot()).chain(reservation.claims().iter().map(Claim::slot))
     }
 
-    /// Reserve, or (`write` false) only check.
-    fn reserve_sync(&self, reservation: &Reservation, write: bool) -> Result<Reserved, Error> {
+    /// Reserve, or (`write` false) only check: [`Store::reserve`] and [`Store::check`], which
+    /// never wait, called in place (see [`embedded`]).
+    pub(crate) fn reserve_sync(
+        &self,
+        reservation: &Reservation,
+        write: bool,
+    ) -> Result<Reserved, Error> {
         let (mut locked, now) = self.lock(Self::slots_of(reservation));
         let id = reservation.id();
         let record_slot = id.slot();
         if let Some(record) = locked.shard(record_slot).records.get(id) {
-            if let Some(err) = refusal(record, reservation, now) {
+            if let Some(err) = refusal(record, reservation, self.fingerprint(reservation), now) {
                 return Err(err);
             }
             // A retry of a live hold: the same hold, with what the retry's own budget claims
@@ -666,7 +759,7 @@ impl MemoryStore {
         }
 
         // Check every claim before writing anything.
-        let mut resolved = Vec::with_capacity(reservation.claims().len());
+        let mut resolved = ResolvedClaims::default();
         let mut remaining = Vec::with_capacity(reservation.claims().len());
         for (i, claim) in reservation.claims().iter().enumerate() {
             let deny = |reason| Ok(Reserved::Denied(Denial { claim: i, reason }));
@@ -675,10 +768,10 @@ impl MemoryStore {
             match claim {
                 Claim::Spend { budget, amount } => {
                     let window = budget.window().slot(now);
-                    let key = budget_key(budget.key(), &window.suffix);
-                    let left = match shard.budget_cell(&key, now) {
-                        Some(cell) => cell.remaining(budget.limit()),
-                        None => budget.limit(),
+                    let name = budget_key(budget.key(), &window.suffix);
+                    let (left, key) = match shard.budget_cell(&name, now) {
+                        Some(cell) => (cell.remaining(budget.limit()), cell.key.clone()),
+                        None => (budget.limit(), BudgetKey::from(name)),
                     };
                     if *amount > left {
                         return deny(DenialReason::OverBudget {
@@ -739,7 +832,7 @@ impl MemoryStore {
                 replayed: false,
             }));
         }
-        for claim in &resolved {
+        for claim in resolved.iter() {
             let shard = locked.shard(claim.slot());
             match claim {
                 Resolved::Spend {
@@ -748,11 +841,10 @@ impl MemoryStore {
                     window_ends,
                     ..
                 } => {
-                    // The key is copied only for a budget not there yet.
                     match shard.budgets.get_mut(key) {
                         Some(cell) => cell.hold_in(expires_at, *amount),
                         None => {
-                            let mut cell = BudgetCell::default();
+                            let mut cell = BudgetCell::new(key.clone());
                             cell.hold_in(expires_at, *amount);
                             shard.budgets.insert(key.clone(), cell);
                         }
@@ -771,7 +863,7 @@ impl MemoryStore {
             Record {
                 phase: Phase::Held,
                 expires_at,
-                fingerprint: *reservation.fingerprint(),
+                fingerprint: self.fingerprint(reservation),
                 claims: resolved,
                 drop_at: expires_at + self.inner.retain_ms,
                 memo: None,
@@ -809,7 +901,12 @@ impl MemoryStore {
         }
     }
 
-    fn settle_sync(&self, id: &HoldId, settlement: &Settlement) -> Result<Settled, Error> {
+    /// [`Store::settle`], which never waits, called in place (see [`embedded`]).
+    pub(crate) fn settle_sync(
+        &self,
+        id: &HoldId,
+        settlement: &Settlement,
+    ) -> Result<Settled, Error> {
         settlement.validate()?;
         let default_ms = self.inner.retain_ms;
         let retain_ms = settlement
@@ -827,7 +924,7 @@ impl MemoryStore {
                 phase: Phase::Tombstone,
                 expires_at: now,
                 fingerprint: Fingerprint::default(),
-                claims: Vec::new(),
+                claims: ResolvedClaims::Empty,
                 drop_at: now + retain_ms.unwrap_or(default_ms),
                 memo: None,
             };
@@ -931,7 +1028,7 @@ impl MemoryStore {
         let mut record = shard.take_record(id).expect("read above");
         let old = record.expires_at;
         let new = now + lease.as_millis() as u64;
-        for claim in &record.claims {
+        for claim in record.claims.iter() {
             let shard = locked.shard(claim.slot());
             match claim {
                 Resolved::Spend {
@@ -995,7 +1092,7 @@ impl MemoryStore {
         if refund.amount > spent {
             return Err(Error::refused(ErrorKind::ExceedsSpent, &refund.id));
         }
-        shard.budgets.get_mut(&key).expect("it has spent").spent -= refund.amount;
+        shard.budgets.get_mut(&*key).expect("it has spent").spent -= refund.amount;
         shard.tidy_budget(&key);
         let drop_at = now + refund.retain.as_millis() as u64;
         shard.refunds.insert(
@@ -1036,7 +1133,12 @@ impl MemoryStore {
         let shard = locked.shard(slot);
         let window = budget.window().slot(now);
         let key = budget_key(budget.key(), &window.suffix);
-        shard.budgets.entry(key.clone()).or_default().spent = spent;
+        let key = BudgetKey::from(key);
+        shard
+            .budgets
+            .entry(key.clone())
+            .or_insert_with(|| BudgetCell::new(key.clone()))
+            .spent = spent;
         match window.ends_at_ms {
             Some(ends) => shard.keep_budget_until(&key, ends + WINDOW_GRACE_MS),
             None => shard.tidy_budget(&key),
@@ -1104,7 +1206,7 @@ fn check_actual(record: &Record, settlement: &Settlement) -> Result<(), ActualEr
             return Err(ActualError::NotHeld);
         }
     }
-    for claim in &record.claims {
+    for claim in record.claims.iter() {
         if let Resolved::Spend {
             key, spec, amount, ..
         } = claim
@@ -1152,7 +1254,7 @@ fn commit(
     settlement: &Settlement,
     now: u64,
 ) {
-    for claim in &record.claims {
+    for claim in record.claims.iter() {
         let shard = locked.shard(claim.slot());
         match claim {
             Resolved::Spend {
@@ -1198,7 +1300,7 @@ fn commit(
 
 /// Gives back whatever the hold still holds.
 fn undo(locked: &mut Locked<'_>, id: &HoldId, record: &Record, now: u64) {
-    for claim in &record.claims {
+    for claim in record.claims.iter() {
         let shard = locked.shard(claim.slot());
         match claim {
             Resolved::Spend { key, amount, .. } => {

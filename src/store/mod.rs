@@ -20,7 +20,7 @@ mod memory;
 mod redis;
 
 pub use self::memory::MemoryStore;
-pub(crate) use self::memory::now_ms;
+pub(crate) use self::memory::{embedded, now_ms};
 pub use self::redis::{BatchStats, RedisStore, RedisStoreBuilder};
 
 /// How long a settled record (or a tombstone) is kept by default, so that a retried commit,

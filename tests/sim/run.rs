@@ -520,8 +520,11 @@ impl<'e, S: Advance> Sim<'e, S> {
                         Op::Reserve { .. } | Op::Check { .. } | Op::Extend { .. }
                     )
                 {
+                    // As late as the call's last instant, however short the call was: a
+                    // jump to just before the group's lease end would otherwise find the store
+                    // still holding what the model let go.
                     let mut later: Vec<u64> = world.boundaries(t, t1);
-                    if t1 > t + 20 {
+                    if t1 > t {
                         later.push(t1);
                     }
                     pairs.extend(later.into_iter().map(|g| (t, g)));
