@@ -267,6 +267,47 @@ fn key_on(cluster: &RedisCluster, node: usize, prefix: &str) -> String {
     }
 }
 
+/// A reservation across slots whose home lost its record (a failover to a replica that had not
+/// received it) while a group still holds: reserved again, the group's record is replaced, and
+/// what the earlier attempt held there is given back, not kept until its lease ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_replaced_by_a_new_attempt_gives_back_what_the_old_one_held() {
+    let cluster = RedisCluster::start(3, 0);
+    let prefix = fresh("regroup");
+    let store = RedisStore::builder()
+        .prefix(prefix.clone())
+        .connect_cluster(cluster.urls())
+        .await
+        .unwrap();
+    let primaries = cluster.primaries();
+    let home = Budget::new(key_on(&cluster, primaries[0], "home"), 100);
+    let group = Budget::new(key_on(&cluster, primaries[1], "group"), 100);
+    let slot = cluster.keyslot(home.key());
+    let r = Reservation::builder()
+        .id(HoldId::new(format!("{}@{slot}", fresh("regroup"))).unwrap())
+        .lease(LONG)
+        .claim(Claim::spend(home.clone(), 30))
+        .claim(Claim::spend(group.clone(), 30))
+        .build()
+        .unwrap();
+    granted(&store, &r).await;
+    let home_node = &cluster.nodes[primaries[0]];
+    // The home's node forgets the reservation (its record, and what its budget held), as a
+    // replica that never received it would after a failover.
+    let keys = home_node.cli(&["--scan", "--pattern", &format!("{prefix}:*")]);
+    let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+    assert_eq!(keys.len(), 2, "the home's record and budget: {keys:?}");
+    for key in keys {
+        home_node.cli(&["DEL", key]);
+    }
+    granted(&store, &r).await;
+    assert_eq!(status(&store, &group).await.held, 30);
+    assert_eq!(status(&store, &home).await.held, 30);
+    store.commit(r.id()).await.unwrap();
+    let settled = status(&store, &group).await;
+    assert_eq!((settled.spent, settled.held), (30, 0));
+}
+
 /// Both claims are over their budgets; the first is served by another node than the hold's
 /// home. A check answers the first claim that fails, as a reserve does and as on one node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

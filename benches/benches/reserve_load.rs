@@ -1152,9 +1152,10 @@ async fn run_all() {
     )
     .await;
     let m2_now = used_memory(&mut admin).await;
-    markers_gone(&mut admin, k1).await;
-    let m2 = used_memory(&mut admin).await;
+    let right_after = dbsize(&mut admin).await;
+    let settled_wait_s = markers_gone(&mut admin, k1).await;
     let k2 = dbsize(&mut admin).await;
+    let m2 = used_memory(&mut admin).await;
     let kept = run_crate(
         &store,
         "m",
@@ -1346,7 +1347,7 @@ async fn run_all() {
     );
     let _ = writeln!(
         summary,
-        "- Redis memory left by a settled purchase (record forgotten): **{per_forgot:.1} B** and **{:.4}** keys each, beyond the budgets' own state ({per_budget:.0} B per budget): after {} settled purchases, {k2} keys for {MANY} budgets",
+        "- Redis memory left by a settled purchase (record forgotten): **{per_forgot:.1} B** and **{:.4}** keys each, beyond the budgets' own state ({per_budget:.0} B per budget): after {} settled purchases, {k2} keys for {MANY} budgets, once the markers that answer a lost settling call's retry had gone ({right_after} keys right after the purchases, {settled_wait_s:.1} s before)",
         (k2 as f64 - k1 as f64) / forgot.ops as f64,
         forgot.ops + MANY
     );

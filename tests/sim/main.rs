@@ -84,6 +84,33 @@ fn config(cases: usize, steps: usize) -> Config {
     }
 }
 
+/// The seeds to run, each drawn when the one before has run: those `SIM_SEED` names; else, until
+/// `SIM_SECONDS` is up (one at least), fresh ones; else `cases` of them, the bounded run's own
+/// (fresh ones with `SIM_RANDOM=1`).
+fn seeds(cfg: &Config) -> impl Iterator<Item = u64> + use<> {
+    let fixed = cfg.seeds.clone();
+    let (bounded, until, cases) = (cfg.bounded(), cfg.until, cfg.cases);
+    let mut n = 0;
+    std::iter::from_fn(move || {
+        n += 1;
+        if !fixed.is_empty() {
+            return fixed.get(n - 1).copied();
+        }
+        let more = match until {
+            Some(until) => n == 1 || Instant::now() < until,
+            None => n <= cases,
+        };
+        if !more {
+            return None;
+        }
+        Some(if bounded {
+            BOUNDED_SEEDS + n as u64
+        } else {
+            rand::rng().random()
+        })
+    })
+}
+
 /// The settings that shape generation, to replay a seed as it ran (a seed of a long run with
 /// `SIM_RANDOM=1`, which draws the long run's fault lengths).
 fn replay_env() -> String {
@@ -333,33 +360,7 @@ fn simulate(name: &str, kind: Kind, cases: usize, steps: usize) {
     let mut failed: Vec<(u64, String)> = Vec::new();
     let mut n = 0usize;
     let mut last_history = Vec::new();
-    let mut next_seed = {
-        let fixed = cfg.seeds.clone();
-        let bounded = cfg.bounded();
-        let mut i = 0;
-        move || -> Option<u64> {
-            i += 1;
-            if !fixed.is_empty() {
-                return fixed.get(i - 1).copied();
-            }
-            if bounded {
-                return Some(BOUNDED_SEEDS + i as u64);
-            }
-            Some(rand::rng().random())
-        }
-    };
-    loop {
-        let more = match cfg.until {
-            Some(until) => Instant::now() < until,
-            None => n < cfg.cases,
-        };
-        if !more {
-            break;
-        }
-        let Some(seed) = next_seed() else { break };
-        if !cfg.seeds.is_empty() && n >= cfg.seeds.len() {
-            break;
-        }
+    for seed in seeds(&cfg) {
         n += 1;
         eprintln!("{name}: seed {seed}");
         let mut rng = StdRng::seed_from_u64(seed);
@@ -458,19 +459,9 @@ fn simulate_layer(name: &str, node: bool, cases: usize, steps: usize) {
     let cfg = config(cases, steps);
     let rt = runtime();
     let server = node.then(RedisServer::start);
-    let seeds: Vec<u64> = if cfg.seeds.is_empty() && cfg.bounded() {
-        (1..=cfg.cases as u64).map(|i| BOUNDED_SEEDS + i).collect()
-    } else if cfg.seeds.is_empty() {
-        (0..cfg.cases).map(|_| rand::rng().random()).collect()
-    } else {
-        cfg.seeds.clone()
-    };
     let started = Instant::now();
     let mut failed = Vec::new();
-    for (i, seed) in seeds.iter().copied().enumerate() {
-        if cfg.until.is_some_and(|u| Instant::now() >= u) && i > 0 {
-            break;
-        }
+    for seed in seeds(&cfg) {
         eprintln!("{name}: seed {seed}");
         let retain = Duration::from_millis(layer::RETAIN_MS);
         let result = rt.block_on(async {

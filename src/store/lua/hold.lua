@@ -203,8 +203,11 @@ local function reserve(now, key, lease, fpnonce, mode, body, limit, more_limits)
       end
       return refuse(key, r)
     end
-    -- Otherwise a group record of an earlier attempt: its home decided that attempt; this one
-    -- replaces it.
+    -- Otherwise a group record of an earlier attempt: its home decided that attempt (a new
+    -- attempt reaches a group only once its home has taken it), and this one replaces it. What
+    -- the earlier one still holds goes back first: the call that gives it back may not have
+    -- come yet, or may never (a home that lost its record in a failover).
+    if r.s == 'H' then undo(r, key, now) end
   end
 
   local budgets, left, denial = check_claims(key, claims, limits, e, now)
