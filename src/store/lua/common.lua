@@ -131,14 +131,16 @@ local function bucket(e)
   return e - past + BUCKET_MS
 end
 
--- Hold records are bytes: a fixed head of 29, read in one call, then the claims as the client
+-- Hold records are bytes: a fixed head of 30, read in one call, then the claims as the client
 -- packed them:
---   <phase: 1><fingerprint: 8><nonce: 8><lease end: 6><start: 6><body>
+--   <phase: 1><version: 1, \1><fingerprint: 8><nonce: 8><lease end: 6><start: 6><body>
 --   phase: H held, P held but still reserving its other slot groups (a Cluster home record),
 --          C committed, R released, X expired, T tombstone (released before reserved: with a
 --          zero nonce it refuses every reserve of the id, and its fingerprint is the release
 --          call's nonce; with a reserve call's nonce, only that call, whose answer was lost and
 --          whose hold was given back), F forgotten (settled, then dropped; see below)
+--   version: the layout, \1 for this one; the previous release's records are text, their
+--          second byte a hex digit, and are read as this layout (upgraded, below)
 --   nonce: which call reserved it, so that a call's own retried request is not taken for another
 --          attempt's; once settled, which call settled it
 --   lease end, start: ms, unsigned big-endian; start is when it was reserved (windowed budgets
@@ -158,12 +160,15 @@ end
 -- Key names are injective: records are '<p>:h:{tag}name' (the id's own) or '<p>:g:{tag}id' (a
 -- slot group), a record's memo '<p>:m:{tag}name', and none of the parts may hold a brace.
 
+local V = '\1'
 local ZEROS = '\0\0\0\0\0\0\0\0'
 local NO_TIMES = '\0\0\0\0\0\0\0\0\0\0\0\0'
--- The phase, then (past the fingerprint and the nonce) the lease end and the start.
-local HEAD = '>c1xxxxxxxxxxxxxxxxI6I6'
+-- The phase, then (past the version, the fingerprint and the nonce) the lease end and the start.
+local HEAD = '>c1xxxxxxxxxxxxxxxxxI6I6'
 -- Where a record's body starts, as MessagePack reads offsets (from 0).
-local BODY = 29
+local BODY = 30
+-- The phases a record can be in.
+local PHASES = { H = true, P = true, C = true, R = true, X = true, T = true, F = true }
 
 -- A shared empty list (never written to): no groups, no spends.
 local NONE = {}
@@ -183,17 +188,17 @@ end
 -- A tombstone that refuses every reserve of the id, left by the release call `nonce` (in the
 -- fingerprint's place, so that the same call sent again is answered as it was).
 local function tombstone(nonce)
-  return 'T' .. nonce .. ZEROS .. NO_TIMES
+  return 'T' .. V .. nonce .. ZEROS .. NO_TIMES
 end
 
 -- A tombstone that refuses one reserve call only: the one with `nonce`.
 local function tombstone_for(nonce)
-  return 'T' .. ZEROS .. nonce .. NO_TIMES
+  return 'T' .. V .. ZEROS .. nonce .. NO_TIMES
 end
 
 -- What a forgotten hold leaves for the call `nonce` that forgot it, which `replayed` an earlier
 -- settlement or applied its own.
-local FORGOTTEN = 'F' .. ZEROS
+local FORGOTTEN = 'F' .. V .. ZEROS
 local APPLIED, REPLAYED = NO_TIMES .. 'a', NO_TIMES .. 'p'
 local function forgotten(nonce, replayed)
   return FORGOTTEN .. nonce .. (replayed and REPLAYED or APPLIED)
@@ -212,19 +217,78 @@ local function memo_key(key)
   return string.sub(key, 1, brace - 3) .. 'm' .. string.sub(key, brace - 1)
 end
 
--- A record's phase, lease end and start, read in one call; its claims, groups and spends are
--- read when needed (claims_of), its fingerprint and nonce too (fp_of, nonce_of).
-local function parse(raw)
+-- A key or record this version cannot read stops the operation before it wrote anything (its
+-- answer is { 'X', message }, a store error): taken for nothing, it would grant what it holds
+-- or owns a second time.
+local function unreadable(what, key)
+  error({ err = 'tower-reserve: ' .. what .. ' in no layout this version reads: ' .. key })
+end
+
+-- The bytes that `hex` (two hex digits a byte) spells.
+local function unhex(hex)
+  return (string.gsub(hex, '..', function(h) return string.char(tonumber(h, 16)) end))
+end
+
+-- The previous release's records: text, with the same phases and fields,
+--   <phase><fingerprint: 16 hex><nonce: 16 hex><lease end: 13 digits><start: 13 digits><body>
+-- its body a MessagePack array { claims, groups, spends }, a claim { 'b', key, amount, spec }
+-- or { 'u' or 'r', key, owner }; a forgotten hold 'F', 16 zeros, the nonce and 'a' or 'p'.
+local PREVIOUS_HEAD = '^[HPCRXT]%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x'
+  .. '%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d%d'
+local PREVIOUS_FORGOTTEN = '^F0000000000000000%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x%x[ap]$'
+
+-- The record `raw` of the previous release (at `key`) in this layout: the same record, so that
+-- a hold reserved before an upgrade is settled, extended, replayed or refused after it as it
+-- would have been before. Whoever writes the record next writes it in this layout.
+local function upgraded(raw, key)
+  if string.find(raw, PREVIOUS_FORGOTTEN) then
+    return FORGOTTEN .. unhex(string.sub(raw, 18, 33)) .. NO_TIMES .. string.sub(raw, 34)
+  end
+  if not string.find(raw, PREVIOUS_HEAD) then unreadable('a hold record', key) end
+  local out = { string.sub(raw, 1, 1), V, unhex(string.sub(raw, 2, 33)),
+    PACK('>I6I6', tonumber(string.sub(raw, 34, 46)), tonumber(string.sub(raw, 47, 59))) }
+  if #raw > 59 then
+    local ok, body = pcall(MP_UNPACK, string.sub(raw, 60))
+    if not ok or type(body) ~= 'table' or type(body[1]) ~= 'table' then
+      unreadable('a hold record', key)
+    end
+    local claims, groups, spends = body[1], body[2] or NONE, body[3] or NONE
+    out[#out + 1] = MP_PACK(#claims)
+    for _, c in ipairs(claims) do
+      if c[1] == 'b' then
+        out[#out + 1] = MP_PACK(c[1], c[2], c[3], c[4])
+      else
+        out[#out + 1] = MP_PACK(c[1], c[2], 0, c[3])
+      end
+    end
+    if #groups > 0 or #spends > 0 then
+      out[#out + 1] = MP_PACK(#groups, #spends)
+      for _, g in ipairs(groups) do out[#out + 1] = MP_PACK(g) end
+      for _, v in ipairs(spends) do out[#out + 1] = MP_PACK(v[1], v[2], v[3]) end
+    end
+  end
+  return table.concat(out)
+end
+
+-- The record at `key`, or nil: its phase, lease end and start, read in one call; its claims,
+-- groups and spends are read when needed (claims_of), its fingerprint and nonce too (fp_of,
+-- nonce_of).
+local function read_record(key)
+  local raw = CALL('GET', key)
+  if not raw then return nil end
+  if string.byte(raw, 2) ~= 1 then raw = upgraded(raw, key) end
+  if #raw < BODY then unreadable('a hold record', key) end
   local s, e, start = UNPACK(HEAD, raw)
+  if not PHASES[s] then unreadable('a hold record', key) end
   return { raw = raw, s = s, e = e, start = start, c = false, g = false, v = false }
 end
 
 local function fp_of(r)
-  return string.sub(r.raw, 2, 9)
+  return string.sub(r.raw, 3, 10)
 end
 
 local function nonce_of(r)
-  return string.sub(r.raw, 10, 17)
+  return string.sub(r.raw, 11, 18)
 end
 
 -- `count` spends (base key, spec, amount) of `packed` from `off`; answers them and the offset
@@ -295,7 +359,7 @@ end
 -- reserve's (a reserve is answered by the phase alone from now on), so that the same call sent
 -- again (its answer was lost) is answered as it was.
 local function settled_by(r, phase, nonce)
-  return phase .. fp_of(r) .. nonce .. string.sub(r.raw, 18)
+  return phase .. V .. fp_of(r) .. nonce .. string.sub(r.raw, 19)
 end
 
 -- Whether a record is a slot group's (its home decides for it).
@@ -314,6 +378,28 @@ end
 -- with no number converted to text or back. Bucket ends are numbers (ms); they become text only
 -- as the names of their fields and members, with two buckets or more.
 local STATE = '>I7I7I4I6I6'
+local STATE_BYTES = 30
+
+-- The fields in which the previous release kept a budget's state, as decimal text: spent, held,
+-- the earliest bucket end (n), the bucket count (c), the expiry (t). Its bucket fields (x<T>)
+-- and sorted set are this layout's.
+local PREVIOUS = { 'spent', 'held', 'n', 'c', 't' }
+
+-- The state of a budget the previous release wrote, packed, or nil when `bkey` has none of its
+-- fields either (a budget never written).
+local function previous_state(bkey)
+  local v = CALL('HMGET', bkey, unpack(PREVIOUS))
+  if not (v[1] or v[2] or v[3] or v[4] or v[5]) then return nil end
+  local x = {}
+  for i = 1, 5 do
+    if v[i] and not string.find(v[i], '^%d+$') then unreadable('a budget', bkey) end
+    x[i] = tonumber(v[i]) or 0
+  end
+  local spent, held, n, c, t = x[1], x[2], x[3], x[4], x[5]
+  if spent >= 2 ^ 53 or held >= 2 ^ 53 then unreadable('a budget', bkey) end
+  if c == 0 then held, n = 0, 0 end
+  return PACK(STATE, spent, held, c, n, t)
+end
 
 -- Reads budget `bkey` and, with two buckets or more, the sums of the buckets ending at T1 and T2
 -- (either may be nil). The table holds the budget's fields by name and, with two buckets or
@@ -322,7 +408,15 @@ local STATE = '>I7I7I4I6I6'
 local function load_budget(bkey, T1, T2)
   local state = CALL('HGET', bkey, 's')
   local b = { key = bkey, spent = 0, held = 0, c = 0, n = 0, t = 0, exists = state, changed = false }
-  if not state then return b end
+  if not state then
+    -- A budget of the previous release: read as it was, written in this layout (its old fields
+    -- gone) by the first operation that changes it.
+    state = previous_state(bkey)
+    if not state then return b end
+    b.exists = true
+    b.del = { spent = true, held = true, n = true, c = true, t = true }
+  end
+  if #state ~= STATE_BYTES then unreadable('a budget', bkey) end
   b.spent, b.held, b.c, b.n, b.t = UNPACK(STATE, state)
   if b.c >= 2 and T1 then
     local x = CALL('HMGET', bkey, 'x' .. num(T1), T2 and 'x' .. num(T2) or 'x')

@@ -40,6 +40,19 @@ local function stands_for_nothing(r, nonce)
   return r.s == 'F' or (r.s == 'T' and nonce_of(r) ~= ZEROS and nonce_of(r) ~= nonce)
 end
 
+-- Whether `pending`, a value's in-flight marker, names the hold of record `key`: the record's
+-- key itself, or the hold's id in a marker the previous release left ('<p>:h:{id}' for an id of
+-- its own slot; '<p>:h:{tag}name' for 'name@slot', whose record and values share the slot of
+-- `tag`; '<p>:g:{tag}id' for a slot group).
+local function holds(pending, key)
+  if pending == key then return true end
+  if not pending then return false end
+  if is_group(key) then return string.sub(key, -#pending - 1) == '}' .. pending end
+  if string.sub(key, -#pending - 2) == '{' .. pending .. '}' then return true end
+  local name = string.match(pending, '^(.+)@%d+$')
+  return name ~= nil and string.sub(key, -#name - 1) == '}' .. name
+end
+
 -- Reads and checks every claim (`limits`: each budget claim's limit, by claim index), writing
 -- nothing. Answers the budgets to hold them in (by claim index) and what each claim has left
 -- once held (-1: not a budget), or a denial naming the first claim that failed.
@@ -67,7 +80,7 @@ local function check_claims(key, claims, limits, e, now)
         return nil, nil, { 'D', i, 'not_owner', 0 }
       end
       -- One hold at a time has a value in flight, whatever it claims of it.
-      if pending and pending ~= key then return nil, nil, { 'D', i, 'taken', 0 } end
+      if pending and not holds(pending, key) then return nil, nil, { 'D', i, 'taken', 0 } end
       left[i] = -1
     end
   end
@@ -145,7 +158,7 @@ local function write_settled(plan, key, commit)
     local c = p.claim
     if not c then
       save_budget(p)
-    elseif p.pending == key then
+    elseif holds(p.pending, key) then
       if commit and c[1] == 'u' then
         CALL('SET', c[2], c[4])
       elseif commit and p.owner == c[4] then
@@ -184,9 +197,8 @@ local function reserve(now, key, lease, fpnonce, mode, body, limit, more_limits)
   local kind, phase = MODES[mode][1], MODES[mode][2]
   local limits = read_limits(limit, more_limits)
   local claims = read_body(body, 0, now)
-  local old = CALL('GET', key)
-  if old then
-    local r = parse(old)
+  local r = read_record(key)
+  if r then
     local fp, nonce = string.sub(fpnonce, 1, 8), string.sub(fpnonce, 9)
     if stands_for_nothing(r, nonce) then
       -- Replaced below.
@@ -223,7 +235,7 @@ local function reserve(now, key, lease, fpnonce, mode, body, limit, more_limits)
       CALL('SET', claims[i][2] .. ':p', key, 'PX', num(lease))
     end
   end
-  CALL('SET', key, phase .. fpnonce .. times(e, now) .. body, 'PX', num(lease + RETAIN))
+  CALL('SET', key, phase .. V .. fpnonce .. times(e, now) .. body, 'PX', num(lease + RETAIN))
   return { 'G', e, 0, unpack(left) }
 end
 
@@ -233,9 +245,8 @@ local function check(now, key, lease, fp, body, limit, more_limits)
   local limits = read_limits(limit, more_limits)
   local claims = read_body(body, 0, now)
   -- A slot group's record is its home's to answer for: only its claims are checked here.
-  local old = not is_group(key) and CALL('GET', key)
-  if old then
-    local r = parse(old)
+  local r = not is_group(key) and read_record(key)
+  if r then
     if not stands_for_nothing(r, '') then
       if r.s == 'T' then return RELEASED end
       if fp_of(r) ~= fp then return CONFLICT end
@@ -281,8 +292,7 @@ end
 --              | 'not_held' | 'prepare', groups, memo? }
 -- 'prepare': a commit of a home with groups that were not made sure of: nothing changed.
 local function settle(now, key, commit, strict, prepared, keep, memo, actuals, nonce)
-  local raw = CALL('GET', key)
-  local r = raw and parse(raw)
+  local r = read_record(key)
   if prepared == 'f' then
     -- Forgotten as a whole hold is: for ANSWER_MS its settling call is still answered.
     if r and (r.s == 'C' or r.s == 'R' or r.s == 'X') then
@@ -377,9 +387,8 @@ end
 -- least: never shortened, for a slot group, whose lease must outlast its home's).
 -- Answers { 'OK', new lease end, groups } | { 'E', why }
 local function extend(now, key, lease, at_least)
-  local raw = CALL('GET', key)
-  if not raw then return UNKNOWN end
-  local r = parse(raw)
+  local r = read_record(key)
+  if not r then return UNKNOWN end
   if stands_for_nothing(r, '') then return UNKNOWN end
   if r.s == 'P' then return IN_FLIGHT end
   if r.s ~= 'H' then return refuse(key, r) end
@@ -400,22 +409,21 @@ local function extend(now, key, lease, at_least)
       end
       if b.t > 0 then keep_until(b, e + WINDOW_GRACE_MS) end
       budgets[#budgets + 1] = b
-    elseif CALL('GET', c[2] .. ':p') == key then
+    elseif holds(CALL('GET', c[2] .. ':p'), key) then
       values[#values + 1] = c[2] .. ':p'
     end
   end
   for i = 1, #budgets do save_budget(budgets[i]) end
   for i = 1, #values do CALL('PEXPIRE', values[i], num(lease)) end
-  CALL('SET', key, 'H' .. string.sub(raw, 2, 17) .. PACK('>I6', e) .. string.sub(raw, 24),
+  CALL('SET', key, 'H' .. string.sub(r.raw, 2, 18) .. PACK('>I6', e) .. string.sub(r.raw, 25),
     'PX', num(lease + RETAIN))
   return { 'OK', e, r.g }
 end
 
 -- Op 4: record, nonce: a Cluster home whose groups are all held is held too.
 local function mark(now, key, nonce)
-  local raw = CALL('GET', key)
-  if not raw then return UNKNOWN end
-  local r = parse(raw)
+  local r = read_record(key)
+  if not r then return UNKNOWN end
   if r.s ~= 'P' or nonce_of(r) ~= nonce then return { 'E', 'not_pending' } end
   CALL('SET', key, with_phase(r, 'H'), 'KEEPTTL')
   return OK
@@ -425,9 +433,8 @@ end
 -- elsewhere, or whose answer was lost), and leaves a tombstone that refuses that call, should it
 -- still arrive. Another call's record is left alone.
 local function forget(now, key, nonce)
-  local raw = CALL('GET', key)
-  if raw then
-    local r = parse(raw)
+  local r = read_record(key)
+  if r then
     if nonce_of(r) ~= nonce or not (r.s == 'H' or r.s == 'P') then
       if not stands_for_nothing(r, nonce) then return OK end
     else
