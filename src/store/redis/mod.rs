@@ -65,6 +65,33 @@ use redis::Value;
 ///     .await?;
 /// # let _ = store; Ok(()) }
 /// ```
+///
+/// # Upgrading from the previous release
+///
+/// This release keeps budgets and hold records in a new layout under the same keys (a budget's
+/// state in one packed field, hold records with a binary head and a version byte). It reads
+/// what the previous release wrote as that release meant it: a budget's spent amount, what its
+/// holds in flight hold, owned values and values in flight, settled records, tombstones, and
+/// refunds already applied. Whatever an operation changes it writes in the new layout, the old
+/// fields gone, in the same atomic call. A key in neither layout stops the operation with an
+/// [`ErrorKind::Protocol`] error that changes nothing: it is never taken for empty.
+///
+/// The previous release cannot read the new layout (it would take a budget for unspent). So
+/// whenever this release loads its library, it replaces the previous release's library on the
+/// same Redis with one whose function refuses every call: from the moment the first instance
+/// of this release connects, instances of the previous release fail closed (their calls are
+/// errors) instead of granting a budget's capacity again. A rolling deploy is therefore safe,
+/// with these costs:
+///
+/// - Requests on instances of the previous release fail from then until those instances are
+///   replaced. A hold one of them reserved before is not settled by it: its capacity comes back
+///   when its lease ends, and a commit it meant to make is not counted. To count every purchase
+///   across the switch, stop sending requests to the previous release (and let its requests
+///   finish) before the first instance of this release starts.
+/// - Do not start an instance of the previous release after that moment (a rollback, a
+///   restart): it loads its library again and would read budgets this release wrote as
+///   unspent. Roll back only with every instance of this release stopped and the keys under the
+///   store's prefix deleted.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
