@@ -326,6 +326,12 @@ async fn holds_values_and_tombstones_of_the_previous_release_are_settled_as_they
         denied(&store, &own(&in_flight, "acct-9")).await.reason,
         DenialReason::Taken
     );
+    // Extended: moved to a later bucket, still held once.
+    store
+        .extend(&to_release, LONG + Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(status(&store, &budget).await.held, 800);
     assert_eq!(store.commit(&to_commit).await.unwrap(), Settled::Applied);
     assert_eq!(store.release(&to_release).await.unwrap(), Settled::Applied);
     let s = status(&store, &budget).await;

@@ -92,6 +92,9 @@ use redis::Value;
 ///   restart): it loads its library again and would read budgets this release wrote as
 ///   unspent. Roll back only with every instance of this release stopped and the keys under the
 ///   store's prefix deleted.
+/// - A layer with `fail_open(true)` treats these errors as an outage: on a fenced instance (or
+///   on a key in no known layout) it lets requests that claim only budgets through unreserved.
+///   Turn it off for the deploy where that matters.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
