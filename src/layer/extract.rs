@@ -340,10 +340,11 @@ pub fn path_param<'a, B>(request: &'a Request<B>, name: &str) -> Result<&'a str,
     let pattern = route_pattern(request).ok_or_else(|| {
         misconfigured("no route pattern is known to read the path parameter from (use Routes or axum's routing)")
     })?;
-    let wanted = format!("{{{name}}}");
     let index = pattern
         .split('/')
-        .position(|segment| segment == wanted)
+        .position(|segment| {
+            segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) == Some(name)
+        })
         .ok_or_else(|| misconfigured("the route's pattern has no such path parameter"))?;
     request
         .uri()

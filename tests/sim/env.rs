@@ -153,12 +153,29 @@ impl Env {
         }
     }
 
-    /// Gives `slot` to node `to` on every node, and waits until they agree.
-    pub async fn finish_migration(&self, slot: u16, to: usize) {
+    /// Moves what is left of `slot` on `from` (keys written there while it moved), as
+    /// `redis-cli --cluster reshard` does, then gives the slot to node `to` on every node, and
+    /// waits until they agree. Answers what went wrong, if anything did.
+    pub async fn finish_migration(&self, slot: u16, from: usize, to: usize) -> Result<(), String> {
+        for _ in 0..50 {
+            let left = self.keys_in_slot(from, slot).await;
+            if left.is_empty() {
+                break;
+            }
+            for key in &left {
+                self.migrate_key(from, to, key).await;
+            }
+        }
         let to_id = self.id_of(to).await;
         let s = slot.to_string();
         for node in 0..self.servers().len() {
-            cli(self.port(node), &["CLUSTER", "SETSLOT", &s, "NODE", &to_id]).await;
+            let answer = cli(self.port(node), &["CLUSTER", "SETSLOT", &s, "NODE", &to_id]).await;
+            if !answer.trim().eq_ignore_ascii_case("OK") {
+                return Err(format!(
+                    "CLUSTER SETSLOT {s} NODE on node {node}: {}",
+                    answer.trim()
+                ));
+            }
         }
         for _ in 0..100 {
             let map = self.slot_map().await;
@@ -168,10 +185,11 @@ impl Env {
                 .map(|(_, _, n)| *n)
                 .collect();
             if owners == [to] {
-                return;
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Err(format!("the nodes never agreed that slot {slot} moved"))
     }
 
     /// Every key matching `pattern` on every node.

@@ -3,6 +3,7 @@
 //! answer, so the model accepts the answer it gives at any instant in between (it changes only
 //! at its boundaries: lease ends, bucket ends, record drops, window ends).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -17,8 +18,67 @@ use crate::generate::{Fault, Op};
 use crate::model::{Answer, Keep, Model, Phase, Res, Shape, Spec, Win};
 use support::{Advance, fresh};
 
-/// The most states the model keeps at once.
+/// The most states the model keeps at once (more only when as many extremes need keeping).
 const WORLDS: usize = 64;
+
+/// Keeps `WORLDS` of `worlds`, in their order: for every instant a world records (each hold's
+/// lease end, each claim's, when each record goes, each refund record's, each value's pending
+/// end) the worlds with the earliest and the latest, so that whichever of them the store is in,
+/// one world kept agrees; then others spread evenly, the first and the last included.
+fn prune(worlds: Vec<Model>) -> Vec<Model> {
+    let n = worlds.len();
+    // For each instant, by what it is and whose: (earliest, its world), (latest, its world).
+    let mut extremes: BTreeMap<(u8, usize), ((u64, usize), (u64, usize))> = BTreeMap::new();
+    for (i, m) in worlds.iter().enumerate() {
+        let mut note = |what: (u8, usize), t: u64| {
+            let e = extremes.entry(what).or_insert(((t, i), (t, i)));
+            if t < e.0.0 {
+                e.0 = (t, i);
+            }
+            if t > e.1.0 {
+                e.1 = (t, i);
+            }
+        };
+        for (&h, hold) in &m.holds {
+            note((0, h), hold.expires);
+            note((1, h), hold.drop_at);
+            note(
+                (2, h),
+                hold.claim_expires.iter().copied().max().unwrap_or(0),
+            );
+        }
+        for (&r, record) in &m.refunds {
+            note((3, r), record.drop_at);
+        }
+        for (v, pending) in m.pending.iter().enumerate() {
+            if let Some((_, until)) = pending {
+                note((4, v), *until);
+            }
+        }
+    }
+    let mut pick: BTreeSet<usize> = [0, n - 1].into();
+    for ((_, first), (_, last)) in extremes.into_values() {
+        pick.insert(first);
+        pick.insert(last);
+    }
+    let spread = WORLDS.saturating_sub(pick.len()).max(2);
+    for i in 0..spread {
+        if pick.len() >= WORLDS {
+            break;
+        }
+        pick.insert(i * (n - 1) / (spread - 1));
+    }
+    // Spread indices may coincide with extremes; top up with the next ones not taken.
+    let mut next = 0;
+    while pick.len() < WORLDS.min(n) {
+        pick.insert(next);
+        next += 1;
+    }
+    let mut worlds: Vec<Option<Model>> = worlds.into_iter().map(Some).collect();
+    pick.into_iter()
+        .map(|i| worlds[i].take().expect("each index once"))
+        .collect()
+}
 
 pub const OWNERS: [&str; 3] = ["alice", "bob", "carol"];
 
@@ -577,10 +637,7 @@ impl<'e, S: Advance> Sim<'e, S> {
                 "    ({} possible states, {WORLDS} kept)",
                 kept.len()
             ));
-            let n = kept.len();
-            kept = (0..WORLDS)
-                .map(|i| kept[i * (n - 1) / (WORLDS - 1)].clone())
-                .collect();
+            kept = prune(kept);
         }
         self.worlds = kept;
         Ok(())
@@ -982,7 +1039,9 @@ impl<'e, S: Advance> Sim<'e, S> {
             let results = self.exec(one).await;
             unsettled.extend(self.judge_known(one, results, step)?);
         }
-        self.env.finish_migration(slot, to).await;
+        if let Err(what) = self.env.finish_migration(slot, from, to).await {
+            return Err(Failure { step, what });
+        }
         self.resolve_all(unsettled, step).await?;
         let rest: Vec<Op> = ops.cloned().collect();
         self.group(&rest, step).await

@@ -324,9 +324,21 @@ pub(crate) async fn reserve(
     // reached now is given back in the background, or by its lease.
     let mut records: Vec<String> = to_forget.into_iter().cloned().collect();
     records.push(store.keys().record(id));
-    let left = store.forget_all(records, &nonce).await;
+    let left = store.forget_all_again_if_lost(records, &nonce).await;
     if !left.is_empty() {
+        let groups = left.join(", ");
         store.abandon(id, left, nonce);
+        if let Some(d) = denial {
+            // A denial says that nothing is held; until these records are given back, something
+            // may be.
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "reservation {id} was denied at claim {}, but what it may hold in {groups} could not be given back yet: it is given back in the background, or by its lease",
+                    d.claim
+                ),
+            ));
+        }
     }
     match (denial, failure) {
         (Some(d), _) => Ok(Reserved::Denied(d)),

@@ -487,6 +487,21 @@ impl RedisStore {
             .collect()
     }
 
+    /// Forgets as [`forget_all`](Self::forget_all) does, trying again (each call carries its
+    /// nonce) while a record cannot be reached, as a settlement is; answers the records that
+    /// still cannot be.
+    async fn forget_all_again_if_lost(&self, records: Vec<String>, nonce: &Nonce) -> Vec<String> {
+        let mut left = self.forget_all(records, nonce).await;
+        for tries in 1..SETTLE_TRIES {
+            if left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50 * u64::from(tries))).await;
+            left = self.forget_all(left, nonce).await;
+        }
+        left
+    }
+
     /// Settles one record, trying again (the same call, with its nonce) while its answer is lost:
     /// a call that landed is answered as it was, even when it forgot the record.
     async fn settle_record(
