@@ -21,6 +21,9 @@ use support::{Advance, fresh};
 /// The most states the model keeps at once (more only when as many extremes need keeping).
 const WORLDS: usize = 64;
 
+/// An instant and the world it was recorded in.
+type Extreme = (u64, usize);
+
 /// Keeps `WORLDS` of `worlds`, in their order: for every instant a world records (each hold's
 /// lease end, each claim's, when each record goes, each refund record's, each value's pending
 /// end) the worlds with the earliest and the latest, so that whichever of them the store is in,
@@ -28,7 +31,7 @@ const WORLDS: usize = 64;
 fn prune(worlds: Vec<Model>) -> Vec<Model> {
     let n = worlds.len();
     // For each instant, by what it is and whose: (earliest, its world), (latest, its world).
-    let mut extremes: BTreeMap<(u8, usize), ((u64, usize), (u64, usize))> = BTreeMap::new();
+    let mut extremes: BTreeMap<(u8, usize), (Extreme, Extreme)> = BTreeMap::new();
     for (i, m) in worlds.iter().enumerate() {
         let mut note = |what: (u8, usize), t: u64| {
             let e = extremes.entry(what).or_insert(((t, i), (t, i)));
