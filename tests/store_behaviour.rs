@@ -76,6 +76,7 @@ store_suite!(
     concurrent_retries_of_one_refund_count_once,
     refunds_racing_purchases_near_the_limit_stay_exact,
     a_value_removed_while_its_owner_reclaims_it_stays_in_flight,
+    a_memo_comes_back_byte_for_byte_even_empty,
 );
 
 async fn one_window_spelled_two_ways_is_one_budget<S: Store>(store: &S) {
@@ -504,6 +505,41 @@ async fn commit_and_release_are_idempotent<S: Store>(store: &S) {
 
     let s = status(store, &budget).await;
     assert_eq!((s.spent, s.held, s.remaining), (10, 0, 90));
+}
+
+// A memo is any bytes, none of them special: an empty one is kept as one (not taken for no memo),
+// and bytes that MessagePack and the hold record's binary head use come back as they were.
+async fn a_memo_comes_back_byte_for_byte_even_empty<S: Store>(store: &S) {
+    let budget = Budget::new(fresh("customer"), 100);
+    for (commit, memo) in [
+        (true, &b""[..]),
+        (false, &b""[..]),
+        (true, &b"\x00\xff\xc0\x90\x91 H F T \x00"[..]),
+        (false, &b"\xdc\x00\x10 released"[..]),
+    ] {
+        let r = spend(&budget, 10, LONG);
+        granted(store, &r).await;
+        let settle = if commit {
+            Settlement::commit()
+        } else {
+            Settlement::release()
+        };
+        let settled = store.settle(r.id(), &settle.memo(memo.to_vec())).await;
+        assert_eq!(settled.unwrap(), Settled::Applied);
+        let retry = store
+            .reserve(&r)
+            .await
+            .expect_err("a settled hold refuses its retry");
+        let settled_kind = if commit {
+            ErrorKind::Committed
+        } else {
+            ErrorKind::Released
+        };
+        assert_eq!(retry.kind(), settled_kind);
+        assert_eq!(retry.memo(), Some(memo), "the memo kept with {:?}", r.id());
+    }
+    let s = status(store, &budget).await;
+    assert_eq!((s.spent, s.held), (20, 0));
 }
 
 async fn release_before_reserve_leaves_a_tombstone<S: Store>(store: &S) {

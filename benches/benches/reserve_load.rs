@@ -48,8 +48,7 @@ const MANY: u64 = 10_000;
 /// The limit of budgets that never refuse in these runs. Below 2^31, so that its MessagePack
 /// form (`ce 7f ff ff ff`) has no zero byte: `redis-benchmark` takes its arguments as C strings.
 const BIG: u64 = 0x7fff_ffff;
-/// Reserves per call in the batched `redis-benchmark` run: a MessagePack array of at most 15 is
-/// one byte (`0x9f`); 16 would write a zero byte.
+/// Reserves per call in the batched `redis-benchmark` run.
 const RB_BATCH: usize = 10;
 
 fn env_list(name: &str, default: &str) -> Vec<usize> {
@@ -382,42 +381,34 @@ async fn hand_once(
 /// spends `AMOUNT` on `budget_key`, with `__rand_int__` where redis-benchmark puts a random
 /// number of 12 digits (a placeholder is 12 characters too, so every length stays right).
 fn rb_reserve_op(out: &mut Vec<u8>, budget_key: &str) {
-    use rmp::encode::{write_array_len, write_str, write_str_len, write_uint};
+    use rmp::encode::{write_str, write_str_len, write_uint};
     // Two placeholders, drawn one by one: 10^8 distinct hold ids with `-r 10000`.
     let id = "__rand_int____rand_int__";
     let record = format!("rb:h:{{{id}}}");
-    // The hold record's body, as the store packs it: { claims, groups, spends }.
+    // The hold record's body, as the store packs it: the claims counted, then the one claim.
     let mut body = Vec::new();
-    write_array_len(&mut body, 3).unwrap();
-    write_array_len(&mut body, 1).unwrap();
-    write_array_len(&mut body, 4).unwrap();
+    write_uint(&mut body, 1).unwrap();
     write_str(&mut body, "b").unwrap();
     write_str(&mut body, budget_key).unwrap();
     write_uint(&mut body, AMOUNT).unwrap();
     write_str(&mut body, "0").unwrap();
-    write_array_len(&mut body, 0).unwrap();
-    write_array_len(&mut body, 0).unwrap();
 
-    write_array_len(out, 8).unwrap();
     write_uint(out, 1).unwrap();
     write_str(out, &record).unwrap();
-    write_str(out, id).unwrap();
     write_uint(out, LEASE_MS).unwrap();
-    // A claims' fingerprint (16 hex) and the call's nonce (16 hex).
-    write_str(out, "5eed5eed5eed5eed1badcafe1badcafe").unwrap();
-    write_str(out, "hH").unwrap();
-    write_array_len(out, 1).unwrap();
-    write_array_len(out, 5).unwrap();
-    write_str(out, "b").unwrap();
-    write_str(out, budget_key).unwrap();
-    write_uint(out, AMOUNT).unwrap();
-    write_uint(out, BIG).unwrap();
-    write_str(out, "0").unwrap();
+    // A claims' fingerprint (8 bytes) and the call's nonce (8 bytes).
+    write_str(out, "5eed5eed1badcafe").unwrap();
+    // Mode 1: the id's own record.
+    write_uint(out, 1).unwrap();
     write_str_len(out, body.len() as u32).unwrap();
     out.extend_from_slice(&body);
+    // The claim's limit; no other claims' limits (nil), and every operation is ten values: the
+    // two fields a reserve does not have are nil too.
+    write_uint(out, BIG).unwrap();
+    out.extend_from_slice(&[0xc0, 0xc0, 0xc0]);
 }
 
-/// A batch of `n` reserves, as the store's worker sends it: the array of its operations.
+/// A batch of `n` reserves, as the store's worker sends it: its operations one after the other.
 fn rb_payload(spread: Spread, n: usize) -> Vec<u8> {
     let budget_key = match spread {
         Spread::Hot => "rb:b:{rb-hot}",
@@ -425,7 +416,6 @@ fn rb_payload(spread: Spread, n: usize) -> Vec<u8> {
         Spread::Many => "rb:b:{rb-__rand_int__}",
     };
     let mut out = Vec::new();
-    rmp::encode::write_array_len(&mut out, n as u32).unwrap();
     for _ in 0..n {
         rb_reserve_op(&mut out, budget_key);
     }
@@ -444,13 +434,13 @@ struct RbRun {
 }
 
 /// `redis-benchmark` calling the store's function with `batch` random reserves per call, `calls`
-/// calls from `conc` connections, one call in flight on each (no pipelining).
+/// calls from `conc` connections, `pipeline` calls in flight on each.
 fn redis_benchmark(
     port: u16,
     library: &str,
     spread: Spread,
     batch: usize,
-    conc: usize,
+    (conc, pipeline): (usize, usize),
     calls: u64,
 ) -> Option<RbRun> {
     let payload = rb_payload(spread, batch);
@@ -458,6 +448,7 @@ fn redis_benchmark(
     let out = Command::new("redis-benchmark")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(["-c", &conc.to_string(), "-n", &calls.to_string()])
+        .args(["-P", &pipeline.to_string()])
         .args(["-r", &MANY.to_string(), "--csv"])
         .args(["FCALL", library, "1", "rb:h:{__rand_int__}"])
         .arg(OsStr::from_bytes(&payload))
@@ -570,6 +561,17 @@ fn info_field(info: &str, name: &str) -> f64 {
 
 async fn used_memory(conn: &mut MultiplexedConnection) -> u64 {
     info_field(&info(conn, "memory").await, "used_memory") as u64
+}
+
+/// Waits until Redis holds no more than `keys` keys: a settlement that forgets a record leaves a
+/// marker that answers the same call sent again for the store's answer time, which Redis then
+/// expires in the background. Answers the seconds waited (at most a minute).
+async fn markers_gone(conn: &mut MultiplexedConnection, keys: u64) -> f64 {
+    let start = Instant::now();
+    while dbsize(conn).await > keys && start.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    start.elapsed().as_secs_f64()
 }
 
 async fn dbsize(conn: &mut MultiplexedConnection) -> u64 {
@@ -827,6 +829,8 @@ async fn run_all() {
     let mut rates = String::new();
     let mut cpu_md = String::new();
     let mut headline_ratio = Vec::new();
+    // Redis µs per reserve: batched in one call, and one per call pipelined.
+    let mut per_op_calls: Vec<(&str, usize, f64, f64)> = Vec::new();
     for spread in [Spread::Hot, Spread::Many] {
         for &conc in &headline {
             flushall(&mut admin).await;
@@ -862,18 +866,27 @@ async fn run_all() {
                 .min(max_ops * 2);
             let mut rb_single = None;
             let mut rb_batched = None;
+            let mut rb_pipelined = None;
             if have_rb {
                 flushall(&mut admin).await;
                 let cpu = redis_cpu(&mut admin).await;
-                let rb = redis_benchmark(port, &library, spread, 1, conc, rb_calls);
+                let rb = redis_benchmark(port, &library, spread, 1, (conc, 1), rb_calls);
                 let cpu = (redis_cpu(&mut admin).await - cpu) / rb_calls as f64;
                 rb_single = rb.map(|rb| (rb, cpu));
                 flushall(&mut admin).await;
                 let calls = (rb_calls / RB_BATCH as u64).max(1_000);
                 let cpu = redis_cpu(&mut admin).await;
-                let rb = redis_benchmark(port, &library, spread, RB_BATCH, conc, calls);
+                let rb = redis_benchmark(port, &library, spread, RB_BATCH, (conc, 1), calls);
                 let cpu = (redis_cpu(&mut admin).await - cpu) / (calls * RB_BATCH as u64) as f64;
                 rb_batched = rb.map(|rb| (rb, cpu));
+                // The other way to send many operations at once: one per call, the calls
+                // pipelined on each connection, as many in flight as a batch carries.
+                flushall(&mut admin).await;
+                let calls = calls * RB_BATCH as u64;
+                let cpu = redis_cpu(&mut admin).await;
+                let rb = redis_benchmark(port, &library, spread, 1, (conc, RB_BATCH), calls);
+                let cpu = (redis_cpu(&mut admin).await - cpu) / calls as f64;
+                rb_pipelined = rb.map(|_| cpu);
             }
             let (rb_rate, rb50, rb99, ratio, rb_cpu) = match &rb_single {
                 Some((rb, cpu)) => {
@@ -902,6 +915,10 @@ async fn run_all() {
                 ),
                 None => ("n/a".into(), "n/a".into()),
             };
+            let rbp_cpu = rb_pipelined.map_or("n/a".into(), |cpu| format!("{:.1}", cpu * 1e6));
+            if let (Some((_, batched)), Some(pipelined)) = (&rb_batched, rb_pipelined) {
+                per_op_calls.push((spread.name(), conc, *batched * 1e6, pipelined * 1e6));
+            }
             let _ = writeln!(
                 rates,
                 "| {} | {conc} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {rb_rate} | {rb50} | {rb99} | {ratio} | {rbb_rate} |",
@@ -915,7 +932,7 @@ async fn run_all() {
             );
             let _ = writeln!(
                 cpu_md,
-                "| {} | {conc} | {} | {:.1} | {} | {:.1} | {rb_cpu} | {rbb_cpu} |",
+                "| {} | {conc} | {} | {:.1} | {} | {:.1} | {rb_cpu} | {rbb_cpu} | {rbp_cpu} |",
                 spread.name(),
                 per_call(r_ops, r_calls),
                 r_cpu * 1e6 / reserve.ops as f64,
@@ -944,15 +961,15 @@ async fn run_all() {
     md.push_str(&rates);
     let _ = writeln!(
         md,
-        "\nWhat the same runs cost Redis: operations per call (the store's `batch_stats()`: the batch size seen) and `redis-server` CPU (`INFO cpu`, user + system) per request.\n"
+        "\nWhat the same runs cost Redis: operations per call (the store's `batch_stats()`: the batch size seen) and `redis-server` CPU (`INFO cpu`, user + system) per request. The last two columns are the two ways to send many operations at once: {RB_BATCH} in one call of the function, or one per call with {RB_BATCH} calls pipelined on each connection (each call then pays for its own command, its arguments and its `TIME`).\n"
     );
     let _ = writeln!(
         md,
-        "| budgets | concurrency | crate reserve: operations/call | Redis µs/reserve | crate purchase: operations/call | Redis µs/purchase | redis-benchmark (1 per call): Redis µs/reserve | redis-benchmark ({RB_BATCH} per call): Redis µs/reserve |"
+        "| budgets | concurrency | crate reserve: operations/call | Redis µs/reserve | crate purchase: operations/call | Redis µs/purchase | redis-benchmark (1 per call): Redis µs/reserve | redis-benchmark ({RB_BATCH} per call): Redis µs/reserve | redis-benchmark (1 per call, {RB_BATCH} pipelined): Redis µs/reserve |"
     );
     let _ = writeln!(
         md,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     md.push_str(&cpu_md);
 
@@ -1049,6 +1066,31 @@ async fn run_all() {
     let keys_holds = dbsize(&mut admin).await;
     let per_hold = after.saturating_sub(before) as f64 / holds as f64;
 
+    // Holds released because their clients went away: reserved, then released with the record
+    // forgotten, as the layer releases a hold whose request was dropped. A forgotten record
+    // leaves a marker that answers the same call sent again (its answer lost) for the store's
+    // answer time (`ANSWER_MS`), then nothing: measured right away, and once the markers are
+    // gone (Redis expires them in the background).
+    flushall(&mut admin).await;
+    let before = used_memory(&mut admin).await;
+    let _ = run_crate(
+        &store,
+        "gone",
+        Spread::Hot,
+        BIG,
+        Then::Release,
+        32,
+        holds,
+        Duration::from_secs(300),
+    )
+    .await;
+    let per_released_now =
+        used_memory(&mut admin).await.saturating_sub(before) as f64 / holds as f64;
+    let keys_released_now = dbsize(&mut admin).await;
+    let markers_gone_s = markers_gone(&mut admin, 0).await;
+    let per_released = used_memory(&mut admin).await.saturating_sub(before) as f64 / holds as f64;
+    let keys_released = dbsize(&mut admin).await;
+
     flushall(&mut admin).await;
     let before = used_memory(&mut admin).await;
     let next = Arc::new(AtomicU64::new(0));
@@ -1073,6 +1115,8 @@ async fn run_all() {
         }
     })
     .await;
+    let per_value_now = used_memory(&mut admin).await.saturating_sub(before) as f64 / holds as f64;
+    markers_gone(&mut admin, holds).await;
     let after = used_memory(&mut admin).await;
     let keys_owned = dbsize(&mut admin).await;
     let per_value = after.saturating_sub(before) as f64 / holds as f64;
@@ -1093,6 +1137,7 @@ async fn run_all() {
         }
     })
     .await;
+    markers_gone(&mut admin, MANY).await;
     let m1 = used_memory(&mut admin).await;
     let k1 = dbsize(&mut admin).await;
     let forgot = run_crate(
@@ -1106,17 +1151,10 @@ async fn run_all() {
         Duration::from_secs(600),
     )
     .await;
-    // A forgotten hold leaves, for the store's answer time (its time limit per try, plus a
-    // second), a marker that answers its settling call's lost retry. What a settled purchase
-    // leaves is what is there once those have gone (bounded: 30 s).
+    let m2_now = used_memory(&mut admin).await;
     let right_after = dbsize(&mut admin).await;
-    let settled_at = Instant::now();
-    let mut k2 = right_after;
-    while k2 > k1 && settled_at.elapsed() < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        k2 = dbsize(&mut admin).await;
-    }
-    let markers_gone_s = settled_at.elapsed().as_secs_f64();
+    let settled_wait_s = markers_gone(&mut admin, k1).await;
+    let k2 = dbsize(&mut admin).await;
     let m2 = used_memory(&mut admin).await;
     let kept = run_crate(
         &store,
@@ -1147,7 +1185,17 @@ async fn run_all() {
     );
     let _ = writeln!(
         md,
-        "| owned unique value (an e-mail, committed, record forgotten; {holds}) | {per_value:.0} | {:.2} | < 150 |",
+        "| hold released because its client went away (released, record forgotten; {holds} on one hot budget), right away: the markers that answer a lost answer's retry | {per_released_now:.0} | {:.2} | - |",
+        keys_released_now as f64 / holds as f64
+    );
+    let _ = writeln!(
+        md,
+        "| **the same, once those markers are gone** ({markers_gone_s:.1} s after the last release) | **{per_released:.1}** | {:.4} | ≤ 16 |",
+        keys_released as f64 / holds as f64
+    );
+    let _ = writeln!(
+        md,
+        "| owned unique value (an e-mail, committed, record forgotten; {holds}), once the markers that answer a lost answer's retry are gone ({per_value_now:.0} B until then) | {per_value:.0} | {:.2} | < 150 |",
         keys_owned as f64 / holds as f64
     );
     let _ = writeln!(
@@ -1157,8 +1205,9 @@ async fn run_all() {
     );
     let _ = writeln!(
         md,
-        "| **a settled purchase**, record forgotten as the layer does ({} more on those budgets) | **{per_forgot:.1}** | {:.4} | 0 |",
+        "| **a settled purchase**, record forgotten as the layer does ({} more on those budgets), once the markers are gone ({:.0} B until then) | **{per_forgot:.1}** | {:.4} | 0 |",
         forgot.ops,
+        (m2_now as f64 - m1 as f64) / forgot.ops as f64,
         (k2 as f64 - k1 as f64) / forgot.ops as f64
     );
     let _ = writeln!(
@@ -1298,14 +1347,20 @@ async fn run_all() {
     );
     let _ = writeln!(
         summary,
-        "- Redis memory left by a settled purchase (record forgotten): **{per_forgot:.1} B** and **{:.4}** keys each, beyond the budgets' own state ({per_budget:.0} B per budget): after {} settled purchases, {k2} keys for {MANY} budgets, once the markers that answer a lost settling call's retry had gone ({right_after} keys right after the purchases, {markers_gone_s:.1} s before)",
+        "- Redis memory left by a settled purchase (record forgotten): **{per_forgot:.1} B** and **{:.4}** keys each, beyond the budgets' own state ({per_budget:.0} B per budget): after {} settled purchases, {k2} keys for {MANY} budgets, once the markers that answer a lost settling call's retry had gone ({right_after} keys right after the purchases, {settled_wait_s:.1} s before)",
         (k2 as f64 - k1 as f64) / forgot.ops as f64,
         forgot.ops + MANY
     );
     let _ = writeln!(
         summary,
-        "- Redis memory per hold in flight: **{per_hold:.0} B** (target < 200); per owned unique value: **{per_value:.0} B** (target < 150)"
+        "- Redis memory per hold in flight: **{per_hold:.0} B** (target ≤ 200); per owned unique value: **{per_value:.0} B** (target < 150); per hold released because its client went away: **{per_released:.1} B** once the retry markers are gone, {markers_gone_s:.1} s later (target ≤ 16; {per_released_now:.0} B until then)"
     );
+    for (spread, conc, batched, pipelined) in &per_op_calls {
+        let _ = writeln!(
+            summary,
+            "- {RB_BATCH} reserves in one call against one per call, {RB_BATCH} pipelined ({spread}, {conc} connections): **{batched:.1}** against **{pipelined:.1} µs** of Redis CPU per reserve"
+        );
+    }
     let worst = |way: &str| {
         over.iter()
             .filter(|o| o.0 == way)
@@ -1341,6 +1396,10 @@ async fn run_all() {
             ("partial_calls_1", part1.calls),
             ("floor_empty_us", empty.unwrap_or(f64::NAN)),
             ("floor_purchase_us", floor.unwrap_or(f64::NAN)),
+            ("hold_bytes", per_hold),
+            ("released_bytes_now", per_released_now),
+            ("released_bytes", per_released),
+            ("released_wait_s", markers_gone_s),
         ];
         let text: String = facts
             .iter()

@@ -1,9 +1,13 @@
 -- The store's one function: runs a batch of operations in order, each as atomic as if it ran alone
 -- (a function call is atomic as a whole), and answers each on its own.
--- args[1] = MessagePack array of operations (see hold.lua and budget.lua), args[2] = the store's
--- retention of settled records (ms), args[3] = how long a forgotten hold and a call nonce answer a
--- retry (ms), args[4] = a test clock's shift (ms; read by a test library only); the answer is the
--- MessagePack array of their answers, in order. One TIME for the whole batch.
+-- args[1] = the operations, args[2] = the store's retention of settled records (ms), args[3] =
+-- how long a forgotten hold and a call nonce answer a retry (ms), args[4] = a test clock's shift
+-- (ms; read by a test library only); the answer is the MessagePack array of their answers, in
+-- order. One TIME for the whole batch.
+--
+-- The operations are one MessagePack sequence, not an array: each is OP_VALUES values, its code
+-- then its fields (nil past the last), read in one call and handed to the operation as its
+-- arguments, so that no table is built to hold them.
 --
 -- It is a Redis Function, not a script: the library (everything above) is run once, when it is
 -- loaded, so that a call pays only for its operations.
@@ -14,31 +18,54 @@
 -- before it writes anything, and is answered { 'M' } to be sent again where it belongs.
 
 local OPS = { reserve, settle, extend, mark, forget, budget, set_spent, refund, check, owner, remove }
+local OP_VALUES = 10
+
+-- The answers that are the same every time, packed once.
+local CONSTANT = { OK, OK_APPLIED, OK_REPLAYED, OK_TOMBSTONED, UNKNOWN, UNKNOWN_NONE, IN_FLIGHT,
+  IN_FLIGHT_NONE, EXPIRED, RELEASED, CONFLICT }
+local PACKED = {}
+
+local function packed(answer)
+  return PACKED[answer] or MP_PACK(answer)
+end
+
+local function failed(message)
+  if string.find(message, 'non local key', 1, true) or string.find(message, 'MOVED', 1, true)
+    or string.find(message, 'ASK', 1, true) or string.find(message, 'CLUSTERDOWN', 1, true)
+    or string.find(message, 'TRYAGAIN', 1, true) then
+    return { 'M' }
+  end
+  return { 'X', message }
+end
+
+-- Runs operation `code` on its fields; answers where the next operation starts and the answer,
+-- packed.
+local function run_one(now, next_op, code, ...)
+  local ok, answer = pcall(OPS[code], now, ...)
+  if ok then return next_op, packed(answer) end
+  return next_op, MP_PACK(failed(type(answer) == 'table' and answer.err or tostring(answer)))
+end
+
+-- The texts RETAIN and ANSWER_MS were last read from: every call of a store sends the same.
+local RETAIN_ARG, ANSWER_ARG
 
 local function run(keys, args)
-  TEXT = {}
-  RETAIN = tonumber(args[2])
-  ANSWER_MS = tonumber(args[3])
-  if TEST_CLOCK then SHIFT = tonumber(args[4]) end
-  local ops = cmsgpack.unpack(args[1])
-  local now, now_text = now_ms()
-  local out = {}
-  for i, op in ipairs(ops) do
-    local ok, answer = pcall(OPS[op[1]], op, now, now_text)
-    if ok then
-      out[i] = answer
-    else
-      local message = type(answer) == 'table' and answer.err or tostring(answer)
-      if string.find(message, 'non local key', 1, true) or string.find(message, 'MOVED', 1, true)
-        or string.find(message, 'ASK', 1, true) or string.find(message, 'CLUSTERDOWN', 1, true)
-        or string.find(message, 'TRYAGAIN', 1, true) then
-        out[i] = { 'M' }
-      else
-        out[i] = { 'X', message }
-      end
-    end
+  if not MP_READ then
+    bind()
+    for i = 1, #CONSTANT do PACKED[CONSTANT[i]] = MP_PACK(CONSTANT[i]) end
   end
-  return cmsgpack.pack(out)
+  TEXT, TIMES = {}, {}
+  if args[2] ~= RETAIN_ARG then RETAIN, RETAIN_ARG = tonumber(args[2]), args[2] end
+  if args[3] ~= ANSWER_ARG then ANSWER_MS, ANSWER_ARG = tonumber(args[3]), args[3] end
+  if TEST_CLOCK then SHIFT = tonumber(args[4]) end
+  local ops = args[1]
+  local now = now_ms()
+  local out, at = {}, 0
+  while at ~= -1 do
+    at, out[#out + 1] = run_one(now, MP_READ(ops, OP_VALUES, at))
+  end
+  local head = #out < 16 and PACK('B', 0x90 + #out) or PACK('>BH', 0xdc, #out)
+  return head .. table.concat(out)
 end
 
 redis.register_function {

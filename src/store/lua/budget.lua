@@ -7,77 +7,73 @@
 -- again (its answer was lost, or the Cluster client sent it twice) is answered, not run again.
 -- '#' is in no key's name.
 local function ran_before(key, nonce)
-  return redis.call('GET', key .. '#' .. nonce)
+  return CALL('GET', key .. '#' .. nonce)
 end
 
 local function ran(key, nonce, answer)
-  redis.call('SET', key .. '#' .. nonce, answer, 'PX', num(ANSWER_MS))
+  CALL('SET', key .. '#' .. nonce, answer, 'PX', num(ANSWER_MS))
 end
 
--- Op 6. { 6, budget base key, window spec } -> { spent, held, window end or -1 }
-local function budget(op, now, now_text)
-  local suffix, ends = window(op[3], now)
-  local b = load_budget(op[2] .. suffix, {})
-  expire(b, now, now_text)
+-- Op 6: budget base key, window spec -> { spent, held, window end or -1 }
+local function budget(now, base, spec)
+  local suffix, ends = window(spec, now)
+  local b = load_budget(base .. suffix)
+  expire(b, now)
   return { b.spent, b.held, ends or -1 }
 end
 
--- Op 7. { 7, budget base key, window spec, spent, call nonce } -> { 'OK' }
-local function set_spent(op, now, now_text)
-  local suffix, ends = window(op[3], now)
-  local key = op[2] .. suffix
-  if ran_before(key, op[5]) then return { 'OK' } end
-  local b = load_budget(key, {})
-  expire(b, now, now_text)
-  b.spent = op[4]
-  b.spent_changed = true
+-- Op 7: budget base key, window spec, spent, call nonce (16 hex) -> { 'OK' }
+local function set_spent(now, base, spec, spent, nonce)
+  local suffix, ends = window(spec, now)
+  local key = base .. suffix
+  if ran_before(key, nonce) then return OK end
+  local b = load_budget(key)
+  expire(b, now)
+  b.spent = spent
   b.changed = true
   if ends then keep_until(b, ends + WINDOW_GRACE_MS) end
   save_budget(b)
-  ran(key, op[5], '1')
-  return { 'OK' }
+  ran(key, nonce, '1')
+  return OK
 end
 
--- Op 8. { 8, refund record, budget base key, window spec, at (0: now), amount, fingerprint,
---         retain }
+-- Op 8: refund record, budget base key, window spec, at (0: now), amount, fingerprint, retain
 -- The refund's record ('<p>:f:{budget}#<id>', beside the budget, whatever window the refund goes
 -- to) is kept `retain` ms, so that a retry counts once; its fingerprint covers the window spec.
 -- Answers { 'OK', 'applied' | 'replayed' } | { 'E', 'conflict' | 'exceeds_spent' | 'expired' | 'future' }
-local function refund(op, now, now_text)
-  local key, base, spec, at, amount, fp, retain = op[2], op[3], op[4], op[5], op[6], op[7], op[8]
+local function refund(now, key, base, spec, at, amount, fp, retain)
   if at == 0 then at = now end
   if at > now + 1000 then return { 'E', 'future' } end
-  local done = redis.call('GET', key)
+  local done = CALL('GET', key)
   if done then
     if done == fp then return { 'OK', 'replayed' } end
     return { 'E', 'conflict' }
   end
   local suffix, ends = window(spec, at)
   if ends and ends <= now then return { 'E', 'expired' } end
-  local b = load_budget(base .. suffix, {})
-  expire(b, now, now_text)
+  local b = load_budget(base .. suffix)
+  expire(b, now)
   if amount > b.spent then return { 'E', 'exceeds_spent' } end
   b.spent = b.spent - amount
-  b.spent_changed = true
   b.changed = true
   save_budget(b)
-  redis.call('SET', key, fp, 'PX', num(retain))
+  CALL('SET', key, fp, 'PX', num(retain))
   return { 'OK', 'applied' }
 end
 
--- Op 10. { 10, value key } -> { owner } | {}: who owns a value (holds in flight are not ownership).
-local function owner(op, now)
-  local who = redis.call('GET', op[2])
+-- Op 10: value key -> { owner } | {}: who owns a value (holds in flight are not ownership).
+local function owner(now, key)
+  local who = CALL('GET', key)
   if who then return { who } end
   return {}
 end
 
--- Op 11. { 11, value key, call nonce } -> { 1 } if it was owned, { 0 } if not: frees a value at
+-- Op 11: value key, call nonce (16 hex) -> { 1 } if it was owned, { 0 } if not: frees a value at
 -- once.
-local function remove(op, now)
-  local before = ran_before(op[2], op[3])
+local function remove(now, key, nonce)
+  local before = ran_before(key, nonce)
   if before then return { tonumber(before) } end
-  local owned = redis.call('DEL', op[2])
-  ran(op[2], op[3], tostring(owned))
+  local owned = CALL('DEL', key)
+  ran(key, nonce, tostring(owned))
   return { owned }
 end

@@ -197,7 +197,7 @@ async fn send(
         }
         // Turned away by its node, the batch ran nothing: each operation is answered "moved",
         // as one the node does not serve, and the router sends it again.
-        Ok(None) => Ok(protocol::batch(jobs.iter().map(|_| protocol::MOVED)).into()),
+        Ok(None) => Ok(protocol::all_moved(jobs.len()).into()),
         Err(err) => Err(err),
     };
     (jobs, reply)

@@ -324,7 +324,7 @@ pub(crate) async fn reserve(
     // reached now is given back in the background, or by its lease.
     let mut records: Vec<String> = to_forget.into_iter().cloned().collect();
     records.push(store.keys().record(id));
-    let left = store.forget_all_again_if_lost(id, records, &nonce).await;
+    let left = store.forget_all_again_if_lost(records, &nonce).await;
     if !left.is_empty() {
         let groups = left.join(", ");
         store.abandon(id, left, nonce);
@@ -520,7 +520,7 @@ pub(crate) async fn prepare_groups(
 ) -> Result<bool, Error> {
     let lease_ms = COMMIT_WINDOW.as_millis() as u64;
     let answers = join_all(groups.iter().map(|record| async {
-        let op = ops::extend(record.clone(), id, lease_ms, true);
+        let op = ops::extend(record.clone(), lease_ms, true);
         let answer = store.call(op, false).await?;
         ops::extended(&answer, id).map(drop)
     }))
@@ -546,7 +546,7 @@ pub(crate) async fn extend_groups(
 ) -> Result<(), Error> {
     let lease_ms = (lease + GROUP_GRACE).as_millis() as u64;
     let answers = join_all(groups.iter().map(|record| async {
-        let op = ops::extend(record.clone(), id, lease_ms, false);
+        let op = ops::extend(record.clone(), lease_ms, false);
         let answer = store.call(op, false).await?;
         ops::extended(&answer, id).map(drop)
     }))

@@ -23,11 +23,24 @@ use crate::{Error, ErrorKind};
 /// Redis (a rolling deploy) each call their own. It is loaded at connect time and again when a
 /// call finds it missing (after a restart without persistence, a failover to a replica that
 /// never had it, `FUNCTION FLUSH`); on a Cluster, `FUNCTION LOAD` goes to every primary.
+///
+/// The previous release kept budgets and hold records in another layout under the same keys.
+/// This library reads that layout (and rewrites what it changes in its own), but the previous
+/// release cannot read this one: it would take every budget this release wrote for empty. So
+/// whenever this library is loaded, the previous release's library is replaced by a fence of
+/// the same name, whose function refuses every call with an error: an instance of the previous
+/// release still running fails closed instead of granting a budget's capacity again.
 pub(crate) struct Library {
     /// The library's name, which is also the name of its one function.
     pub(crate) name: String,
     code: String,
+    /// The fence that replaces the previous release's library of the same kind.
+    fence: String,
 }
+
+/// The version (digest of its Lua sources) of the previous release's library, whose layout
+/// differs from this one's; `tests/redis_upgrade.rs` computes it from a copy of those sources.
+const PREVIOUS_VERSION: &str = "bfc7ce49d6fc";
 
 const SOURCES: &str = concat!(
     include_str!("../lua/common.lua"),
@@ -45,7 +58,15 @@ impl Library {
         let version = crate::claim::hex(&sha2::Sha256::digest(SOURCES.as_bytes())[..6]);
         let name = format!("tower_reserve_{version}{suffix}");
         let code = format!("#!lua name={name}\nlocal FUNCTION_NAME = '{name}'\n{sources}");
-        Library { name, code }
+        let previous = format!("tower_reserve_{PREVIOUS_VERSION}{suffix}");
+        let fence = format!(
+            "#!lua name={previous}\n\
+             redis.register_function {{ function_name = '{previous}', \
+             flags = {{ 'allow-cross-slot-keys' }}, callback = function() \
+             return redis.error_reply('UPGRADED tower-reserve: this Redis holds the layout of a \
+             newer release, which this one cannot read; upgrade this instance') end }}"
+        );
+        Library { name, code, fence }
     }
 
     /// The library a store with `clock` calls.
@@ -129,11 +150,12 @@ impl Conn {
 
     /// Loads the library of a store with `clock` (on every primary of a Cluster).
     pub(crate) async fn load_library(&self, clock: &Clock) -> Result<(), Error> {
-        let mut load = redis::cmd("FUNCTION");
-        load.arg("LOAD")
-            .arg("REPLACE")
-            .arg(&Library::of(clock).code);
-        self.query::<Value>(&load).await?;
+        let library = Library::of(clock);
+        for code in [&library.code, &library.fence] {
+            let mut load = redis::cmd("FUNCTION");
+            load.arg("LOAD").arg("REPLACE").arg(code);
+            self.query::<Value>(&load).await?;
+        }
         Ok(())
     }
 

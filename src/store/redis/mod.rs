@@ -65,6 +65,36 @@ use redis::Value;
 ///     .await?;
 /// # let _ = store; Ok(()) }
 /// ```
+///
+/// # Upgrading from the previous release
+///
+/// This release keeps budgets and hold records in a new layout under the same keys (a budget's
+/// state in one packed field, hold records with a binary head and a version byte). It reads
+/// what the previous release wrote as that release meant it: a budget's spent amount, what its
+/// holds in flight hold, owned values and values in flight, settled records, tombstones, and
+/// refunds already applied. Whatever an operation changes it writes in the new layout, the old
+/// fields gone, in the same atomic call. A key in neither layout stops the operation with an
+/// [`ErrorKind::Protocol`] error that changes nothing: it is never taken for empty.
+///
+/// The previous release cannot read the new layout (it would take a budget for unspent). So
+/// whenever this release loads its library, it replaces the previous release's library on the
+/// same Redis with one whose function refuses every call: from the moment the first instance
+/// of this release connects, instances of the previous release fail closed (their calls are
+/// errors) instead of granting a budget's capacity again. A rolling deploy is therefore safe,
+/// with these costs:
+///
+/// - Requests on instances of the previous release fail from then until those instances are
+///   replaced. A hold one of them reserved before is not settled by it: its capacity comes back
+///   when its lease ends, and a commit it meant to make is not counted. To count every purchase
+///   across the switch, stop sending requests to the previous release (and let its requests
+///   finish) before the first instance of this release starts.
+/// - Do not start an instance of the previous release after that moment (a rollback, a
+///   restart): it loads its library again and would read budgets this release wrote as
+///   unspent. Roll back only with every instance of this release stopped and the keys under the
+///   store's prefix deleted.
+/// - A layer with `fail_open(true)` treats these errors as an outage: on a fenced instance (or
+///   on a key in no known layout) it lets requests that claim only budgets through unreserved.
+///   Turn it off for the deploy where that matters.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
@@ -428,7 +458,7 @@ impl RedisStore {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                 }
-                left = store.forget_all(&id, left, &nonce).await;
+                left = store.forget_all(left, &nonce).await;
                 if left.is_empty() {
                     return;
                 }
@@ -442,11 +472,11 @@ impl RedisStore {
 
     /// Forgets what the reserve call `nonce` held under each of `records`, at once; answers the
     /// records that could not be reached.
-    async fn forget_all(&self, id: &HoldId, records: Vec<String>, nonce: &Nonce) -> Vec<String> {
+    async fn forget_all(&self, records: Vec<String>, nonce: &Nonce) -> Vec<String> {
         let answers = futures_util::future::join_all(
             records
                 .iter()
-                .map(|record| self.call(ops::forget(record.clone(), id, nonce), false)),
+                .map(|record| self.call(ops::forget(record.clone(), nonce), false)),
         )
         .await;
         records
@@ -460,19 +490,14 @@ impl RedisStore {
     /// Forgets as [`forget_all`](Self::forget_all) does, trying again (each call carries its
     /// nonce) while a record cannot be reached, as a settlement is; answers the records that
     /// still cannot be.
-    async fn forget_all_again_if_lost(
-        &self,
-        id: &HoldId,
-        records: Vec<String>,
-        nonce: &Nonce,
-    ) -> Vec<String> {
-        let mut left = self.forget_all(id, records, nonce).await;
+    async fn forget_all_again_if_lost(&self, records: Vec<String>, nonce: &Nonce) -> Vec<String> {
+        let mut left = self.forget_all(records, nonce).await;
         for tries in 1..SETTLE_TRIES {
             if left.is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50 * u64::from(tries))).await;
-            left = self.forget_all(id, left, nonce).await;
+            left = self.forget_all(left, nonce).await;
         }
         left
     }
@@ -486,7 +511,7 @@ impl RedisStore {
         settlement: &Settlement,
         args: ops::SettleArgs,
     ) -> Result<ops::SettleAnswer, Error> {
-        let op = ops::settle(self.keys(), record.to_owned(), id, settlement, args);
+        let op = ops::settle(self.keys(), record.to_owned(), settlement, args);
         let answer = self.call_again_if_lost(op, settlement.is_commit()).await?;
         ops::settled(&answer, id)
     }
@@ -614,7 +639,7 @@ impl Store for RedisStore {
 
     async fn extend(&self, id: &HoldId, lease: Duration) -> Result<u64, Error> {
         crate::reservation::check_lease(lease)?;
-        let op = ops::extend(self.keys().record(id), id, lease.as_millis() as u64, false);
+        let op = ops::extend(self.keys().record(id), lease.as_millis() as u64, false);
         let answer = self.call(op, false).await?;
         let (until, groups) = ops::extended(&answer, id)?;
         if !groups.is_empty() {

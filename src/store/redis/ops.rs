@@ -33,25 +33,23 @@ pub(crate) struct ReserveArgs<'a> {
     pub(crate) nonce: &'a Nonce,
 }
 
-/// The claims at `indices`, as `check_claims` in `hold.lua` reads them.
-fn write_claims(w: &mut Writer, keys: &Keys, r: &Reservation, indices: &[usize]) {
-    w.array(indices.len() as u32);
-    for &i in indices {
-        match &r.claims()[i] {
-            Claim::Spend { budget, amount } => {
-                w.array(5)
-                    .str("b")
-                    .str(&keys.budget(budget))
-                    .uint(*amount)
-                    .uint(budget.limit())
-                    .str(&budget.window().spec());
-            }
-            claim => {
-                let (kind, value, owner) = value_claim(claim);
-                w.array(3).str(kind).str(&keys.unique(value)).str(owner);
-            }
+/// The limits of the claims at `indices`, as `check_claims` in `hold.lua` reads them: the first
+/// claim's, and the others' packed (none when it is alone); 0 for a value claim (a record keeps
+/// no limit).
+fn limits(r: &Reservation, indices: &[usize]) -> (u64, Option<Vec<u8>>) {
+    let limit = |i: usize| match &r.claims()[i] {
+        Claim::Spend { budget, .. } => budget.limit(),
+        _ => 0,
+    };
+    let first = indices.first().map_or(0, |&i| limit(i));
+    let more = (indices.len() > 1).then(|| {
+        let mut w = Writer::sequence();
+        for &i in &indices[1..] {
+            w.uint(limit(i));
         }
-    }
+        w.into_bytes()
+    });
+    (first, more)
 }
 
 fn value_claim(claim: &Claim) -> (&'static str, &crate::Unique, &str) {
@@ -65,27 +63,6 @@ fn value_claim(claim: &Claim) -> (&'static str, &crate::Unique, &str) {
 /// A hold record's body: its claims (as settling reads them), its home's other groups, and a
 /// home's list of every budget claim (see `common.lua`).
 fn record_body(keys: &Keys, r: &Reservation, indices: &[usize], groups: &[String]) -> Vec<u8> {
-    let mut w = Writer::value(3);
-    w.array(indices.len() as u32);
-    for &i in indices {
-        match &r.claims()[i] {
-            Claim::Spend { budget, amount } => {
-                w.array(4)
-                    .str("b")
-                    .str(&keys.budget(budget))
-                    .uint(*amount)
-                    .str(&budget.window().spec());
-            }
-            claim => {
-                let (kind, value, owner) = value_claim(claim);
-                w.array(3).str(kind).str(&keys.unique(value)).str(owner);
-            }
-        }
-    }
-    w.array(groups.len() as u32);
-    for g in groups {
-        w.str(g);
-    }
     let spends: Vec<(&Budget, u64)> = if groups.is_empty() {
         Vec::new()
     } else {
@@ -97,10 +74,31 @@ fn record_body(keys: &Keys, r: &Reservation, indices: &[usize], groups: &[String
             })
             .collect()
     };
-    w.array(spends.len() as u32);
+    let mut w = Writer::sequence();
+    w.uint(indices.len() as u64);
+    for &i in indices {
+        match &r.claims()[i] {
+            Claim::Spend { budget, amount } => {
+                w.str("b")
+                    .str(&keys.budget(budget))
+                    .uint(*amount)
+                    .str(&budget.window().spec());
+            }
+            claim => {
+                let (kind, value, owner) = value_claim(claim);
+                w.str(kind).str(&keys.unique(value)).uint(0).str(owner);
+            }
+        }
+    }
+    if groups.is_empty() && spends.is_empty() {
+        return w.into_bytes();
+    }
+    w.uint(groups.len() as u64).uint(spends.len() as u64);
+    for g in groups {
+        w.str(g);
+    }
     for (budget, amount) in spends {
-        w.array(3)
-            .str(&keys.budget(budget))
+        w.str(&keys.budget(budget))
             .str(&budget.window().spec())
             .uint(amount);
     }
@@ -109,33 +107,36 @@ fn record_body(keys: &Keys, r: &Reservation, indices: &[usize], groups: &[String
 
 /// Op 1: reserve the claims at `a.claims` under one record.
 pub(crate) fn reserve(keys: &Keys, r: &Reservation, a: &ReserveArgs<'_>) -> Op {
-    let body = record_body(keys, r, a.claims, a.groups);
-    let mut fp_nonce = hex(&r.fingerprint()[..]);
-    fp_nonce.push_str(&hex(&a.nonce[..]));
+    let mut fp_nonce = [0; 16];
+    fp_nonce[..8].copy_from_slice(&r.fingerprint()[..]);
+    fp_nonce[8..].copy_from_slice(&a.nonce[..]);
     let mode = match (a.mode, a.groups.is_empty()) {
-        (Mode::Home, true) => "hH",
-        (Mode::Home, false) => "hP",
-        (Mode::Group, _) => "gH",
+        (Mode::Home, true) => 1,
+        (Mode::Home, false) => 2,
+        (Mode::Group, _) => 3,
     };
-    let mut w = Writer::op(1, 8);
+    let (limit, more_limits) = limits(r, a.claims);
+    let mut w = Writer::op(1);
     w.str(&a.record)
-        .str(r.id().as_str())
         .uint(a.lease_ms)
-        .str(&fp_nonce)
-        .str(mode);
-    write_claims(&mut w, keys, r, a.claims);
-    w.bytes(&body);
+        .bytes(&fp_nonce)
+        .uint(mode)
+        .bytes(&record_body(keys, r, a.claims, a.groups))
+        .uint(limit)
+        .bytes_or_nil(more_limits.as_deref());
     w.done(a.record.clone(), a.claims.len().max(1))
 }
 
 /// Op 9: what reserving the claims at `indices` under `record` would answer now.
 pub(crate) fn check(keys: &Keys, r: &Reservation, record: String, indices: &[usize]) -> Op {
-    let mut w = Writer::op(9, 6);
+    let (limit, more_limits) = limits(r, indices);
+    let mut w = Writer::op(9);
     w.str(&record)
-        .str(r.id().as_str())
         .uint(r.lease().as_millis() as u64)
-        .str(&hex(&r.fingerprint()[..]));
-    write_claims(&mut w, keys, r, indices);
+        .bytes(&r.fingerprint()[..])
+        .bytes(&record_body(keys, r, indices, &[]))
+        .uint(limit)
+        .bytes_or_nil(more_limits.as_deref());
     w.done(record, indices.len().max(1))
 }
 
@@ -166,79 +167,69 @@ pub(crate) enum Prepared {
 }
 
 /// Op 2: settle one record.
-pub(crate) fn settle(
-    keys: &Keys,
-    record: String,
-    id: &HoldId,
-    s: &Settlement,
-    a: SettleArgs,
-) -> Op {
-    let flag = |yes: bool| if yes { '1' } else { '0' };
-    let how: String = [
-        if s.is_commit() { 'c' } else { 'r' },
-        flag(a.strict),
-        match a.prepared {
-            Prepared::No => '0',
-            Prepared::Yes => '1',
-            Prepared::GroupEnded => 'x',
-            Prepared::GroupsFollowed => 'f',
-        },
-    ]
-    .into_iter()
-    .collect();
-    let mut w = Writer::op(2, 8);
-    w.str(&record).str(id.as_str()).str(&how).uint(a.keep_ms);
-    match &s.memo {
-        Some(memo) => w.bytes(memo),
-        None => w.str(""),
+pub(crate) fn settle(keys: &Keys, record: String, s: &Settlement, a: SettleArgs) -> Op {
+    let prepared = match a.prepared {
+        Prepared::No => "0",
+        Prepared::Yes => "1",
+        Prepared::GroupEnded => "x",
+        Prepared::GroupsFollowed => "f",
     };
-    w.array(s.actual.len() as u32);
-    for (budget, amount) in &s.actual {
-        w.array(3)
-            .str(&keys.budget(budget))
-            .str(&budget.window().spec())
-            .uint(*amount);
-    }
-    w.str(&hex(&a.nonce[..]));
+    let actuals = (!s.actual.is_empty()).then(|| {
+        let mut w = Writer::sequence();
+        w.uint(s.actual.len() as u64);
+        for (budget, amount) in &s.actual {
+            w.str(&keys.budget(budget))
+                .str(&budget.window().spec())
+                .uint(*amount);
+        }
+        w.into_bytes()
+    });
+    let mut w = Writer::op(2);
+    w.str(&record)
+        .bool(s.is_commit())
+        .bool(a.strict)
+        .str(prepared)
+        .uint(a.keep_ms)
+        .bytes_or_nil(s.memo.as_deref())
+        .bytes_or_nil(actuals.as_deref())
+        .bytes(&a.nonce[..]);
     w.done(record, 1)
 }
 
 /// Op 3: extend one record's lease to `lease_ms` from now; `at_least`: never shorten it.
-pub(crate) fn extend(record: String, id: &HoldId, lease_ms: u64, at_least: bool) -> Op {
-    let mut w = Writer::op(3, 5);
-    w.str(&record)
-        .str(id.as_str())
-        .uint(lease_ms)
-        .str(if at_least { "1" } else { "0" });
+pub(crate) fn extend(record: String, lease_ms: u64, at_least: bool) -> Op {
+    let mut w = Writer::op(3);
+    w.str(&record).uint(lease_ms).bool(at_least);
     w.done(record, 1)
 }
 
 /// Op 4: a home whose groups are all held is held.
 pub(crate) fn mark(record: String, nonce: &Nonce) -> Op {
-    let mut w = Writer::op(4, 3);
-    w.str(&record).str(&hex(&nonce[..]));
+    let mut w = Writer::op(4);
+    w.str(&record).bytes(&nonce[..]);
     w.done(record, 1)
 }
 
 /// Op 5: undo and remove this attempt's record of a denied reservation.
-pub(crate) fn forget(record: String, id: &HoldId, nonce: &Nonce) -> Op {
-    let mut w = Writer::op(5, 4);
-    w.str(&record).str(id.as_str()).str(&hex(&nonce[..]));
+pub(crate) fn forget(record: String, nonce: &Nonce) -> Op {
+    let mut w = Writer::op(5);
+    w.str(&record).bytes(&nonce[..]);
     w.done(record, 1)
 }
 
 /// Op 6: read a budget.
 pub(crate) fn budget(keys: &Keys, budget: &Budget) -> Op {
     let key = keys.budget(budget);
-    let mut w = Writer::op(6, 3);
+    let mut w = Writer::op(6);
     w.str(&key).str(&budget.window().spec());
     w.done(key, 1)
 }
 
-/// Op 7: set a budget's spent amount (`nonce`: this call's, so that its retry is not run twice).
+/// Op 7: set a budget's spent amount (`nonce`: this call's, so that its retry is not run twice;
+/// in hex, as it names a key).
 pub(crate) fn set_spent(keys: &Keys, budget: &Budget, spent: u64, nonce: &Nonce) -> Op {
     let key = keys.budget(budget);
-    let mut w = Writer::op(7, 5);
+    let mut w = Writer::op(7);
     w.str(&key)
         .str(&budget.window().spec())
         .uint(spent)
@@ -249,7 +240,7 @@ pub(crate) fn set_spent(keys: &Keys, budget: &Budget, spent: u64, nonce: &Nonce)
 /// Op 8: a refund.
 pub(crate) fn refund(keys: &Keys, r: &Refund) -> Op {
     let key = keys.budget(&r.budget);
-    let mut w = Writer::op(8, 8);
+    let mut w = Writer::op(8);
     w.str(&keys.refund(&r.budget, &r.id))
         .str(&key)
         .str(&r.budget.window().spec())
@@ -263,15 +254,16 @@ pub(crate) fn refund(keys: &Keys, r: &Refund) -> Op {
 /// Op 10: who owns a value.
 pub(crate) fn owner(keys: &Keys, value: &Unique) -> Op {
     let key = keys.unique(value);
-    let mut w = Writer::op(10, 2);
+    let mut w = Writer::op(10);
     w.str(&key);
     w.done(key, 1)
 }
 
-/// Op 11: free a value (`nonce`: this call's, so that its retry is not run twice).
+/// Op 11: free a value (`nonce`: this call's, so that its retry is not run twice; in hex, as it
+/// names a key).
 pub(crate) fn remove(keys: &Keys, value: &Unique, nonce: &Nonce) -> Op {
     let key = keys.unique(value);
-    let mut w = Writer::op(11, 3);
+    let mut w = Writer::op(11);
     w.str(&key).str(&hex(&nonce[..]));
     w.done(key, 1)
 }

@@ -1,5 +1,6 @@
-//! The wire between the store and `lua/batch.lua`: each operation is one MessagePack array,
-//! written in the caller's task; a batch is the array of its operations; the answer is the array
+//! The wire between the store and `lua/batch.lua`: each operation is a MessagePack sequence (its
+//! code, then its fields; no array, which the script would have to build a table for), written
+//! in the caller's task; a batch is its operations one after the other; the answer is the array
 //! of their answers, each handed back to its caller as a slice of the one reply.
 
 use bytes::Bytes;
@@ -10,7 +11,7 @@ use crate::{Error, ErrorKind};
 /// One operation for the script, with what routes it.
 #[derive(Debug, Clone)]
 pub(crate) struct Op {
-    /// The operation, as one MessagePack value.
+    /// The operation: its code and fields, MessagePack values one after the other.
     pub(crate) bytes: Vec<u8>,
     /// The first key it touches: on a Cluster, the batch is routed by its first operation's.
     pub(crate) key: String,
@@ -20,55 +21,103 @@ pub(crate) struct Op {
     pub(crate) work: usize,
 }
 
-/// Writes an operation. Writing to a `Vec` cannot fail, so the writes answer nothing.
-pub(crate) struct Writer(Vec<u8>);
+/// How many values every operation is: its code and nine fields, the unused ones nil, so that
+/// `batch.lua` reads each in one call (`OP_VALUES` there).
+const OP_VALUES: usize = 10;
+
+/// Writes an operation, or a sequence of values to embed in one. Writing to a `Vec` cannot fail,
+/// so the writes answer nothing.
+pub(crate) struct Writer {
+    buf: Vec<u8>,
+    /// Values written at the top level (an embedded sequence is one).
+    values: usize,
+}
 
 impl Writer {
-    /// An operation of `items` values, the first its code.
-    pub(crate) fn op(code: u8, items: u32) -> Self {
-        let mut w = Writer(Vec::with_capacity(128));
-        w.array(items).uint(u64::from(code));
+    /// An operation: its code, then (written next) its fields, as `hold.lua` and `budget.lua`
+    /// list them.
+    pub(crate) fn op(code: u8) -> Self {
+        let mut w = Writer {
+            buf: Vec::with_capacity(128),
+            values: 0,
+        };
+        w.uint(u64::from(code));
         w
     }
 
-    /// A value of its own (an array of `items`), to be embedded as bytes.
-    pub(crate) fn value(items: u32) -> Self {
-        let mut w = Writer(Vec::with_capacity(64));
-        w.array(items);
-        w
+    /// A sequence of values of its own, to be embedded as bytes.
+    pub(crate) fn sequence() -> Self {
+        Writer {
+            buf: Vec::with_capacity(64),
+            values: 0,
+        }
     }
 
     pub(crate) fn into_bytes(self) -> Vec<u8> {
-        self.0
+        self.buf
     }
 
+    /// An array header (answers are arrays; operations are not).
+    #[cfg(test)]
     pub(crate) fn array(&mut self, len: u32) -> &mut Self {
-        rmp::encode::write_array_len(&mut self.0, len).expect("writing to a Vec");
+        rmp::encode::write_array_len(&mut self.buf, len).expect("writing to a Vec");
+        self.values += 1;
         self
     }
 
     pub(crate) fn str(&mut self, s: &str) -> &mut Self {
-        rmp::encode::write_str(&mut self.0, s).expect("writing to a Vec");
+        rmp::encode::write_str(&mut self.buf, s).expect("writing to a Vec");
+        self.values += 1;
         self
     }
 
     /// Any bytes, as a MessagePack string: Redis's `cmsgpack` reads no `bin` type, and a Lua
     /// string is any bytes.
     pub(crate) fn bytes(&mut self, b: &[u8]) -> &mut Self {
-        rmp::encode::write_str_len(&mut self.0, b.len() as u32).expect("writing to a Vec");
-        self.0.extend_from_slice(b);
+        rmp::encode::write_str_len(&mut self.buf, b.len() as u32).expect("writing to a Vec");
+        self.buf.extend_from_slice(b);
+        self.values += 1;
         self
     }
 
     pub(crate) fn uint(&mut self, n: u64) -> &mut Self {
-        rmp::encode::write_uint(&mut self.0, n).expect("writing to a Vec");
+        rmp::encode::write_uint(&mut self.buf, n).expect("writing to a Vec");
+        self.values += 1;
         self
     }
 
-    pub(crate) fn done(self, key: String, work: usize) -> Op {
+    pub(crate) fn bool(&mut self, b: bool) -> &mut Self {
+        rmp::encode::write_bool(&mut self.buf, b).expect("writing to a Vec");
+        self.values += 1;
+        self
+    }
+
+    fn nil(&mut self) -> &mut Self {
+        rmp::encode::write_nil(&mut self.buf).expect("writing to a Vec");
+        self.values += 1;
+        self
+    }
+
+    /// Bytes, or nil for none.
+    pub(crate) fn bytes_or_nil(&mut self, b: Option<&[u8]>) -> &mut Self {
+        match b {
+            Some(b) => self.bytes(b),
+            None => self.nil(),
+        }
+    }
+
+    /// The operation, its fields padded with nil to `OP_VALUES`.
+    pub(crate) fn done(mut self, key: String, work: usize) -> Op {
+        assert!(
+            self.values <= OP_VALUES,
+            "an operation has at most nine fields"
+        );
+        while self.values < OP_VALUES {
+            self.nil();
+        }
         let slot = crate::claim::slot_of(hash_tag(&key));
         Op {
-            bytes: self.0,
+            bytes: self.buf,
             key,
             slot,
             work,
@@ -89,12 +138,22 @@ fn hash_tag(key: &str) -> &[u8] {
 /// array of one 1-byte string), as `batch.lua` answers it.
 pub(crate) const MOVED: &[u8] = &[0x91, 0xa1, b'M'];
 
-/// A whole batch: the array of its operations.
+/// A whole batch: its operations one after the other.
 pub(crate) fn batch<'a>(ops: impl ExactSizeIterator<Item = &'a [u8]>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + ops.len() * 96);
-    rmp::encode::write_array_len(&mut out, ops.len() as u32).expect("writing to a Vec");
+    let mut out = Vec::with_capacity(ops.len() * 128);
     for op in ops {
         out.extend_from_slice(op);
+    }
+    out
+}
+
+/// The answer of a batch of `n` operations that its node turned away: each "moved", as the
+/// script answers one whose keys its node does not serve.
+pub(crate) fn all_moved(n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + n * MOVED.len());
+    rmp::encode::write_array_len(&mut out, n as u32).expect("writing to a Vec");
+    for _ in 0..n {
+        out.extend_from_slice(MOVED);
     }
     out
 }
@@ -201,20 +260,20 @@ mod tests {
     fn a_batch_splits_into_its_answers() {
         let mut reply = Vec::new();
         rmp::encode::write_array_len(&mut reply, 3).unwrap();
-        let mut a = Writer::op(1, 3);
-        a.str("G").uint(12);
-        let mut b = Writer::op(2, 2);
-        b.str("OK");
-        let mut c = Writer::op(3, 3);
-        c.array(2).str("x").bytes(b"\x00\xff");
+        let mut a = Writer::sequence();
+        a.array(3).uint(1).str("G").uint(12);
+        let mut b = Writer::sequence();
+        b.array(2).uint(2).str("OK");
+        let mut c = Writer::sequence();
+        c.array(3).uint(3).array(2).str("x").bytes(b"\x00\xff");
         c.uint(u64::MAX);
         for w in [&a, &b, &c] {
-            reply.extend_from_slice(&w.0);
+            reply.extend_from_slice(&w.buf);
         }
         let parts = split(Bytes::from(reply), 3).unwrap();
-        assert_eq!(&parts[0][..], &a.0[..]);
-        assert_eq!(&parts[1][..], &b.0[..]);
-        assert_eq!(&parts[2][..], &c.0[..]);
+        assert_eq!(&parts[0][..], &a.buf[..]);
+        assert_eq!(&parts[1][..], &b.buf[..]);
+        assert_eq!(&parts[2][..], &c.buf[..]);
         let answer = Answer::read(&parts[0]).unwrap();
         assert_eq!(answer.int(0).unwrap(), 1);
         assert_eq!(answer.word(1).unwrap(), "G");
@@ -224,15 +283,23 @@ mod tests {
 
     #[test]
     fn the_moved_answer_is_what_the_function_answers_for_a_key_elsewhere() {
-        let mut w = Writer::value(1);
-        w.str("M");
-        assert_eq!(&w.0[..], MOVED);
+        let mut w = Writer::sequence();
+        w.array(1).str("M");
+        assert_eq!(&w.buf[..], MOVED);
         assert!(super::super::ops::is_moved(MOVED));
+        let moved = split(Bytes::from(all_moved(3)), 3).unwrap();
+        assert!(
+            moved
+                .iter()
+                .all(|answer| super::super::ops::is_moved(answer))
+        );
     }
 
     #[test]
     fn ops_are_routed_by_their_first_key() {
-        let op = Writer::op(6, 1).done("p:b:{customer-42}".into(), 1);
+        let op = Writer::op(6).done("p:b:{customer-42}".into(), 1);
         assert_eq!(op.slot, crate::claim::slot_of(b"customer-42"));
+        // The code, then nine nil fields: every operation is read in one call.
+        assert_eq!(op.bytes, [&[6][..], &[0xc0; 9][..]].concat());
     }
 }
