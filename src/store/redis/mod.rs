@@ -534,7 +534,8 @@ const SETTLE_TRIES: u32 = 3;
 const ABANDON_TRIES: u32 = 5;
 
 /// Brings every expiry of the keys matching ARGV[1] on this node ARGV[2] ms nearer; those it
-/// passes go at once.
+/// passes go at once. A key in the last millisecond of its life answers PTTL 0 (-1: none, -2:
+/// gone), and Redis still serves it until that millisecond is over: the jump passes it too.
 #[cfg(feature = "test-clock")]
 const SHORTEN_EXPIRIES: &str = r#"#!lua flags=allow-cross-slot-keys
 local cursor, by = '0', tonumber(ARGV[2])
@@ -543,7 +544,7 @@ repeat
   cursor = page[1]
   for _, key in ipairs(page[2]) do
     local ttl = redis.call('PTTL', key)
-    if ttl > 0 then
+    if ttl >= 0 then
       if ttl <= by then redis.call('DEL', key) else redis.call('PEXPIRE', key, ttl - by) end
     end
   end
