@@ -112,9 +112,21 @@ pub struct Hold {
     /// with a group's grace on a Cluster (a group is reserved after its home, and a slow node
     /// reserves it later still).
     pub claim_expires: Vec<u64>,
-    /// When the record goes.
+    /// When the record goes: at some instant of `[drop_from, drop_at]`. A settlement answers
+    /// no instant, so a record it wrote goes its retention after an instant of the call that
+    /// the run cannot tell (a call held up by a pause and answered by a later retry spans
+    /// hundreds of ms); later answers narrow it down ([`Model::split_drops`]). Trying only the
+    /// call's first and last instants would lose the store, which ran in between.
     pub drop_at: u64,
+    pub drop_from: u64,
     pub memo: Option<Vec<u8>>,
+}
+
+impl Hold {
+    fn drop_exactly_at(&mut self, t: u64) {
+        self.drop_at = t;
+        self.drop_from = t;
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,6 +271,7 @@ impl Model {
         for h in self.holds.values() {
             add(h.expires);
             add(bucket(h.expires));
+            add(h.drop_from);
             add(h.drop_at);
             for &end in &h.claim_expires {
                 add(end);
@@ -281,6 +294,46 @@ impl Model {
             }
         }
         out.into_iter().collect()
+    }
+
+    /// The worlds this one stands for at `t`: a record that goes at an instant not yet known
+    /// (see [`Hold::drop_at`]) has, at `t`, either gone or not.
+    pub fn split_drops(&self, t: u64) -> Vec<Model> {
+        let mut out = vec![self.clone()];
+        for (&id, h) in &self.holds {
+            if h.drop_from <= t && t < h.drop_at {
+                out = out
+                    .into_iter()
+                    .flat_map(|m| {
+                        let mut gone = m.clone();
+                        gone.holds.get_mut(&id).expect("held").drop_exactly_at(t);
+                        let mut kept = m;
+                        kept.holds.get_mut(&id).expect("held").drop_from = t + 1;
+                        [gone, kept]
+                    })
+                    .collect();
+            }
+        }
+        out
+    }
+
+    /// The one world that `self` and `other` stand for together when they differ only in when
+    /// their records go (the same call run at two instants): each record then goes at an instant
+    /// between.
+    pub fn join_drops(&self, other: &Model) -> Option<Model> {
+        let mut joined = self.clone();
+        for (id, h) in &mut joined.holds {
+            let o = other.holds.get(id)?;
+            h.drop_from = h.drop_from.min(o.drop_from);
+            h.drop_at = h.drop_at.max(o.drop_at);
+        }
+        let mut widened = other.clone();
+        for (id, h) in &mut widened.holds {
+            let j = joined.holds.get(id)?;
+            h.drop_from = j.drop_from;
+            h.drop_at = j.drop_at;
+        }
+        (joined == widened).then_some(joined)
     }
 
     /// Future boundaries, for the clock jumps to aim at.
@@ -389,6 +442,7 @@ impl Model {
                     expires,
                     claim_expires,
                     drop_at: expires + self.shape.retain_ms,
+                    drop_from: expires + self.shape.retain_ms,
                     memo: None,
                 },
             );
@@ -444,6 +498,7 @@ impl Model {
                     expires: now,
                     claim_expires: Vec::new(),
                     drop_at: now + retain,
+                    drop_from: now + retain,
                     memo: None,
                 },
             );
@@ -463,6 +518,7 @@ impl Model {
                             h.memo = memo;
                         }
                         h.drop_at = h.drop_at.max(now + ms);
+                        h.drop_from = h.drop_from.max(now + ms);
                     }
                 }
                 return Answer::Settled(Settled::Replayed);
@@ -479,7 +535,7 @@ impl Model {
         }
         if commit && now >= h.expires {
             h.phase = Phase::Expired;
-            h.drop_at = now + self.shape.retain_ms;
+            h.drop_exactly_at(now + self.shape.retain_ms);
             h.memo = None;
             self.undo(hold);
             return Answer::Err(ErrorKind::Expired, None);
@@ -538,7 +594,7 @@ impl Model {
                 } else {
                     Phase::Released
                 };
-                h.drop_at = now + ms;
+                h.drop_exactly_at(now + ms);
                 h.memo = memo;
             }
         }
@@ -561,7 +617,7 @@ impl Model {
         }
         let new = now + lease;
         h.expires = new;
-        h.drop_at = new + retain;
+        h.drop_exactly_at(new + retain);
         let claims = h.claims.clone();
         let mut ends = Vec::new();
         for c in claims {

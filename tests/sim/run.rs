@@ -593,31 +593,69 @@ impl<'e, S: Advance> Sim<'e, S> {
                     pairs.extend(later.into_iter().map(|g| (t, g)));
                 }
             }
+            let mut matched: Vec<(u64, u64, Model)> = Vec::new();
             for &(t, g) in &pairs {
-                let mut m = world.clone();
-                let want = Self::apply(&mut m, op, t, g);
-                if first.is_none() {
-                    first = Some(want.clone());
-                }
-                if !same(&want, &got.answer, lenient) {
-                    continue;
-                }
-                if let (Answer::Granted { replayed: true, .. }, Some(end)) =
-                    (&got.answer, got.lease_end)
-                    && let Op::Reserve { hold, .. } | Op::Check { hold, .. } = op
-                {
-                    match m.holds.get_mut(hold) {
-                        // A replay names the lease end the hold has.
-                        Some(h) if h.expires != end && !lenient => continue,
-                        // The attempt that landed set the lease.
-                        Some(h) if lenient => {
-                            h.expires = end;
-                            h.drop_at = end + m.shape.retain_ms;
+                for mut m in world.split_drops(t) {
+                    let want = Self::apply(&mut m, op, t, g);
+                    if first.is_none() {
+                        first = Some(want.clone());
+                    }
+                    if !same(&want, &got.answer, lenient) {
+                        continue;
+                    }
+                    if let (Answer::Granted { replayed: true, .. }, Some(end)) =
+                        (&got.answer, got.lease_end)
+                        && let Op::Reserve { hold, .. } | Op::Check { hold, .. } = op
+                    {
+                        match m.holds.get_mut(hold) {
+                            // A replay names the lease end the hold has.
+                            Some(h) if h.expires != end && !lenient => continue,
+                            // The attempt that landed set the lease.
+                            Some(h) if lenient => {
+                                h.expires = end;
+                                h.drop_at = end + m.shape.retain_ms;
+                                h.drop_from = h.drop_at;
+                            }
+                            _ => {}
                         }
-                        _ => {}
+                    }
+                    matched.push((t, g, m));
+                }
+            }
+            // Between two candidates with no boundary in between the answer is the same, and
+            // what the call wrote differs only in when its records go: one world, whose records
+            // go at an instant between, stands for every instant of the interval.
+            let mut joined = Vec::new();
+            for span in candidates.chunks(2) {
+                let &[lo, hi] = span else { continue };
+                for (a, b) in matched
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| (w.0, w.1) == (lo, lo))
+                {
+                    for (c, d) in matched
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, w)| (w.0, w.1) == (hi, hi))
+                    {
+                        if a != c
+                            && let Some(j) = b.2.join_drops(&d.2)
+                        {
+                            joined.push((a, c, j));
+                        }
                     }
                 }
-                if !kept.contains(&m) {
+            }
+            let mut used = vec![false; matched.len()];
+            for (a, c, j) in joined {
+                used[a] = true;
+                used[c] = true;
+                if !kept.contains(&j) {
+                    kept.push(j);
+                }
+            }
+            for (i, (_, _, m)) in matched.into_iter().enumerate() {
+                if !used[i] && !kept.contains(&m) {
                     kept.push(m);
                 }
             }
