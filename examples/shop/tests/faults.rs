@@ -32,6 +32,9 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// release*).
 const LOADS_PER_RELOAD: u64 = 2;
 
+/// How long a failover test waits for the victim's slots to serve again.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(45);
+
 fn library_loads(node: &RedisServer) -> u64 {
     let info = node.cli(&["info", "commandstats"]);
     info.lines()
@@ -532,7 +535,9 @@ async fn cluster_failover_under_load(how: Failover, wait: bool) -> u64 {
     let mut probe = Tally::default();
     let mut recovered = None;
     let mut attempts = 0;
-    let probe_deadline = fault_at + Duration::from_secs(20);
+    // Redis's own election usually promotes the replica within a few seconds; a lost round of
+    // votes costs another two node timeouts, and one run here took 21 s.
+    let probe_deadline = fault_at + RECOVERY_LIMIT;
     while Instant::now() < probe_deadline {
         attempts += 1;
         let b = &on_victim[attempts % on_victim.len()];
@@ -581,8 +586,8 @@ async fn cluster_failover_under_load(how: Failover, wait: bool) -> u64 {
         tally.errors,
         tally.slowest,
     );
-    let recovered = recovered.expect("the victim's slots never served again within 20 s");
-    assert!(recovered < Duration::from_secs(20));
+    let recovered = recovered.expect("the victim's slots never served again within the limit");
+    assert!(recovered < RECOVERY_LIMIT);
     tally.assert_errors_only(&[":Unavailable", ":Expired"]);
 
     // After every lease: nothing held, nothing above a limit, nothing spent that was not
