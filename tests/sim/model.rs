@@ -132,7 +132,10 @@ impl Hold {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefundRecord {
     pub amount: u64,
+    /// When the record goes: at some instant of `[drop_from, drop_at]`, as a hold's (see
+    /// [`Hold::drop_at`]): a refund answers no instant either.
     pub drop_at: u64,
+    pub drop_from: u64,
 }
 
 /// The universe's shape, shared by the model and the runner.
@@ -279,6 +282,7 @@ impl Model {
             }
         }
         for r in self.refunds.values() {
+            add(r.drop_from);
             add(r.drop_at);
         }
         for w in &self.shape.windows {
@@ -314,6 +318,21 @@ impl Model {
                     .collect();
             }
         }
+        for (&id, r) in &self.refunds {
+            if r.drop_from <= t && t < r.drop_at {
+                out = out
+                    .into_iter()
+                    .flat_map(|m| {
+                        let mut gone = m.clone();
+                        let g = gone.refunds.get_mut(&id).expect("kept");
+                        (g.drop_from, g.drop_at) = (t, t);
+                        let mut kept = m;
+                        kept.refunds.get_mut(&id).expect("kept").drop_from = t + 1;
+                        [gone, kept]
+                    })
+                    .collect();
+            }
+        }
         out
     }
 
@@ -327,11 +346,21 @@ impl Model {
             h.drop_from = h.drop_from.min(o.drop_from);
             h.drop_at = h.drop_at.max(o.drop_at);
         }
+        for (id, r) in &mut joined.refunds {
+            let o = other.refunds.get(id)?;
+            r.drop_from = r.drop_from.min(o.drop_from);
+            r.drop_at = r.drop_at.max(o.drop_at);
+        }
         let mut widened = other.clone();
         for (id, h) in &mut widened.holds {
             let j = joined.holds.get(id)?;
             h.drop_from = j.drop_from;
             h.drop_at = j.drop_at;
+        }
+        for (id, r) in &mut widened.refunds {
+            let j = joined.refunds.get(id)?;
+            r.drop_from = j.drop_from;
+            r.drop_at = j.drop_at;
         }
         (joined == widened).then_some(joined)
     }
@@ -678,6 +707,7 @@ impl Model {
             RefundRecord {
                 amount,
                 drop_at: now + retain,
+                drop_from: now + retain,
             },
         );
         Answer::Settled(Settled::Applied)

@@ -25,9 +25,10 @@ const WORLDS: usize = 64;
 type Extreme = (u64, usize);
 
 /// Keeps `WORLDS` of `worlds`, in their order: for every instant a world records (each hold's
-/// lease end, each claim's, when each record goes, each refund record's, each value's pending
-/// end) the worlds with the earliest and the latest, so that whichever of them the store is in,
-/// one world kept agrees; then others spread evenly, the first and the last included.
+/// lease end, each claim's, the ends of the range in which each hold or refund record goes,
+/// each value's pending end) the worlds with the earliest and the latest, so that whichever of
+/// them the store is in, one world kept agrees; then others spread evenly, the first and the
+/// last included.
 fn prune(worlds: Vec<Model>) -> Vec<Model> {
     let n = worlds.len();
     // For each instant, by what it is and whose: (earliest, its world), (latest, its world).
@@ -45,6 +46,7 @@ fn prune(worlds: Vec<Model>) -> Vec<Model> {
         for (&h, hold) in &m.holds {
             note((0, h), hold.expires);
             note((1, h), hold.drop_at);
+            note((5, h), hold.drop_from);
             note(
                 (2, h),
                 hold.claim_expires.iter().copied().max().unwrap_or(0),
@@ -52,6 +54,7 @@ fn prune(worlds: Vec<Model>) -> Vec<Model> {
         }
         for (&r, record) in &m.refunds {
             note((3, r), record.drop_at);
+            note((6, r), record.drop_from);
         }
         for (v, pending) in m.pending.iter().enumerate() {
             if let Some((_, until)) = pending {
