@@ -324,7 +324,7 @@ pub(crate) async fn reserve(
     // reached now is given back in the background, or by its lease.
     let mut records: Vec<String> = to_forget.into_iter().cloned().collect();
     records.push(store.keys().record(id));
-    let left = store.forget_all_again_if_lost(records, &nonce).await;
+    let left = store.forget_all(records, &nonce, true).await;
     if !left.is_empty() {
         let groups = left.join(", ");
         store.abandon(id, left, nonce);

@@ -458,7 +458,7 @@ impl RedisStore {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                 }
-                left = store.forget_all(left, &nonce).await;
+                left = store.forget_all(left, &nonce, false).await;
                 if left.is_empty() {
                     return;
                 }
@@ -471,13 +471,24 @@ impl RedisStore {
     }
 
     /// Forgets what the reserve call `nonce` held under each of `records`, at once; answers the
-    /// records that could not be reached.
-    async fn forget_all(&self, records: Vec<String>, nonce: &Nonce) -> Vec<String> {
-        let answers = futures_util::future::join_all(
-            records
-                .iter()
-                .map(|record| self.call(ops::forget(record.clone(), nonce), false)),
-        )
+    /// records that could not be reached. `again_if_lost`: each forget is sent again while its
+    /// answer is lost, as a settlement is (it carries the nonce: one that landed is not undone).
+    async fn forget_all(
+        &self,
+        records: Vec<String>,
+        nonce: &Nonce,
+        again_if_lost: bool,
+    ) -> Vec<String> {
+        let answers = futures_util::future::join_all(records.iter().map(|record| {
+            let op = ops::forget(record.clone(), nonce);
+            async move {
+                if again_if_lost {
+                    self.call_again_if_lost(op, false).await
+                } else {
+                    self.call(op, false).await
+                }
+            }
+        }))
         .await;
         records
             .into_iter()
@@ -485,21 +496,6 @@ impl RedisStore {
             .filter(|(_, answer)| answer.as_ref().is_err_and(Error::is_unavailable))
             .map(|(record, _)| record)
             .collect()
-    }
-
-    /// Forgets as [`forget_all`](Self::forget_all) does, trying again (each call carries its
-    /// nonce) while a record cannot be reached, as a settlement is; answers the records that
-    /// still cannot be.
-    async fn forget_all_again_if_lost(&self, records: Vec<String>, nonce: &Nonce) -> Vec<String> {
-        let mut left = self.forget_all(records, nonce).await;
-        for tries in 1..SETTLE_TRIES {
-            if left.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50 * u64::from(tries))).await;
-            left = self.forget_all(left, nonce).await;
-        }
-        left
     }
 
     /// Settles one record, trying again (the same call, with its nonce) while its answer is lost:
