@@ -129,6 +129,13 @@ impl Hold {
     }
 }
 
+/// A record the model keeps, by kind and id.
+#[derive(Debug, Clone, Copy)]
+enum Kept {
+    Hold(usize),
+    Refund(usize),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefundRecord {
     pub amount: u64,
@@ -300,34 +307,50 @@ impl Model {
         out.into_iter().collect()
     }
 
+    /// Every record kept: the holds' and the refunds'.
+    fn records(&self) -> Vec<Kept> {
+        let holds = self.holds.keys().map(|&h| Kept::Hold(h));
+        holds
+            .chain(self.refunds.keys().map(|&r| Kept::Refund(r)))
+            .collect()
+    }
+
+    /// The range of instants in which record `k` goes (see [`Hold::drop_at`]).
+    fn drops(&self, k: Kept) -> Option<(u64, u64)> {
+        match k {
+            Kept::Hold(h) => self.holds.get(&h).map(|h| (h.drop_from, h.drop_at)),
+            Kept::Refund(r) => self.refunds.get(&r).map(|r| (r.drop_from, r.drop_at)),
+        }
+    }
+
+    fn drops_mut(&mut self, k: Kept) -> Option<(&mut u64, &mut u64)> {
+        match k {
+            Kept::Hold(h) => self
+                .holds
+                .get_mut(&h)
+                .map(|h| (&mut h.drop_from, &mut h.drop_at)),
+            Kept::Refund(r) => self
+                .refunds
+                .get_mut(&r)
+                .map(|r| (&mut r.drop_from, &mut r.drop_at)),
+        }
+    }
+
     /// The worlds this one stands for at `t`: a record that goes at an instant not yet known
     /// (see [`Hold::drop_at`]) has, at `t`, either gone or not.
     pub fn split_drops(&self, t: u64) -> Vec<Model> {
         let mut out = vec![self.clone()];
-        for (&id, h) in &self.holds {
-            if h.drop_from <= t && t < h.drop_at {
+        for k in self.records() {
+            let (from, at) = self.drops(k).expect("kept");
+            if from <= t && t < at {
                 out = out
                     .into_iter()
                     .flat_map(|m| {
                         let mut gone = m.clone();
-                        gone.holds.get_mut(&id).expect("held").drop_exactly_at(t);
+                        let (from, at) = gone.drops_mut(k).expect("kept");
+                        (*from, *at) = (t, t);
                         let mut kept = m;
-                        kept.holds.get_mut(&id).expect("held").drop_from = t + 1;
-                        [gone, kept]
-                    })
-                    .collect();
-            }
-        }
-        for (&id, r) in &self.refunds {
-            if r.drop_from <= t && t < r.drop_at {
-                out = out
-                    .into_iter()
-                    .flat_map(|m| {
-                        let mut gone = m.clone();
-                        let g = gone.refunds.get_mut(&id).expect("kept");
-                        (g.drop_from, g.drop_at) = (t, t);
-                        let mut kept = m;
-                        kept.refunds.get_mut(&id).expect("kept").drop_from = t + 1;
+                        *kept.drops_mut(k).expect("kept").0 = t + 1;
                         [gone, kept]
                     })
                     .collect();
@@ -340,27 +363,14 @@ impl Model {
     /// their records go (the same call run at two instants): each record then goes at an instant
     /// between.
     pub fn join_drops(&self, other: &Model) -> Option<Model> {
-        let mut joined = self.clone();
-        for (id, h) in &mut joined.holds {
-            let o = other.holds.get(id)?;
-            h.drop_from = h.drop_from.min(o.drop_from);
-            h.drop_at = h.drop_at.max(o.drop_at);
-        }
-        for (id, r) in &mut joined.refunds {
-            let o = other.refunds.get(id)?;
-            r.drop_from = r.drop_from.min(o.drop_from);
-            r.drop_at = r.drop_at.max(o.drop_at);
-        }
-        let mut widened = other.clone();
-        for (id, h) in &mut widened.holds {
-            let j = joined.holds.get(id)?;
-            h.drop_from = j.drop_from;
-            h.drop_at = j.drop_at;
-        }
-        for (id, r) in &mut widened.refunds {
-            let j = joined.refunds.get(id)?;
-            r.drop_from = j.drop_from;
-            r.drop_at = j.drop_at;
+        let (mut joined, mut widened) = (self.clone(), other.clone());
+        for k in self.records() {
+            let (other_from, other_at) = other.drops(k)?;
+            let (from, at) = joined.drops_mut(k).expect("kept");
+            (*from, *at) = ((*from).min(other_from), (*at).max(other_at));
+            let range = (*from, *at);
+            let (from, at) = widened.drops_mut(k).expect("in other");
+            (*from, *at) = range;
         }
         (joined == widened).then_some(joined)
     }
