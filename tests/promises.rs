@@ -13,8 +13,9 @@ use support::redis_server::{RedisCluster, RedisServer};
 use support::{Advance, fresh, granted, kind, status};
 use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_reserve::{
-    Budget, Claim, ErrorKind, Extracted, HoldId, Idempotency, MAX_MEMO, MemoryStore, RedisStore,
-    Refund, Reservation, ReserveLayer, Reserved, Settled, Settlement, Store, Window, extract,
+    Budget, Claim, DenialReason, ErrorKind, Extracted, HoldId, Idempotency, MAX_MEMO, MemoryStore,
+    RedisStore, Refund, Reservation, ReserveLayer, Reserved, Settled, Settlement, Store, Window,
+    extract,
 };
 
 const LONG: Duration = Duration::from_secs(30);
@@ -723,6 +724,51 @@ async fn a_denial_across_slots_is_answered_only_once_every_group_gave_back() {
         }
         assert!(Instant::now() < deadline, "still held: {held:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A reservation across three nodes whose home grants: the node of claim 1 sleeps past the call's
+/// time limit, and claim 2's group denies. Claim 1 fails too, so the denial must name it, as one
+/// node's would: the store checks the group it did not hear from once that group has given back,
+/// rather than answer the later claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denial_across_slots_names_the_first_claim_that_fails_though_a_group_was_slow() {
+    let cluster = RedisCluster::start(3, 0);
+    let store = RedisStore::builder()
+        .timeout(Duration::from_millis(100))
+        .connect_cluster(cluster.urls())
+        .await
+        .unwrap();
+    let primaries = cluster.primaries();
+    let home = Budget::new(key_on(&cluster, primaries[0], "home"), 100);
+    let asleep = Budget::new(key_on(&cluster, primaries[1], "asleep"), 10);
+    let full = Budget::new(key_on(&cluster, primaries[2], "full"), 10);
+    let slot = cluster.keyslot(home.key());
+    let r = Reservation::builder()
+        .id(HoldId::new(format!("{}@{slot}", fresh("first"))).unwrap())
+        .lease(LONG)
+        .claim(Claim::spend(home.clone(), 30))
+        .claim(Claim::spend(asleep.clone(), 30))
+        .claim(Claim::spend(full.clone(), 30))
+        .build()
+        .unwrap();
+    // The node sleeps about 200 ms into the reserve: past the reserve's call, within the store's
+    // tries to give back (about 550 ms with a 100 ms limit).
+    let sleeping = sleep_node(&cluster.nodes[primaries[1]], "0.5").await;
+    let answer = store.reserve(&r).await;
+    sleeping.woken();
+    match answer {
+        Ok(Reserved::Denied(d)) => {
+            assert_eq!(d.claim, 1, "{d:?}");
+            assert!(
+                matches!(d.reason, DenialReason::OverBudget { remaining: 10, .. }),
+                "{d:?}"
+            );
+        }
+        other => panic!("answered {other:?}"),
+    }
+    for budget in [&home, &asleep, &full] {
+        assert_eq!(status(&store, budget).await.held, 0, "{}", budget.key());
     }
 }
 

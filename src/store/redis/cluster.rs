@@ -259,7 +259,11 @@ pub(crate) async fn reserve(
         }
     };
     let mut grant = match ops::reserved(&answer, r, &plan.home)? {
-        Reserved::Denied(d) => return first_denial(store, r, &plan, d).await,
+        Reserved::Denied(d) => {
+            return first_denial(store, r, &plan.groups, d)
+                .await
+                .map(Reserved::Denied);
+        }
         Reserved::Granted(g) => g,
     };
     if grant.replayed {
@@ -288,8 +292,10 @@ pub(crate) async fn reserve(
     let mut denial: Option<Denial> = None;
     let mut failure: Option<Error> = None;
     let mut to_forget: Vec<&String> = Vec::new();
+    let mut lost: Vec<&(String, Vec<usize>)> = Vec::new();
     // Every group granted, or whose answer was lost, is forgotten if the reservation fails.
-    for ((record, indices), answer) in plan.groups.iter().zip(answers) {
+    for (group, answer) in plan.groups.iter().zip(answers) {
+        let (record, indices) = group;
         match answer {
             Ok(Reserved::Granted(g)) => {
                 for &i in indices {
@@ -305,6 +311,7 @@ pub(crate) async fn reserve(
             Err(err) => {
                 // Its fate is unknown: forgotten too, in case it was held.
                 to_forget.push(record);
+                lost.push(group);
                 failure.get_or_insert(err);
             }
         }
@@ -341,34 +348,34 @@ pub(crate) async fn reserve(
         }
     }
     match (denial, failure) {
-        (Some(d), _) => Ok(Reserved::Denied(d)),
+        // A group whose answer was lost may hold an earlier claim that fails: the denial names
+        // the first claim that fails, as on one node.
+        (Some(d), _) => first_denial(store, r, lost, d).await.map(Reserved::Denied),
         (None, Some(err)) => Err(err),
         (None, None) => unreachable!("checked above"),
     }
 }
 
-/// The denial a reservation across slots answers when its home denied `home`: the first claim
-/// that fails, as on one node, so the groups holding earlier claims are checked (holding
-/// nothing) too.
-async fn first_denial(
+/// The first claim of a reservation across slots that fails, as on one node, given `denial`,
+/// the first that the parts which answered named: each of `unknown`'s groups that holds an
+/// earlier claim is checked, holding nothing.
+async fn first_denial<'a>(
     store: &RedisStore,
     r: &Reservation,
-    plan: &Plan,
-    home: Denial,
-) -> Result<Reserved, Error> {
-    let earlier: Vec<&(String, Vec<usize>)> = plan
-        .groups
-        .iter()
-        .filter(|(_, indices)| indices.iter().any(|&i| i < home.claim))
-        .collect();
-    let answers = join_all(earlier.iter().map(|(record, indices)| async {
+    unknown: impl IntoIterator<Item = &'a (String, Vec<usize>)>,
+    denial: Denial,
+) -> Result<Denial, Error> {
+    let earlier = unknown
+        .into_iter()
+        .filter(|(_, indices)| indices.iter().any(|&i| i < denial.claim));
+    let answers = join_all(earlier.map(|(record, indices)| async {
         let answer = store
             .call(ops::check(store.keys(), r, record.clone(), indices), false)
             .await?;
         ops::reserved(&answer, r, indices)
     }))
     .await;
-    let mut first = home;
+    let mut first = denial;
     for answer in answers {
         if let Reserved::Denied(d) = answer?
             && d.claim < first.claim
@@ -376,7 +383,7 @@ async fn first_denial(
             first = d;
         }
     }
-    Ok(Reserved::Denied(first))
+    Ok(first)
 }
 
 /// A retry of a live hold across slots, answered as a replay, with what every budget claim's
@@ -409,7 +416,11 @@ pub(crate) async fn check(
     let mut grant = match ops::reserved(&answer, r, &plan.home)? {
         Reserved::Granted(g) if g.replayed => return replayed(store, r, &plan, g).await,
         Reserved::Granted(g) => g,
-        Reserved::Denied(d) => return first_denial(store, r, &plan, d).await,
+        Reserved::Denied(d) => {
+            return first_denial(store, r, &plan.groups, d)
+                .await
+                .map(Reserved::Denied);
+        }
     };
     let answers = join_all(plan.groups.iter().map(|(record, indices)| async {
         let op = ops::check(store.keys(), r, record.clone(), indices);
