@@ -503,6 +503,62 @@ async fn a_slot_moving_under_a_commit(moves: Moves) {
     assert_eq!((s.spent, s.held), (10, 0));
 }
 
+/// A budget with two holds in two buckets of lease ends keeps them in a sorted set. Extending the
+/// earlier hold past the later one empties its bucket and makes a new one: the set goes down to
+/// one member and up to two again in one operation. While the budget's slot is moving, a node
+/// refuses a command on a key it does not hold, even one the same operation removed a moment
+/// before: the set must never stop existing mid-operation, or the writes before the refusal land
+/// and the rest do not (the set gone, the budget's state and the record unchanged), and a hold
+/// is then counted in the wrong bucket: its capacity comes back while it is held, and its commit
+/// spends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extend_while_a_slot_is_moving_keeps_every_hold_in_its_bucket() {
+    let cluster = RedisCluster::start(3, 0);
+    let store = RedisStore::builder()
+        .timeout(Duration::from_secs(2))
+        .connect_cluster(cluster.urls())
+        .await
+        .unwrap();
+    let primaries = cluster.primaries();
+    let (from, to) = (primaries[0], primaries[1]);
+    let key = key_on(&cluster, from, "resplit");
+    let budget = Budget::new(key.clone(), 100);
+    let slot = cluster.keyslot(&key);
+    let hold = |amount: u64, lease: Duration| {
+        Reservation::builder()
+            .id(HoldId::new(format!("{}@{slot}", fresh("resplit"))).unwrap())
+            .lease(lease)
+            .claim(Claim::spend(budget.clone(), amount))
+            .build()
+            .unwrap()
+    };
+    let (early, late) = (hold(10, LONG), hold(20, 2 * LONG));
+    granted(&store, &early).await;
+    granted(&store, &late).await;
+
+    let id_of = |i: usize| cluster.nodes[i].cli(&["cluster", "myid"]).trim().to_owned();
+    let (from_id, to_id) = (id_of(from), id_of(to));
+    let slot_text = slot.to_string();
+    cluster.nodes[to].cli(&["cluster", "setslot", &slot_text, "importing", &from_id]);
+    cluster.nodes[from].cli(&["cluster", "setslot", &slot_text, "migrating", &to_id]);
+    // Every key is still where it was: the node serves them all.
+    let during = store.extend(early.id(), 3 * LONG).await;
+    for i in [from, to] {
+        cluster.nodes[i].cli(&["cluster", "setslot", &slot_text, "stable"]);
+    }
+    if let Err(err) = during {
+        assert!(err.is_unavailable(), "{err}");
+        store.extend(early.id(), 3 * LONG).await.unwrap();
+    }
+    assert_eq!(status(&store, &budget).await.held, 30);
+    for r in [&early, &late] {
+        let answer = store.settle(r.id(), &Settlement::commit()).await.unwrap();
+        assert_eq!(answer, Settled::Applied);
+    }
+    let s = status(&store, &budget).await;
+    assert_eq!((s.spent, s.held), (30, 0));
+}
+
 // ---------------------------------------------------------------------------------------------
 // A reserve whose answer was lost (it landed after its caller gave up) is given back by the
 // store, and its id may be reserved again at once.

@@ -629,6 +629,37 @@ local function keep_until(b, at)
   end
 end
 
+-- Writes the sorted set's changes: members are added before any is removed, and a set that goes
+-- while it gains members is emptied around them, never deleted. A key that stops existing
+-- mid-operation cannot be written again in it on a Cluster: while its slot is moving, the node
+-- refuses a command on a key it does not hold, after the writes before it had landed.
+local function save_zset(zkey, z)
+  local add, ends = {}, {}
+  for T in pairs(z.add) do
+    add[#add + 1] = T
+    add[#add + 1] = num(T)
+    ends[#ends + 1] = T
+  end
+  if #add > 0 then CALL('ZADD', zkey, unpack(add)) end
+  if z.gone then
+    if #ends == 0 then
+      CALL('DEL', zkey)
+      return
+    end
+    table.sort(ends)
+    local from = '-inf'
+    for i = 1, #ends do
+      CALL('ZREMRANGEBYSCORE', zkey, from, '(' .. num(ends[i]))
+      from = '(' .. num(ends[i])
+    end
+    CALL('ZREMRANGEBYSCORE', zkey, from, '+inf')
+    return
+  end
+  local rem = {}
+  for T in pairs(z.rem) do rem[#rem + 1] = num(T) end
+  if #rem > 0 then CALL('ZREM', zkey, unpack(rem)) end
+end
+
 -- Writes what changed: the state in one command (with the fields of buckets that change, a
 -- second when one goes), the sorted set in one or two. A lifetime budget with nothing spent and
 -- nothing held is deleted: there is nothing to remember. A key a write creates gets its expiry
@@ -637,21 +668,7 @@ local function save_budget(b)
   if not b.changed then return end
   local zkey = b.key .. ':h'
   local z = b.z
-  if z then
-    if z.gone then
-      CALL('DEL', zkey)
-    else
-      local rem = {}
-      for T in pairs(z.rem) do rem[#rem + 1] = num(T) end
-      if #rem > 0 then CALL('ZREM', zkey, unpack(rem)) end
-    end
-    local add = {}
-    for T in pairs(z.add) do
-      add[#add + 1] = T
-      add[#add + 1] = num(T)
-    end
-    if #add > 0 then CALL('ZADD', zkey, unpack(add)) end
-  end
+  if z then save_zset(zkey, z) end
   if b.t == 0 and b.spent <= 0 and b.c == 0 then
     if b.exists then CALL('DEL', b.key) end
     return
