@@ -733,6 +733,135 @@ async fn a_reserve_whose_answer_was_lost_is_given_back_on_a_cluster() {
         .await;
 }
 
+/// A loopback proxy in front of a Redis node that can lose what the node answers, after the
+/// request landed, and hold back what the client sends next, until it is let go.
+struct LossyProxy {
+    port: u16,
+    /// 0: everything passes; 1: answers are lost, and after the next request the client's
+    /// traffic is held back; 2: let go (everything held back goes on, answers are lost still).
+    mode: Arc<std::sync::atomic::AtomicU8>,
+    let_go: Arc<tokio::sync::Notify>,
+}
+
+impl LossyProxy {
+    async fn start(node: u16) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(std::sync::atomic::AtomicU8::new(0));
+        let let_go = Arc::new(tokio::sync::Notify::new());
+        let (m, n) = (mode.clone(), let_go.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", node))
+                    .await
+                    .unwrap();
+                let (mut client_r, mut client_w) = client.into_split();
+                let (mut server_r, mut server_w) = server.into_split();
+                let (m1, n1, m2) = (m.clone(), n.clone(), m.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut sent_since_loss = false;
+                    loop {
+                        let Ok(read) = client_r.read(&mut buf).await else {
+                            return;
+                        };
+                        if read == 0 {
+                            return;
+                        }
+                        if m1.load(Ordering::SeqCst) == 1 {
+                            if sent_since_loss {
+                                n1.notified().await;
+                            }
+                            sent_since_loss = true;
+                        }
+                        if server_w.write_all(&buf[..read]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let Ok(read) = server_r.read(&mut buf).await else {
+                            return;
+                        };
+                        if read == 0 {
+                            return;
+                        }
+                        if m2.load(Ordering::SeqCst) == 0
+                            && client_w.write_all(&buf[..read]).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { port, mode, let_go }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn lose_answers_then_hold(&self) {
+        self.mode.store(1, Ordering::SeqCst);
+    }
+
+    fn let_go(&self) {
+        self.mode.store(2, Ordering::SeqCst);
+        self.let_go.notify_waiters();
+    }
+}
+
+/// One instance reserves; the node runs the reserve but its answer is lost, so that instance
+/// answers `Unavailable` and gives back, in the background, what its call may hold. Before that
+/// give-back lands, a retry of the same reservation through another instance is answered that
+/// it has the hold (a replay). The give-back must then leave the hold alone: the retry was told
+/// it holds, and its commit must find the hold and charge it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_a_retry_was_answered_for_outlives_the_give_back_of_its_lost_first_call() {
+    let server = RedisServer::start();
+    let proxy = LossyProxy::start(server.port()).await;
+    let first = RedisStore::builder()
+        .timeout(Duration::from_millis(300))
+        .connect(&proxy.url())
+        .await
+        .unwrap();
+    let retry = RedisStore::builder().connect(&server.url()).await.unwrap();
+    let budget = Budget::new(fresh("adopted"), 100);
+    let r = Reservation::builder()
+        .id(HoldId::new(fresh("adopted")).unwrap())
+        .lease(LONG)
+        .claim(Claim::spend(budget.clone(), 30))
+        .build()
+        .unwrap();
+
+    proxy.lose_answers_then_hold();
+    let err = first.reserve(&r).await.expect_err("its answer is lost");
+    assert!(err.is_unavailable(), "{err}");
+    assert_eq!(status(&retry, &budget).await.held, 30, "the reserve landed");
+    match retry.reserve(&r).await.unwrap() {
+        Reserved::Granted(g) => assert!(g.replayed, "{g:?}"),
+        other => panic!("{other:?}"),
+    }
+    // The first instance's give-back (held back until now) lands, and is tried again.
+    proxy.let_go();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        status(&retry, &budget).await.held,
+        30,
+        "the hold is still held"
+    );
+    assert_eq!(
+        retry.settle(r.id(), &Settlement::commit()).await.unwrap(),
+        Settled::Applied
+    );
+    let s = status(&retry, &budget).await;
+    assert_eq!((s.spent, s.held), (30, 0));
+}
+
 /// A reservation across three nodes: its home grants, one group denies, and the node of the
 /// third sleeps past the call's time limit (its reserve lands after the store gave up, and so
 /// does the store's give-back). The store cannot tell yet that nothing is held there, so it

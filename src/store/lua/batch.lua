@@ -21,7 +21,7 @@ local OPS = { reserve, settle, extend, mark, forget, budget, set_spent, refund, 
 local OP_VALUES = 10
 
 -- The answers that are the same every time, packed once.
-local CONSTANT = { OK, OK_APPLIED, OK_REPLAYED, OK_TOMBSTONED, UNKNOWN, UNKNOWN_NONE, IN_FLIGHT,
+local CONSTANT = { OK, OK_APPLIED, OK_REPLAYED, OK_TOMBSTONED, OK_KEPT, UNKNOWN, UNKNOWN_NONE, IN_FLIGHT,
   IN_FLIGHT_NONE, EXPIRED, RELEASED, CONFLICT }
 local PACKED = {}
 

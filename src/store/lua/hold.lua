@@ -16,6 +16,7 @@ local OK = { 'OK' }
 local OK_APPLIED = { 'OK', 'applied', NONE }
 local OK_REPLAYED = { 'OK', 'replayed', NONE }
 local OK_TOMBSTONED = { 'OK', 'tombstoned', NONE }
+local OK_KEPT = { 'OK', 'kept' }
 local UNKNOWN = { 'E', 'unknown' }
 local UNKNOWN_NONE = { 'E', 'unknown', NONE }
 local IN_FLIGHT = { 'E', 'in_flight' }
@@ -211,7 +212,15 @@ local function reserve(now, key, lease, fpnonce, mode, body, limit, more_limits)
         if now >= r.e then return EXPIRED end
         -- Another attempt is still reserving this reservation's other groups.
         if r.s == 'P' and nonce_of(r) ~= nonce then return IN_FLIGHT end
-        return replay(r, nonce, claims, limits, now)
+        local answer = replay(r, nonce, claims, limits, now)
+        if kind == 'h' and nonce_of(r) ~= nonce then
+          -- A retry told that it has this hold adopts it: the call that reserved it may have
+          -- lost its answer, and its store then gives back what that call held (forget, by its
+          -- nonce), which must not undo a hold another call was answered for.
+          CALL('SET', key, string.sub(r.raw, 1, 10) .. string.sub(fpnonce, 9) .. string.sub(r.raw, 19),
+            'KEEPTTL')
+        end
+        return answer
       end
       return refuse(key, r)
     end
@@ -431,12 +440,16 @@ end
 
 -- Op 5: record, nonce: gives back what one reserve call held under `record` (a call denied
 -- elsewhere, or whose answer was lost), and leaves a tombstone that refuses that call, should it
--- still arrive. Another call's record is left alone.
+-- still arrive. Another call's record (a hold a retry adopted, or one settled since) is left
+-- alone, and the answer says so: a Cluster home's groups are then that hold's too.
+-- Answers { 'OK' } | { 'OK', 'kept' }
 local function forget(now, key, nonce)
   local r = read_record(key)
   if r then
     if nonce_of(r) ~= nonce or not (r.s == 'H' or r.s == 'P') then
-      if not stands_for_nothing(r, nonce) then return OK end
+      -- This call's own tombstone: given back before (this is the same forget sent again).
+      if r.s == 'T' and nonce_of(r) == nonce then return OK end
+      if not stands_for_nothing(r, nonce) then return OK_KEPT end
     else
       undo(r, key, now)
     end

@@ -326,12 +326,13 @@ pub(crate) async fn reserve(
             Err(err) => failure = Some(err),
         }
     }
-    // All or nothing: what this attempt held goes, home last, and tombstones refuse its calls
-    // that may still arrive, so that the id may be reserved again at once. What cannot be
+    // All or nothing: what this attempt held goes (the home decides first, see `forget_all`), and
+    // tombstones refuse its calls that may still arrive, so that the id may be reserved again at
+    // once. What cannot be
     // reached now is given back in the background, or by its lease.
     let mut records: Vec<String> = to_forget.into_iter().cloned().collect();
     records.push(store.keys().record(id));
-    let left = store.forget_all(records, &nonce, true).await;
+    let left = store.forget_all(id, records, &nonce, true).await;
     if !left.is_empty() {
         let groups = left.join(", ");
         store.abandon(id, left, nonce);

@@ -36,6 +36,13 @@ impl Keys {
         format!("{}:g:{{{tag}}}{id}", self.prefix)
     }
 
+    /// Whether `record` is a slot group's record, not a hold's own.
+    pub(crate) fn is_group(&self, record: &str) -> bool {
+        record
+            .strip_prefix(self.prefix.as_str())
+            .is_some_and(|rest| rest.starts_with(":g:"))
+    }
+
     /// A budget's key without its window's suffix (the scripts add it).
     pub(crate) fn budget(&self, budget: &Budget) -> String {
         format!("{}:b:{{{}}}", self.prefix, budget.key())

@@ -458,7 +458,7 @@ impl RedisStore {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                 }
-                left = store.forget_all(left, &nonce, false).await;
+                left = store.forget_all(&id, left, &nonce, false).await;
                 if left.is_empty() {
                     return;
                 }
@@ -470,17 +470,23 @@ impl RedisStore {
         }
     }
 
-    /// Forgets what the reserve call `nonce` held under each of `records`, at once; answers the
-    /// records that could not be reached. `again_if_lost`: each forget is sent again while its
-    /// answer is lost, as a settlement is (it carries the nonce: one that landed is not undone).
+    /// Forgets what the reserve call `nonce` of hold `id` held under each of `records`; answers the records
+    /// that could not be reached. `again_if_lost`: each forget is sent again while its answer is
+    /// lost, as a settlement is (it carries the nonce: one that landed is not undone).
+    ///
+    /// The hold's own record goes first, and decides: when a retry has adopted the hold (it was
+    /// answered as a replay), the record is left alone, and so are its slot groups, which hold
+    /// for it. While the record cannot be reached, neither can that be told, so the groups wait
+    /// with it (their leases return them at worst). The groups then go at once.
     async fn forget_all(
         &self,
+        id: &HoldId,
         records: Vec<String>,
         nonce: &Nonce,
         again_if_lost: bool,
     ) -> Vec<String> {
-        let answers = futures_util::future::join_all(records.iter().map(|record| {
-            let op = ops::forget(record.clone(), nonce);
+        let forget = |record: String| {
+            let op = ops::forget(record, nonce);
             async move {
                 if again_if_lost {
                     self.call_again_if_lost(op, false).await
@@ -488,9 +494,21 @@ impl RedisStore {
                     self.call(op, false).await
                 }
             }
-        }))
-        .await;
-        records
+        };
+        let (own, groups): (Vec<String>, Vec<String>) = records
+            .into_iter()
+            .partition(|record| !self.keys().is_group(record));
+        for record in &own {
+            match forget(record.clone()).await {
+                Err(err) if err.is_unavailable() => return own.into_iter().chain(groups).collect(),
+                Ok(answer) if ops::forgot(&answer, id).unwrap_or(false) => {
+                    return Vec::new();
+                }
+                _ => {}
+            }
+        }
+        let answers = futures_util::future::join_all(groups.iter().cloned().map(forget)).await;
+        groups
             .into_iter()
             .zip(answers)
             .filter(|(_, answer)| answer.as_ref().is_err_and(Error::is_unavailable))

@@ -422,6 +422,17 @@ pub(crate) fn ok(answer: &[u8], id: &HoldId) -> Result<(), Error> {
     }
 }
 
+/// The answer to a forget: whether it left the record alone because it is another call's (a hold
+/// that a retry adopted, or one settled since), not the given-back call's.
+pub(crate) fn forgot(answer: &[u8], id: &HoldId) -> Result<bool, Error> {
+    let a = Answer::read(answer)?;
+    match (a.word(0)?, a.word(1)) {
+        ("OK", Ok("kept")) => Ok(true),
+        ("OK", _) => Ok(false),
+        _ => Err(refusal(&a, id)),
+    }
+}
+
 pub(crate) fn refunded(answer: &[u8], id: &HoldId) -> Result<Settled, Error> {
     let a = Answer::read(answer)?;
     match (a.word(0)?, a.word(1)) {
