@@ -518,23 +518,149 @@ async fn script_cost(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Where the function's time goes: builds of it that skip a part
+
+/// One build of the store's function: what it leaves out, and the edits of its code that do so
+/// (each `(text, replacement)` must match once).
+struct Variant {
+    name: &'static str,
+    what: &'static str,
+    edits: &'static [(&'static str, &'static str)],
+}
+
+/// Each operation under `pcall`, as the function runs it, and called directly.
+const PCALL: (&str, &str) = (
+    "local ok, answer = pcall(OPS[code], now, ...)",
+    "local ok, answer = true, OPS[code](now, ...)",
+);
+
+/// How many times each build is measured, in turn with the others (the median is reported).
+const VARIANT_ROUNDS: usize = 3;
+
+/// The builds, each one part less than the row before, so that each difference is one part.
+const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "whole",
+        what: "the store's function, as loaded",
+        edits: &[],
+    },
+    Variant {
+        name: "no_pcall",
+        what: "each operation called directly, not under `pcall`",
+        edits: &[PCALL],
+    },
+    Variant {
+        name: "no_writes",
+        what: "and a reserve writes nothing (neither the budget's `HSET` nor the record's `SET`): its reads and checks alone",
+        edits: &[
+            PCALL,
+            (
+                "      hold_in(b, T, claims[i][3])\n      if b.window_ends then keep_until(b, math.max(b.window_ends, e) + WINDOW_GRACE_MS) end\n      save_budget(b)",
+                "      hold_in(b, T, claims[i][3])",
+            ),
+            (
+                "  CALL('SET', key, phase .. V .. fpnonce .. times(e, now) .. body, 'PX', num(lease + RETAIN))\n  return { 'G', e, 0, unpack(left) }",
+                "  return { 'G', e, 0, unpack(left) }",
+            ),
+        ],
+    },
+    Variant {
+        name: "no_ops",
+        what: "no operation run: the call, its `TIME`, reading each operation's fields and answering it `OK`",
+        edits: &[(
+            "local ok, answer = pcall(OPS[code], now, ...)",
+            "local ok, answer = true, OK",
+        )],
+    },
+];
+
+/// Loads `variant` of the store's library (whose code is `code`, named `library`) under a name
+/// of its own, which it answers.
+async fn load_variant(
+    admin: &mut MultiplexedConnection,
+    library: &str,
+    code: &str,
+    variant: &Variant,
+) -> String {
+    let name = format!("{library}_{}", variant.name);
+    let mut code = code.replace(library, &name);
+    for (from, to) in variant.edits {
+        assert_eq!(
+            code.matches(from).count(),
+            1,
+            "variant {}: the function's code no longer holds {from:?} once",
+            variant.name
+        );
+        code = code.replacen(from, to, 1);
+    }
+    let _: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(&code)
+        .query_async(admin)
+        .await
+        .unwrap_or_else(|e| panic!("load variant {}: {e}", variant.name));
+    name
+}
+
+/// The commands of reserves in one plain script, without the store's logic: one `TIME`, then
+/// for each the record read (`GET`), the budget read (`HGET`) and written (`HSET`), and the
+/// record written (`SET .. PX`). KEYS: the records, then as many budgets.
+const RESERVE_FLOOR_LUA: &str = "redis.call('TIME')
+local n = #KEYS / 2
+for i = 1, n do
+  redis.call('GET', KEYS[i])
+  redis.call('HGET', KEYS[n + i], 's')
+  redis.call('HSET', KEYS[n + i], 's', ARGV[1])
+  redis.call('SET', KEYS[i], ARGV[2], 'PX', 630000)
+end
+return 1";
+
+// ---------------------------------------------------------------------------------------------
 // Looking at Redis
 
-/// The name of the store's library, found anywhere in a `FUNCTION LIST` reply.
-fn library_name(value: &redis::Value) -> Option<String> {
+/// The text under `key` in one library of a `FUNCTION LIST` reply (a flat list of keys and values
+/// in RESP2, a map in RESP3).
+fn library_field(library: &redis::Value, key: &str) -> Option<String> {
     use redis::Value;
-    match value {
-        Value::BulkString(bytes) => std::str::from_utf8(bytes)
-            .ok()
-            .filter(|s| s.starts_with("tower_reserve_"))
-            .map(str::to_owned),
-        Value::SimpleString(s) => s.starts_with("tower_reserve_").then(|| s.clone()),
-        Value::Array(items) | Value::Set(items) => items.iter().find_map(library_name),
+    let text = |v: &Value| match v {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    match library {
+        Value::Array(items) => items
+            .chunks(2)
+            .find(|pair| text(&pair[0]).as_deref() == Some(key))
+            .and_then(|pair| pair.get(1).and_then(text)),
         Value::Map(pairs) => pairs
             .iter()
-            .find_map(|(k, v)| library_name(k).or_else(|| library_name(v))),
+            .find(|(k, _)| text(k).as_deref() == Some(key))
+            .and_then(|(_, v)| text(v)),
         _ => None,
     }
+}
+
+/// The name and code of the library the store loaded when it connected (its name is its
+/// function's): the one that defines the store's function, not the fence loaded beside it in the
+/// previous release's name.
+async fn store_library(admin: &mut MultiplexedConnection) -> (String, String) {
+    let libraries: Vec<redis::Value> = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg("tower_reserve_*")
+        .arg("WITHCODE")
+        .query_async(admin)
+        .await
+        .expect("FUNCTION LIST");
+    libraries
+        .iter()
+        .find_map(|library| {
+            let code = library_field(library, "library_code")?;
+            let name = library_field(library, "library_name")?;
+            code.contains("local FUNCTION_NAME").then_some((name, code))
+        })
+        .expect("the store's library is loaded")
 }
 
 async fn flushall(conn: &mut MultiplexedConnection) {
@@ -800,18 +926,7 @@ async fn run_all() {
         .unwrap_or("?")
         .trim()
         .to_owned();
-    // The library the store loaded when it connected: its name is its function's.
-    let libraries: Vec<redis::Value> = redis::cmd("FUNCTION")
-        .arg("LIST")
-        .arg("LIBRARYNAME")
-        .arg("tower_reserve_*")
-        .query_async(&mut admin)
-        .await
-        .expect("FUNCTION LIST");
-    let library = libraries
-        .iter()
-        .find_map(library_name)
-        .expect("the store's library is loaded");
+    let (library, code) = store_library(&mut admin).await;
 
     let mut md = String::new();
     let _ = writeln!(
@@ -1046,6 +1161,108 @@ async fn run_all() {
         );
     }
     eprintln!("floor: done");
+
+    // ---- Where the function's time goes: builds of it that skip a part, the same load each.
+    if have_rb {
+        let calls = (max_ops * 2 / RB_BATCH as u64).max(2_000);
+        let per_reserve = |cpu: f64| cpu * 1e6 / (calls * RB_BATCH as u64) as f64;
+        let mut names = Vec::new();
+        for variant in VARIANTS {
+            names.push(load_variant(&mut admin, &library, &code, variant).await);
+        }
+        let keys: Vec<&str> = std::iter::repeat_n("rb:h:{__rand_int____rand_int__}", RB_BATCH)
+            .chain(std::iter::repeat_n("rb:b:{rb-__rand_int__}", RB_BATCH))
+            .collect();
+        let (state, record) = ("s".repeat(30), "H".repeat(70));
+        // Rounds, each build in turn, and the median of each: the machine's noise falls on
+        // every build alike.
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len() + 1];
+        for _ in 0..VARIANT_ROUNDS {
+            for (i, (variant, name)) in VARIANTS.iter().zip(&names).enumerate() {
+                flushall(&mut admin).await;
+                let cpu = redis_cpu(&mut admin).await;
+                redis_benchmark(port, name, Spread::Many, RB_BATCH, (32, 1), calls)
+                    .unwrap_or_else(|| panic!("redis-benchmark of variant {}", variant.name));
+                samples[i].push(per_reserve(redis_cpu(&mut admin).await - cpu));
+                // What ran is what was meant to: a build that writes left every reserve's record
+                // (an error would have stopped the call, and cost less); one that does not,
+                // nothing.
+                let keys = dbsize(&mut admin).await;
+                let writes = matches!(variant.name, "whole" | "no_pcall");
+                assert!(
+                    if writes {
+                        keys >= calls * RB_BATCH as u64
+                    } else {
+                        keys == 0
+                    },
+                    "variant {}: {keys} keys after {calls} calls of {RB_BATCH} reserves",
+                    variant.name
+                );
+            }
+            flushall(&mut admin).await;
+            if let Some(per_call) = script_cost(
+                &mut admin,
+                port,
+                RESERVE_FLOOR_LUA,
+                &keys,
+                &[&state, &record],
+                calls,
+            )
+            .await
+            {
+                samples[VARIANTS.len()].push(per_call / RB_BATCH as f64);
+            }
+        }
+        let median = |xs: &mut Vec<f64>| {
+            xs.sort_by(f64::total_cmp);
+            xs.get(xs.len() / 2).copied()
+        };
+        let costs: Vec<(&Variant, f64)> = VARIANTS
+            .iter()
+            .zip(samples.iter_mut())
+            .map(|(v, xs)| (v, median(xs).unwrap_or(f64::NAN)))
+            .collect();
+        let reserve_floor = median(&mut samples[VARIANTS.len()]);
+        let _ = writeln!(
+            md,
+            "\n### Where the function's time goes: builds of it that skip a part\n\nThe store's library loaded again under other names, each with a part of its code left out (the edits are `VARIANTS` in `benches/benches/reserve_load.rs`), then called by `redis-benchmark` as in the first table's last column: {RB_BATCH} reserves of fresh random holds per call on {MANY} budgets, 32 connections, {calls} calls each, every build in turn, {VARIANT_ROUNDS} rounds, the median of each. The floor is measured as the one above (`EVALSHA`, 8 connections, 16 calls pipelined on each). Each row leaves out one more part than the row before but the last, which runs no operation at all, so each difference is one part's cost. `redis-server` CPU (`INFO cpu`) per reserve.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| build | what runs | Redis µs/reserve | less than the row before |"
+        );
+        let _ = writeln!(md, "| --- | --- | ---: | ---: |");
+        let mut before: Option<f64> = None;
+        for (variant, cost) in &costs {
+            let less = before.map_or("-".to_owned(), |b| format!("{:.1}", b - cost));
+            let _ = writeln!(
+                md,
+                "| `{}` | {} | {cost:.1} | {less} |",
+                variant.name, variant.what
+            );
+            before = Some(*cost);
+        }
+        if let Some(floor) = reserve_floor {
+            let _ = writeln!(
+                md,
+                "| floor | Redis's own: a reserve's commands (`GET`, `HGET`, `HSET`, `SET`) in a plain script, {RB_BATCH} a call with one `TIME` | {floor:.1} | - |"
+            );
+            let cost = |name: &str| {
+                costs
+                    .iter()
+                    .find(|(v, _)| v.name == name)
+                    .map_or(f64::NAN, |(_, c)| *c)
+            };
+            let (whole, no_ops) = (cost("whole"), cost("no_ops"));
+            let _ = writeln!(
+                md,
+                "\nOf a reserve's **{whole:.1} µs**: the call, reading the operation's fields and answering it, **{no_ops:.1}**; the operation itself, **{:.1}**, of which Redis's own floor for its commands is {floor:.1} and the rest, **{:.1}**, is the function's Lua (its `pcall`, its reads and checks, and what it computes to write).",
+                whole - no_ops,
+                whole - no_ops - floor
+            );
+        }
+        eprintln!("builds that skip a part: done");
+    }
 
     // ---- 3. Memory: holds in flight, owned values, and what settled purchases leave.
     let holds = 100_000u64;
