@@ -50,7 +50,9 @@ use redis::Value;
 /// Connections are multiplexed and re-established after Redis restarts (redis-rs). Each call is
 /// bounded by a timeout; past it the call fails as [`ErrorKind::Unavailable`]. A settlement whose
 /// answer was lost is sent again (a call that landed answers as it did); a reserve whose answer
-/// was lost is given back in the background, so that its id may be reserved again. Needs Redis 7.0 or later, with `maxmemory-policy
+/// was lost is given back in the background, so that its id may be reserved again, unless a
+/// retry has been answered for its hold meanwhile (a replay): that hold is then the retry's, and
+/// stays. Needs Redis 7.0 or later, with `maxmemory-policy
 /// noeviction` (checked at connect time; see [`RedisStoreBuilder::allow_eviction`]).
 ///
 /// ```no_run
