@@ -822,43 +822,70 @@ impl LossyProxy {
 /// it holds, and its commit must find the hold and charge it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_a_retry_was_answered_for_outlives_the_give_back_of_its_lost_first_call() {
+    two_calls_told_they_hold(Lost::First).await;
+}
+
+/// The other way round: the first call is answered, and a retry's answer (a replay) is lost. Its
+/// instance gives back what the retry may hold, which must not be the hold the first call was
+/// told it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_outlives_the_give_back_of_a_retry_whose_answer_was_lost() {
+    two_calls_told_they_hold(Lost::Retry).await;
+}
+
+enum Lost {
+    First,
+    Retry,
+}
+
+async fn two_calls_told_they_hold(lost: Lost) {
     let server = RedisServer::start();
     let proxy = LossyProxy::start(server.port()).await;
-    let first = RedisStore::builder()
+    let lossy = RedisStore::builder()
         .timeout(Duration::from_millis(300))
         .connect(&proxy.url())
         .await
         .unwrap();
-    let retry = RedisStore::builder().connect(&server.url()).await.unwrap();
-    let budget = Budget::new(fresh("adopted"), 100);
+    let direct = RedisStore::builder().connect(&server.url()).await.unwrap();
+    let budget = Budget::new(fresh("twice"), 100);
     let r = Reservation::builder()
-        .id(HoldId::new(fresh("adopted")).unwrap())
+        .id(HoldId::new(fresh("twice")).unwrap())
         .lease(LONG)
         .claim(Claim::spend(budget.clone(), 30))
         .build()
         .unwrap();
 
-    proxy.lose_answers_then_hold();
-    let err = first.reserve(&r).await.expect_err("its answer is lost");
-    assert!(err.is_unavailable(), "{err}");
-    assert_eq!(status(&retry, &budget).await.held, 30, "the reserve landed");
-    match retry.reserve(&r).await.unwrap() {
-        Reserved::Granted(g) => assert!(g.replayed, "{g:?}"),
+    let answered = |reserved: Reserved, replayed: bool| match reserved {
+        Reserved::Granted(g) => assert_eq!(g.replayed, replayed, "{g:?}"),
         other => panic!("{other:?}"),
+    };
+    if let Lost::Retry = lost {
+        answered(direct.reserve(&r).await.unwrap(), false);
     }
-    // The first instance's give-back (held back until now) lands, and is tried again.
+    proxy.lose_answers_then_hold();
+    let err = lossy.reserve(&r).await.expect_err("its answer is lost");
+    assert!(err.is_unavailable(), "{err}");
+    if let Lost::First = lost {
+        assert_eq!(
+            status(&direct, &budget).await.held,
+            30,
+            "the reserve landed"
+        );
+        answered(direct.reserve(&r).await.unwrap(), true);
+    }
+    // The lossy instance's give-back (held back until now) lands, and is tried again.
     proxy.let_go();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
-        status(&retry, &budget).await.held,
+        status(&direct, &budget).await.held,
         30,
         "the hold is still held"
     );
     assert_eq!(
-        retry.settle(r.id(), &Settlement::commit()).await.unwrap(),
+        direct.settle(r.id(), &Settlement::commit()).await.unwrap(),
         Settled::Applied
     );
-    let s = status(&retry, &budget).await;
+    let s = status(&direct, &budget).await;
     assert_eq!((s.spent, s.held), (30, 0));
 }
 

@@ -213,12 +213,11 @@ local function reserve(now, key, lease, fpnonce, mode, body, limit, more_limits)
         -- Another attempt is still reserving this reservation's other groups.
         if r.s == 'P' and nonce_of(r) ~= nonce then return IN_FLIGHT end
         local answer = replay(r, nonce, claims, limits, now)
-        if kind == 'h' and nonce_of(r) ~= nonce then
-          -- A retry told that it has this hold adopts it: the call that reserved it may have
-          -- lost its answer, and its store then gives back what that call held (forget, by its
-          -- nonce), which must not undo a hold another call was answered for.
-          CALL('SET', key, string.sub(r.raw, 1, 10) .. string.sub(fpnonce, 9) .. string.sub(r.raw, 19),
-            'KEEPTTL')
+        if kind == 'h' and nonce_of(r) ~= nonce and nonce_of(r) ~= ZEROS then
+          -- Two calls have now been told they have this hold: it is no longer one call's to give
+          -- back. Either may have lost its answer, and its store then gives back what that call
+          -- held (forget, by its nonce); a zero nonce is no call's, so neither forget undoes it.
+          CALL('SET', key, string.sub(r.raw, 1, 10) .. ZEROS .. string.sub(r.raw, 19), 'KEEPTTL')
         end
         return answer
       end
@@ -440,8 +439,8 @@ end
 
 -- Op 5: record, nonce: gives back what one reserve call held under `record` (a call denied
 -- elsewhere, or whose answer was lost), and leaves a tombstone that refuses that call, should it
--- still arrive. Another call's record (a hold a retry adopted, or one settled since) is left
--- alone, and the answer says so: a Cluster home's groups are then that hold's too.
+-- still arrive. Any other record (another call's, a hold answered to a second call, or one
+-- settled since) is left alone, and the answer says so: a Cluster home's groups then stay too.
 -- Answers { 'OK' } | { 'OK', 'kept' }
 local function forget(now, key, nonce)
   local r = read_record(key)

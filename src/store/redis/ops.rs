@@ -422,8 +422,8 @@ pub(crate) fn ok(answer: &[u8], id: &HoldId) -> Result<(), Error> {
     }
 }
 
-/// The answer to a forget: whether it left the record alone because it is another call's (a hold
-/// that a retry adopted, or one settled since), not the given-back call's.
+/// The answer to a forget: whether it left the record alone because it is not the given-back
+/// call's (another call's, a hold answered to a second call, or one settled since).
 pub(crate) fn forgot(answer: &[u8], id: &HoldId) -> Result<bool, Error> {
     let a = Answer::read(answer)?;
     match (a.word(0)?, a.word(1)) {
