@@ -336,6 +336,24 @@ impl Model {
         }
     }
 
+    /// A key that a slot's move carried (`MIGRATE`) lives up to `by` ms longer than it would
+    /// have: the node it leaves reads the time the key has left, and the node it goes to counts
+    /// that time from when it arrives. So each record of `slot` that had not gone at `from`, when
+    /// that move began, goes up to `by` ms later.
+    pub fn delay_drops(&mut self, slot: u16, from: u64, by: u64) {
+        let budgets = self.shape.budget_slots.len();
+        for (h, rec) in &mut self.holds {
+            if self.shape.hold_slots[*h] == slot && rec.drop_at >= from {
+                rec.drop_at += by;
+            }
+        }
+        for (r, rec) in &mut self.refunds {
+            if self.shape.budget_slots[*r % budgets] == slot && rec.drop_at >= from {
+                rec.drop_at += by;
+            }
+        }
+    }
+
     /// The worlds this one stands for at `t`: a record that goes at an instant not yet known
     /// (see [`Hold::drop_at`]) has, at `t`, either gone or not.
     pub fn split_drops(&self, t: u64) -> Vec<Model> {

@@ -1048,7 +1048,9 @@ impl<'e, S: Advance> Sim<'e, S> {
         let mut ops = ops.iter();
         let mut unsettled: Vec<(Op, u64)> = Vec::new();
         for key in &keys {
+            let began = self.now();
             self.env.migrate_key(from, to, key).await;
+            self.moved(slot, began);
             // Between two moves, a live hold whose record lives in this slot is committed: its
             // record and its budget may now be on two nodes. Else the next operation runs.
             let now = self.now();
@@ -1083,12 +1085,24 @@ impl<'e, S: Advance> Sim<'e, S> {
             let results = self.exec(one).await;
             unsettled.extend(self.judge_known(one, results, step)?);
         }
-        if let Err(what) = self.env.finish_migration(slot, from, to).await {
+        let began = self.now();
+        let finished = self.env.finish_migration(slot, from, to).await;
+        self.moved(slot, began);
+        if let Err(what) = finished {
             return Err(Failure { step, what });
         }
         self.resolve_all(unsettled, step).await?;
         let rest: Vec<Op> = ops.cloned().collect();
         self.group(&rest, step).await
+    }
+
+    /// Keys of `slot` moved from `began` until now: in every world, its records may go that much
+    /// later (see [`Model::delay_drops`]).
+    fn moved(&mut self, slot: u16, began: u64) {
+        let by = self.now().saturating_sub(began);
+        for m in &mut self.worlds {
+            m.delay_drops(slot, began, by);
+        }
     }
 
     /// Records, memos, group records, refunds' records, in-flight markers, windowed budgets and
