@@ -924,19 +924,7 @@ async fn a_denial_across_slots_is_answered_only_once_every_group_gave_back() {
         Ok(other) => panic!("answered {other:?} while a group may still hold"),
     }
     sleeping.woken();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut held = Vec::new();
-        for budget in [&home, &asleep, &full] {
-            // A node just awake may take a moment to answer again.
-            held.push(store.budget(budget).await.map(|s| s.held).ok());
-        }
-        if held == [Some(0); 3] {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still held: {held:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    nothing_held_soon(&store, &[&home, &asleep, &full]).await;
 }
 
 /// A reservation across three nodes whose home grants: the node of claim 1 sleeps past the call's
@@ -965,7 +953,9 @@ async fn a_denial_across_slots_names_the_first_claim_that_fails_though_a_group_w
         .build()
         .unwrap();
     // The node sleeps about 200 ms into the reserve: past the reserve's call, within the store's
-    // tries to give back (about 550 ms with a 100 ms limit).
+    // tries to give back (about 550 ms with a 100 ms limit). On a machine so loaded that the
+    // sleep starts late and outlasts those tries, the store cannot check the group and answers
+    // that it could not finish; it never names claim 2.
     let sleeping = sleep_node(&cluster.nodes[primaries[1]], "0.5").await;
     let answer = store.reserve(&r).await;
     sleeping.woken();
@@ -977,10 +967,27 @@ async fn a_denial_across_slots_names_the_first_claim_that_fails_though_a_group_w
                 "{d:?}"
             );
         }
+        Err(err) if err.is_unavailable() => {}
         other => panic!("answered {other:?}"),
     }
-    for budget in [&home, &asleep, &full] {
-        assert_eq!(status(&store, budget).await.held, 0, "{}", budget.key());
+    // Nothing stays held (given back in place, or in the background after `Unavailable`).
+    nothing_held_soon(&store, &[&home, &asleep, &full]).await;
+}
+
+/// Waits up to 10 s until none of `budgets` holds anything (a node just awake may take a moment
+/// to answer again).
+async fn nothing_held_soon(store: &RedisStore, budgets: &[&Budget]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut held = Vec::new();
+        for budget in budgets {
+            held.push(store.budget(budget).await.map(|s| s.held).ok());
+        }
+        if held.iter().all(|h| *h == Some(0)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still held: {held:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
