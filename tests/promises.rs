@@ -422,6 +422,17 @@ enum Moves {
     RecordFirst,
 }
 
+/// Marks `slot` as moving from node `from` to node `to` (`IMPORTING` there, `MIGRATING` here),
+/// moving no key yet; answers the id of `to`.
+fn start_moving(cluster: &RedisCluster, slot: u16, from: usize, to: usize) -> String {
+    let id_of = |i: usize| cluster.nodes[i].cli(&["cluster", "myid"]).trim().to_owned();
+    let (from_id, to_id) = (id_of(from), id_of(to));
+    let slot = slot.to_string();
+    cluster.nodes[to].cli(&["cluster", "setslot", &slot, "importing", &from_id]);
+    cluster.nodes[from].cli(&["cluster", "setslot", &slot, "migrating", &to_id]);
+    to_id
+}
+
 async fn a_slot_moving_under_a_commit(moves: Moves) {
     let cluster = RedisCluster::start(3, 0);
     let store = RedisStore::builder()
@@ -442,12 +453,9 @@ async fn a_slot_moving_under_a_commit(moves: Moves) {
         .unwrap();
     granted(&store, &r).await;
 
-    let id_of = |i: usize| cluster.nodes[i].cli(&["cluster", "myid"]).trim().to_owned();
-    let (from_id, to_id) = (id_of(from), id_of(to));
+    let to_id = start_moving(&cluster, slot, from, to);
     let slot_text = slot.to_string();
     let to_port = cluster.nodes[to].port().to_string();
-    cluster.nodes[to].cli(&["cluster", "setslot", &slot_text, "importing", &from_id]);
-    cluster.nodes[from].cli(&["cluster", "setslot", &slot_text, "migrating", &to_id]);
     let budget_key = format!("reserve:b:{{{key}}}");
     let migrate = |keys: &[&str]| {
         let mut args = vec!["migrate", "127.0.0.1", &to_port, "", "0", "5000", "keys"];
@@ -536,11 +544,8 @@ async fn an_extend_while_a_slot_is_moving_keeps_every_hold_in_its_bucket() {
     granted(&store, &early).await;
     granted(&store, &late).await;
 
-    let id_of = |i: usize| cluster.nodes[i].cli(&["cluster", "myid"]).trim().to_owned();
-    let (from_id, to_id) = (id_of(from), id_of(to));
+    start_moving(&cluster, slot, from, to);
     let slot_text = slot.to_string();
-    cluster.nodes[to].cli(&["cluster", "setslot", &slot_text, "importing", &from_id]);
-    cluster.nodes[from].cli(&["cluster", "setslot", &slot_text, "migrating", &to_id]);
     // Every key is still where it was: the node serves them all.
     let during = store.extend(early.id(), 3 * LONG).await;
     for i in [from, to] {
@@ -896,35 +901,23 @@ async fn two_calls_told_they_hold(lost: Lost) {
 /// node wakes, what it held comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denial_across_slots_is_answered_only_once_every_group_gave_back() {
-    let cluster = RedisCluster::start(3, 0);
-    let store = RedisStore::builder()
-        .timeout(Duration::from_millis(100))
-        .connect_cluster(cluster.urls())
-        .await
-        .unwrap();
-    let primaries = cluster.primaries();
-    let home = Budget::new(key_on(&cluster, primaries[0], "home"), 100);
-    let asleep = Budget::new(key_on(&cluster, primaries[1], "asleep"), 100);
-    let full = Budget::new(key_on(&cluster, primaries[2], "full"), 10);
-    let slot = cluster.keyslot(home.key());
-    let r = Reservation::builder()
-        .id(HoldId::new(format!("{}@{slot}", fresh("denied"))).unwrap())
-        .lease(LONG)
-        .claim(Claim::spend(home.clone(), 30))
-        .claim(Claim::spend(asleep.clone(), 30))
-        .claim(Claim::spend(full.clone(), 30))
-        .build()
-        .unwrap();
+    let Across {
+        cluster,
+        store,
+        budgets,
+        r,
+    } = across_three_nodes(100).await;
+    let [home, asleep, full] = &budgets;
     // Longer than the store's tries to give back (about 550 ms with a 100 ms limit), shorter than
     // the Cluster's node timeout (1.5 s), so that no node is marked failed meanwhile.
-    let sleeping = sleep_node(&cluster.nodes[primaries[1]], "1.3").await;
+    let sleeping = sleep_node(&cluster.nodes[cluster.primaries()[1]], "1.3").await;
     let answer = store.reserve(&r).await;
     match &answer {
         Err(err) => assert!(err.is_unavailable(), "{err}"),
         Ok(other) => panic!("answered {other:?} while a group may still hold"),
     }
     sleeping.woken();
-    nothing_held_soon(&store, &[&home, &asleep, &full]).await;
+    nothing_held_soon(&store, &[home, asleep, full]).await;
 }
 
 /// A reservation across three nodes whose home grants: the node of claim 1 sleeps past the call's
@@ -933,30 +926,18 @@ async fn a_denial_across_slots_is_answered_only_once_every_group_gave_back() {
 /// rather than answer the later claim.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denial_across_slots_names_the_first_claim_that_fails_though_a_group_was_slow() {
-    let cluster = RedisCluster::start(3, 0);
-    let store = RedisStore::builder()
-        .timeout(Duration::from_millis(100))
-        .connect_cluster(cluster.urls())
-        .await
-        .unwrap();
-    let primaries = cluster.primaries();
-    let home = Budget::new(key_on(&cluster, primaries[0], "home"), 100);
-    let asleep = Budget::new(key_on(&cluster, primaries[1], "asleep"), 10);
-    let full = Budget::new(key_on(&cluster, primaries[2], "full"), 10);
-    let slot = cluster.keyslot(home.key());
-    let r = Reservation::builder()
-        .id(HoldId::new(format!("{}@{slot}", fresh("first"))).unwrap())
-        .lease(LONG)
-        .claim(Claim::spend(home.clone(), 30))
-        .claim(Claim::spend(asleep.clone(), 30))
-        .claim(Claim::spend(full.clone(), 30))
-        .build()
-        .unwrap();
+    let Across {
+        cluster,
+        store,
+        budgets,
+        r,
+    } = across_three_nodes(10).await;
+    let [home, asleep, full] = &budgets;
     // The node sleeps about 200 ms into the reserve: past the reserve's call, within the store's
     // tries to give back (about 550 ms with a 100 ms limit). On a machine so loaded that the
     // sleep starts late and outlasts those tries, the store cannot check the group and answers
     // that it could not finish; it never names claim 2.
-    let sleeping = sleep_node(&cluster.nodes[primaries[1]], "0.5").await;
+    let sleeping = sleep_node(&cluster.nodes[cluster.primaries()[1]], "0.5").await;
     let answer = store.reserve(&r).await;
     sleeping.woken();
     match answer {
@@ -971,7 +952,47 @@ async fn a_denial_across_slots_names_the_first_claim_that_fails_though_a_group_w
         other => panic!("answered {other:?}"),
     }
     // Nothing stays held (given back in place, or in the background after `Unavailable`).
-    nothing_held_soon(&store, &[&home, &asleep, &full]).await;
+    nothing_held_soon(&store, &[home, asleep, full]).await;
+}
+
+/// A reservation across the three nodes of a fresh Cluster, spending 30 from each of three
+/// budgets: the home's (limit 100) on the first node, then one of limit `second` on the second
+/// node, then one of limit 10 on the third (so that claim 2 always fails). The store gives a call
+/// 100 ms.
+struct Across {
+    cluster: RedisCluster,
+    store: RedisStore,
+    budgets: [Budget; 3],
+    r: Reservation,
+}
+
+async fn across_three_nodes(second: u64) -> Across {
+    let cluster = RedisCluster::start(3, 0);
+    let store = RedisStore::builder()
+        .timeout(Duration::from_millis(100))
+        .connect_cluster(cluster.urls())
+        .await
+        .unwrap();
+    let primaries = cluster.primaries();
+    let budgets = [
+        Budget::new(key_on(&cluster, primaries[0], "home"), 100),
+        Budget::new(key_on(&cluster, primaries[1], "second"), second),
+        Budget::new(key_on(&cluster, primaries[2], "full"), 10),
+    ];
+    let slot = cluster.keyslot(budgets[0].key());
+    let mut r = Reservation::builder()
+        .id(HoldId::new(format!("{}@{slot}", fresh("across"))).unwrap())
+        .lease(LONG);
+    for budget in &budgets {
+        r = r.claim(Claim::spend(budget.clone(), 30));
+    }
+    let r = r.build().unwrap();
+    Across {
+        cluster,
+        store,
+        budgets,
+        r,
+    }
 }
 
 /// Waits up to 10 s until none of `budgets` holds anything (a node just awake may take a moment
