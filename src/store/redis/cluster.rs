@@ -294,8 +294,7 @@ pub(crate) async fn reserve(
     let mut to_forget: Vec<&String> = Vec::new();
     let mut lost: Vec<&(String, Vec<usize>)> = Vec::new();
     // Every group granted, or whose answer was lost, is forgotten if the reservation fails.
-    for (group, answer) in plan.groups.iter().zip(answers) {
-        let (record, indices) = group;
+    for (group @ (record, indices), answer) in plan.groups.iter().zip(answers) {
         match answer {
             Ok(Reserved::Granted(g)) => {
                 for &i in indices {
@@ -328,8 +327,7 @@ pub(crate) async fn reserve(
     }
     // All or nothing: what this attempt held goes (the home decides first, see `forget_all`), and
     // tombstones refuse its calls that may still arrive, so that the id may be reserved again at
-    // once. What cannot be
-    // reached now is given back in the background, or by its lease.
+    // once. What cannot be reached now is given back in the background, or by its lease.
     let mut records: Vec<String> = to_forget.into_iter().cloned().collect();
     records.push(store.keys().record(id));
     let left = store.forget_all(id, records, &nonce, true).await;

@@ -52,8 +52,9 @@ use redis::Value;
 /// answer was lost is sent again (a call that landed answers as it did); a reserve whose answer
 /// was lost is given back in the background, so that its id may be reserved again, unless a
 /// retry has been answered for its hold meanwhile (a replay): a hold two calls were told they
-/// have stays until it is settled or its lease ends. Needs Redis 7.0 or later, with `maxmemory-policy
-/// noeviction` (checked at connect time; see [`RedisStoreBuilder::allow_eviction`]).
+/// have stays until it is settled or its lease ends. Needs Redis 7.0 or later, with
+/// `maxmemory-policy noeviction` (checked at connect time; see
+/// [`RedisStoreBuilder::allow_eviction`]).
 ///
 /// ```no_run
 /// use tower_reserve::RedisStore;
@@ -472,14 +473,16 @@ impl RedisStore {
         }
     }
 
-    /// Forgets what the reserve call `nonce` of hold `id` held under each of `records`; answers the records
-    /// that could not be reached. `again_if_lost`: each forget is sent again while its answer is
-    /// lost, as a settlement is (it carries the nonce: one that landed is not undone).
+    /// Forgets what the reserve call `nonce` of hold `id` held under each of `records`; answers
+    /// the records that could not be reached. `again_if_lost`: each forget is sent again while
+    /// its answer is lost, as a settlement is (it carries the nonce: one that landed is not
+    /// undone).
     ///
     /// The hold's own record goes first, and decides: when it is no longer that call's alone (a
     /// retry was answered for the hold, as a replay), it is left alone, and so are its slot
-    /// groups, which hold for it. While the record cannot be reached, neither can that be told, so the groups wait
-    /// with it (their leases return them at worst). The groups then go at once.
+    /// groups, which hold for it. While the record cannot be reached, neither can that be told,
+    /// so the groups wait with it (their leases return them at worst). Then the groups go, at
+    /// once.
     async fn forget_all(
         &self,
         id: &HoldId,
