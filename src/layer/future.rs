@@ -22,7 +22,7 @@ use super::settle::{ACTUAL_HEADER, Actual, Cause, Hold, Settle, SettleGuard};
 use crate::Settlement;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 pin_project! {
     /// The response future of [`Reserve`](super::Reserve).

@@ -15,7 +15,7 @@ use tower_service::Service;
 use super::Rejection;
 use super::body::RequestBody;
 use super::extract::ExtractClaims;
-use super::future::{ResponseBody, ResponseFuture};
+use super::future::{BoxFuture, ResponseBody, ResponseFuture};
 use super::idempotency;
 use super::layer::{Options, OwnBody, Shared};
 use super::metrics::{self, Op, Outcome, RouteMetrics, Settling};
@@ -92,7 +92,7 @@ where
             tracing::Span::none()
         };
         let prepare = prepare(shared, request, !span.is_disabled());
-        ResponseFuture::new(Box::pin(prepare), inner, options, span)
+        ResponseFuture::new(prepare, inner, options, span)
     }
 }
 
@@ -110,11 +110,11 @@ pub(crate) enum Prepared<B> {
 /// request → claims → store: the steps before the handler, each a function below.
 ///
 /// `timed`: whether the request is traced, so its timings are worth taking.
-async fn prepare<St, E, B>(
+fn prepare<St, E, B>(
     shared: Arc<Shared<St, E>>,
     request: Request<B>,
     timed: bool,
-) -> Prepared<RequestBody>
+) -> BoxFuture<Prepared<RequestBody>>
 where
     St: Store,
     E: ExtractClaims,
@@ -122,14 +122,35 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let (parts, body) = request.into_parts();
+    let key = match idempotency_key(&parts, &shared.options) {
+        Ok(key) => key,
+        Err(rejection) => {
+            let response = shared.options.reject(rejection);
+            return Box::pin(std::future::ready(Prepared::Reject(response)));
+        }
+    };
+    // The body is read in a future of its own, boxed: the request then lives in one place at a
+    // time rather than in both this future's arguments and the read's, and each of the two stays
+    // small enough for the allocator's fast path.
+    let read = Box::pin(read_body(parts, body, shared.options.body_limit));
+    Box::pin(after_read(shared, read, key, timed))
+}
+
+/// The steps of [`prepare`] once the body is read: checks, claims, store.
+async fn after_read<St, E>(
+    shared: Arc<Shared<St, E>>,
+    read: BoxFuture<Result<Request<Bytes>, Rejection>>,
+    key: Option<ScopedKey>,
+    timed: bool,
+) -> Prepared<RequestBody>
+where
+    St: Store,
+    E: ExtractClaims,
+{
     let options = &shared.options;
     let reject = |rejection: Rejection| Prepared::Reject(options.reject(rejection));
-    let (parts, body) = request.into_parts();
-    let key = match idempotency_key(&parts, options) {
-        Ok(key) => key,
-        Err(rejection) => return reject(rejection),
-    };
-    let mut request = match read_body(parts, body, options.body_limit).await {
+    let mut request = match read.await {
         Ok(request) => request,
         Err(rejection) => return reject(rejection),
     };
@@ -220,7 +241,8 @@ where
         .and_then(|v| v.parse::<u64>().ok());
     if let Some(len) = declared.filter(|len| *len > limit as u64) {
         if len <= DRAIN_BYTES {
-            discard(body).await;
+            // Boxed: a rare path, which would otherwise make every request's future larger.
+            Box::pin(discard(body)).await;
         }
         return Err(Rejection::body_too_large(limit));
     }
@@ -231,7 +253,7 @@ where
     match Limited::new(body.as_mut(), limit).collect().await {
         Ok(collected) => Ok(Request::from_parts(parts, collected.to_bytes())),
         Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
-            discard(body).await;
+            Box::pin(discard(body)).await;
             Err(Rejection::body_too_large(limit))
         }
         Err(err) => {
