@@ -298,10 +298,9 @@ impl Reservation {
             .get_or_init(|| fingerprint(&self.claims, self.payload.as_ref()))
     }
 
-    /// Feeds what [`Reservation::fingerprint`] digests to `field`, one field at a time, for a
-    /// store that keeps a digest of its own.
-    pub(crate) fn identify(&self, field: impl FnMut(&[u8])) {
-        identify(&self.claims, self.payload.as_ref(), field);
+    /// The digest of the command's payload, when it has one.
+    pub(crate) fn payload_digest(&self) -> Option<&Fingerprint> {
+        self.payload.as_ref()
     }
 
     /// The claims, taken out.

@@ -9,7 +9,6 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -62,9 +61,6 @@ struct Inner {
     shards: Box<[Mutex<Shard>]>,
     retain_ms: u64,
     clock: Clock,
-    /// The key of the records' fingerprints ([`MemoryStore::fingerprint`]), drawn at random
-    /// for this store.
-    fingerprints: RandomState,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -97,7 +93,6 @@ impl MemoryStore {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 retain_ms,
                 clock,
-                fingerprints: RandomState::new(),
             }),
         }
     }
@@ -462,7 +457,9 @@ enum Phase {
 struct Record {
     phase: Phase,
     expires_at: u64,
-    fingerprint: Fingerprint,
+    /// The digest of the command's payload, when it had one: with the claims, what tells a retry
+    /// from a reuse of the id for another command ([`same_command`]).
+    payload: Option<Fingerprint>,
     claims: ResolvedClaims,
     /// When the record goes (its deadline in the shard).
     drop_at: u64,
@@ -483,6 +480,7 @@ enum Resolved {
         key: BudgetKey,
         /// The budget's window spec, to match actual amounts against (with [`budget_of`]).
         spec: Cow<'static, str>,
+        limit: u64,
         amount: u64,
         /// When the budget's window ends; `None` for a lifetime budget.
         window_ends: Option<u64>,
@@ -672,14 +670,9 @@ impl Shard {
 
 /// The answer a reserve gets from an existing record, or `None` when the record is a live hold
 /// to answer as a replay.
-fn refusal(
-    record: &Record,
-    reservation: &Reservation,
-    fingerprint: Fingerprint,
-    now: u64,
-) -> Option<Error> {
+fn refusal(record: &Record, reservation: &Reservation, now: u64) -> Option<Error> {
     let id = reservation.id();
-    let same = record.fingerprint == fingerprint;
+    let same = same_command(record, reservation);
     let kind = match record.phase {
         _ if record.phase != Phase::Tombstone && !same => ErrorKind::Conflict,
         Phase::Held if now >= record.expires_at => ErrorKind::Expired,
@@ -691,25 +684,44 @@ fn refusal(
     Some(Error::refused(kind, id).with_memo(record.memo.clone()))
 }
 
-impl MemoryStore {
-    /// What a record keeps of its reservation's claims, to tell a retry from a reuse of its id
-    /// with other claims: the fields [`Reservation::identify`] lists, as the SHA-256 fingerprint
-    /// a Redis record keeps covers them, but under SipHash keyed at random for this store.
-    ///
-    /// That is as safe, and far cheaper. A record and its fingerprint never leave the process;
-    /// the one use of a fingerprint is the comparison with a retry's under the same id. A client
-    /// who wants a retry with other claims taken for the first must make the two collide under a
-    /// 128-bit key it never sees, learning at most one bit (conflict or not) per attempt, each a
-    /// 2^-64 chance; the 64 bits of SHA-256 can at least be searched offline.
-    fn fingerprint(&self, reservation: &Reservation) -> Fingerprint {
-        let mut hasher = self.inner.fingerprints.build_hasher();
-        reservation.identify(|field| {
-            hasher.write_usize(field.len());
-            hasher.write(field);
-        });
-        hasher.finish().to_be_bytes()
+/// Whether `reservation` is the command `record` was reserved for: a retry, not a reuse of its id
+/// with other claims. The fields compared are those a Redis record's fingerprint digests
+/// ([`Reservation::fingerprint`]): the payload's digest alone when there is one, otherwise each
+/// claim's kind, target and amount or owner. A record never leaves the process, so it keeps the
+/// fields themselves and compares them exactly, rather than digest them at every reserve.
+fn same_command(record: &Record, reservation: &Reservation) -> bool {
+    if let Some(payload) = reservation.payload_digest() {
+        return record.payload.as_ref() == Some(payload);
     }
+    let claims = reservation.claims();
+    record.payload.is_none()
+        && record.claims.len() == claims.len()
+        && record.claims.iter().zip(claims).all(|pair| match pair {
+            (
+                Resolved::Spend {
+                    key,
+                    spec,
+                    limit,
+                    amount,
+                    ..
+                },
+                Claim::Spend { budget, amount: a },
+            ) => {
+                budget_of(key) == budget.key()
+                    && *spec == budget.window().spec()
+                    && *limit == budget.limit()
+                    && amount == a
+            }
+            (Resolved::Own { tag, owner, .. }, Claim::Own { value, owner: o })
+            | (
+                Resolved::ReleaseOnCommit { tag, owner, .. },
+                Claim::ReleaseOnCommit { value, owner: o },
+            ) => *tag == value.tag() && owner == o,
+            _ => false,
+        })
+}
 
+impl MemoryStore {
     /// Every slot a reservation touches: its record's and its claims'.
     fn slots_of(reservation: &Reservation) -> impl Iterator<Item = u16> + '_ {
         std::iter::once(reservation.id().slot()).chain(reservation.claims().iter().map(Claim::slot))
@@ -726,7 +738,7 @@ impl MemoryStore {
         let id = reservation.id();
         let record_slot = id.slot();
         if let Some(record) = locked.shard(record_slot).records.get(id) {
-            if let Some(err) = refusal(record, reservation, self.fingerprint(reservation), now) {
+            if let Some(err) = refusal(record, reservation, now) {
                 return Err(err);
             }
             // A retry of a live hold: the same hold, with what the retry's own budget claims
@@ -785,6 +797,7 @@ impl MemoryStore {
                         slot,
                         key,
                         spec: budget.window().spec(),
+                        limit: budget.limit(),
                         amount: *amount,
                         window_ends: window.ends_at_ms,
                     });
@@ -863,7 +876,7 @@ impl MemoryStore {
             Record {
                 phase: Phase::Held,
                 expires_at,
-                fingerprint: self.fingerprint(reservation),
+                payload: reservation.payload_digest().copied(),
                 claims: resolved,
                 drop_at: expires_at + self.inner.retain_ms,
                 memo: None,
@@ -923,7 +936,7 @@ impl MemoryStore {
             let tombstone = Record {
                 phase: Phase::Tombstone,
                 expires_at: now,
-                fingerprint: Fingerprint::default(),
+                payload: None,
                 claims: ResolvedClaims::Empty,
                 drop_at: now + retain_ms.unwrap_or(default_ms),
                 memo: None,
