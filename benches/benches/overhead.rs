@@ -9,6 +9,8 @@
 //!   rate limiter keyed by a header: the peer that users already run in front of a route), and
 //!   behind `ReserveLayer` on the instant store and on `MemoryStore`, one spend claim from a
 //!   header, committed on `200`.
+//!   `route_memory_commit_metrics` is the last with the layer's metrics kept by a Prometheus
+//!   recorder (the others record into none, as an app without one).
 //!
 //! Besides criterion's own output, every case is also timed in interleaved rounds (each round
 //! runs every case in turn), by the CPU time of the bench's thread, so that a ratio compares
@@ -35,6 +37,7 @@ use bytes::Bytes;
 use criterion::Criterion;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
+use metrics_exporter_prometheus::PrometheusBuilder;
 use tower::{Service, ServiceExt, service_fn};
 use tower_governor::GovernorLayer;
 use tower_governor::governor::GovernorConfigBuilder;
@@ -348,9 +351,39 @@ fn route_cases(instant: InstantStore, memory: MemoryStore) -> Vec<Case> {
         route_case(
             "route_memory_commit",
             "MemoryStore, claims from a header, grant + commit",
+            reserve_route(memory.clone()),
+        ),
+        recorded_route_case(
+            "route_memory_commit_metrics",
+            "the same, its metrics kept by a Prometheus recorder (as the shop keeps them)",
             reserve_route(memory),
         ),
     ]
+}
+
+/// A `route_*` case whose metrics go to a Prometheus recorder (metrics-exporter-prometheus,
+/// histograms as summaries, as the shop installs it), set for this case alone: the other cases
+/// record nothing, as an app without a recorder.
+fn recorded_route_case(name: &'static str, what: &'static str, router: axum::Router) -> Case {
+    let router: axum::Router = router.with_state(());
+    let recorder: &'static metrics_exporter_prometheus::PrometheusRecorder =
+        Box::leak(Box::new(PrometheusBuilder::new().build_recorder()));
+    Case {
+        name,
+        what,
+        bare: "route_bare",
+        call: Box::new(move || {
+            let mut call = Box::pin(router.clone().oneshot(header_request()));
+            Box::pin(async move {
+                // The recorder is this thread's for each poll, so none other sees it.
+                let response = std::future::poll_fn(|cx| {
+                    metrics::with_local_recorder(recorder, || call.as_mut().poll(cx))
+                })
+                .await;
+                response.unwrap().status()
+            })
+        }),
+    }
 }
 
 fn main() {

@@ -2,14 +2,16 @@
 //! [`ReserveLayer`](super::ReserveLayer)'s docs (*Metrics*).
 //!
 //! Every key a route can record is built once, the first time its layer sees the route, and
-//! kept with the route ([`RouteMetrics`]): recording is then a look-up in the recorder, with no
-//! label vector built, no label copied and no key hashed per request.
+//! kept with the route ([`RouteMetrics`]), with the handle the recorder registered for it the
+//! first time it was recorded ([`Registered`]): recording is then one update of that handle, with
+//! no label vector built, no key hashed and no look-up in the recorder's registry (whose locks
+//! and reference counts every thread would otherwise touch at every request).
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use ::metrics::{Key, Label, Level, Metadata, SharedString};
+use ::metrics::{Counter, Histogram, Key, Label, Level, Metadata, Recorder, SharedString};
 use http::Request;
 
 use super::extract::RoutePattern;
@@ -85,11 +87,67 @@ pub(crate) fn reason_label(reason: &DenialReason) -> &'static str {
 /// Every key one route records, labelled by its route.
 pub(crate) struct RouteMetrics {
     route: SharedString,
-    reservations: [Key; OUTCOMES.len()],
-    denials: [[Key; MODES.len()]; REASONS.len()],
-    settlements: [[Key; Cause::ALL.len()]; RESULTS.len()],
-    store_seconds: [Key; OPS.len()],
-    store_errors: [Key; OPS.len()],
+    reservations: [Registered<Counter>; OUTCOMES.len()],
+    denials: [[Registered<Counter>; MODES.len()]; REASONS.len()],
+    settlements: [[Registered<Counter>; Cause::ALL.len()]; RESULTS.len()],
+    store_seconds: [Registered<Histogram>; OPS.len()],
+    store_errors: [Registered<Counter>; OPS.len()],
+}
+
+/// A key, and the handle the first recorder it was recorded under registered for it.
+///
+/// The handle serves only that recorder: under any other (a test's local recorder, say), the key
+/// is registered again at every call, as the `metrics` macros do. A recorder is told apart by its
+/// address, which a global recorder keeps for the life of the process.
+struct Registered<H> {
+    key: Key,
+    handle: OnceLock<(usize, H)>,
+}
+
+impl<H> From<Key> for Registered<H> {
+    fn from(key: Key) -> Self {
+        Self {
+            key,
+            handle: OnceLock::new(),
+        }
+    }
+}
+
+impl<H> Registered<H> {
+    /// Runs `record` on the handle of the current recorder, registered by `register` the first
+    /// time.
+    fn with(&self, register: impl Fn(&dyn Recorder, &Key) -> H, record: impl FnOnce(&H)) {
+        ::metrics::with_recorder(|recorder| {
+            let address = std::ptr::from_ref(recorder).cast::<()>() as usize;
+            match self.handle.get() {
+                Some((at, handle)) if *at == address => record(handle),
+                Some(_) => record(&register(recorder, &self.key)),
+                None => {
+                    let handle = register(recorder, &self.key);
+                    record(&handle);
+                    let _ = self.handle.set((address, handle));
+                }
+            }
+        });
+    }
+}
+
+impl Registered<Counter> {
+    fn count(&self) {
+        self.with(
+            |recorder, key| recorder.register_counter(key, &METADATA),
+            |counter| counter.increment(1),
+        );
+    }
+}
+
+impl Registered<Histogram> {
+    fn record(&self, value: f64) {
+        self.with(
+            |recorder, key| recorder.register_histogram(key, &METADATA),
+            |histogram| histogram.record(value),
+        );
+    }
 }
 
 impl std::fmt::Debug for RouteMetrics {
@@ -108,14 +166,16 @@ impl RouteMetrics {
             Key::from_parts(name, all)
         };
         Self {
-            reservations: OUTCOMES
-                .map(|outcome| key("tower_reserve_reservations_total", &[("outcome", outcome)])),
+            reservations: OUTCOMES.map(|outcome| {
+                key("tower_reserve_reservations_total", &[("outcome", outcome)]).into()
+            }),
             denials: REASONS.map(|reason| {
                 MODES.map(|mode| {
                     key(
                         "tower_reserve_denials_total",
                         &[("reason", reason), ("mode", mode)],
                     )
+                    .into()
                 })
             }),
             settlements: RESULTS.map(|result| {
@@ -124,10 +184,12 @@ impl RouteMetrics {
                         "tower_reserve_settlements_total",
                         &[("result", result), ("cause", cause.label())],
                     )
+                    .into()
                 })
             }),
-            store_seconds: OPS.map(|op| key("tower_reserve_store_seconds", &[("op", op)])),
-            store_errors: OPS.map(|op| key("tower_reserve_store_errors_total", &[("op", op)])),
+            store_seconds: OPS.map(|op| key("tower_reserve_store_seconds", &[("op", op)]).into()),
+            store_errors: OPS
+                .map(|op| key("tower_reserve_store_errors_total", &[("op", op)]).into()),
             route,
         }
     }
@@ -138,31 +200,23 @@ impl RouteMetrics {
     }
 
     pub(crate) fn reservation(&self, outcome: Outcome) {
-        count(&self.reservations[outcome as usize]);
+        self.reservations[outcome as usize].count();
     }
 
     pub(crate) fn denial(&self, reason: &DenialReason, shadow: bool) {
-        count(&self.denials[reason_index(reason)][usize::from(shadow)]);
+        self.denials[reason_index(reason)][usize::from(shadow)].count();
     }
 
     pub(crate) fn settlement(&self, result: Settling, cause: Cause) {
-        count(&self.settlements[result as usize][cause as usize]);
+        self.settlements[result as usize][cause as usize].count();
     }
 
     pub(crate) fn store_call(&self, op: Op, took: Duration, ok: bool) {
-        let seconds = &self.store_seconds[op as usize];
-        ::metrics::with_recorder(|r| {
-            r.register_histogram(seconds, &METADATA)
-                .record(took.as_secs_f64())
-        });
+        self.store_seconds[op as usize].record(took.as_secs_f64());
         if !ok {
-            count(&self.store_errors[op as usize]);
+            self.store_errors[op as usize].count();
         }
     }
-}
-
-fn count(key: &Key) {
-    ::metrics::with_recorder(|r| r.register_counter(key, &METADATA).increment(1));
 }
 
 /// The [`RouteMetrics`] of every route one layer has seen, by route label. Route labels are
@@ -289,6 +343,36 @@ mod tests {
         for (i, cause) in Cause::ALL.iter().enumerate() {
             assert_eq!(*cause as usize, i, "{cause:?}");
         }
+    }
+
+    /// A route's handles serve the recorder they were registered with; under another, each call
+    /// reaches that recorder all the same.
+    #[test]
+    fn a_second_recorder_gets_what_is_recorded_under_it() {
+        let (first, second) = (Seen::default(), Seen::default());
+        let table = RouteTable::default();
+        let route = table.of(&Request::new(()));
+        let granted = || route.reservation(Outcome::Granted);
+        ::metrics::with_local_recorder(&first, granted);
+        ::metrics::with_local_recorder(&second, || {
+            granted();
+            granted();
+            route.store_call(Op::Reserve, Duration::from_millis(500), true);
+        });
+        ::metrics::with_local_recorder(&first, granted);
+        let sums = |seen: &Seen| seen.0.lock().unwrap().clone();
+        let key = "tower_reserve_reservations_total{route=unmatched,outcome=granted}";
+        assert_eq!(sums(&first), [(key.to_owned(), 2.0)]);
+        assert_eq!(
+            sums(&second),
+            [
+                (key.to_owned(), 2.0),
+                (
+                    "tower_reserve_store_seconds{route=unmatched,op=reserve}".to_owned(),
+                    0.5
+                )
+            ]
+        );
     }
 
     /// The keys built once per route carry the names and labels the docs list, and each call
