@@ -361,6 +361,24 @@ pub fn default_max_connections(share: usize) -> usize {
     (soft / share).clamp(16, 4096)
 }
 
+/// The Prometheus recorder of the shop and the gateway: histograms (the layer's
+/// `tower_reserve_store_seconds`) with fixed buckets, from 10 µs (an embedded store's call) to
+/// 2.5 s (a store call's whole time limit).
+///
+/// The exporter's default is a summary, which keeps a quantile sketch per time window and folds
+/// every sample into it at upkeep; under load that was most of what keeping the metrics cost
+/// the shop (`BENCHMARKS.md`, the breakdown of a purchase). Buckets cost a comparison or two per
+/// sample, and unlike quantiles they add up across instances.
+pub fn prometheus() -> metrics_exporter_prometheus::PrometheusBuilder {
+    const SECONDS: [f64; 17] = [
+        0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
+        0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    ];
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&SECONDS)
+        .expect("the buckets are not empty")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -135,7 +135,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tower::{Service, ServiceExt};
 use tower_http::timeout::TimeoutBody;
 use tower_reserve::policy::{Policy, PolicyBody, PolicyLayer, PolicyService};
@@ -716,7 +716,7 @@ async fn serve<St: Store>(store: St, cfg: Config, metrics: PrometheusHandle) {
 async fn main() {
     server::init_logging();
     let cfg = config();
-    let metrics = PrometheusBuilder::new()
+    let metrics = server::prometheus()
         .install_recorder()
         .unwrap_or_else(|e| fail(&format!("cannot install the metrics recorder: {e}")));
 

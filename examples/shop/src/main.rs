@@ -147,7 +147,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::Sha256;
@@ -1092,8 +1092,8 @@ async fn serve<St: Store>(store: St, cfg: Config, addr: &str, metrics: Prometheu
     let (header_timeout, max_connections) = (cfg.header_timeout, cfg.max_connections);
     let router =
         app(store, cfg, key).route("/metrics", get(move || std::future::ready(render.render())));
-    // Histograms are drained into their summaries here, not on each request: on a thread of
-    // its own, so that the work never delays a request.
+    // Histograms' samples are counted into their buckets here, not on each request: on a thread
+    // of its own, so that the work never delays a request.
     std::thread::spawn(move || {
         loop {
             std::thread::sleep(Duration::from_secs(5));
@@ -1309,9 +1309,9 @@ async fn main() {
     );
     let metrics = if cfg.bench_without_metrics {
         // Not installed: the middleware's metrics go nowhere, and `/metrics` stays empty.
-        PrometheusBuilder::new().build_recorder().handle()
+        server::prometheus().build_recorder().handle()
     } else {
-        PrometheusBuilder::new()
+        server::prometheus()
             .install_recorder()
             .unwrap_or_else(|e| fail(&format!("cannot install the metrics recorder: {e}")))
     };
