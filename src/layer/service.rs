@@ -15,7 +15,7 @@ use tower_service::Service;
 use super::Rejection;
 use super::body::RequestBody;
 use super::extract::ExtractClaims;
-use super::future::{BoxFuture, ResponseBody, ResponseFuture};
+use super::future::{ResponseBody, ResponseFuture};
 use super::idempotency;
 use super::layer::{Options, OwnBody, Shared};
 use super::metrics::{self, Op, Outcome, RouteMetrics, Settling};
@@ -91,8 +91,9 @@ where
         } else {
             tracing::Span::none()
         };
-        let prepare = prepare(shared, request, !span.is_disabled());
-        ResponseFuture::new(prepare, inner, options, span)
+        let (parts, body) = request.into_parts();
+        let prepare = prepare(shared, parts, body, !span.is_disabled());
+        ResponseFuture::new(Box::pin(prepare), inner, options, span)
     }
 }
 
@@ -110,40 +111,16 @@ pub(crate) enum Prepared<B> {
 /// request → claims → store: the steps before the handler, each a function below.
 ///
 /// `timed`: whether the request is traced, so its timings are worth taking.
-fn prepare<St, E, B>(
-    shared: Arc<Shared<St, E>>,
-    request: Request<B>,
-    timed: bool,
-) -> BoxFuture<Prepared<RequestBody>>
-where
-    St: Store,
-    E: ExtractClaims,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let (parts, body) = request.into_parts();
-    let key = match idempotency_key(&parts, &shared.options) {
-        Ok(key) => key,
-        Err(rejection) => {
-            let response = shared.options.reject(rejection);
-            return Box::pin(std::future::ready(Prepared::Reject(response)));
-        }
-    };
-    Box::pin(prepare_parts(shared, parts, body, key, timed))
-}
-
-/// The steps of [`prepare`] from the body on: read, checks, claims, store.
 ///
 /// This future is boxed, once per request. Each request it keeps across a wait makes it larger
 /// by one (a request's head is over 200 bytes), and past about 1 KiB the allocator leaves its
-/// fast path. So the head waits in the arguments while the body is read, and each step's request
-/// is handed to the next inside a block, whose end frees its place.
-async fn prepare_parts<St, E, B>(
+/// fast path. So the request comes in apart, its head waiting in the arguments while the body
+/// is read, and each step's request is handed to the next inside a block, whose end frees its
+/// place.
+async fn prepare<St, E, B>(
     shared: Arc<Shared<St, E>>,
     parts: http::request::Parts,
     body: B,
-    key: Option<ScopedKey>,
     timed: bool,
 ) -> Prepared<RequestBody>
 where
@@ -155,6 +132,10 @@ where
 {
     let options = &shared.options;
     let reject = |rejection: Rejection| Prepared::Reject(options.reject(rejection));
+    let key = match idempotency_key(&parts, options) {
+        Ok(key) => key,
+        Err(rejection) => return reject(rejection),
+    };
     let declared = declared_length(&parts.headers);
     let body = match read_body(body, declared, options.body_limit).await {
         Ok(body) => body,
@@ -636,7 +617,7 @@ mod tests {
     fn the_boxed_prepare_future_stays_within_the_allocators_fast_path() {
         let reserve = ReserveLayer::new(MemoryStore::new(), one_claim).layer(());
         let (parts, body) = Request::new(http_body_util::Full::new(Bytes::new())).into_parts();
-        let future = prepare_parts(reserve.shared.clone(), parts, body, None, false);
+        let future = prepare(reserve.shared.clone(), parts, body, false);
         let size = std::mem::size_of_val(&future);
         assert!(size <= 1032, "{size} bytes");
     }
