@@ -29,7 +29,6 @@
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -38,10 +37,9 @@ use serde::Deserialize;
 use serde::de::{DeserializeOwned, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+use super::BoxFuture;
 use super::Rejection;
 use crate::Claim;
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// What [`ExtractClaims`] answers: the request (handed on to the handler, extensions and all)
 /// and its claims. No claims means the request is passed on without a reservation.

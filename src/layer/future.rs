@@ -14,6 +14,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
+use super::BoxFuture;
 use super::Rejection;
 use super::idempotency::{BoxBody, Capture, Captured};
 use super::layer::{Disconnect, Options, OwnBody};
@@ -22,7 +23,6 @@ use super::settle::{ACTUAL_HEADER, Actual, Cause, Hold, Settle, SettleGuard};
 use crate::Settlement;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 pin_project! {
     /// The response future of [`Reserve`](super::Reserve).

@@ -1,7 +1,6 @@
 //! The layer and its configuration.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +9,7 @@ use http::{HeaderName, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower_layer::Layer;
 
+use super::BoxFuture;
 use super::Rejection;
 use super::extract::ExtractClaims;
 use super::idempotency::{BoxBody, Idempotency};
@@ -18,7 +18,6 @@ use super::service::Reserve;
 use super::settle::SettleStore;
 use crate::Store;
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 #[cfg(not(feature = "axum"))]
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -20,6 +20,10 @@ mod service;
 mod settle;
 mod usage;
 
+/// A boxed future the layer keeps or hands on: the steps before the handler, a store call, an
+/// extractor or a check behind a trait object.
+type BoxFuture<T> = futures_util::future::BoxFuture<'static, T>;
+
 pub use self::body::RequestBody;
 pub use self::extract::{ExtractClaims, Extracted, Routes};
 pub use self::future::{ResponseBody, ResponseFuture};

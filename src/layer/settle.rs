@@ -7,12 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::BoxFuture;
 use super::metrics::{Op, RouteMetrics, Settling};
 use crate::settlement::same_budget;
 use crate::store::embedded;
 use crate::{Budget, Claim, Error, ErrorKind, Grant, HoldId, Settled, Settlement, Store};
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// A store seen only through what settling needs, so that [`Hold`] is one type whatever the
 /// store.
