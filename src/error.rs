@@ -2,7 +2,8 @@
 
 use std::fmt;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Any error, boxed: what bodies and sources carry across the crate.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An error from building a reservation or from a [`Store`](crate::Store).
 ///

@@ -21,8 +21,7 @@ use super::layer::{Disconnect, Options, OwnBody};
 use super::service::Prepared;
 use super::settle::{ACTUAL_HEADER, Actual, Cause, Hold, Settle, SettleGuard};
 use crate::Settlement;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::error::BoxError;
 
 pin_project! {
     /// The response future of [`Reserve`](super::Reserve).

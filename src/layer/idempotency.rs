@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
 use super::Rejection;
+use crate::error::BoxError;
 
 /// The longest key accepted, in characters.
 pub const MAX_KEY_LEN: usize = 255;
@@ -340,8 +341,6 @@ pub(crate) fn replay(memo: &[u8]) -> Result<Response<Full<Bytes>>, Rejection> {
 /// A body the layer reads, boxed so that the response future keeps one type whatever the
 /// handler's body.
 pub(crate) type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A keyed request's response, read before its hold is settled, so that the settlement keeps it
 /// for replay: the whole body up to the limit, or its first part and the rest still to stream.

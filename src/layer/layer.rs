@@ -19,7 +19,7 @@ use super::settle::SettleStore;
 use crate::Store;
 
 #[cfg(not(feature = "axum"))]
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::error::BoxError;
 
 /// A check of the user's own that runs before anything is reserved: a schema check, a read-model
 /// look-up. A request it refuses reserves nothing. Any closure

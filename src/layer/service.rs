@@ -20,9 +20,8 @@ use super::idempotency;
 use super::layer::{Options, OwnBody, Shared};
 use super::metrics::{self, Op, Outcome, RouteMetrics, Settling};
 use super::settle::{Cause, Hold, SettleStore};
+use crate::error::BoxError;
 use crate::{Claim, Denial, Error, ErrorKind, HoldId, Reservation, Reserved, Settlement, Store};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The service [`ReserveLayer`](super::ReserveLayer) wraps around an inner service.
 pub struct Reserve<S, St, E> {

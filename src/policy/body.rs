@@ -9,8 +9,7 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 
 use crate::RequestBody;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::error::BoxError;
 
 /// The body of a request that went through a [`PolicyLayer`](super::PolicyLayer): read (within
 /// the route's limit) when a route reserved for it, and handed on byte for byte; streamed

@@ -12,9 +12,8 @@ use tower_service::Service;
 use super::PolicyBody;
 use super::future::PolicyFuture;
 use super::layer::Shared;
+use crate::error::BoxError;
 use crate::{RequestBody, ResponseBody, Store};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The service a [`PolicyLayer`](super::PolicyLayer) wraps around an inner service.
 pub struct PolicyService<S, St> {
