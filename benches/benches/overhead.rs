@@ -355,15 +355,16 @@ fn route_cases(instant: InstantStore, memory: MemoryStore) -> Vec<Case> {
         ),
         recorded_route_case(
             "route_memory_commit_metrics",
-            "the same, its metrics kept by a Prometheus recorder (as the shop keeps them)",
+            "the same, its metrics kept by a Prometheus recorder",
             reserve_route(memory),
         ),
     ]
 }
 
-/// A `route_*` case whose metrics go to a Prometheus recorder (metrics-exporter-prometheus,
-/// histograms as summaries, as the shop installs it), set for this case alone: the other cases
-/// record nothing, as an app without a recorder.
+/// A `route_*` case whose metrics go to a Prometheus recorder (metrics-exporter-prometheus, its
+/// defaults), set for this case alone: the other cases record nothing, as an app without a
+/// recorder. No upkeep runs here, so what is timed is the recording itself, the same whether the
+/// histogram is later kept as a summary or in buckets.
 fn recorded_route_case(name: &'static str, what: &'static str, router: axum::Router) -> Case {
     let router: axum::Router = router.with_state(());
     let recorder: &'static metrics_exporter_prometheus::PrometheusRecorder =
