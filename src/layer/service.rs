@@ -5,10 +5,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -234,17 +234,58 @@ where
         // Nothing to read (a `GET`, a `Content-Length: 0`): nothing to collect.
         return Ok(Bytes::new());
     }
-    match Limited::new(body.as_mut(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+    match collect(body.as_mut(), limit).await {
+        Ok(bytes) => Ok(bytes),
+        Err(Unread::TooLarge) => {
             Box::pin(discard(body)).await;
             Err(Rejection::body_too_large(limit))
         }
-        Err(err) => {
+        Err(Unread::Failed(err)) => {
             tracing::debug!(error = %err, "the request body could not be read");
             Err(Rejection::bad_request("the body could not be read"))
         }
     }
+}
+
+/// Why a body was not read whole.
+enum Unread {
+    TooLarge,
+    Failed(BoxError),
+}
+
+/// The body's data, up to `limit` bytes; trailers are dropped. A body that comes in one frame
+/// (most, over HTTP/1.1 with `Content-Length`) is handed on as that frame's bytes: nothing is
+/// allocated or copied, where `http_body_util`'s `collect` always allocates a list of frames.
+async fn collect<B>(mut body: Pin<&mut B>, limit: usize) -> Result<Bytes, Unread>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let mut first = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| Unread::Failed(err.into()))?;
+        let Ok(mut data) = frame.into_data() else {
+            continue;
+        };
+        len = len.saturating_add(data.remaining());
+        if len > limit {
+            return Err(Unread::TooLarge);
+        }
+        let chunk = data.copy_to_bytes(data.remaining());
+        match &mut joined {
+            Some(joined) => joined.extend_from_slice(&chunk),
+            None if first.is_empty() => first = chunk,
+            None => {
+                let mut both = BytesMut::with_capacity(len);
+                both.extend_from_slice(&first);
+                both.extend_from_slice(&chunk);
+                joined = Some(both);
+            }
+        }
+    }
+    Ok(joined.map_or(first, BytesMut::freeze))
 }
 
 /// The length `Content-Length` declares, if it is a number.
@@ -601,6 +642,7 @@ impl Drop for InFlight {
 mod tests {
     use super::*;
     use crate::{Budget, Extracted, MemoryStore, ReserveLayer};
+    use std::convert::Infallible;
     use tower_layer::Layer;
 
     async fn one_claim(request: Request<Bytes>) -> Extracted {
@@ -619,5 +661,41 @@ mod tests {
         let future = prepare(reserve.shared.clone(), parts, body, false);
         let size = std::mem::size_of_val(&future);
         assert!(size <= 1032, "{size} bytes");
+    }
+
+    /// A body in frames, trailers last, as a client streaming it sends it.
+    fn framed(chunks: &[&'static str]) -> impl Body<Data = Bytes, Error = Infallible> {
+        let mut frames: Vec<Result<http_body::Frame<Bytes>, Infallible>> = chunks
+            .iter()
+            .map(|chunk| Ok(http_body::Frame::data(Bytes::from_static(chunk.as_bytes()))))
+            .collect();
+        frames.push(Ok(http_body::Frame::trailers(http::HeaderMap::new())));
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn a_body_in_one_frame_is_handed_on_as_it_came() {
+        let sent = Bytes::from_static(b"{\"amount\":10}");
+        let body = http_body_util::Full::new(sent.clone());
+        let read = read_body(body, None, 64).await.expect("within the limit");
+        assert_eq!(read, sent);
+        assert_eq!(read.as_ptr(), sent.as_ptr(), "not copied");
+    }
+
+    #[tokio::test]
+    async fn a_body_in_many_frames_is_read_whole_and_its_trailers_dropped() {
+        let read = read_body(framed(&["{\"amo", "", "unt\":", "10}"]), None, 64)
+            .await
+            .expect("within the limit");
+        assert_eq!(read, Bytes::from_static(b"{\"amount\":10}"));
+        let exact = read_body(framed(&["1234", "5678"]), None, 8).await;
+        assert_eq!(exact.expect("exactly the limit"), "12345678");
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_limit_in_its_later_frames_is_refused() {
+        let refused = read_body(framed(&["1234", "5678", "9"]), None, 8).await;
+        let status = refused.expect_err("past the limit").status();
+        assert_eq!(status, http::StatusCode::PAYLOAD_TOO_LARGE);
     }
 }
