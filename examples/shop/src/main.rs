@@ -138,7 +138,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -778,6 +778,31 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
         .layer(axum::middleware::map_response(problems_everywhere))
 }
 
+/// What the claims' extractor left in the request's extensions for the handler, taken out
+/// rather than copied as axum's `Extension` would.
+struct Taken<T>(T);
+
+impl<S: Sync, T: Send + Sync + 'static> axum::extract::FromRequestParts<S> for Taken<T> {
+    type Rejection = Rejection;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Rejection> {
+        parts.extensions.remove::<T>().map(Self).ok_or_else(|| {
+            tracing::error!(
+                what = std::any::type_name::<T>(),
+                "the claims' extractor left nothing for the handler"
+            );
+            Rejection::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Internal server error",
+                "the request could not be completed",
+            )
+        })
+    }
+}
+
 /// The request's `X-Simulate` header, if it has one (in text): read alone, without a copy of
 /// every other header as the `HeaderMap` extractor would make.
 struct XSimulate(Option<String>);
@@ -877,7 +902,7 @@ async fn purchase<St: Store>(
     State(state): State<AppState<St>>,
     // Always there behind the layer; `None` only in the benchmarks' row without it.
     hold: Option<Hold>,
-    Extension(purchase): Extension<Purchase>,
+    Taken(purchase): Taken<Purchase>,
     x_simulate: XSimulate,
 ) -> Result<Response, Rejection> {
     simulate(&state.cfg, x_simulate).await?;
@@ -978,7 +1003,7 @@ async fn cancel<St: Store>(
 
 async fn sign_up<St: Store>(
     State(state): State<AppState<St>>,
-    Extension(sign_up): Extension<SignUp>,
+    Taken(sign_up): Taken<SignUp>,
     x_simulate: XSimulate,
 ) -> Result<Response, Rejection> {
     simulate(&state.cfg, x_simulate).await?;
@@ -1008,7 +1033,7 @@ async fn get_account<St: Store>(
 
 async fn change_email<St: Store>(
     State(state): State<AppState<St>>,
-    Extension(change): Extension<EmailChange>,
+    Taken(change): Taken<EmailChange>,
 ) -> Result<Response, Rejection> {
     let mut accounts = state.accounts.lock().expect("accounts lock");
     let account = accounts
