@@ -639,6 +639,10 @@ impl Drop for InFlight {
 }
 
 #[cfg(test)]
+#[path = "../../tests/support/redis_server.rs"]
+mod redis_server;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::{Budget, Extracted, MemoryStore, ReserveLayer};
@@ -661,6 +665,33 @@ mod tests {
         let future = prepare(reserve.shared.clone(), parts, body, false);
         let size = std::mem::size_of_val(&future);
         assert!(size <= 1032, "{size} bytes");
+    }
+
+    /// The same for the two futures the layer boxes for a store that waits, `RedisStore`: its
+    /// reserve call ([`InFlight`]) and its settle ([`SettleStore::settle`]). Each level of
+    /// `async fn` between the store and the wire keeps its own copy of the operation, and a
+    /// rare path awaited inline (a Cluster's routing, a full queue) keeps its room in every
+    /// call's future, so this is what tells when one more grows them past the cache.
+    #[tokio::test]
+    async fn the_redis_stores_boxed_futures_stay_within_the_allocators_fast_path() {
+        let redis = redis_server::RedisServer::start();
+        let store = crate::RedisStore::connect(&redis.url()).await.unwrap();
+        let reserve = ReserveLayer::new(store, one_claim).layer(());
+        let reservation = Reservation::builder()
+            .claim(Claim::spend(Budget::new("customer:1", 1_000), 10))
+            .build()
+            .unwrap();
+        let route = reserve.shared.routes.of(&Request::new(()));
+        let in_flight = InFlight::new(&reserve.shared, reservation, route);
+        let call = in_flight.call.as_ref().expect("a call on its way");
+        let size = std::mem::size_of_val(&**call);
+        assert!(size <= 1032, "the reserve call: {size} bytes");
+        let settle = reserve
+            .shared
+            .settle_store
+            .settle(HoldId::random(), Settlement::commit());
+        let size = std::mem::size_of_val(&*settle);
+        assert!(size <= 1032, "the settle: {size} bytes");
     }
 
     /// A body in frames, trailers last, as a client streaming it sends it.

@@ -89,14 +89,20 @@ impl Batcher {
     /// Sends `op` with the next call to this node and answers its own answer.
     pub(crate) async fn call(&self, op: Op, commits: bool) -> Result<Bytes, Error> {
         let (answer, rx) = oneshot::channel();
-        self.tx
-            .send(Job {
-                op,
-                commits,
-                answer,
-            })
-            .await
-            .map_err(|_| stopped())?;
+        let job = Job {
+            op,
+            commits,
+            answer,
+        };
+        match self.tx.try_send(job) {
+            Ok(()) => {}
+            // Waiting for room is boxed: a queue this long is rarely full, and the wait's state
+            // (the job with it) would otherwise make every call's future larger.
+            Err(mpsc::error::TrySendError::Full(job)) => {
+                Box::pin(self.tx.send(job)).await.map_err(|_| stopped())?;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(stopped()),
+        }
         rx.await.map_err(|_| stopped())?
     }
 }

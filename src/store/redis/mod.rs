@@ -348,11 +348,15 @@ async fn with_timeout<T>(
 ) -> Result<T, Error> {
     match tokio::time::timeout(limit, call).await {
         Ok(result) => result,
-        Err(_) => Err(Error::new(
-            ErrorKind::Unavailable,
-            format!("redis did not answer within {limit:?}"),
-        )),
+        Err(_) => Err(timed_out(limit)),
     }
+}
+
+fn timed_out(limit: Duration) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("redis did not answer within {limit:?}"),
+    )
 }
 
 impl RedisStore {
@@ -425,13 +429,18 @@ impl RedisStore {
 
     /// Sends one operation with the next call to its node, within the store's time limit.
     async fn call(&self, op: Op, commits: bool) -> Result<Bytes, Error> {
-        let call = async {
-            match &self.inner.engine {
-                Engine::Node(batcher) => batcher.call(op, commits).await,
-                Engine::Cluster(router) => router.call(op, commits).await,
+        let limit = self.inner.config.timeout;
+        // Each engine's call under the timeout as it is, with no future around it: every level
+        // of nesting would keep a copy of the operation in every call's future.
+        let answer = match &self.inner.engine {
+            Engine::Node(batcher) => tokio::time::timeout(limit, batcher.call(op, commits)).await,
+            // Boxed: a Cluster's call (routing, redirections) is several times the size of a
+            // node's, and every store call's future would otherwise carry its room.
+            Engine::Cluster(router) => {
+                tokio::time::timeout(limit, Box::pin(router.call(op, commits))).await
             }
         };
-        with_timeout(self.inner.config.timeout, call).await
+        answer.unwrap_or_else(|_| Err(timed_out(limit)))
     }
 
     /// Sends an operation that carries its call's nonce, again while its answer is lost: the
@@ -441,7 +450,8 @@ impl RedisStore {
         loop {
             match self.call(op.clone(), commits).await {
                 Err(err) if err.is_unavailable() && tries < SETTLE_TRIES => {
-                    tokio::time::sleep(Duration::from_millis(50 * tries as u64)).await;
+                    // Boxed: a rare wait, which would otherwise make every settle's future larger.
+                    Box::pin(tokio::time::sleep(Duration::from_millis(50 * tries as u64))).await;
                     tries += 1;
                 }
                 answer => return answer,
@@ -574,7 +584,9 @@ return 0
 impl Store for RedisStore {
     async fn reserve(&self, reservation: &Reservation) -> Result<Reserved, Error> {
         if let Some(plan) = self.across_slots(reservation) {
-            return cluster::reserve(self, reservation, plan).await;
+            // Boxed, as every path a Cluster takes across slots: a rare path, whose state would
+            // otherwise make every call's future larger.
+            return Box::pin(cluster::reserve(self, reservation, plan)).await;
         }
         let all: Vec<usize> = (0..reservation.claims().len()).collect();
         let nonce: Nonce = rand::random();
@@ -608,7 +620,7 @@ impl Store for RedisStore {
 
     async fn check(&self, reservation: &Reservation) -> Result<Reserved, Error> {
         if let Some(plan) = self.across_slots(reservation) {
-            return cluster::check(self, reservation, plan).await;
+            return Box::pin(cluster::check(self, reservation, plan)).await;
         }
         let all: Vec<usize> = (0..reservation.claims().len()).collect();
         let op = ops::check(
@@ -637,7 +649,7 @@ impl Store for RedisStore {
         if home.prepare {
             // A home with groups commits only once every group is sure to outlive the commit;
             // if one has ended, the commit expires (and the groups are released).
-            args.prepared = if cluster::prepare_groups(self, id, &home.groups).await? {
+            args.prepared = if Box::pin(cluster::prepare_groups(self, id, &home.groups)).await? {
                 ops::Prepared::Yes
             } else {
                 ops::Prepared::GroupEnded
@@ -647,7 +659,7 @@ impl Store for RedisStore {
         if home.groups.is_empty() {
             return home.result;
         }
-        let result = cluster::settle_groups(self, id, settlement, home).await?;
+        let result = Box::pin(cluster::settle_groups(self, id, settlement, home)).await?;
         if keep_ms == 0 {
             // Every group followed: the home, kept for them, goes as the settlement asked.
             args.prepared = ops::Prepared::GroupsFollowed;
