@@ -25,15 +25,15 @@ impl Keys {
     /// the slot of the whole id.
     pub(crate) fn record(&self, id: &HoldId) -> String {
         match id.placed() {
-            Some((name, slot)) => format!("{}:h:{{{}}}{name}", self.prefix, slot_tag(slot)),
-            None => format!("{}:h:{{{id}}}", self.prefix),
+            Some((name, slot)) => [&self.prefix, ":h:{", slot_tag(slot), "}", name].concat(),
+            None => [&self.prefix, ":h:{", id.as_str(), "}"].concat(),
         }
     }
 
     /// The record of one slot group of a reservation across slots: in the slot of `tag`. Its
     /// type (`g`) keeps it apart from every id's own record.
     pub(crate) fn group_record(&self, tag: &str, id: &HoldId) -> String {
-        format!("{}:g:{{{tag}}}{id}", self.prefix)
+        [&self.prefix, ":g:{", tag, "}", id.as_str()].concat()
     }
 
     /// Whether `record` is a slot group's record, not a hold's own.
@@ -45,17 +45,17 @@ impl Keys {
 
     /// A budget's key without its window's suffix (the scripts add it).
     pub(crate) fn budget(&self, budget: &Budget) -> String {
-        format!("{}:b:{{{}}}", self.prefix, budget.key())
+        [&self.prefix, ":b:{", budget.key(), "}"].concat()
     }
 
     /// A refund's record: beside its budget, one for every window (a refund id counts once
     /// whatever window it lands in). `#` is in no id and no budget key's window.
     pub(crate) fn refund(&self, budget: &Budget, id: &HoldId) -> String {
-        format!("{}:f:{{{}}}#{id}", self.prefix, budget.key())
+        [&self.prefix, ":f:{", budget.key(), "}#", id.as_str()].concat()
     }
 
     pub(crate) fn unique(&self, value: &Unique) -> String {
-        format!("{}:u:{{{}}}", self.prefix, value.tag())
+        [&self.prefix, ":u:{", &value.tag(), "}"].concat()
     }
 }
 
