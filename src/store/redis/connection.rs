@@ -123,8 +123,11 @@ impl Conn {
         args: &CallArgs,
     ) -> Result<Option<Bytes>, Error> {
         let library = Library::of(&args.clock);
-        let mut call = redis::cmd("FCALL");
-        call.arg(&library.name)
+        // Sized once for its arguments (the payload is most of it): built up from empty, the
+        // command's buffers would be copied into larger ones several times on every call.
+        let mut call = redis::Cmd::with_capacity(8, payload.len() + library.name.len() + 64);
+        call.arg("FCALL")
+            .arg(&library.name)
             .arg(1)
             .arg(key)
             .arg(payload)
@@ -135,7 +138,9 @@ impl Conn {
         }
         let reply = match self.query::<Value>(&call).await {
             Err(err) if is_missing(&err) => {
-                self.load_library(&args.clock).await?;
+                // Boxed: a rare path (a server that lost the library), which would otherwise
+                // make every batch's future larger.
+                Box::pin(self.load_library(&args.clock)).await?;
                 self.query::<Value>(&call).await
             }
             reply => reply,
