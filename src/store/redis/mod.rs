@@ -342,21 +342,20 @@ impl RedisStoreBuilder {
     }
 }
 
-async fn with_timeout<T>(
+/// `call` within `limit`, else unavailable. A combinator on the timeout, not an `async fn`: a
+/// level of `async fn` would keep a copy of `call`'s arguments in every call's future.
+fn with_timeout<T>(
     limit: Duration,
     call: impl Future<Output = Result<T, Error>>,
-) -> Result<T, Error> {
-    match tokio::time::timeout(limit, call).await {
-        Ok(result) => result,
-        Err(_) => Err(timed_out(limit)),
-    }
-}
-
-fn timed_out(limit: Duration) -> Error {
-    Error::new(
-        ErrorKind::Unavailable,
-        format!("redis did not answer within {limit:?}"),
-    )
+) -> impl Future<Output = Result<T, Error>> {
+    futures_util::FutureExt::map(tokio::time::timeout(limit, call), move |answer| {
+        answer.unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("redis did not answer within {limit:?}"),
+            ))
+        })
+    })
 }
 
 impl RedisStore {
@@ -432,15 +431,14 @@ impl RedisStore {
         let limit = self.inner.config.timeout;
         // Each engine's call under the timeout as it is, with no future around it: every level
         // of nesting would keep a copy of the operation in every call's future.
-        let answer = match &self.inner.engine {
-            Engine::Node(batcher) => tokio::time::timeout(limit, batcher.call(op, commits)).await,
+        match &self.inner.engine {
+            Engine::Node(batcher) => with_timeout(limit, batcher.call(op, commits)).await,
             // Boxed: a Cluster's call (routing, redirections) is several times the size of a
             // node's, and every store call's future would otherwise carry its room.
             Engine::Cluster(router) => {
-                tokio::time::timeout(limit, Box::pin(router.call(op, commits))).await
+                with_timeout(limit, Box::pin(router.call(op, commits))).await
             }
-        };
-        answer.unwrap_or_else(|_| Err(timed_out(limit)))
+        }
     }
 
     /// Sends an operation that carries its call's nonce, again while its answer is lost: the
@@ -450,8 +448,7 @@ impl RedisStore {
         loop {
             match self.call(op.clone(), commits).await {
                 Err(err) if err.is_unavailable() && tries < SETTLE_TRIES => {
-                    // Boxed: a rare wait, which would otherwise make every settle's future larger.
-                    Box::pin(tokio::time::sleep(Duration::from_millis(50 * tries as u64))).await;
+                    tokio::time::sleep(Duration::from_millis(50 * tries as u64)).await;
                     tries += 1;
                 }
                 answer => return answer,
