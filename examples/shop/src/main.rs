@@ -562,21 +562,7 @@ fn account_missing(id: &str) -> Rejection {
 // The app
 
 /// What the handlers share, behind one `Arc`: a request's `State` is one reference count.
-struct AppState<St>(Arc<App<St>>);
-
-impl<St> Clone for AppState<St> {
-    fn clone(&self) -> Self {
-        Self(self.0.clone())
-    }
-}
-
-impl<St> std::ops::Deref for AppState<St> {
-    type Target = App<St>;
-
-    fn deref(&self) -> &App<St> {
-        &self.0
-    }
-}
+type AppState<St> = Arc<App<St>>;
 
 struct App<St> {
     store: St,
@@ -721,7 +707,7 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
     };
 
     let bench_without_layer = cfg.bench_without_layer;
-    let state = AppState(Arc::new(App {
+    let state: AppState<St> = Arc::new(App {
         store,
         cfg,
         budgets,
@@ -729,7 +715,7 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
         purchase_ids: PurchaseIds {
             key: Arc::new(purchase_id_key),
         },
-    }));
+    });
     let catch_panic = CatchPanicLayer::custom(panic_response);
 
     Router::new()
