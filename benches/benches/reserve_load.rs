@@ -559,8 +559,8 @@ const VARIANTS: &[Variant] = &[
                 "      hold_in(b, T, claims[i][3])",
             ),
             (
-                "  CALL('SET', key, phase .. V .. fpnonce .. times(e, now) .. body, 'PX', num(lease + RETAIN))\n  return { 'G', e, 0, unpack(left) }",
-                "  return { 'G', e, 0, unpack(left) }",
+                "  CALL('SET', key, phase .. V .. fpnonce .. times(e, now) .. body, 'PX', num(lease + RETAIN))\n  return answer",
+                "  return answer",
             ),
         ],
     },

@@ -304,9 +304,14 @@ local function read_spends(packed, off, count)
   return spends, off
 end
 
+-- Where a claim keeps what an operation read for it before it writes: a budget claim its budget
+-- (load_budget), a value claim its owner and in-flight marker. Made with its place (false), so
+-- that keeping it never grows the claim's table.
+local LOADED = 7
+
 -- The claims, groups and spends of a body that starts at `from` of `packed`, for a hold reserved
--- at `start`. A budget claim is { 'b', base key, amount, spec, key in its window, window end };
--- a value claim { 'u' or 'r', value key, 0, owner }.
+-- at `start`. A budget claim is { 'b', base key, amount, spec, key in its window, window end,
+-- loaded }; a value claim { 'u' or 'r', value key, 0, owner, -, -, loaded }.
 local function read_body(packed, from, start)
   -- The count and the first claim in one call; without a claim, the count alone.
   local off, n, kind, key, amount, other = MP_READ(packed, 5, from)
@@ -315,12 +320,12 @@ local function read_body(packed, from, start)
   for i = 1, n do
     if i > 1 then off, kind, key, amount, other = MP_READ(packed, 4, off) end
     if kind ~= 'b' then
-      claims[i] = { kind, key, amount, other }
+      claims[i] = { kind, key, amount, other, false, false, false }
     elseif other == '0' then
-      claims[i] = { kind, key, amount, other, key, false }
+      claims[i] = { kind, key, amount, other, key, false, false }
     else
       local suffix, ends = window(other, start)
-      claims[i] = { kind, key, amount, other, key .. suffix, ends }
+      claims[i] = { kind, key, amount, other, key .. suffix, ends, false }
     end
   end
   if off == -1 then return claims, NONE, NONE end

@@ -55,10 +55,10 @@ local function holds(pending, key)
 end
 
 -- Reads and checks every claim (`limits`: each budget claim's limit, by claim index), writing
--- nothing. Answers the budgets to hold them in (by claim index) and what each claim has left
--- once held (-1: not a budget), or a denial naming the first claim that failed.
-local function check_claims(key, claims, limits, e, now)
-  local budgets, left = {}, {}
+-- nothing. Keeps each budget claim's budget with it, to hold it in (its `LOADED` place), and
+-- writes what each claim has left once held (-1: not a budget) into `answer`, from its fourth
+-- place on; answers nil, or a denial naming the first claim that failed.
+local function check_claims(key, claims, limits, e, now, answer)
   local T = bucket(e)
   for i = 1, #claims do
     local c = claims[i]
@@ -66,26 +66,26 @@ local function check_claims(key, claims, limits, e, now)
       local b = load_budget(c[5], T)
       expire(b, now)
       local room = remaining(b, limits[i])
-      if c[3] > room then return nil, nil, { 'D', i, 'budget', room, c[6] or -1 } end
+      if c[3] > room then return { 'D', i, 'budget', room, c[6] or -1 } end
       -- A second bucket creates the sorted set: read it first (see the top of this file).
       if b.c == 1 and b.n ~= T then CALL('EXISTS', b.key .. ':h') end
       if c[6] then b.window_ends = c[6] end
-      budgets[i] = b
-      left[i] = room - c[3]
+      c[LOADED] = b
+      answer[3 + i] = room - c[3]
     else
       local v = CALL('MGET', c[2], c[2] .. ':p')
       local owner, pending = v[1], v[2]
       if c[1] == 'u' then
-        if owner and owner ~= c[4] then return nil, nil, { 'D', i, 'taken', 0 } end
+        if owner and owner ~= c[4] then return { 'D', i, 'taken', 0 } end
       elseif owner ~= c[4] then
-        return nil, nil, { 'D', i, 'not_owner', 0 }
+        return { 'D', i, 'not_owner', 0 }
       end
       -- One hold at a time has a value in flight, whatever it claims of it.
-      if pending and not holds(pending, key) then return nil, nil, { 'D', i, 'taken', 0 } end
-      left[i] = -1
+      if pending and not holds(pending, key) then return { 'D', i, 'taken', 0 } end
+      answer[3 + i] = -1
     end
   end
-  return budgets, left, nil
+  return nil
 end
 
 -- The answer to a retry of a live hold: the same hold, with what the retry's own budget claims
@@ -107,9 +107,14 @@ local function replay(r, nonce, claims, limits, now)
 end
 
 -- The limits of a reserve's claims: the first claim's, and the others' as the client packed them
--- (nil when there are none).
+-- (nil when there are none). A lone claim's is kept in one table for every operation (each
+-- reads it before the next runs), not in a new one each.
+local ONE_LIMIT = {}
 local function read_limits(limit, more)
-  if not more then return { limit } end
+  if not more then
+    ONE_LIMIT[1] = limit
+    return ONE_LIMIT
+  end
   return { limit, MP_UNPACK(more) }
 end
 
@@ -122,11 +127,11 @@ end
 
 -- Reads what settling a hold's claims needs: each budget with the hold taken out of it (and,
 -- committing, what it spends added), each value claim with its owner and in-flight marker.
--- Writes nothing; `write_settled` writes it.
+-- Writes nothing: what it read is kept with each claim (its `LOADED` place), and `write_settled`
+-- writes it. Answers the claims.
 local function read_settled(r, commit, actuals, now)
   local T = bucket(r.e)
   local claims = claims_of(r)
-  local plan = {}
   for i = 1, #claims do
     local c = claims[i]
     if c[1] == 'b' then
@@ -141,33 +146,36 @@ local function read_settled(r, commit, actuals, now)
         if not actual or actual > c[3] then actual = c[3] end
         spend(b, actual)
       end
-      plan[i] = b
+      c[LOADED] = b
     else
-      local v = CALL('MGET', c[2], c[2] .. ':p')
-      plan[i] = { claim = c, owner = v[1], pending = v[2] }
+      -- The value's owner and in-flight marker.
+      c[LOADED] = CALL('MGET', c[2], c[2] .. ':p')
     end
   end
-  return plan
+  return claims
 end
 
--- Writes what read_settled planned for the hold of record `key`: committing, held values become their owners'
--- (again, for an owner that claimed what it owned, even if an operator removed it meanwhile)
--- and release-on-commit values are freed; either way the hold's in-flight markers go.
-local function write_settled(plan, key, commit)
-  for i = 1, #plan do
-    local p = plan[i]
-    local c = p.claim
-    if not c then
-      save_budget(p)
-    elseif holds(p.pending, key) then
-      if commit and c[1] == 'u' then
-        CALL('SET', c[2], c[4])
-      elseif commit and p.owner == c[4] then
+-- Writes what read_settled read for the hold of record `key`: committing, held values become
+-- their owners' (again, for an owner that claimed what it owned, even if an operator removed it
+-- meanwhile) and release-on-commit values are freed; either way the hold's in-flight markers go.
+local function write_settled(claims, key, commit)
+  for i = 1, #claims do
+    local c = claims[i]
+    local loaded = c[LOADED]
+    if c[1] == 'b' then
+      save_budget(loaded)
+    else
+      local owner, pending = loaded[1], loaded[2]
+      if holds(pending, key) then
+        if commit and c[1] == 'u' then
+          CALL('SET', c[2], c[4])
+        elseif commit and owner == c[4] then
+          CALL('DEL', c[2])
+        end
+        CALL('DEL', c[2] .. ':p')
+      elseif commit and c[1] == 'r' and owner == c[4] then
         CALL('DEL', c[2])
       end
-      CALL('DEL', c[2] .. ':p')
-    elseif commit and c[1] == 'r' and p.owner == c[4] then
-      CALL('DEL', c[2])
     end
   end
 end
@@ -230,11 +238,14 @@ local function reserve(now, key, lease, fpnonce, mode, body, limit, more_limits)
     if r.s == 'H' then undo(r, key, now) end
   end
 
-  local budgets, left, denial = check_claims(key, claims, limits, e, now)
+  -- A grant's answer, what each claim has left filled in by check_claims (made with room for
+  -- one, if there is one, so that a lone claim's does not grow it).
+  local answer = { 'G', e, 0, claims[1] and -1 }
+  local denial = check_claims(key, claims, limits, e, now, answer)
   if denial then return denial end
   local T = bucket(e)
   for i = 1, #claims do
-    local b = budgets[i]
+    local b = claims[i][1] == 'b' and claims[i][LOADED]
     if b then
       hold_in(b, T, claims[i][3])
       if b.window_ends then keep_until(b, math.max(b.window_ends, e) + WINDOW_GRACE_MS) end
@@ -244,7 +255,7 @@ local function reserve(now, key, lease, fpnonce, mode, body, limit, more_limits)
     end
   end
   CALL('SET', key, phase .. V .. fpnonce .. times(e, now) .. body, 'PX', num(lease + RETAIN))
-  return { 'G', e, 0, unpack(left) }
+  return answer
 end
 
 -- Op 9: record, lease, fingerprint (8 bytes), body, limit, more limits: what reserve would answer now,
@@ -265,9 +276,8 @@ local function check(now, key, lease, fp, body, limit, more_limits)
       return refuse(key, r)
     end
   end
-  local _, left, denial = check_claims(key, claims, limits, now + lease, now)
-  if denial then return denial end
-  return { 'G', now + lease, 0, unpack(left) }
+  local answer = { 'G', now + lease, 0, claims[1] and -1 }
+  return check_claims(key, claims, limits, now + lease, now, answer) or answer
 end
 
 -- Keeps `key` at least `keep` ms from now; answers false when it does not exist.
@@ -376,11 +386,11 @@ local function settle(now, key, commit, strict, prepared, keep, memo, actuals, n
   end
   if commit and #groups > 0 and prepared == '0' then return { 'E', 'prepare', groups } end
   if commit and prepared == 'x' then return expire_now(key, r, nonce, now) end
-  local plan = read_settled(r, commit, actuals, now)
+  local claims = read_settled(r, commit, actuals, now)
   local mkey = keep > 0 and memo and memo_key(key)
   if mkey then CALL('EXISTS', mkey) end
   -- Writes, every key read above.
-  write_settled(plan, key, commit)
+  write_settled(claims, key, commit)
   if keep == 0 then
     CALL('SET', key, forgotten(nonce, false), 'PX', num(ANSWER_MS))
   else
