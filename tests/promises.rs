@@ -628,6 +628,54 @@ impl Asleep {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The time limit holds for operations queued behind calls that hang, not only for the calls:
+// each is answered "unavailable" at its own deadline, long before the node answers, and what
+// the calls that did run held is given back.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_queued_behind_a_hung_node_are_answered_within_their_time_limit() {
+    let server = RedisServer::start_with(&["--enable-debug-command", "local"]);
+    let store = RedisStore::builder()
+        .timeout(Duration::from_millis(300))
+        // One operation a call: two calls in flight, the rest queued behind them.
+        .max_batch(1)
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let budget = Budget::new(fresh("queued"), 1_000);
+    let asleep = sleep_node(&server, "4").await;
+    let calls = (0..50).map(|_| {
+        let (store, budget) = (store.clone(), budget.clone());
+        tokio::spawn(async move {
+            let r = Reservation::builder()
+                .lease(LONG)
+                .claim(Claim::spend(budget, 10))
+                .build()
+                .unwrap();
+            store.reserve(&r).await
+        })
+    });
+    for call in futures_util::future::join_all(calls).await {
+        assert_eq!(kind(call.unwrap()), ErrorKind::Unavailable);
+    }
+    assert!(
+        !asleep.0.is_finished(),
+        "every operation was answered while the node still slept"
+    );
+    asleep.woken();
+    // What the two calls in flight held, once they ran, is given back in the background.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(&store, &budget).await;
+        if s.held == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still held: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // A settlement that forgets a hold settled before answers Replayed even when its answer was
 // lost and the store sent it again (the first send has dropped the record by then).
 

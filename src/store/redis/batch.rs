@@ -5,6 +5,14 @@
 //!
 //! The worker is tower's `buffer` worker in shape (requests in over a channel, each answered on a
 //! oneshot); the batching is TigerBeetle's client's (the next batch fills while one is in flight).
+//!
+//! The worker also keeps each operation's time limit, with one timer for each call rather than
+//! one for every operation: a call is given until the earliest deadline of the operations it
+//! carries, past which each of them is answered "unavailable" (whether the call ran is not known:
+//! the store handles that answer as a lost one). An operation waits in the queue only behind
+//! calls of operations asked before it, whose deadlines come no later than its own; when one of
+//! them ends, an operation whose time is up is answered "unavailable" rather than sent. So none
+//! waits past its deadline.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -15,6 +23,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::connection::{CallArgs, Conn};
 use super::protocol::{self, Op};
@@ -36,6 +45,9 @@ pub(crate) struct Limits {
     pub(crate) in_flight: usize,
     /// After a call that committed: wait for this many replicas, this long (Redis `WAIT`).
     pub(crate) wait_for: Option<(usize, Duration)>,
+    /// The time limit of one operation, from when it is asked to when it is answered: its wait in
+    /// the queue, its call and any wait for replicas.
+    pub(crate) timeout: Duration,
 }
 
 impl Default for Limits {
@@ -46,6 +58,7 @@ impl Default for Limits {
             max_bytes: 256 << 10,
             in_flight: 2,
             wait_for: None,
+            timeout: Duration::from_secs(2),
         }
     }
 }
@@ -61,13 +74,22 @@ pub(crate) struct Counters {
 #[derive(Clone)]
 pub(crate) struct Batcher {
     tx: mpsc::Sender<Job>,
+    timeout: Duration,
 }
 
 struct Job {
     op: Op,
     /// Whether this operation commits (a call that holds one waits for replicas, if asked).
     commits: bool,
+    /// When it is answered "unavailable" if it has not been answered yet.
+    deadline: Instant,
     answer: oneshot::Sender<Result<Bytes, Error>>,
+}
+
+impl Job {
+    fn time_out(self, timeout: Duration) {
+        let _ = self.answer.send(Err(super::timed_out(timeout)));
+    }
 }
 
 /// Operations queued at most, beyond which callers wait for room (and time out).
@@ -83,15 +105,21 @@ impl Batcher {
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(work(rx, conn, limits, counters, args));
-        Self { tx }
+        Self {
+            tx,
+            timeout: limits.timeout,
+        }
     }
 
-    /// Sends `op` with the next call to this node and answers its own answer.
+    /// Sends `op` with the next call to this node and answers its own answer, within the time
+    /// limit.
     pub(crate) async fn call(&self, op: Op, commits: bool) -> Result<Bytes, Error> {
         let (answer, rx) = oneshot::channel();
+        let deadline = Instant::now() + self.timeout;
         let job = Job {
             op,
             commits,
+            deadline,
             answer,
         };
         match self.tx.try_send(job) {
@@ -99,7 +127,11 @@ impl Batcher {
             // Waiting for room is boxed: a queue this long is rarely full, and the wait's state
             // (the job with it) would otherwise make every call's future larger.
             Err(mpsc::error::TrySendError::Full(job)) => {
-                Box::pin(self.tx.send(job)).await.map_err(|_| stopped())?;
+                let room = Box::pin(tokio::time::timeout_at(deadline, self.tx.send(job)));
+                match room.await {
+                    Ok(sent) => sent.map_err(|_| stopped())?,
+                    Err(_) => return Err(super::timed_out(self.timeout)),
+                }
             }
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(stopped()),
         }
@@ -131,14 +163,14 @@ async fn work(
                 Err(_) => break,
             }
         }
-        while in_flight.len() < limits.in_flight {
-            let jobs = next_batch(&mut waiting, &limits);
+        while in_flight.len() < limits.in_flight && !waiting.is_empty() {
+            let jobs = next_batch(&mut waiting, &limits, Instant::now());
             if jobs.is_empty() {
                 break;
             }
             counters.calls.fetch_add(1, Ordering::Relaxed);
             counters.ops.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-            in_flight.push(send(conn.clone(), jobs, limits.wait_for, args.clone()));
+            in_flight.push(send(conn.clone(), jobs, limits, args.clone()));
         }
         if in_flight.is_empty() {
             if !open && waiting.is_empty() {
@@ -161,13 +193,19 @@ async fn work(
 }
 
 /// Takes the next batch off the queue, within the limits, skipping operations whose caller has
-/// given up (it was told the store was unavailable; sending it now could only surprise it).
-fn next_batch(waiting: &mut VecDeque<Job>, limits: &Limits) -> Vec<Job> {
+/// given up, and answering those whose time is up by `now` (sending one now could only surprise
+/// its caller, who was or will be told the store was unavailable).
+fn next_batch(waiting: &mut VecDeque<Job>, limits: &Limits, now: Instant) -> Vec<Job> {
     let mut jobs = Vec::with_capacity(waiting.len().min(limits.max_ops));
     let (mut work, mut bytes) = (0, 0);
     while let Some(job) = waiting.front() {
         if job.answer.is_closed() {
             waiting.pop_front();
+            continue;
+        }
+        if job.deadline <= now {
+            let job = waiting.pop_front().expect("front exists");
+            job.time_out(limits.timeout);
             continue;
         }
         if !jobs.is_empty()
@@ -184,30 +222,41 @@ fn next_batch(waiting: &mut VecDeque<Job>, limits: &Limits) -> Vec<Job> {
     jobs
 }
 
+/// One call of the function with the operations `jobs`, until the earliest of their deadlines.
 async fn send(
     conn: Conn,
     jobs: Vec<Job>,
-    wait_for: Option<(usize, Duration)>,
+    limits: Limits,
     args: CallArgs,
 ) -> (Vec<Job>, Result<Bytes, Error>) {
     let payload = protocol::batch(jobs.iter().map(|j| &j.op.bytes[..]));
     let key = jobs[0].op.key.as_str();
-    let reply = match conn.run_batch(key, &payload, &args).await {
-        Ok(Some(reply)) => {
-            if let Some((replicas, timeout)) = wait_for
-                && jobs.iter().any(|j| j.commits)
-            {
-                // Boxed: a rare wait (replicas asked for), which would otherwise make every
-                // batch's future larger.
-                Box::pin(conn.wait(key, replicas, timeout)).await;
+    let deadline = jobs
+        .iter()
+        .map(|j| j.deadline)
+        .min()
+        .expect("a batch has jobs");
+    let call = async {
+        match conn.run_batch(key, &payload, &args).await {
+            Ok(Some(reply)) => {
+                if let Some((replicas, timeout)) = limits.wait_for
+                    && jobs.iter().any(|j| j.commits)
+                {
+                    // Boxed: a rare wait (replicas asked for), which would otherwise make every
+                    // batch's future larger.
+                    Box::pin(conn.wait(key, replicas, timeout)).await;
+                }
+                Ok(reply)
             }
-            Ok(reply)
+            // Turned away by its node, the batch ran nothing: each operation is answered
+            // "moved", as one the node does not serve, and the router sends it again.
+            Ok(None) => Ok(protocol::all_moved(jobs.len()).into()),
+            Err(err) => Err(err),
         }
-        // Turned away by its node, the batch ran nothing: each operation is answered "moved",
-        // as one the node does not serve, and the router sends it again.
-        Ok(None) => Ok(protocol::all_moved(jobs.len()).into()),
-        Err(err) => Err(err),
     };
+    let reply = tokio::time::timeout_at(deadline, call)
+        .await
+        .unwrap_or_else(|_| Err(super::timed_out(limits.timeout)));
     (jobs, reply)
 }
 

@@ -122,7 +122,6 @@ enum Engine {
 #[derive(Debug, Clone)]
 struct Config {
     retain_ms: u64,
-    timeout: Duration,
     limits: Limits,
     allow_eviction: bool,
     clock: Clock,
@@ -149,7 +148,6 @@ impl Default for RedisStoreBuilder {
             prefix: "reserve".to_owned(),
             config: Config {
                 retain_ms: DEFAULT_RETAIN.as_millis() as u64,
-                timeout: Duration::from_secs(2),
                 limits: Limits::default(),
                 allow_eviction: false,
                 clock: Clock::default(),
@@ -185,7 +183,7 @@ impl RedisStoreBuilder {
 
     /// The time limit of one store call, connection included (default 2 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.config.timeout = timeout;
+        self.config.limits.timeout = timeout;
         self
     }
 
@@ -234,7 +232,7 @@ impl RedisStoreBuilder {
         CallArgs {
             retain_ms: self.config.retain_ms,
             // Longer than the store tries one call again (`RedisStore::settle_record`).
-            answer_ms: (self.config.timeout * (SETTLE_TRIES + 1)).as_millis() as u64 + 1_000,
+            answer_ms: (self.config.limits.timeout * (SETTLE_TRIES + 1)).as_millis() as u64 + 1_000,
             clock: self.config.clock.clone(),
         }
     }
@@ -263,7 +261,7 @@ impl RedisStoreBuilder {
         if urls.is_empty() {
             return Err(Error::invalid("a cluster needs at least one seed node"));
         }
-        let timeout = self.config.timeout;
+        let timeout = self.config.limits.timeout;
         let client = |retries: u32| {
             redis::cluster::ClusterClient::builder(urls.clone())
                 .connection_timeout(timeout)
@@ -307,11 +305,11 @@ impl RedisStoreBuilder {
         let client = redis::Client::open(url)
             .map_err(|e| Error::invalid(format!("redis url {url:?}: {e}")).with_source(e))?;
         let manager = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.config.timeout))
-            .set_response_timeout(Some(self.config.timeout))
+            .set_connection_timeout(Some(self.config.limits.timeout))
+            .set_response_timeout(Some(self.config.limits.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let timeout = self.config.timeout;
+        let timeout = self.config.limits.timeout;
         let conn = with_timeout(timeout, async {
             let conn = Conn::Node(ConnectionManager::new_with_config(client, manager).await?);
             check_server(&conn, url, self.config.allow_eviction).await?;
@@ -349,13 +347,16 @@ fn with_timeout<T>(
     call: impl Future<Output = Result<T, Error>>,
 ) -> impl Future<Output = Result<T, Error>> {
     futures_util::FutureExt::map(tokio::time::timeout(limit, call), move |answer| {
-        answer.unwrap_or_else(|_| {
-            Err(Error::new(
-                ErrorKind::Unavailable,
-                format!("redis did not answer within {limit:?}"),
-            ))
-        })
+        answer.unwrap_or_else(|_| Err(timed_out(limit)))
     })
+}
+
+/// What a call that ran out of its time `limit` answers.
+fn timed_out(limit: Duration) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("redis did not answer within {limit:?}"),
+    )
 }
 
 impl RedisStore {
@@ -428,14 +429,14 @@ impl RedisStore {
 
     /// Sends one operation with the next call to its node, within the store's time limit.
     async fn call(&self, op: Op, commits: bool) -> Result<Bytes, Error> {
-        let limit = self.inner.config.timeout;
-        // Each engine's call under the timeout as it is, with no future around it: every level
-        // of nesting would keep a copy of the operation in every call's future.
         match &self.inner.engine {
-            Engine::Node(batcher) => with_timeout(limit, batcher.call(op, commits)).await,
+            // The node's worker keeps the time limit (see `batch`).
+            Engine::Node(batcher) => batcher.call(op, commits).await,
             // Boxed: a Cluster's call (routing, redirections) is several times the size of a
-            // node's, and every store call's future would otherwise carry its room.
+            // node's, and every store call's future would otherwise carry its room. Its
+            // redirections are under the time limit too, not only each node's call.
             Engine::Cluster(router) => {
+                let limit = self.inner.config.limits.timeout;
                 with_timeout(limit, Box::pin(router.call(op, commits))).await
             }
         }
