@@ -310,7 +310,8 @@ async fn price(product_id: u64) -> Option<u64> {
 /// URL-safe base64.
 #[derive(Clone)]
 struct PurchaseIds {
-    key: Arc<[u8; 32]>,
+    /// The HMAC keyed once: each id clones it rather than hash the key again.
+    keyed: Hmac<Sha256>,
 }
 
 /// Bytes of an id before its tag: the nonce, the amount and the time of issue.
@@ -331,8 +332,14 @@ fn now_ms() -> u64 {
 }
 
 impl PurchaseIds {
+    fn new(key: &[u8; 32]) -> Self {
+        Self {
+            keyed: Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key"),
+        }
+    }
+
     fn mac(&self, customer_id: &str, body: &[u8]) -> Hmac<Sha256> {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key[..]).expect("HMAC takes any key");
+        let mut mac = self.keyed.clone();
         mac.update(&(customer_id.len() as u64).to_be_bytes());
         mac.update(customer_id.as_bytes());
         mac.update(body);
@@ -712,9 +719,7 @@ fn app<St: Store>(store: St, cfg: Config, purchase_id_key: [u8; 32]) -> Router {
         cfg,
         budgets,
         accounts,
-        purchase_ids: PurchaseIds {
-            key: Arc::new(purchase_id_key),
-        },
+        purchase_ids: PurchaseIds::new(&purchase_id_key),
     });
     let catch_panic = CatchPanicLayer::custom(panic_response);
 
