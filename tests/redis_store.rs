@@ -336,3 +336,30 @@ async fn a_redis_that_may_evict_is_refused_unless_accepted() {
     let safe = RedisServer::start_with(&["--maxmemory-policy", "noeviction"]);
     assert!(RedisStore::connect(&safe.url()).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_limit_too_long_to_add_to_the_clock_is_no_limit() {
+    // `Duration::MAX` as a store's time limit: no deadline can be computed from it, and every
+    // call must still run (not panic, not time out at once).
+    let redis = RedisServer::start();
+    let store = RedisStore::builder()
+        .prefix(fresh("nolimit"))
+        .timeout(Duration::MAX)
+        .connect(&redis.url())
+        .await
+        .unwrap();
+    let budget = Budget::new(fresh("nolimit"), 100);
+    let r = Reservation::builder()
+        .claim(Claim::spend(budget.clone(), 30))
+        .build()
+        .unwrap();
+    assert!(matches!(store.reserve(&r).await, Ok(Reserved::Granted(_))));
+    assert_eq!(
+        store
+            .settle(r.id(), &tower_reserve::Settlement::commit())
+            .await
+            .unwrap(),
+        Settled::Applied
+    );
+    assert_eq!(store.budget(&budget).await.unwrap().spent, 30);
+}

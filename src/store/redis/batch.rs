@@ -115,7 +115,11 @@ impl Batcher {
     /// limit.
     pub(crate) async fn call(&self, op: Op, commits: bool) -> Result<Bytes, Error> {
         let (answer, rx) = oneshot::channel();
-        let deadline = Instant::now() + self.timeout;
+        let now = Instant::now();
+        // A limit too long to add (`Duration::MAX`, say) is no limit: 30 years, as tokio's.
+        let deadline = now
+            .checked_add(self.timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
         let job = Job {
             op,
             commits,

@@ -231,8 +231,16 @@ impl RedisStoreBuilder {
     fn call_args(&self) -> CallArgs {
         CallArgs {
             retain_ms: self.config.retain_ms,
-            // Longer than the store tries one call again (`RedisStore::settle_record`).
-            answer_ms: (self.config.limits.timeout * (SETTLE_TRIES + 1)).as_millis() as u64 + 1_000,
+            // Longer than the store tries one call again (`RedisStore::settle_record`), and at
+            // most a day (a time limit too long to count in is no limit).
+            answer_ms: self
+                .config
+                .limits
+                .timeout
+                .saturating_mul(SETTLE_TRIES + 1)
+                .saturating_add(Duration::from_secs(1))
+                .min(Duration::from_secs(86_400))
+                .as_millis() as u64,
             clock: self.config.clock.clone(),
         }
     }
