@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use support::redis_server::{RedisCluster, RedisServer};
-use support::{Advance, fresh, granted, kind, status};
+use support::{Advance, fresh, granted, kind, spend, status};
 use tower::{Layer, ServiceBuilder, ServiceExt};
 use tower_reserve::{
     Budget, Claim, DenialReason, ErrorKind, Extracted, HoldId, Idempotency, MAX_MEMO, MemoryStore,
@@ -645,15 +645,8 @@ async fn operations_queued_behind_a_hung_node_are_answered_within_their_time_lim
     let budget = Budget::new(fresh("queued"), 1_000);
     let asleep = sleep_node(&server, "4").await;
     let calls = (0..50).map(|_| {
-        let (store, budget) = (store.clone(), budget.clone());
-        tokio::spawn(async move {
-            let r = Reservation::builder()
-                .lease(LONG)
-                .claim(Claim::spend(budget, 10))
-                .build()
-                .unwrap();
-            store.reserve(&r).await
-        })
+        let (store, r) = (store.clone(), spend(&budget, 10, LONG));
+        tokio::spawn(async move { store.reserve(&r).await })
     });
     for call in futures_util::future::join_all(calls).await {
         assert_eq!(kind(call.unwrap()), ErrorKind::Unavailable);

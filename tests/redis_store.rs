@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use support::fresh;
 use support::redis_server::{RedisCluster, RedisServer};
+use support::{fresh, spend};
 use tower_reserve::{
     Budget, Claim, ErrorKind, HoldId, RedisStore, Reservation, Reserved, Settled, Store, Unique,
     Window,
@@ -275,13 +275,8 @@ async fn batches_that_mix_slots_of_one_node_stay_exact() {
         .collect();
     let tasks: Vec<_> = (0..400)
         .map(|i| {
-            let (store, budget) = (store.clone(), budgets[i % budgets.len()].clone());
+            let (store, r) = (store.clone(), spend(&budgets[i % budgets.len()], 30, LONG));
             tokio::spawn(async move {
-                let r = Reservation::builder()
-                    .lease(LONG)
-                    .claim(Claim::spend(budget, 30))
-                    .build()
-                    .unwrap();
                 match store.reserve(&r).await.unwrap() {
                     Reserved::Granted(g) => {
                         if i % 3 == 0 {
@@ -349,10 +344,7 @@ async fn a_time_limit_too_long_to_add_to_the_clock_is_no_limit() {
         .await
         .unwrap();
     let budget = Budget::new(fresh("nolimit"), 100);
-    let r = Reservation::builder()
-        .claim(Claim::spend(budget.clone(), 30))
-        .build()
-        .unwrap();
+    let r = spend(&budget, 30, LONG);
     assert!(matches!(store.reserve(&r).await, Ok(Reserved::Granted(_))));
     assert_eq!(
         store

@@ -29,7 +29,8 @@ use super::connection::{CallArgs, Conn};
 use super::protocol::{self, Op};
 use crate::{Error, ErrorKind};
 
-/// How big one call may get, and how many may be in flight to one node at once.
+/// How big one call may get, how many may be in flight to one node at once, and how long an
+/// operation may take.
 ///
 /// A script blocks every other client of its node while it runs, and cannot be killed once it has
 /// written, so a batch is bounded in operations, in work (claims) and in bytes. At most 128
