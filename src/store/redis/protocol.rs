@@ -4,7 +4,9 @@
 //! of their answers, each handed back to its caller as a slice of the one reply.
 
 use bytes::Bytes;
+use rmp::Marker;
 use rmpv::ValueRef;
+use smallvec::SmallVec;
 
 use crate::{Error, ErrorKind};
 
@@ -168,25 +170,89 @@ pub(crate) fn split(reply: Bytes, expected: usize) -> Result<Vec<Bytes>, Error> 
     let mut answers = Vec::with_capacity(expected);
     for _ in 0..len {
         let start = reply.len() - rest.len();
-        rmpv::decode::read_value_ref(&mut rest).map_err(|_| protocol("batch answer item"))?;
+        skip_value(&mut rest).ok_or_else(|| protocol("batch answer item"))?;
         let end = reply.len() - rest.len();
         answers.push(reply.slice(start..end));
     }
     Ok(answers)
 }
 
+/// Moves `rest` past one MessagePack value, the values inside it included, building nothing
+/// (`rmpv` would build the value, only for it to be dropped). `None` for a value cut short or
+/// malformed. It counts the values still to skip rather than recursing, and refuses at once a
+/// count larger than the bytes left (each value takes one at least).
+fn skip_value(rest: &mut &[u8]) -> Option<()> {
+    let mut left: u64 = 1;
+    while left > 0 {
+        left -= 1;
+        let marker = rmp::decode::read_marker(rest).ok()?;
+        // The bytes after the marker (and any length), and the values inside.
+        let (bytes, values) = match marker {
+            Marker::Null | Marker::True | Marker::False | Marker::FixPos(_) | Marker::FixNeg(_) => {
+                (0, 0)
+            }
+            Marker::U8 | Marker::I8 => (1, 0),
+            Marker::U16 | Marker::I16 => (2, 0),
+            Marker::U32 | Marker::I32 | Marker::F32 => (4, 0),
+            Marker::U64 | Marker::I64 | Marker::F64 => (8, 0),
+            Marker::FixStr(len) => (u64::from(len), 0),
+            Marker::Str8 | Marker::Bin8 => (read_len(rest, 1)?, 0),
+            Marker::Str16 | Marker::Bin16 => (read_len(rest, 2)?, 0),
+            Marker::Str32 | Marker::Bin32 => (read_len(rest, 4)?, 0),
+            Marker::FixArray(len) => (0, u64::from(len)),
+            Marker::Array16 => (0, read_len(rest, 2)?),
+            Marker::Array32 => (0, read_len(rest, 4)?),
+            Marker::FixMap(len) => (0, 2 * u64::from(len)),
+            Marker::Map16 => (0, 2 * read_len(rest, 2)?),
+            Marker::Map32 => (0, 2 * read_len(rest, 4)?),
+            // An extension's type byte, then its data.
+            Marker::FixExt1 => (2, 0),
+            Marker::FixExt2 => (3, 0),
+            Marker::FixExt4 => (5, 0),
+            Marker::FixExt8 => (9, 0),
+            Marker::FixExt16 => (17, 0),
+            Marker::Ext8 => (read_len(rest, 1)? + 1, 0),
+            Marker::Ext16 => (read_len(rest, 2)? + 1, 0),
+            Marker::Ext32 => (read_len(rest, 4)? + 1, 0),
+            Marker::Reserved => return None,
+        };
+        let bytes = usize::try_from(bytes).ok().filter(|b| *b <= rest.len())?;
+        *rest = &rest[bytes..];
+        left += values;
+        if left > rest.len() as u64 {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// A big-endian length of `width` bytes.
+fn read_len(rest: &mut &[u8], width: usize) -> Option<u64> {
+    let (len, after) = rest.split_at_checked(width)?;
+    *rest = after;
+    Some(len.iter().fold(0, |n, b| n << 8 | u64::from(*b)))
+}
+
 /// One operation's answer, read.
 pub(crate) struct Answer<'a> {
-    items: Vec<ValueRef<'a>>,
+    /// Held in place up to eight (every answer but a long reservation's grant): reading an
+    /// answer allocates nothing.
+    items: SmallVec<[ValueRef<'a>; 8]>,
 }
 
 impl<'a> Answer<'a> {
     pub(crate) fn read(bytes: &'a [u8]) -> Result<Self, Error> {
+        let not_an_array = || protocol("an answer that is not an array");
         let mut rest = bytes;
-        match rmpv::decode::read_value_ref(&mut rest) {
-            Ok(ValueRef::Array(items)) => Ok(Self { items }),
-            _ => Err(protocol("an answer that is not an array")),
+        let len = rmp::decode::read_array_len(&mut rest).map_err(|_| not_an_array())?;
+        if len as usize > rest.len() {
+            return Err(not_an_array());
         }
+        let mut items = SmallVec::with_capacity(len as usize);
+        for _ in 0..len {
+            items.push(rmpv::decode::read_value_ref(&mut rest).map_err(|_| not_an_array())?);
+        }
+        Ok(Self { items })
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -279,6 +345,107 @@ mod tests {
         assert_eq!(answer.word(1).unwrap(), "G");
         assert_eq!(answer.int(2).unwrap(), 12);
         assert!(split(parts[0].clone(), 2).is_err());
+    }
+
+    /// Every kind of MessagePack value, in each of its lengths' encodings.
+    fn every_kind_of_value() -> Vec<rmpv::Value> {
+        use rmpv::Value;
+        let text = |len: usize| Value::from("x".repeat(len));
+        let ext = |len: usize| Value::Ext(7, vec![1; len]);
+        vec![
+            Value::Nil,
+            Value::Boolean(true),
+            Value::Boolean(false),
+            Value::from(0),
+            Value::from(127),
+            Value::from(-1),
+            Value::from(-33),
+            Value::from(200u8),
+            Value::from(-100i8),
+            Value::from(60_000u16),
+            Value::from(-30_000i16),
+            Value::from(u32::MAX),
+            Value::from(i32::MIN),
+            Value::from(u64::MAX),
+            Value::from(i64::MIN),
+            Value::F32(1.5),
+            Value::F64(2.5),
+            text(31),
+            text(32),
+            text(300),
+            text(70_000),
+            Value::Binary(vec![0; 3]),
+            Value::Binary(vec![0; 300]),
+            Value::Binary(vec![0; 70_000]),
+            Value::Array((0..20).map(Value::from).collect()),
+            Value::Array(vec![Value::Array(vec![Value::Nil; 3]); 16]),
+            Value::Array(vec![Value::from(1); 70_000]),
+            Value::Map(vec![(Value::from("k"), Value::Array(vec![]))]),
+            Value::Map((0..20).map(|i| (Value::from(i), Value::Nil)).collect()),
+            ext(1),
+            ext(2),
+            ext(4),
+            ext(8),
+            ext(16),
+            ext(3),
+            ext(300),
+            ext(70_000),
+        ]
+    }
+
+    #[test]
+    fn skipping_a_value_moves_past_exactly_what_reading_it_would() {
+        let values = every_kind_of_value();
+        let mut all = Vec::new();
+        for value in &values {
+            let mut one = Vec::new();
+            rmpv::encode::write_value(&mut one, value).unwrap();
+            let mut rest = &one[..];
+            assert!(skip_value(&mut rest).is_some(), "{value:?}");
+            assert!(rest.is_empty(), "{value:?}");
+            for cut in [0, 1, one.len() / 2, one.len() - 1]
+                .into_iter()
+                .filter(|c| *c < one.len())
+            {
+                let mut rest = &one[..cut];
+                assert!(skip_value(&mut rest).is_none(), "{value:?} cut at {cut}");
+            }
+            all.extend_from_slice(&one);
+        }
+        let (mut skipped, mut read) = (&all[..], &all[..]);
+        for _ in &values {
+            skip_value(&mut skipped).unwrap();
+            rmpv::decode::read_value_ref(&mut read).unwrap();
+            assert_eq!(skipped.len(), read.len());
+        }
+    }
+
+    #[test]
+    fn a_value_that_claims_more_than_is_left_is_refused_at_once() {
+        // An array of 2^32 - 1 values, then one.
+        let mut rest: &[u8] = &[0xdd, 0xff, 0xff, 0xff, 0xff, 0xc0];
+        assert!(skip_value(&mut rest).is_none());
+        // A map of 15 pairs, then two values.
+        let mut rest: &[u8] = &[0x8f, 0xc0, 0xc0];
+        assert!(skip_value(&mut rest).is_none());
+        // The marker MessagePack leaves unused.
+        let mut rest: &[u8] = &[0xc1];
+        assert!(skip_value(&mut rest).is_none());
+    }
+
+    #[test]
+    fn an_answer_longer_than_its_room_in_place_is_read_whole() {
+        let mut w = Writer::sequence();
+        w.array(12).str("G").uint(1_700_000_000_000).uint(0);
+        for left in 0..9 {
+            w.uint(left * 10);
+        }
+        let answer = Answer::read(&w.buf).unwrap();
+        assert_eq!(answer.len(), 12);
+        assert_eq!(answer.word(0).unwrap(), "G");
+        assert_eq!(answer.int(11).unwrap(), 80);
+        assert!(Answer::read(&w.buf[..w.buf.len() - 1]).is_err());
+        assert!(Answer::read(&[0xdd, 0xff, 0xff, 0xff, 0xff]).is_err());
     }
 
     #[test]
