@@ -552,7 +552,10 @@ impl Model {
                     phase: Phase::Tombstone,
                     claims: Vec::new(),
                     windows: Vec::new(),
-                    expires: now,
+                    // A tombstone has no lease. Not the call's instant: the worlds of the call's
+                    // instants must differ only in when the tombstone goes, to be joined into one
+                    // that stands for every instant between (see `Sim::judge`).
+                    expires: 0,
                     claim_expires: Vec::new(),
                     drop_at: now + retain,
                     drop_from: now + retain,

@@ -563,16 +563,38 @@ impl<'e, S: Advance> Sim<'e, S> {
         }
         for world in &worlds {
             // A fresh grant or an extension names the instant it ran at.
-            let candidates = match fresh_end {
-                Some((end, lease)) => vec![end - lease],
+            // The instants tried, and the spans between them whose two ends are joined below:
+            // `t0`, each boundary and the instant after it, `t1`; paired in turn (`t0` with the
+            // first boundary, the instant after it with the next, and so on), and each stretch
+            // between two boundaries also up to the instant before the later one. Where a
+            // boundary changes the state (a window turns, say), its pair cannot be joined, and the
+            // instants before it would otherwise stand only for the stretch's first: a record the
+            // call wrote would go at that instant's retention alone, not at any of the stretch's.
+            let (candidates, spans) = match fresh_end {
+                Some((end, lease)) => (vec![end - lease], Vec::new()),
                 None => {
                     let mut c = vec![t0];
+                    let mut before = Vec::new();
+                    let mut from = t0;
                     for b in world.boundaries(t0, t1) {
                         c.push(b);
                         c.push(b + 1);
+                        if b - 1 > from {
+                            before.push((from, b - 1));
+                        }
+                        from = b + 1;
                     }
                     c.push(t1);
-                    c
+                    let mut spans: Vec<(u64, u64)> = c
+                        .chunks(2)
+                        .filter_map(|span| match *span {
+                            [lo, hi] => Some((lo, hi)),
+                            _ => None,
+                        })
+                        .collect();
+                    c.extend(before.iter().map(|&(_, hi)| hi));
+                    spans.extend(before);
+                    (c, spans)
                 }
             };
             let mut pairs = Vec::new();
@@ -629,8 +651,7 @@ impl<'e, S: Advance> Sim<'e, S> {
             // what the call wrote differs only in when its records go: one world, whose records
             // go at an instant between, stands for every instant of the interval.
             let mut joined = Vec::new();
-            for span in candidates.chunks(2) {
-                let &[lo, hi] = span else { continue };
+            for &(lo, hi) in &spans {
                 for (a, b) in matched
                     .iter()
                     .enumerate()
