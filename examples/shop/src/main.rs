@@ -1344,8 +1344,8 @@ fn redact(url: &str) -> String {
 /// mimalloc rather than glibc's allocator. Under load on Redis, glibc's `malloc` and `free` took
 /// about a sixth of the shop's CPU, much of it on their slow path (`malloc_consolidate`): hyper
 /// grows a fresh 8 KiB read buffer for every request with a body, past what glibc serves from its
-/// per-thread cache. mimalloc serves such sizes from per-thread pages; purchases cost about a
-/// tenth less CPU with it.
+/// per-thread cache. mimalloc serves such sizes from per-thread pages: a purchase cost the shop
+/// 14 % less CPU with it on one Redis node, 19 % less on the embedded store.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
