@@ -787,19 +787,75 @@ impl<'e, S: Advance> Sim<'e, S> {
         step: usize,
     ) -> Result<Vec<(Op, u64)>, Failure> {
         let mut pending = Vec::new();
+        let mut known = Vec::new();
         for (op, (t0, t1, got)) in ops.iter().zip(results) {
             self.line(format!("    {op:?} -> {:?}", got.answer));
             if unknown(&got) {
                 pending.push((op.clone(), t0));
                 continue;
             }
-            if let Err(what) = self.judge(op, t0, t1, &got, false) {
-                return Err(Failure {
-                    step,
-                    what: format!("{op:?}\n  {what}"),
-                });
+            known.push((op, t0, t1, got));
+        }
+        // Each answer is applied at its own instants, and the model's time moves on with it (an
+        // in-flight marker or a bucket it lets go): answers of operations that ran at once are
+        // judged in the order given, and also by their earliest instants and by their latest,
+        // and the worlds of every order that fits are kept. In the order given alone, a check
+        // granted late, judged first, lets a marker go that a commit judged next, at an earlier
+        // instant, still had.
+        let instant = |(op, t0, t1, got): &(&Op, u64, u64, Got), late: bool| match (
+            got.lease_end,
+            Self::lease_of(op),
+            &got.answer,
+        ) {
+            (
+                Some(end),
+                Some(lease),
+                Answer::Granted {
+                    replayed: false, ..
+                },
+            ) => end - lease,
+            _ if late => *t1,
+            _ => *t0,
+        };
+        let given: Vec<usize> = (0..known.len()).collect();
+        let mut orders = vec![given.clone()];
+        for late in [false, true] {
+            let mut order = given.clone();
+            order.sort_by_key(|&i| instant(&known[i], late));
+            if !orders.contains(&order) {
+                orders.push(order);
             }
         }
+        let start = self.worlds.clone();
+        let (mut found, mut failure): (Vec<Model>, Option<Failure>) = (Vec::new(), None);
+        for order in orders {
+            self.worlds = start.clone();
+            for &i in &order {
+                let (op, t0, t1, got) = &known[i];
+                if let Err(what) = self.judge(op, *t0, *t1, got, false) {
+                    failure.get_or_insert(Failure {
+                        step,
+                        what: format!("{op:?}\n  {what}"),
+                    });
+                    self.worlds.clear();
+                    break;
+                }
+            }
+            for world in self.worlds.drain(..) {
+                if !found.contains(&world) {
+                    found.push(world);
+                }
+            }
+        }
+        if found.is_empty() {
+            self.worlds = start;
+            return Err(failure.expect("an order that did not fit"));
+        }
+        self.worlds = if found.len() > WORLDS {
+            prune(found)
+        } else {
+            found
+        };
         Ok(pending)
     }
 
