@@ -510,6 +510,16 @@ impl<'e, S: Advance> Sim<'e, S> {
         }
     }
 
+    /// The lease end a fresh grant or an extension answered, with the lease it asked for: the
+    /// two name the instant the operation ran at. `None` for any other answer.
+    fn fresh_end(op: &Op, got: &Got) -> Option<(u64, u64)> {
+        match (got.lease_end, Self::lease_of(op), &got.answer) {
+            (_, _, Answer::Granted { replayed: true, .. }) => None,
+            (Some(end), Some(lease), _) => Some((end, lease)),
+            _ => None,
+        }
+    }
+
     fn lease_of(op: &Op) -> Option<u64> {
         match op {
             Op::Reserve { lease, .. } | Op::Check { lease, .. } | Op::Extend { lease, .. } => {
@@ -527,11 +537,7 @@ impl<'e, S: Advance> Sim<'e, S> {
     /// "replayed" are one answer.
     fn judge(&mut self, op: &Op, t0: u64, t1: u64, got: &Got, lenient: bool) -> Result<(), String> {
         let (t0, t1) = (t0.saturating_sub(2), t1 + 2);
-        let fresh_end = match (got.lease_end, Self::lease_of(op), &got.answer) {
-            (_, _, Answer::Granted { replayed: true, .. }) => None,
-            (Some(end), Some(lease), _) => Some((end, lease)),
-            _ => None,
-        };
+        let fresh_end = Self::fresh_end(op, got);
         if let Some((end, lease)) = fresh_end {
             let at = end.saturating_sub(lease);
             if at < t0 || at > t1 {
@@ -802,21 +808,12 @@ impl<'e, S: Advance> Sim<'e, S> {
         // and the worlds of every order that fits are kept. In the order given alone, a check
         // granted late, judged first, lets a marker go that a commit judged next, at an earlier
         // instant, still had.
-        let instant = |(op, t0, t1, got): &(&Op, u64, u64, Got), late: bool| match (
-            got.lease_end,
-            Self::lease_of(op),
-            &got.answer,
-        ) {
-            (
-                Some(end),
-                Some(lease),
-                Answer::Granted {
-                    replayed: false, ..
-                },
-            ) => end - lease,
-            _ if late => *t1,
-            _ => *t0,
-        };
+        let instant =
+            |(op, t0, t1, got): &(&Op, u64, u64, Got), late: bool| match Self::fresh_end(op, got) {
+                Some((end, lease)) => end - lease,
+                None if late => *t1,
+                None => *t0,
+            };
         let given: Vec<usize> = (0..known.len()).collect();
         let mut orders = vec![given.clone()];
         for late in [false, true] {
