@@ -502,21 +502,30 @@ fn main() {
         ));
     }
 
-    // `BENCH_PROFILE=<case>`: only that case, in a loop for 10 s, for a profiler to watch
-    // (`perf record -g`): where its time goes, without the other cases in the picture.
+    // `BENCH_PROFILE=<case>`: only that case, in a loop for 10 s (`BENCH_PROFILE_SECONDS`), for a
+    // profiler to watch (`perf record -g`, callgrind): where its time goes, without the other
+    // cases in the picture. It prints how many requests it made, to divide a count by.
     if let Ok(name) = std::env::var("BENCH_PROFILE") {
         let case = cases
             .iter()
             .find(|c| c.name == name)
             .unwrap_or_else(|| panic!("no case {name}"));
-        rt.block_on(async {
-            let until = std::time::Instant::now() + Duration::from_secs(10);
+        let seconds = std::env::var("BENCH_PROFILE_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10);
+        let requests = rt.block_on(async {
+            let until = std::time::Instant::now() + Duration::from_secs(seconds);
+            let mut requests = 0u64;
             while std::time::Instant::now() < until {
                 for _ in 0..1_000 {
                     (case.call)().await;
                 }
+                requests += 1_000;
             }
+            requests
         });
+        println!("requests={requests}");
         return;
     }
 
